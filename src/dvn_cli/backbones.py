@@ -1,0 +1,177 @@
+"""Backbones: a CIFAR-style residual network (He et al., 2016, §4.2) built from unit layers, and its plain twin.
+
+``UnitResNet`` is the physical network of a DVN: every layer is split into k units and runs any (task, level)
+on compact activations. ``PlainResNet`` is the same architecture made of ordinary ``Conv2d``/``BatchNorm2d``
+layers at one width; ``prune.extract_plain`` fills it with the weights of one (task, level). Both share
+attribute names, so a unit layer's ``plain_state`` lands on the plain layer of the same name.
+
+Shapes for depth 14, widths (32, 64, 128), a 1x28x28 input and stem stride 2, at level l of k:
+stem (B, 32l/k, 14, 14) -> stage 1 (B, 32l/k, 14, 14) -> stage 2 (B, 64l/k, 7, 7) -> stage 3 (B, 128l/k, 4, 4)
+-> pooled features (B, 128l/k).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BackboneConfig
+from .errors import BadConfig
+from .layers import LevelBatchNorm2d, UnitConv2d
+from .units import UnitLayout
+
+__all__ = ["BACKBONES", "Backbone", "PlainResNet", "UnitResNet", "build_features", "register_backbone"]
+
+
+def blocks_per_stage(depth: int) -> int:
+    """n in depth = 6n + 2 (two convolutions per basic block, three stages, stem and head)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise BadConfig(f"resnet depth {depth} is not of the form 6n+2 with n >= 1 (8, 14, 20, 32, ...)")
+    return (depth - 2) // 6
+
+
+def stage_strides(num_stages: int) -> list[int]:
+    return [1] + [2] * (num_stages - 1)
+
+
+class UnitBasicBlock(nn.Module):
+    """Two 3x3 unit convolutions and a residual addition, all on compact ``C*l/k``-channel tensors."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, layout: UnitLayout) -> None:
+        super().__init__()
+        self.conv1 = UnitConv2d(in_channels, out_channels, 3, layout, stride=stride, padding=1)
+        self.bn1 = LevelBatchNorm2d(out_channels, layout)
+        self.conv2 = UnitConv2d(out_channels, out_channels, 3, layout, padding=1)
+        self.bn2 = LevelBatchNorm2d(out_channels, layout)
+        self.shortcut_conv = self.shortcut_bn = None
+        if stride != 1 or in_channels != out_channels:  # projection shortcut, split into the same units
+            self.shortcut_conv = UnitConv2d(in_channels, out_channels, 1, layout, stride=stride)
+            self.shortcut_bn = LevelBatchNorm2d(out_channels, layout)
+
+    def forward(self, x: torch.Tensor, task: int, level: int, masked: bool = False) -> torch.Tensor:
+        # x: (B, C_in*l/k, H, W)
+        out = F.relu(
+            self.bn1(self.conv1(x, task, level, masked), task, level, masked)
+        )  # (B, C_out*l/k, H/s, W/s)
+        out = self.bn2(self.conv2(out, task, level, masked), task, level, masked)  # (B, C_out*l/k, H/s, W/s)
+        shortcut = x
+        if self.shortcut_conv is not None:
+            shortcut = self.shortcut_bn(self.shortcut_conv(x, task, level, masked), task, level, masked)
+        return F.relu(out + shortcut)  # (B, C_out*l/k, H/s, W/s)
+
+
+class UnitResNet(nn.Module):
+    """The physical feature extractor of a DVN: stem, three stages of basic blocks, global average pool."""
+
+    def __init__(self, config: BackboneConfig, layout: UnitLayout) -> None:
+        super().__init__()
+        n = blocks_per_stage(config.depth)
+        widths = config.widths
+        self.out_features = widths[-1]
+        self.stem_conv = UnitConv2d(
+            config.in_channels, widths[0], 3, layout, stride=config.stem_stride, padding=1, split_input=False
+        )
+        self.stem_bn = LevelBatchNorm2d(widths[0], layout)
+        stages, in_channels = [], widths[0]
+        for width, stride in zip(widths, stage_strides(len(widths)), strict=True):
+            blocks = [UnitBasicBlock(in_channels, width, stride, layout)]
+            blocks += [UnitBasicBlock(width, width, 1, layout) for _ in range(n - 1)]
+            stages.append(nn.ModuleList(blocks))
+            in_channels = width
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor, task: int, level: int, masked: bool = False) -> torch.Tensor:
+        # x: (B, C_img, H, W), never split
+        x = F.relu(
+            self.stem_bn(self.stem_conv(x, task, level, masked), task, level, masked)
+        )  # (B, w0*l/k, H/s, W/s)
+        for stage in self.stages:
+            for block in stage:
+                x = block(x, task, level, masked)  # (B, w_i*l/k, H_i, W_i)
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # (B, w_last*l/k)
+
+
+class PlainBasicBlock(nn.Module):
+    """The ordinary twin of ``UnitBasicBlock`` at one fixed width."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut_conv = self.shortcut_bn = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut_conv = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+            self.shortcut_bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))  # (B, C_out, H/s, W/s)
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.shortcut_conv is None else self.shortcut_bn(self.shortcut_conv(x))
+        return F.relu(out + shortcut)
+
+
+class PlainResNet(nn.Module):
+    """Ordinary residual feature extractor with the given stage widths (a DVN level's widths)."""
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        n = blocks_per_stage(config.depth)
+        widths = config.widths
+        self.out_features = widths[-1]
+        self.stem_conv = nn.Conv2d(
+            config.in_channels, widths[0], 3, stride=config.stem_stride, padding=1, bias=False
+        )
+        self.stem_bn = nn.BatchNorm2d(widths[0])
+        stages, in_channels = [], widths[0]
+        for width, stride in zip(widths, stage_strides(len(widths)), strict=True):
+            blocks = [PlainBasicBlock(in_channels, width, stride)]
+            blocks += [PlainBasicBlock(width, width, 1) for _ in range(n - 1)]
+            stages.append(nn.ModuleList(blocks))
+            in_channels = width
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem_bn(self.stem_conv(x)))  # (B, w0, H/s, W/s)
+        for stage in self.stages:
+            for block in stage:
+                x = block(x)
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # (B, w_last)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A registered backbone family: its unit-split builder and its plain builder."""
+
+    unit: Callable[[BackboneConfig, UnitLayout], nn.Module]
+    plain: Callable[[BackboneConfig], nn.Module]
+
+
+BACKBONES: dict[str, Backbone] = {}
+
+
+def register_backbone(name: str, backbone: Backbone) -> None:
+    if name in BACKBONES:
+        raise ValueError(f"backbone {name!r} is already registered")
+    BACKBONES[name] = backbone
+
+
+register_backbone("resnet", Backbone(unit=UnitResNet, plain=PlainResNet))
+
+
+def get_backbone(arch: str) -> Backbone:
+    if arch not in BACKBONES:
+        raise BadConfig(f"unknown arch {arch!r}; known: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[arch]
+
+
+def build_features(config: BackboneConfig, layout: UnitLayout) -> nn.Module:
+    """The unit-split feature extractor named by ``config.arch``."""
+    if layout.units != config.units:
+        raise BadConfig(f"layout has k={layout.units} units but the backbone config says k={config.units}")
+    return get_backbone(config.arch).unit(config, layout)

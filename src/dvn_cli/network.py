@@ -1,0 +1,94 @@
+"""DeepVirtualNetwork: one physical backbone, per-task unit orders, private batch norms and one head per task.
+
+``network(x, task, level)`` runs the virtual network of ``task`` at ``level``: the units ``order_task[:level]``
+of every layer, that (task, level)'s batch norm and the task's head. Tasks may be given by name or index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .backbones import build_features
+from .config import BackboneConfig, TaskSpec
+from .errors import BadConfig, UnknownTask
+from .layers import UnitLinear
+from .units import UnitLayout, make_orders
+
+__all__ = ["DeepVirtualNetwork", "build_network"]
+
+
+class DeepVirtualNetwork(nn.Module):
+    """Several tasks, each at ``k`` nested levels, on one set of physical weights.
+
+    Args:
+        config: the physical backbone.
+        tasks: one spec per task, in the order of ``orders``.
+        orders: one permutation of ``0..k-1`` per task.
+        order_rule: the name of the rule that produced ``orders`` (recorded in checkpoints).
+    """
+
+    def __init__(
+        self,
+        config: BackboneConfig,
+        tasks: Sequence[TaskSpec],
+        orders: Sequence[Sequence[int]],
+        order_rule: str = "nearest",
+    ) -> None:
+        super().__init__()
+        names = [t.name for t in tasks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise BadConfig(f"duplicate task name(s): {', '.join(duplicates)}")
+        self.config = config
+        self.tasks = tuple(tasks)
+        self.order_rule = order_rule
+        self.layout = UnitLayout(orders, config.units)
+        if self.layout.num_tasks != len(self.tasks):
+            raise BadConfig(f"{self.layout.num_tasks} orders given for {len(self.tasks)} tasks")
+        self.features = build_features(config, self.layout)
+        self.heads = nn.ModuleList(
+            UnitLinear(self.features.out_features, task.num_classes, self.layout) for task in self.tasks
+        )
+
+    @property
+    def units(self) -> int:
+        return self.layout.units
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task_index(self, task: int | str) -> int:
+        """Index of a task given by name or index; unknown ones raise ``UnknownTask``."""
+        if isinstance(task, str):
+            if task not in self.task_names:
+                raise UnknownTask(f"unknown task {task!r}; this network has: {', '.join(self.task_names)}")
+            return self.task_names.index(task)
+        self.layout.check(task, 1)
+        return task
+
+    def forward(self, x: torch.Tensor, task: int | str, level: int, masked: bool = False) -> torch.Tensor:
+        """Logits of (task, level). ``masked`` runs the full-width reference path instead of the gather path."""
+        t = self.task_index(task)
+        self.layout.check(t, level)
+        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
+            raise BadConfig(
+                f"input of shape {tuple(x.shape)} does not match the network's "
+                f"(B, {self.config.in_channels}, H, W)"
+            )
+        features = self.features(x, t, level, masked)  # (B, w_last*l/k), or (B, w_last) masked
+        return self.heads[t](features, t, level, masked)  # (B, classes_t)
+
+
+def build_network(
+    config: BackboneConfig,
+    tasks: Sequence[TaskSpec],
+    order_rule: str = "nearest",
+    order_table: Sequence[Sequence[int]] | None = None,
+) -> DeepVirtualNetwork:
+    """A fresh DVN whose orders come from ``order_rule`` (or ``order_table`` with rule ``table``)."""
+    orders = make_orders(order_rule, len(tasks), config.units, order_table)
+    return DeepVirtualNetwork(config, tasks, orders, order_rule)

@@ -1,0 +1,53 @@
+"""Multi-task training of a DVN: every step takes a minibatch from EVERY task and sums the loss over all levels.
+
+loss = sum_t sum_l lambda_l * CE(f(x_t; t, l), y_t)  [+ distill * KL(top level || level l) for l < k]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .network import DeepVirtualNetwork
+
+__all__ = ["multitask_loss"]
+
+
+def multitask_loss(
+    network: DeepVirtualNetwork,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    level_weights: Sequence[float] | None = None,
+    distill: float = 0.0,
+    label_smoothing: float = 0.0,
+    masked: bool = False,
+) -> tuple[torch.Tensor, list[float]]:
+    """The summed loss of one step and each task's share of it.
+
+    Args:
+        network: the DVN being trained.
+        batches: one ``(images, labels)`` minibatch per task, in task order.
+        level_weights: ``lambda_l`` for levels ``1..k`` (default all 1).
+        distill: weight of distillation from the task's top level into its lower levels (0 = off).
+        label_smoothing: passed to the cross-entropy.
+        masked: run the full-width reference path (for benchmarks and tests).
+    """
+    k = network.units
+    weights = level_weights or [1.0] * k
+    total = torch.zeros((), device=batches[0][0].device)
+    per_task = []
+    for task, (images, labels) in enumerate(batches):
+        task_loss = torch.zeros((), device=images.device)
+        top_probs = None
+        for level in range(k, 0, -1):  # top level first, so it can teach the lower ones
+            logits = network(images, task, level, masked=masked)  # (B, classes_t)
+            loss = weights[level - 1] * F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            if level == k:
+                top_probs = logits.detach().softmax(-1)
+            elif distill > 0:
+                loss = loss + distill * F.kl_div(logits.log_softmax(-1), top_probs, reduction="batchmean")
+            task_loss = task_loss + loss
+        total = total + task_loss
+        per_task.append(float(task_loss.detach()))
+    return total, per_task
