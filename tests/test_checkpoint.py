@@ -20,9 +20,7 @@ from dvn_cli.errors import MissingData, WrongFileFormat
 @pytest.fixture
 def saved(tiny_network, tmp_path):
     path = tmp_path / "model.safetensors"
-    save_checkpoint(
-        tiny_network, path, training={"steps": 7, "val_accuracy": {"task0": [0.1, 0.2, 0.3, 0.4]}}
-    )
+    save_checkpoint(tiny_network, path, training={"steps": 7, "val_accuracy": {"task0": [0.1, 0.2, 0.3, 0.4]}})
     return path
 
 

@@ -18,10 +18,7 @@ def _loss_and_grads(network, x, task, level, masked):
     logits = network(x, task, level, masked=masked)
     target = torch.arange(x.shape[0]) % logits.shape[1]
     F.cross_entropy(logits, target).backward()
-    grads = {
-        n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
-        for n, p in network.named_parameters()
-    }
+    grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in network.named_parameters()}
     return logits.detach(), grads
 
 
@@ -65,8 +62,7 @@ def test_one_task_level_touches_only_its_units_bn_and_head(fixture, request):
                     for lv in range(1, len(per_task) + 1):
                         if (t, lv) != (task, level):
                             assert all(
-                                grads[f"{name}.norms.{t}.{lv - 1}.{p}"].abs().sum() == 0
-                                for p in ("weight", "bias")
+                                grads[f"{name}.norms.{t}.{lv - 1}.{p}"].abs().sum() == 0 for p in ("weight", "bias")
                             ), (name, t, lv)
         for t in range(len(network.tasks)):
             if t != task:

@@ -54,9 +54,7 @@ class UnitBasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, task: int, level: int, masked: bool = False) -> torch.Tensor:
         # x: (B, C_in*l/k, H, W)
-        out = F.relu(
-            self.bn1(self.conv1(x, task, level, masked), task, level, masked)
-        )  # (B, C_out*l/k, H/s, W/s)
+        out = F.relu(self.bn1(self.conv1(x, task, level, masked), task, level, masked))  # (B, C_out*l/k, H/s, W/s)
         out = self.bn2(self.conv2(out, task, level, masked), task, level, masked)  # (B, C_out*l/k, H/s, W/s)
         shortcut = x
         if self.shortcut_conv is not None:
@@ -86,9 +84,7 @@ class UnitResNet(nn.Module):
 
     def forward(self, x: torch.Tensor, task: int, level: int, masked: bool = False) -> torch.Tensor:
         # x: (B, C_img, H, W), never split
-        x = F.relu(
-            self.stem_bn(self.stem_conv(x, task, level, masked), task, level, masked)
-        )  # (B, w0*l/k, H/s, W/s)
+        x = F.relu(self.stem_bn(self.stem_conv(x, task, level, masked), task, level, masked))  # (B, w0*l/k, H/s, W/s)
         for stage in self.stages:
             for block in stage:
                 x = block(x, task, level, masked)  # (B, w_i*l/k, H_i, W_i)
@@ -124,9 +120,7 @@ class PlainResNet(nn.Module):
         n = blocks_per_stage(config.depth)
         widths = config.widths
         self.out_features = widths[-1]
-        self.stem_conv = nn.Conv2d(
-            config.in_channels, widths[0], 3, stride=config.stem_stride, padding=1, bias=False
-        )
+        self.stem_conv = nn.Conv2d(config.in_channels, widths[0], 3, stride=config.stem_stride, padding=1, bias=False)
         self.stem_bn = nn.BatchNorm2d(widths[0])
         stages, in_channels = [], widths[0]
         for width, stride in zip(widths, stage_strides(len(widths)), strict=True):

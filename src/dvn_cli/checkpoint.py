@@ -7,6 +7,7 @@ task's order), ``dvn-compact`` (one (task, level) as a plain network, see ``prun
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -32,6 +33,7 @@ __all__ = [
     "read_dvn_file",
     "read_metadata",
     "save_checkpoint",
+    "sha256_file",
     "write_atomic",
     "write_dvn_file",
 ]
@@ -49,6 +51,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model is an ordinary file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -65,9 +68,13 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def write_dvn_file(
-    path: str | os.PathLike, tensors: dict[str, torch.Tensor], fmt: str, meta: dict[str, Any]
-) -> Path:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_dvn_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], fmt: str, meta: dict[str, Any]) -> Path:
     """Atomically write ``tensors`` with metadata ``{"format": fmt, "version": ..., **meta}``."""
     header = {"format": fmt, "version": FORMAT_VERSION, **meta}
     payload = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
@@ -83,9 +90,7 @@ def read_metadata(path: str | os.PathLike, formats: tuple[str, ...] | None = Non
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(METADATA_KEY)
     except Exception as exc:  # safetensors raises several types for broken headers
-        raise WrongFileFormat(
-            f"{path} is not a safetensors file or is damaged ({_first_line(exc)})"
-        ) from None
+        raise WrongFileFormat(f"{path} is not a safetensors file or is damaged ({_first_line(exc)})") from None
     if raw is None:
         raise WrongFileFormat(f"{path} is a safetensors file but not a dvn file (it has no dvn metadata)")
     try:
@@ -97,15 +102,12 @@ def read_metadata(path: str | os.PathLike, formats: tuple[str, ...] | None = Non
         raise WrongFileFormat(f"{path} is a {fmt} file; expected {' or '.join(formats)}")
     if version > FORMAT_VERSION:
         raise WrongFileFormat(
-            f"{path} has {fmt} format version {version}, newer than this dvn reads ({FORMAT_VERSION}); "
-            "upgrade dvn"
+            f"{path} has {fmt} format version {version}, newer than this dvn reads ({FORMAT_VERSION}); upgrade dvn"
         )
     return meta
 
 
-def read_dvn_file(
-    path: str | os.PathLike, formats: tuple[str, ...]
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_dvn_file(path: str | os.PathLike, formats: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and metadata of a dvn file of one of ``formats``."""
     meta = read_metadata(path, formats)
     try:
@@ -113,6 +115,15 @@ def read_dvn_file(
     except Exception as exc:
         raise WrongFileFormat(f"{path} is damaged: its tensors cannot be read ({_first_line(exc)})") from None
     return tensors, meta
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:

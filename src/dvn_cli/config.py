@@ -101,7 +101,7 @@ class TrainConfig:
     data_root: str = "data"
     download: bool = False
     augment: bool = True
-    workers: int = 0
+    channels_last: bool = True
     device: str = "cpu"
     out: str = "runs/dvn"
 
@@ -121,9 +121,7 @@ class TrainConfig:
         if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
             raise BadConfig("epochs, batch size and learning rate must be positive")
         if self.level_weights is not None and len(self.level_weights) != self.backbone.units:
-            raise BadConfig(
-                f"{len(self.level_weights)} level weights given for k={self.backbone.units} levels"
-            )
+            raise BadConfig(f"{len(self.level_weights)} level weights given for k={self.backbone.units} levels")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

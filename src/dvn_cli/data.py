@@ -146,9 +146,7 @@ def convert_images(images: torch.Tensor, channels: int, size: int) -> tuple[torc
         grey = torch.empty(n, 1, h, w, dtype=torch.uint8)
         for i in range(0, n, _CHUNK):
             chunk = images[i : i + _CHUNK].float()
-            grey[i : i + _CHUNK] = (
-                (chunk * weights).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
-            )
+            grey[i : i + _CHUNK] = (chunk * weights).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
         images = grey
     if h <= size and w <= size and (h, w) != (size, size):
         top, left = (size - h) // 2, (size - w) // 2
@@ -158,9 +156,7 @@ def convert_images(images: torch.Tensor, channels: int, size: int) -> tuple[torc
     out = torch.empty(n, channels, size, size, dtype=torch.uint8)
     for i in range(0, n, _CHUNK):
         chunk = images[i : i + _CHUNK].float()
-        resized = F.interpolate(
-            chunk, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )
+        resized = F.interpolate(chunk, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         out[i : i + _CHUNK] = resized.round_().clamp_(0, 255).to(torch.uint8)
     return out, "bilinear"
 
@@ -249,23 +245,15 @@ def _build_torchvision_loader(class_name: str, split_kw: str) -> Loader:
     return load
 
 
-_OFFLINE_HINT = "run 'make data' (MNIST, Fashion-MNIST offline) or pass --download"
+_OFFLINE_HINT = "run 'dvn data prepare' (works offline) or pass --download"
+_SVHN_HINT = "pass --download to fetch train_32x32.mat and test_32x32.mat"
 for _name, _cls, _split, _channels, _size, _augment, _folder, _hint in (
     ("mnist", "MNIST", "train", 1, 28, "digits", "MNIST/raw", _OFFLINE_HINT),
     ("fashion-mnist", "FashionMNIST", "train", 1, 28, "digits", "FashionMNIST/raw", _OFFLINE_HINT),
     ("kmnist", "KMNIST", "train", 1, 28, "digits", "KMNIST/raw", None),
     ("cifar10", "CIFAR10", "train", 3, 32, "natural", "cifar-10-batches-py", None),
     ("cifar100", "CIFAR100", "train", 3, 32, "natural", "cifar-100-python", None),
-    (
-        "svhn",
-        "SVHN",
-        "split",
-        3,
-        32,
-        "digits",
-        ".",
-        "pass --download to fetch train_32x32.mat and test_32x32.mat",
-    ),
+    ("svhn", "SVHN", "split", 3, 32, "digits", ".", _SVHN_HINT),
 ):
     register_dataset(
         _name,
@@ -287,9 +275,7 @@ def _load_registered(info: DatasetInfo, root: Path, train: bool, download: bool)
     try:
         return info.load(root, train, download)
     except ImportError as e:
-        raise MissingData(
-            f"{info.name} needs the module {e.name!r} to read its files; pip install {e.name}"
-        ) from e
+        raise MissingData(f"{info.name} needs the module {e.name!r} to read its files; pip install {e.name}") from e
     except (RuntimeError, OSError) as e:
         if download:
             raise MissingData(f"{info.name} could not be downloaded into {where}: {_one_line(e)}") from e
@@ -349,12 +335,13 @@ class _Splits:
 
 
 def _load_folder(name: str, folder: Path, channels: int, size: int) -> _Splits:
-    """Read ``folder`` (class sub-folders, maybe under ``train/``, ``test/``, ``val/``) at the input shape."""
+    """Read ``folder`` at the input shape: class sub-folders, or ``train/`` (+ ``test/``, ``val/``) of them.
+
+    Without a ``test/`` folder, a stratified 20% of each class becomes the test split (fixed seed).
+    """
     if not folder.is_dir():
-        raise MissingData(
-            f"folder {folder} for task {name!r} not found; pass {name}=path/to/an/existing/folder"
-        )
-    has_splits = (folder / "train").is_dir() and (folder / "test").is_dir()
+        raise MissingData(f"folder {folder} for task {name!r} not found; pass {name}=path/to/an/existing/folder")
+    has_splits = (folder / "train").is_dir()
     train_root = folder / "train" if has_splits else folder
     class_dirs = _class_dirs(train_root)
     if not class_dirs:
@@ -364,8 +351,7 @@ def _load_folder(name: str, folder: Path, channels: int, size: int) -> _Splits:
         )
     if len(class_dirs) < 2:
         raise BadConfig(
-            f"{train_root} has only one class sub-folder ({class_dirs[0].name!r}); "
-            "a task needs at least 2 classes"
+            f"{train_root} has only one class sub-folder ({class_dirs[0].name!r}); a task needs at least 2 classes"
         )
     classes = tuple(d.name for d in class_dirs)
     index = {c: i for i, c in enumerate(classes)}
@@ -393,19 +379,20 @@ def _load_folder(name: str, folder: Path, channels: int, size: int) -> _Splits:
 
     train_pc, bad = read_split(train_root, require_all=True)
     skipped += bad
+    val = None
     if has_splits:
-        test_pc, bad = read_split(folder / "test", require_all=False)
-        skipped += bad
-        val = None
         for val_name in ("val", "valid", "validation"):
             if (folder / val_name).is_dir():
                 val_pc, bad = read_split(folder / val_name, require_all=False)
                 skipped += bad
                 val = flatten(val_pc)
                 break
-        return _Splits(flatten(train_pc), flatten(test_pc), val, classes, skipped)
+        if (folder / "test").is_dir():
+            test_pc, bad = read_split(folder / "test", require_all=False)
+            skipped += bad
+            return _Splits(flatten(train_pc), flatten(test_pc), val, classes, skipped)
 
-    # No split folders: carve a stratified test split with a fixed seed (independent of --seed).
+    # No test folder: carve a stratified test split with a fixed seed (independent of --seed).
     generator = torch.Generator().manual_seed(FOLDER_TEST_SEED)
     test_pc: dict[int, list[np.ndarray]] = {}
     for c, arrays in train_pc.items():
@@ -416,7 +403,7 @@ def _load_folder(name: str, folder: Path, channels: int, size: int) -> _Splits:
         train_idx = sorted(perm[n_test:])
         test_pc[c] = [arrays[i] for i in test_idx]
         train_pc[c] = [arrays[i] for i in train_idx]
-    return _Splits(flatten(train_pc), flatten(test_pc), None, classes, skipped)
+    return _Splits(flatten(train_pc), flatten(test_pc), val, classes, skipped)
 
 
 def _first_image_size(folder: Path) -> int | None:
@@ -446,9 +433,7 @@ def native_shape(task: str, data_root: str | os.PathLike[str] | None = None) -> 
         info = DATASETS[name]
         return info.channels, info.size
     if not folder.is_dir():
-        raise MissingData(
-            f"folder {folder} for task {name!r} not found; pass {name}=path/to/an/existing/folder"
-        )
+        raise MissingData(f"folder {folder} for task {name!r} not found; pass {name}=path/to/an/existing/folder")
     low, high = FOLDER_SIZE_RANGE
     size = _first_image_size(folder)
     return 3, low if size is None else min(max(size, low), high)
@@ -594,9 +579,7 @@ def load_task(
     mean, std = channel_stats(train_x)
     spec = TaskSpec(name=name, classes=splits.classes, mean=mean, std=std, source=source, resize=resize)
     test_y = splits.test[1].to(torch.int64)
-    return TaskData(
-        spec, train_x, train_y, val_x, val_y, test_x, test_y, augment=augment, skipped=splits.skipped
-    )
+    return TaskData(spec, train_x, train_y, val_x, val_y, test_x, test_y, augment=augment, skipped=splits.skipped)
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -613,12 +596,10 @@ def normalize_batch(images: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
         raise BadConfig(f"task {spec.name!r} has statistics for {len(spec.mean)} channels, images have {c}")
     scale = (1.0 / (255.0 * std)).view(1, c, 1, 1)
     shift = (-mean / std).view(1, c, 1, 1)
-    return torch.addcmul(shift, images.to(torch.float32), scale)
+    return images.to(torch.float32, copy=True).mul_(scale).add_(shift)
 
 
-def augment_batch(
-    images: torch.Tensor, policy: str, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def augment_batch(images: torch.Tensor, policy: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Augment a whole uint8 batch at once: zero-pad, random crop back to size, optional horizontal flip.
 
     Each sample gets its own offsets (and flip), drawn from ``generator``; one gather applies them all.

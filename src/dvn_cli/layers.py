@@ -67,9 +67,7 @@ class UnitConv2d(nn.Module):
 
     def active_shape(self, task: int, level: int) -> tuple[int, int]:
         """(active output channels, active input channels) of (task, level)."""
-        active_in = (
-            self.layout.active_channels(self.in_channels, level) if self.split_input else self.in_channels
-        )
+        active_in = self.layout.active_channels(self.in_channels, level) if self.split_input else self.in_channels
         return self.layout.active_channels(self.out_channels, level), active_in
 
     def forward(self, x: torch.Tensor, task: int, level: int, masked: bool = False) -> torch.Tensor:
@@ -100,8 +98,7 @@ class LevelBatchNorm2d(nn.Module):
         self.layout = layout
         self.norms = nn.ModuleList(
             nn.ModuleList(
-                nn.BatchNorm2d(layout.active_channels(num_channels, level))
-                for level in range(1, layout.units + 1)
+                nn.BatchNorm2d(layout.active_channels(num_channels, level)) for level in range(1, layout.units + 1)
             )
             for _ in range(layout.num_tasks)
         )

@@ -76,8 +76,7 @@ class DeepVirtualNetwork(nn.Module):
         self.layout.check(t, level)
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
             raise BadConfig(
-                f"input of shape {tuple(x.shape)} does not match the network's "
-                f"(B, {self.config.in_channels}, H, W)"
+                f"input of shape {tuple(x.shape)} does not match the network's (B, {self.config.in_channels}, H, W)"
             )
         features = self.features(x, t, level, masked)  # (B, w_last*l/k), or (B, w_last) masked
         return self.heads[t](features, t, level, masked)  # (B, classes_t)

@@ -52,10 +52,7 @@ def anchor_units(num_tasks: int, units: int) -> list[int]:
 
 def nearest_orders(num_tasks: int, units: int) -> Orders:
     """Each task takes units by increasing distance from its anchor, ties to the lower index."""
-    return [
-        sorted(range(units), key=lambda u, a=anchor: (abs(u - a), u))
-        for anchor in anchor_units(num_tasks, units)
-    ]
+    return [sorted(range(units), key=lambda u, a=anchor: (abs(u - a), u)) for anchor in anchor_units(num_tasks, units)]
 
 
 def cyclic_orders(num_tasks: int, units: int) -> Orders:
@@ -88,9 +85,7 @@ register_order_rule("nearest", nearest_orders)
 register_order_rule("cyclic", cyclic_orders)
 
 
-def make_orders(
-    rule: str, num_tasks: int, units: int, table: Sequence[Sequence[int]] | None = None
-) -> Orders:
+def make_orders(rule: str, num_tasks: int, units: int, table: Sequence[Sequence[int]] | None = None) -> Orders:
     """Orders from a named rule, or from ``table`` when ``rule == "table"``."""
     if rule == "table":
         if table is None:
@@ -111,9 +106,7 @@ class UnitLayout:
 
     def __init__(self, orders: Sequence[Sequence[int]], units: int) -> None:
         self.units = units
-        self.orders: tuple[tuple[int, ...], ...] = tuple(
-            tuple(o) for o in table_orders(orders, len(orders), units)
-        )
+        self.orders: tuple[tuple[int, ...], ...] = tuple(tuple(o) for o in table_orders(orders, len(orders), units))
         self._selections: dict[tuple[int, int, int, torch.device], ChannelSelection] = {}
         self._masks: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
 
@@ -138,11 +131,7 @@ class UnitLayout:
 
         Ascending order makes every layer agree on the layout of compact activations.
         """
-        return [
-            c
-            for u in sorted(self.level_units(task, level))
-            for c in unit_channels(num_channels, self.units, u)
-        ]
+        return [c for u in sorted(self.level_units(task, level)) for c in unit_channels(num_channels, self.units, u)]
 
     def active_channels(self, num_channels: int, level: int) -> int:
         return num_channels * level // self.units
@@ -161,9 +150,7 @@ class UnitLayout:
                 self._selections[key] = torch.tensor(idx, dtype=torch.int64, device=device)
         return self._selections[key]
 
-    def mask(
-        self, num_channels: int, task: int, level: int, device: torch.device | None = None
-    ) -> torch.Tensor:
+    def mask(self, num_channels: int, task: int, level: int, device: torch.device | None = None) -> torch.Tensor:
         """Float 0/1 mask over all channels: the reference semantics of (task, level)."""
         device = torch.device("cpu") if device is None else device
         key = (num_channels, task, level, device)

@@ -1,0 +1,211 @@
+"""Budgets: what a user asks for (``3``, ``250k``, ``40%``, ``2MB``) and the level of a task it resolves to.
+
+A budget is one of four kinds (DESIGN.md §4):
+
+- a LEVEL: a plain positive integer, ``3``. It must exist (``1..k``).
+- PARAMETERS: a number with a suffix ``k``/``K`` (thousand), ``M`` (million) or ``G`` (billion): ``250k``,
+  ``1.2M``. A lower-case ``m`` is refused (it reads as milli). A plain integer is a level, never a count.
+- a SHARE of the full network: ``40%`` with ``0 < x <= 100``.
+- BYTES of float32 weights: ``123B``, ``500kB``, ``2MB``, ``1GB`` (decimal, 1000^n) or ``800KiB``, ``1.5MiB``,
+  ``1GiB`` (binary, 1024^n). Byte suffixes are case-insensitive (``2mb`` and ``500KB`` are decimal bytes too).
+
+Whitespace is tolerated around the number and between number and suffix (``250 k``).
+
+What a budget is compared against, for a (task, level), comes from ``cost.level_cost``:
+
+- parameters against ``params_total``: conv and linear weights plus that (task, level)'s batch-norm affine
+  parameters and its head's bias, i.e. everything a stand-alone model of it stores besides batch-norm running
+  statistics (what ``prune-level`` writes, less those statistics);
+- a share against ``params_total`` of the TOP level of the same task (``100%`` is always level k);
+- bytes against ``LevelCost.bytes = 4 * params_total`` (float32).
+
+A non-level budget resolves to the LARGEST level that fits; when none fits, the error names the smallest level
+and its size in the budget's own unit.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Literal
+
+from .cost import LevelCost, level_cost
+from .errors import BadBudget
+from .network import DeepVirtualNetwork
+
+__all__ = [
+    "Budget",
+    "BudgetKind",
+    "describe_budget",
+    "format_bytes",
+    "format_count",
+    "level_costs",
+    "parse_budget",
+    "resolve_budget",
+]
+
+BudgetKind = Literal["level", "params", "share", "bytes"]
+
+FORMS = "use a level (3), parameters (250k, 1.2M), a share (40%) or bytes (2MB)"
+
+_COUNT_SUFFIXES = {"k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9}
+_BYTE_SUFFIXES = {  # keys lower-case: byte suffixes are matched case-insensitively
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+_BUDGET_RE = re.compile(r"^\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<suffix>[A-Za-z%]*)\s*$")
+
+# A share is a decimal the user typed; a level fits it when within this relative slack, so that a share printed
+# with full float precision (e.g. by ``eval --json``) still selects its own level.
+_SHARE_RTOL = 1e-9
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parsed budget.
+
+    Args:
+        kind: ``level``, ``params``, ``share`` (percent) or ``bytes``.
+        value: the level, the parameter count, the percentage (0..100] or the byte count.
+        text: what the user wrote, stripped.
+    """
+
+    kind: BudgetKind
+    value: float
+    text: str
+
+
+def _bad(text: str) -> BadBudget:
+    return BadBudget(f"bad budget {text!r}: {FORMS}")
+
+
+def parse_budget(text: str) -> Budget:
+    """Parse a budget string into a ``Budget``; anything else raises ``BadBudget`` naming the accepted forms.
+
+    Args:
+        text: ``3``, ``250k``, ``1.2M``, ``40%``, ``2MB``, ``1.5MiB``, ... (see the module docstring).
+
+    Returns:
+        The budget, its value converted to a level, a parameter count, a percentage or a byte count.
+    """
+    stripped = str(text).strip()
+    match = _BUDGET_RE.match(stripped)
+    if match is None:
+        raise _bad(stripped)
+    number, suffix = Decimal(match["number"]), match["suffix"]
+    if suffix == "":
+        if "." in match["number"] or number < 1:
+            raise _bad(stripped)
+        return Budget("level", float(number), stripped)
+    if number <= 0:
+        raise _bad(stripped)
+    if suffix == "%":
+        if number > 100:
+            raise BadBudget(f"bad budget {stripped!r}: a share must be above 0% and at most 100%")
+        return Budget("share", float(number), stripped)
+    if suffix in _COUNT_SUFFIXES:
+        return Budget("params", float(number * _COUNT_SUFFIXES[suffix]), stripped)
+    if suffix.lower() in _BYTE_SUFFIXES:
+        return Budget("bytes", float(number * _BYTE_SUFFIXES[suffix.lower()]), stripped)
+    if suffix == "m":
+        raise BadBudget(f"bad budget {stripped!r}: write millions with a capital M (1.2M); {FORMS}")
+    raise _bad(stripped)
+
+
+def _scaled(n: float, units: tuple[tuple[int, str, int], ...]) -> str:
+    """``n`` in the largest unit it reaches, moving up one unit when rounding would show 1000 of it."""
+    i = max((i for i, (scale, _, _) in enumerate(units) if abs(n) >= scale), default=0)
+    if i + 1 < len(units) and round(abs(n) / units[i][0], units[i][2]) >= 1000:
+        i += 1
+    scale, name, digits = units[i]
+    return f"{n / scale:.{digits}f}{name}"
+
+
+def format_count(n: float) -> str:
+    """A parameter count for people: ``950``, ``44.2k``, ``1.20M``, ``3.10G``."""
+    return _scaled(n, ((1, "", 0), (10**3, "k", 1), (10**6, "M", 2), (10**9, "G", 2)))
+
+
+def format_bytes(n: float) -> str:
+    """A byte count in decimal units for people: ``123 B``, ``176.9 kB``, ``2.8 MB``, ``1.2 GB``."""
+    return _scaled(n, ((1, " B", 0), (10**3, " kB", 1), (10**6, " MB", 1), (10**9, " GB", 1)))
+
+
+def describe_budget(budget: Budget) -> str:
+    """The budget as a phrase: ``250k parameters``, ``40%``, ``2MB``, ``level 3``."""
+    if budget.kind == "level":
+        return f"level {int(budget.value)}"
+    if budget.kind == "params":
+        return f"{budget.text} parameters"
+    return budget.text
+
+
+def level_costs(network: DeepVirtualNetwork, task: int | str) -> list[LevelCost]:
+    """``cost.level_cost`` of every level of ``task``; element ``l - 1`` is level ``l``."""
+    return [level_cost(network, task, level) for level in range(1, network.units + 1)]
+
+
+def _as_budget(budget: Budget | str) -> Budget:
+    return budget if isinstance(budget, Budget) else parse_budget(budget)
+
+
+def _fits(budget: Budget, cost: LevelCost, top: LevelCost) -> bool:
+    if budget.kind == "params":
+        return cost.params_total <= budget.value
+    if budget.kind == "bytes":
+        return cost.bytes <= budget.value
+    allowed = budget.value / 100 * top.params_total
+    return cost.params_total <= allowed + _SHARE_RTOL * top.params_total
+
+
+def _size_in_unit(budget: Budget, cost: LevelCost, top: LevelCost) -> str:
+    if budget.kind == "params":
+        return f"{format_count(cost.params_total)} parameters"
+    if budget.kind == "bytes":
+        return format_bytes(cost.bytes)
+    return f"{100 * cost.params_total / top.params_total:.1f}% of the full network"
+
+
+def resolve_budget(
+    network: DeepVirtualNetwork,
+    task: int | str,
+    budget: Budget | str,
+    costs: list[LevelCost] | None = None,
+) -> int:
+    """The level of ``task`` that ``budget`` selects.
+
+    Args:
+        network: the DVN.
+        task: task name or index.
+        budget: a ``Budget`` or a budget string.
+        costs: ``level_costs(network, task)`` if the caller has them already (saves the counting forwards).
+
+    Returns:
+        The level itself for a level budget, else the largest level whose size fits the budget.
+
+    Raises:
+        BadBudget: the budget does not parse, the level does not exist, or no level fits.
+    """
+    budget = _as_budget(budget)
+    t = network.task_index(task)
+    name, k = network.task_names[t], network.units
+    if budget.kind == "level":
+        level = int(budget.value)
+        if not 1 <= level <= k:
+            raise BadBudget(f"level {level} does not exist: {name} has levels 1..{k}")
+        return level
+    costs = level_costs(network, t) if costs is None else costs
+    top = costs[-1]
+    fitting = [level for level, cost in enumerate(costs, start=1) if _fits(budget, cost, top)]
+    if not fitting:
+        raise BadBudget(
+            f"budget {describe_budget(budget)} fits no level of {name}: "
+            f"the smallest, level 1, has {_size_in_unit(budget, costs[0], top)}"
+        )
+    return max(fitting)

@@ -1,0 +1,499 @@
+"""Deployable models of (task, level) pairs: batch norm folded, ONNX (or torch.export) files and a manifest.
+
+Each (task, level) is first extracted as a plain network (``prune.extract_plain``), then every convolution that
+feeds its batch norm is fused with it (eval-mode statistics become a bias) and the model is written in a
+registered export format. ``onnx`` is checked against PyTorch with onnxruntime; ``torch-export`` writes a
+``torch.export`` program (``.pt2``). ``manifest.json`` beside the files says, per model, everything a deployer
+without dvn needs: file and sha256, classes in output order, cost, and the preprocessing of a raw image whose
+pixel values are scaled to 0..1 (DESIGN §4).
+
+ONNX uses PyTorch's TorchScript-based exporter (``dynamo=False``): it needs only ``onnx`` and ``onnxruntime``
+(the ``export`` extra), runs offline, and writes one self-contained file. The dynamo exporter would add
+``onnxscript`` to the extra; switch when PyTorch drops the TorchScript path. onnx and onnxruntime are imported
+lazily so that dvn works without them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import io
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .budgets import parse_budget, resolve_budget
+from .checkpoint import CHECKPOINT_FORMAT, COMPACT_FORMAT, Checkpoint, sha256_file, write_atomic
+from .errors import DvnError
+from .prune import CompactModel, CompactSpec, PlainNetwork, compact_spec, extract_plain, load_model_file
+
+__all__ = [
+    "CHECK_TOLERANCE",
+    "EXPORT_FORMATS",
+    "MANIFEST_NAME",
+    "ExportFormat",
+    "check_onnx",
+    "check_torch_program",
+    "export_models",
+    "export_pairs",
+    "export_onnx",
+    "export_torch_program",
+    "fold_batchnorm",
+    "preprocess_of",
+    "register_export_format",
+]
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+CHECK_TOLERANCE = 1e-4
+"""Largest |exported - PyTorch| logit difference that callers should accept without a warning."""
+INSTALL_HINT = "pip install 'dvn-cli[export]'"
+
+Source = Checkpoint | CompactModel | tuple[PlainNetwork, CompactSpec] | str | os.PathLike
+Inputs = torch.Tensor | Sequence[torch.Tensor] | None
+
+
+# ------------------------------------------------------------------------------------------------ folding
+
+
+def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) module names where a ``Conv2d``'s only use is to feed a ``BatchNorm2d``, found by fx tracing."""
+    graph = torch.fx.symbolic_trace(module).graph
+    modules = dict(module.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d) or len(node.args) != 1:
+            continue
+        src = node.args[0]
+        if (
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_module"
+            and isinstance(modules[src.target], nn.Conv2d)
+            and len(src.users) == 1
+            and calls[src.target] == calls[node.target] == 1  # a module called twice cannot be fused in place
+        ):
+            pairs.append((src.target, node.target))
+    return pairs
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def fold_batchnorm(plain: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``plain`` in which each Conv2d → BatchNorm2d pair is one Conv2d with a bias.
+
+    The batch norm becomes ``nn.Identity``; outputs equal the eval-mode outputs of ``plain`` to float tolerance.
+    ``plain`` itself is not changed.
+    """
+    folded = copy.deepcopy(plain).eval()
+    for conv_name, bn_name in _conv_bn_pairs(folded):
+        conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
+        _set_submodule(folded, conv_name, torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn))
+        _set_submodule(folded, bn_name, nn.Identity())
+    return folded.requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _example_input(config, batch: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.zeros(batch, config.in_channels, config.input_size, config.input_size, device=device)
+
+
+def _sample_batches(plain: PlainNetwork, inputs: Inputs) -> list[torch.Tensor]:
+    """Batches to compare on: the given ones, plus the first image alone; else seeded noise of batch 1 and 4."""
+    if inputs is None:
+        generator = torch.Generator().manual_seed(0)
+        cfg = plain.config
+        shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        return [torch.randn(1, *shape, generator=generator), torch.randn(4, *shape, generator=generator)]
+    batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    batches = [b.detach().float().cpu() for b in batches if b.shape[0] > 0]
+    if not batches:
+        raise DvnError("no sample inputs to check the export against")
+    if all(b.shape[0] > 1 for b in batches):
+        batches.append(batches[0][:1])
+    return batches
+
+
+@torch.no_grad()
+def _reference_logits(plain: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    device = next(plain.parameters()).device
+    was_training = plain.training
+    try:
+        return plain.eval()(x.to(device)).float().cpu()
+    finally:
+        plain.train(was_training)
+
+
+def _import_optional(name: str):
+    """Import ``name`` lazily, or say how to install the ``export`` extra."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise DvnError(f"ONNX export needs onnx and onnxruntime ({name} is missing): {INSTALL_HINT}") from None
+
+
+def _require_onnx() -> None:
+    _import_optional("onnx")
+    _import_optional("onnxruntime")
+
+
+def _safe_name(task: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", task).strip("._") or "task"
+
+
+def preprocess_of(spec: CompactSpec) -> dict[str, Any]:
+    """What turns a raw image (pixels scaled to 0..1) into this model's input, as in ``data.convert_images``.
+
+    Grey images are repeated to 3 channels, RGB goes to grey with the ITU-R 601-2 luma weights (PIL ``L``).
+    ``pad``: images no larger than height × width are zero-padded, centred; larger ones are resized bilinearly.
+    ``bilinear``: every image is resized bilinearly. Then ``(x - mean) / std`` per channel.
+    """
+    channels = spec.backbone.in_channels
+    mean, std = list(spec.task.mean), list(spec.task.std)
+    if len(mean) == 1 and channels > 1:
+        mean, std = mean * channels, std * channels
+    return {
+        "channels": channels,
+        "height": spec.backbone.input_size,
+        "width": spec.backbone.input_size,
+        "resize": spec.task.resize,
+        "mean": mean,
+        "std": std,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ onnx
+
+
+def _onnx_bytes(plain: PlainNetwork, spec: CompactSpec, opset: int) -> bytes:
+    """Fold, export with a dynamic batch axis, stamp the spec into the model's metadata, check the graph."""
+    onnx = _import_optional("onnx")
+    folded = fold_batchnorm(plain).cpu()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter announces its own deprecation
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            folded,
+            (_example_input(plain.config),),
+            buffer,
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+    model = onnx.load_from_string(buffer.getvalue())
+    model.producer_name, model.producer_version = "dvn", __version__
+    model.doc_string = f"dvn: task {spec.task.name} level {spec.level} of {spec.k} (units {list(spec.units)})"
+    props = {
+        "dvn_task": spec.task.name,
+        "dvn_level": str(spec.level),
+        "dvn_units": json.dumps(list(spec.units)),
+        "dvn_classes": json.dumps(list(spec.task.classes)),
+        "dvn_preprocess": json.dumps(preprocess_of(spec)),
+        "dvn_source_sha256": spec.source_sha256,
+    }
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def export_onnx(plain: PlainNetwork, spec: CompactSpec, path: str | os.PathLike, opset: int = 17) -> Path:
+    """Write ``plain`` (batch norm folded) as one self-contained ONNX file, atomically.
+
+    Input ``input``: float32 ``(batch, C, H, W)`` after preprocessing; output ``logits``: ``(batch, classes)``.
+    The spec (task, level, units, classes, preprocessing) is stored in the model's ``metadata_props``.
+    """
+    return write_atomic(path, _onnx_bytes(plain, spec, opset))
+
+
+def check_onnx(path: str | os.PathLike, plain: nn.Module, inputs: Inputs = None) -> float:
+    """Largest absolute difference between onnxruntime (CPU) and PyTorch logits on sample batches.
+
+    Args:
+        path: an ONNX file written by ``export_onnx``.
+        plain: the PyTorch model it was made from (compared in eval mode).
+        inputs: preprocessed image batches ``(B, C, H, W)``; the first image is also run alone. Default: seeded
+            noise of batch 1 and 4.
+    """
+    ort = _import_optional("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for x in _sample_batches(plain, inputs):
+        (got,) = session.run(["logits"], {"input": x.numpy()})
+        worst = max(worst, float((torch.from_numpy(got) - _reference_logits(plain, x)).abs().max()))
+    return worst
+
+
+# ------------------------------------------------------------------------------------------------ torch.export
+
+
+def _torch_program_bytes(plain: PlainNetwork, spec: CompactSpec, opset: int) -> bytes:
+    del spec, opset  # the program carries its own graph; the manifest carries the spec
+    folded = fold_batchnorm(plain).cpu()
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(folded, (_example_input(plain.config, 2),), dynamic_shapes=({0: batch},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def export_torch_program(plain: PlainNetwork, spec: CompactSpec, path: str | os.PathLike) -> Path:
+    """Write ``plain`` (batch norm folded) as a ``torch.export`` program (``.pt2``) with a dynamic batch axis.
+
+    Load it with ``torch.export.load(path).module()``; no dvn needed. Weights are stored raw, but PyTorch's
+    archive also records the example input with ``torch.save``: treat ``.pt2`` files like any PyTorch file.
+    """
+    return write_atomic(path, _torch_program_bytes(plain, spec, 0))
+
+
+def check_torch_program(path: str | os.PathLike, plain: nn.Module, inputs: Inputs = None) -> float:
+    """Largest absolute difference between the loaded ``.pt2`` program and PyTorch logits on sample batches."""
+    program = torch.export.load(str(path)).module()
+    worst = 0.0
+    with torch.no_grad():
+        for x in _sample_batches(plain, inputs):
+            worst = max(worst, float((program(x) - _reference_logits(plain, x)).abs().max()))
+    return worst
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """A deployable format: file suffix, ``to_bytes(plain, spec, opset)`` and ``check(path, plain, inputs)``."""
+
+    suffix: str
+    to_bytes: Callable[[PlainNetwork, CompactSpec, int], bytes]
+    check: Callable[[Path, nn.Module, Inputs], float]
+    requires: Callable[[], object] = lambda: None
+
+
+EXPORT_FORMATS: dict[str, ExportFormat] = {}
+
+
+def register_export_format(name: str, fmt: ExportFormat) -> None:
+    if name in EXPORT_FORMATS:
+        raise ValueError(f"export format {name!r} is already registered")
+    EXPORT_FORMATS[name] = fmt
+
+
+register_export_format("onnx", ExportFormat(".onnx", _onnx_bytes, check_onnx, _require_onnx))
+register_export_format("torch-export", ExportFormat(".pt2", _torch_program_bytes, check_torch_program))
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def _as_source(source: Source) -> Checkpoint | CompactModel:
+    if isinstance(source, Checkpoint | CompactModel):
+        return source
+    if isinstance(source, tuple):
+        plain, spec = source
+        return CompactModel(plain=plain, spec=spec)
+    return load_model_file(source)
+
+
+def export_pairs(
+    source: Checkpoint | CompactModel, tasks: Sequence[str] | None = None, budget: str | None = None
+) -> list[tuple[str, int]] | None:
+    """The (task, level) pairs that ``--task``/``--budget`` select; None means every pair of ``source``."""
+    if not tasks and not budget:
+        return None
+    if isinstance(source, CompactModel):
+        spec = source.spec
+        parsed = parse_budget(budget) if budget else None
+        level = int(parsed.value) if parsed is not None and parsed.kind == "level" else spec.level
+        return [(task, level) for task in tasks or [spec.task.name]]
+    network = source.network
+    names = tasks or network.task_names
+    if budget is None:
+        return [(name, level) for name in names for level in range(1, network.units + 1)]
+    return [(name, resolve_budget(network, name, budget)) for name in names]
+
+
+def _resolve_pairs(source: Checkpoint | CompactModel, pairs: Sequence[tuple[int | str, int]] | None):
+    """(task index, level) of each requested pair, validated before anything is written."""
+    if isinstance(source, CompactModel):
+        spec = source.spec
+        if pairs is None:
+            return [(spec.task_index, spec.level)]
+        label = source.path or "this compact model"
+        for task, level in pairs:
+            if task not in (spec.task.name, spec.task_index) or level != spec.level:
+                raise DvnError(
+                    f"{label} holds only {spec.task.name} level {spec.level}; "
+                    "export the full checkpoint for other levels"
+                )
+        return [(spec.task_index, spec.level)]
+    network = source.network
+    if pairs is None:
+        return [(t, lv) for t in range(len(network.tasks)) for lv in range(1, network.units + 1)]
+    resolved = []
+    for task, level in pairs:
+        t = network.task_index(task)
+        network.layout.check(t, level)
+        if (t, level) not in resolved:
+            resolved.append((t, level))
+    return resolved
+
+
+def _prepare_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and prove it takes a file, or say in one line why not."""
+    try:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise DvnError(f"cannot write to {out_dir}: it is a file, not a folder")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        raise DvnError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
+
+
+def _source_entry(source: Checkpoint | CompactModel) -> dict[str, Any]:
+    if isinstance(source, CompactModel):
+        path = source.path
+        return {
+            "format": COMPACT_FORMAT,
+            "file": None if path is None else str(path),
+            "sha256": sha256_file(path) if path is not None and path.is_file() else None,
+            "checkpoint_sha256": source.spec.source_sha256 or None,
+            "k": source.spec.k,
+        }
+    network = source.network
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "file": str(source.path),
+        "sha256": sha256_file(source.path) if source.path.is_file() else None,
+        "k": network.units,
+        "order_rule": network.order_rule,
+        "orders": {t: list(o) for t, o in zip(network.task_names, network.layout.orders, strict=True)},
+        "backbone": asdict(network.config),
+    }
+
+
+def _plain_and_spec(source: Checkpoint | CompactModel, task: int, level: int, source_sha: str):
+    if isinstance(source, CompactModel):
+        return source.plain, source.spec
+    network = source.network
+    return extract_plain(network, task, level), compact_spec(network, task, level, source_sha)
+
+
+def _task_inputs(sample_inputs: torch.Tensor | Mapping[str, torch.Tensor] | None, task: str) -> Inputs:
+    if isinstance(sample_inputs, Mapping):
+        return sample_inputs.get(task)
+    return sample_inputs
+
+
+def _merged_models(out_dir: Path, source: dict[str, Any], models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep the entries of an existing manifest of the same source whose files are still there; ours replace."""
+    try:
+        old = json.loads((out_dir / MANIFEST_NAME).read_text())
+        if not source["sha256"] or old["source"]["sha256"] != source["sha256"]:
+            return models
+        ours = {(m["task"], m["level"]) for m in models}
+        kept = [m for m in old["models"] if (m["task"], m["level"]) not in ours and (out_dir / m["file"]).is_file()]
+    except (OSError, ValueError, KeyError, TypeError):
+        return models
+    return kept + models
+
+
+def export_models(
+    source: Source,
+    out_dir: str | os.PathLike,
+    pairs: Sequence[tuple[int | str, int]] | None = None,
+    check: bool = True,
+    sample_inputs: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+    format: str = "onnx",
+    opset: int = 17,
+) -> dict[str, Any]:
+    """Write one deployable file per (task, level) and ``manifest.json`` into ``out_dir``; never prints.
+
+    Args:
+        source: a loaded checkpoint (default pairs: every task × level), a compact model (only its own pair),
+            a ``(plain, spec)`` tuple, or the path of either file.
+        out_dir: folder for the files; created when missing.
+        pairs: ``(task name or index, level)`` pairs; None for the default above.
+        check: run each file against PyTorch and record the largest logit difference.
+        sample_inputs: preprocessed batches to check on, one for all tasks or one per task name; default noise.
+        format: a name in ``EXPORT_FORMATS`` (``onnx``, ``torch-export``).
+        opset: ONNX opset.
+
+    Returns:
+        The manifest written (``models`` also keeps earlier entries of the same source file).
+    """
+    if format not in EXPORT_FORMATS:
+        raise DvnError(f"unknown export format {format!r}; known: {', '.join(EXPORT_FORMATS)}")
+    fmt = EXPORT_FORMATS[format]
+    fmt.requires()
+    loaded = _as_source(source)
+    resolved = _resolve_pairs(loaded, pairs)
+    out = Path(out_dir)
+    _prepare_dir(out)
+    source_entry = _source_entry(loaded)
+    models = []
+    for task, level in resolved:
+        plain, spec = _plain_and_spec(loaded, task, level, source_entry.get("sha256") or "")
+        name = f"{_safe_name(spec.task.name)}-level{level}{fmt.suffix}"
+        data = fmt.to_bytes(plain, spec, opset)
+        try:
+            path = write_atomic(out / name, data)
+        except OSError as exc:
+            raise DvnError(f"cannot write to {out}: {exc.strerror or exc}") from None
+        diff = fmt.check(path, plain, _task_inputs(sample_inputs, spec.task.name)) if check else None
+        models.append(_model_entry(spec, name, data, format, diff))
+    manifest = {
+        "dvn_version": __version__,
+        "manifest_version": MANIFEST_VERSION,
+        "source": source_entry,
+        "models": _merged_models(out, source_entry, models),
+    }
+    text = json.dumps(manifest, indent=2) + "\n"
+    try:
+        write_atomic(out / MANIFEST_NAME, text.encode())
+    except OSError as exc:
+        raise DvnError(f"cannot write to {out}: {exc.strerror or exc}") from None
+    return json.loads(text)  # exactly what the file holds (tuples as lists)
+
+
+def _model_entry(spec: CompactSpec, name: str, data: bytes, format: str, diff: float | None) -> dict[str, Any]:
+    return {
+        "task": spec.task.name,
+        "level": spec.level,
+        "units": list(spec.units),
+        "file": name,
+        "format": format,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "params": spec.params,
+        "params_total": spec.params_total,
+        "macs": spec.macs,
+        "classes": list(spec.task.classes),
+        "preprocess": preprocess_of(spec),
+        "input": "input",
+        "output": "logits",
+        "check_max_abs_diff": diff,
+    }

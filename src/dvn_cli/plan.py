@@ -1,0 +1,390 @@
+"""Plans: one level for each of several tasks that run AT THE SAME TIME on one device under one shared budget.
+
+Deep Virtual Networks (Kim et al., CVPR 2019) store the physical weights once; every virtual network is a view of
+them. Tasks that run together therefore pay for a shared unit once, and a plan may give one task a larger level
+for little extra memory when its units overlap those of the others.
+
+Shared memory of a set of choices ``{task: level}`` (at most one level per task), in parameters (bytes = 4x):
+
+- every ``UnitConv2d`` layer with split input stores the UNION over the chosen (task, level)s of the unit-pair
+  blocks ``W[out(u_o), in(u_i)]`` with ``u_o, u_i`` in that choice's units ``S = order_t[:l]``. This is the union
+  of the ``S_t x S_t`` blocks, NOT ``U x U`` for the union ``U`` of the unit sets: a cross block between a unit only
+  task A uses and a unit only task B uses is stored by nobody. One block holds ``(C_out/k) * (C_in/k) * kh * kw``
+  weights;
+- the stem convolution, whose image input is never split, stores the union of the chosen OUTPUT units, each a
+  block of ``(C_out/k) * C_in * kh * kw`` weights;
+- each choice adds its own private parts: the affine parameters of its (task, level) batch norms, and its task's
+  head sliced to its level (``classes * C_last*l/k`` weights plus ``classes`` biases). Running statistics are not
+  counted, as in ``cost.level_cost``.
+
+So the shared memory of a single choice is exactly that (task, level)'s ``params_total``, and
+``separate_params`` (the sum of each choice's ``params_total``) is what separate stand-alone models would need.
+
+``plan_levels`` searches every combination of levels exhaustively (depth-first, pruning partial plans that
+already exceed the budget or cannot beat the best score): the answer is the exact optimum. It maximises the
+weighted sum of validation accuracies; ties (within 1e-12) go to the smaller memory, then to the smaller levels.
+More than ``MAX_COMBINATIONS`` combinations is refused rather than approximated.
+
+A plan's budget is a parameter count (``250k``), bytes (``2MB``, 4 bytes per parameter) or a share (``40%``).
+A share is of the FULL plan: the shared memory of every listed task at its top level (all physical weights, plus
+each listed task's top-level batch norms and head). For one task this is the same as a share in
+``budgets.resolve_budget``. A level budget has no meaning for several tasks and is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from .budgets import Budget, format_bytes, format_count, parse_budget
+from .cost import BYTES_PER_PARAM, level_cost
+from .errors import BadBudget, BadConfig
+from .layers import LevelBatchNorm2d, UnitConv2d
+from .network import DeepVirtualNetwork
+
+__all__ = [
+    "MAX_COMBINATIONS",
+    "Plan",
+    "accuracy_from_training",
+    "plan_budget_params",
+    "plan_levels",
+    "separate_params",
+    "shared_memory_params",
+]
+
+MAX_COMBINATIONS = 1_000_000
+"""The most level combinations ``plan_levels`` searches (k^T, or (k+1)^T when tasks may be left out)."""
+
+_SCORE_RTOL = 1e-12
+
+TaskLevel = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _BlockGroup:
+    """Layers whose (task, level)s use the same blocks: their block sizes add up, their unions are one."""
+
+    block_params: int
+    blocks: dict[TaskLevel, int]  # (task, level) -> bit set of the blocks it uses
+
+
+@dataclass(frozen=True)
+class _MemoryModel:
+    groups: tuple[_BlockGroup, ...]
+    extras: dict[TaskLevel, int]  # (task, level) -> private batch-norm affine params + head weights and bias
+
+    def memory(self, choices: Mapping[int, int]) -> int:
+        shared = 0
+        for group in self.groups:
+            used = 0
+            for t, level in choices.items():
+                used |= group.blocks[t, level]
+            shared += group.block_params * used.bit_count()
+        return shared + sum(self.extras[t, level] for t, level in choices.items())
+
+
+def _block_bits(units: Sequence[int], k: int, split_input: bool) -> int:
+    """Bit set of the blocks a unit set uses: pairs ``u_o*k + u_i`` when the input is split, else ``u_o``."""
+    if split_input:
+        return sum(1 << (u_out * k + u_in) for u_out in units for u_in in units)
+    return sum(1 << u_out for u_out in units)
+
+
+def _memory_model(network: DeepVirtualNetwork) -> _MemoryModel:
+    """Walk the unit layers once: per-layer block sizes and the blocks of every (task, level), plus extras."""
+    layout, k = network.layout, network.units
+    task_levels = [(t, level) for t in range(layout.num_tasks) for level in range(1, k + 1)]
+    groups: dict[tuple[int, ...], int] = {}
+    extras = dict.fromkeys(task_levels, 0)
+    for module in network.modules():
+        if isinstance(module, UnitConv2d):
+            kernel = module.weight.shape[2] * module.weight.shape[3]
+            in_block = module.in_channels // k if module.split_input else module.in_channels
+            key = tuple(_block_bits(layout.level_units(t, lv), k, module.split_input) for t, lv in task_levels)
+            groups[key] = groups.get(key, 0) + (module.out_channels // k) * in_block * kernel
+        elif isinstance(module, LevelBatchNorm2d):
+            for t, level in task_levels:
+                extras[t, level] += sum(p.numel() for p in module.norm(t, level).parameters())
+    for t, level in task_levels:
+        head = network.heads[t]
+        out_features, in_features = head.active_shape(t, level)
+        extras[t, level] += out_features * in_features + (head.bias.numel() if head.bias is not None else 0)
+    return _MemoryModel(
+        groups=tuple(_BlockGroup(params, dict(zip(task_levels, key, strict=True))) for key, params in groups.items()),
+        extras=extras,
+    )
+
+
+def _task_indices(network: DeepVirtualNetwork, tasks: Sequence[int | str]) -> list[int]:
+    indices = [network.task_index(t) for t in tasks]
+    twice = sorted({network.task_names[i] for i in indices if indices.count(i) > 1})
+    if twice:
+        raise BadConfig(f"task(s) listed more than once: {', '.join(twice)}; a plan gives each task one level")
+    return indices
+
+
+def _choice_indices(network: DeepVirtualNetwork, choices: Mapping[int | str, int]) -> dict[int, int]:
+    indices = _task_indices(network, list(choices))
+    resolved = {}
+    for t, level in zip(indices, choices.values(), strict=True):
+        if not 1 <= int(level) <= network.units:
+            raise BadConfig(f"level {level} does not exist: {network.task_names[t]} has levels 1..{network.units}")
+        resolved[t] = int(level)
+    return resolved
+
+
+def shared_memory_params(network: DeepVirtualNetwork, choices: Mapping[int | str, int]) -> int:
+    """Parameters stored when the chosen (task, level)s run at the same time, shared units counted once.
+
+    Args:
+        network: the DVN.
+        choices: one level per task (name or index); see the module docstring for what is counted.
+
+    Returns:
+        The parameter count; float32 bytes are ``4 *`` it.
+    """
+    return _memory_model(network).memory(_choice_indices(network, choices))
+
+
+def separate_params(network: DeepVirtualNetwork, choices: Mapping[int | str, int]) -> int:
+    """Parameters that separate stand-alone models of the chosen (task, level)s would store together.
+
+    Args:
+        network: the DVN.
+        choices: one level per task (name or index).
+
+    Returns:
+        The sum of each choice's ``params_total``.
+    """
+    return sum(level_cost(network, t, level).params_total for t, level in _choice_indices(network, choices).items())
+
+
+def plan_budget_params(network: DeepVirtualNetwork, budget: Budget | str, tasks: Sequence[int | str]) -> int:
+    """The parameter limit a plan budget stands for.
+
+    Args:
+        network: the DVN.
+        budget: parameters (``250k``), bytes (``2MB``) or a share (``40%``) of the full plan of ``tasks``.
+        tasks: the tasks of the plan (names or indices), needed for a share.
+
+    Returns:
+        The largest whole number of parameters within the budget.
+
+    Raises:
+        BadBudget: a level budget, or a budget that does not parse.
+    """
+    budget = budget if isinstance(budget, Budget) else parse_budget(budget)
+    value = Fraction(repr(budget.value))  # the decimal the user typed, not its float approximation
+    if budget.kind == "level":
+        raise BadBudget(
+            f"budget {budget.text!r} is a level, which means nothing for several tasks at once: "
+            "give parameters (250k, 1.2M), a share (40%) or bytes (2MB)"
+        )
+    if budget.kind == "params":
+        return math.floor(value)
+    if budget.kind == "bytes":
+        return math.floor(value / BYTES_PER_PARAM)
+    indices = _task_indices(network, tasks)
+    full = _memory_model(network).memory(dict.fromkeys(indices, network.units))
+    return math.floor(value * full / 100)
+
+
+@dataclass
+class Plan:
+    """One level per task for tasks that run together.
+
+    Args:
+        choices: task name -> chosen level, in the order the tasks were listed (left-out tasks absent).
+        memory_params: shared memory of the choices, in parameters.
+        separate_params: what separate stand-alone models of the choices would store.
+        score: the weighted sum of the chosen levels' accuracies that the plan maximises.
+        accuracy: task name -> validation accuracy of its chosen level.
+        budget_params: the parameter limit the plan was made for.
+        units: task name -> the units its chosen level uses, in the task's order.
+        left_out: tasks that got no level (only when the plan was allowed to leave tasks out).
+    """
+
+    choices: dict[str, int]
+    memory_params: int
+    separate_params: int
+    score: float
+    accuracy: dict[str, float]
+    budget_params: int = 0
+    units: dict[str, list[int]] = field(default_factory=dict)
+    left_out: list[str] = field(default_factory=list)
+
+    @property
+    def memory_bytes(self) -> int:
+        return BYTES_PER_PARAM * self.memory_params
+
+    @property
+    def separate_bytes(self) -> int:
+        return BYTES_PER_PARAM * self.separate_params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "choices": dict(self.choices),
+            "units": {name: list(units) for name, units in self.units.items()},
+            "accuracy": dict(self.accuracy),
+            "score": self.score,
+            "memory_params": self.memory_params,
+            "memory_bytes": self.memory_bytes,
+            "separate_params": self.separate_params,
+            "separate_bytes": self.separate_bytes,
+            "saved_params": self.separate_params - self.memory_params,
+            "budget_params": self.budget_params,
+            "left_out": list(self.left_out),
+        }
+
+
+def accuracy_from_training(training: Mapping[str, Any]) -> dict[tuple[str, int], float]:
+    """Validation accuracy per (task name, level) from a checkpoint's training summary.
+
+    Args:
+        training: the summary ``train.fit`` stores, whose ``val_accuracy`` maps a task name to one accuracy per
+            level (level 1 first).
+
+    Returns:
+        ``{(task, level): accuracy}``; empty when the summary holds no validation accuracy.
+    """
+    per_task = training.get("val_accuracy") or {}
+    return {
+        (str(name), level): float(acc) for name, accs in per_task.items() for level, acc in enumerate(accs, start=1)
+    }
+
+
+@dataclass(frozen=True)
+class _Option:
+    level: int  # 0: the task is left out
+    blocks: tuple[int, ...]  # per block group
+    extras: int
+    score: float
+
+
+def _task_options(
+    model: _MemoryModel,
+    t: int,
+    name: str,
+    k: int,
+    accuracy: Mapping[tuple[str, int], float],
+    weight: float,
+    require_all: bool,
+) -> list[_Option]:
+    options = [] if require_all else [_Option(0, (0,) * len(model.groups), 0, 0.0)]
+    for level in range(1, k + 1):
+        if (name, level) not in accuracy:
+            raise BadConfig(
+                f"no accuracy for {name} at level {level}: a plan needs the validation accuracy of every level of "
+                "every planned task (a checkpoint's training summary holds them)"
+            )
+        blocks = tuple(g.blocks[t, level] for g in model.groups)
+        options.append(_Option(level, blocks, model.extras[t, level], weight * float(accuracy[name, level])))
+    return options
+
+
+def _check_weights(names: list[str], weights: Mapping[str, float] | None) -> dict[str, float]:
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise BadConfig(f"weight given for task(s) not in the plan: {', '.join(unknown)}")
+    for name, w in weights.items():
+        if not (math.isfinite(float(w)) and float(w) >= 0):
+            raise BadConfig(f"weight {w} of task {name} must be a finite number >= 0")
+    return {name: float(weights.get(name, 1.0)) for name in names}
+
+
+def _search(model: _MemoryModel, options: list[list[_Option]], budget: int) -> tuple[_Option, ...] | None:
+    """Exhaustive depth-first search for the best combination of options within ``budget`` (None if none fits)."""
+    block_params = [g.block_params for g in model.groups]
+    min_extras = [min(o.extras for o in opts) for opts in options]
+    max_scores = [max(o.score for o in opts) for opts in options]
+    rest_extras = [sum(min_extras[i:]) for i in range(len(options) + 1)]
+    rest_scores = [sum(max_scores[i:]) for i in range(len(options) + 1)]
+    best: list[Any] = [None, -math.inf, 0]  # combination, score, memory
+
+    def visit(i: int, used: tuple[int, ...], extras: int, score: float, picked: tuple[_Option, ...]) -> None:
+        memory = extras + sum(p * bits.bit_count() for p, bits in zip(block_params, used, strict=True))
+        if memory + rest_extras[i] > budget:
+            return  # shared blocks only grow as tasks are added
+        if best[0] is not None:
+            tol = _SCORE_RTOL * max(1.0, abs(best[1]))
+            if score + rest_scores[i] < best[1] - tol:
+                return  # cannot beat (or tie) the best plan so far
+        if i == len(options):
+            if best[0] is None or score > best[1] + tol or (abs(score - best[1]) <= tol and memory < best[2]):
+                best[:] = [picked, score, memory]
+            return
+        for option in options[i]:  # levels ascending: among exact ties the smaller levels are kept
+            merged = tuple(a | b for a, b in zip(used, option.blocks, strict=True))
+            visit(i + 1, merged, extras + option.extras, score + option.score, (*picked, option))
+
+    visit(0, (0,) * len(model.groups), 0, 0.0, ())
+    return best[0]
+
+
+def plan_levels(
+    network: DeepVirtualNetwork,
+    budget_params: int,
+    tasks: Sequence[int | str],
+    accuracy: Mapping[tuple[str, int], float],
+    weights: Mapping[str, float] | None = None,
+    require_all: bool = True,
+) -> Plan:
+    """The levels that maximise the weighted accuracy of tasks running together within a shared budget.
+
+    Args:
+        network: the DVN.
+        budget_params: the most parameters the plan may store (see ``plan_budget_params``).
+        tasks: the tasks that run together (names or indices), each at most once.
+        accuracy: validation accuracy per (task name, level), for every level of every listed task.
+        weights: task name -> weight of its accuracy in the score (missing tasks weigh 1).
+        require_all: every task must get a level; otherwise a task may be left out (it then scores 0).
+
+    Returns:
+        The best plan.
+
+    Raises:
+        BadBudget: ``require_all`` and even every task at level 1 does not fit.
+        BadConfig: no tasks, a task listed twice, a missing accuracy, a bad weight, or too many combinations.
+    """
+    indices = _task_indices(network, tasks)
+    if not indices:
+        raise BadConfig("a plan needs at least one task")
+    names = [network.task_names[t] for t in indices]
+    k = network.units
+    combinations = (k if require_all else k + 1) ** len(indices)
+    if combinations > MAX_COMBINATIONS:
+        raise BadConfig(
+            f"a plan of {len(indices)} tasks at {k} levels has {combinations:,} combinations, more than the "
+            f"{MAX_COMBINATIONS:,} searched exhaustively; plan fewer tasks at once"
+        )
+    task_weights = _check_weights(names, weights)
+    model = _memory_model(network)
+    options = [
+        _task_options(model, t, name, k, accuracy, task_weights[name], require_all)
+        for t, name in zip(indices, names, strict=True)
+    ]
+    if require_all:
+        smallest = model.memory(dict.fromkeys(indices, 1))
+        if smallest > budget_params:
+            raise BadBudget(
+                f"budget of {format_count(budget_params)} parameters fits no plan of {', '.join(names)}: "
+                f"with every task at level 1 they need {format_count(smallest)} parameters "
+                f"({format_bytes(BYTES_PER_PARAM * smallest)})"
+            )
+    best = _search(model, options, budget_params)
+    picked = dict(zip(indices, best, strict=True)) if best is not None else {}
+    choices = {t: o.level for t, o in picked.items() if o.level > 0}
+    return Plan(
+        choices={network.task_names[t]: level for t, level in choices.items()},
+        memory_params=model.memory(choices),
+        separate_params=separate_params(network, choices),
+        score=sum(o.score for o in picked.values()),
+        accuracy={network.task_names[t]: float(accuracy[network.task_names[t], lv]) for t, lv in choices.items()},
+        budget_params=int(budget_params),
+        units={network.task_names[t]: list(network.layout.level_units(t, lv)) for t, lv in choices.items()},
+        left_out=[network.task_names[t] for t in indices if t not in choices],
+    )

@@ -1,0 +1,230 @@
+"""Everything dvn shows a person: rich tables, progress bars and one-line errors. The only module using rich.
+
+Tables go to stdout; progress and errors go to stderr, so ``--json`` output stays clean for scripts.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .train import EpochInfo, StepInfo, TrainObserver
+
+__all__ = [
+    "TrainProgress",
+    "accuracy_table",
+    "print_error",
+    "print_note",
+    "print_table",
+    "show_checkpoint",
+    "show_plan",
+]
+
+PIPE_WIDTH = 200  # tables piped to a file or another program are not cut to 80 columns
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console on the CURRENT sys.stdout/stderr (tests swap them), wide when not a terminal."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(file=stream, highlight=False, width=None if stream.isatty() else PIPE_WIDTH)
+
+
+def print_error(message: str) -> None:
+    """One red line on stderr: what went wrong and what to do."""
+    _console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+
+
+def print_note(message: str) -> None:
+    _console(stderr=True).print(message, soft_wrap=True)
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], title: str | None = None) -> None:
+    """Render ``rows`` with ``columns`` = [(key, header)]; values are formatted by ``format_cell``."""
+    table = Table(title=title, title_justify="left")
+    for key, header in columns:
+        numeric = bool(rows) and isinstance(rows[0].get(key), int | float) and not isinstance(rows[0].get(key), bool)
+        table.add_column(header, justify="right" if numeric else "left")
+    for row in rows:
+        table.add_row(*(format_cell(key, row.get(key)) for key, _ in columns))
+    _console().print(table)
+
+
+def format_cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and key.startswith(("accuracy", "val_accuracy", "acc_")):
+        return f"{100 * value:.2f}%"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, int) and key in ("params", "params_total", "macs", "bytes", "samples"):
+        return f"{value:,}"
+    return str(value)
+
+
+def accuracy_table(val_accuracy: dict[str, list[float]], title: str) -> None:
+    """A task x level table of accuracies."""
+    k = max((len(v) for v in val_accuracy.values()), default=0)
+    table = Table(title=title, title_justify="left")
+    table.add_column("task")
+    for level in range(1, k + 1):
+        table.add_column(f"level {level}", justify="right")
+    for task, accs in val_accuracy.items():
+        table.add_row(task, *(f"{100 * a:.2f}%" for a in accs))
+    _console().print(table)
+
+
+class TrainProgress(TrainObserver):
+    """A rich progress bar: epoch, step, per-task loss, images/s and time left; a table after each epoch."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("step {task.completed}/{task.total}"),
+            TextColumn("{task.fields[losses]}"),
+            TextColumn("{task.fields[speed]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=_console(stderr=True),
+            transient=False,
+        )
+        self.bar = None
+        self.started = False
+
+    def on_start(self, total_steps: int, start_step: int, data) -> None:
+        for d in data:
+            s = d.summary()
+            print_note(
+                f"{s['task']}: {s['train']} train / {s['val']} val / {s['test']} test images, "
+                f"{s['classes']} classes, input {'x'.join(map(str, s['shape']))} ({s['resize']}), "
+                f"augment {s['augment']}" + (f", {s['skipped']} unreadable files skipped" if s["skipped"] else "")
+            )
+        self.progress.start()
+        self.started = True
+        self.bar = self.progress.add_task(
+            "train", total=total_steps, completed=start_step, epoch="-", losses="", speed=""
+        )
+
+    def on_step(self, info: StepInfo) -> None:
+        losses = " ".join(f"{t} {v:.3f}" for t, v in info.task_losses.items())
+        self.progress.update(
+            self.bar,
+            completed=info.step,
+            epoch=f"{info.epoch:.2f}",
+            losses=losses,
+            speed=f"{info.images_per_second:,.0f} img/s",
+        )
+
+    def on_epoch(self, info: EpochInfo) -> None:
+        self.progress.console.print(
+            f"epoch {info.epoch} (step {info.step}, {info.seconds:.0f} s): validation accuracy "
+            + "  ".join(f"{t} " + "/".join(f"{100 * a:.1f}" for a in accs) for t, accs in info.val_accuracy.items())
+        )
+
+    def close(self) -> None:
+        if self.started:
+            self.progress.stop()
+            self.started = False
+
+
+def show_checkpoint(described: dict[str, Any]) -> None:
+    """``dvn info``: format, tasks, the task x unit order grid, per-level sizes and training summary."""
+    from .budgets import format_bytes, format_count
+
+    bb = described["backbone"]
+    _console().print(
+        f"[bold]{described['file']}[/]  {described['format']} v{described['version']}, "
+        f"{format_bytes(described['bytes'])}, sha256 {described['sha256'][:16]}…"
+    )
+    _console().print(
+        f"backbone {bb['arch']}-{bb['depth']} widths {bb['widths']} k={described['units']} "
+        f"input {bb['in_channels']}x{bb['input_size']}x{bb['input_size']} stem stride {bb['stem_stride']}; "
+        f"{format_count(described['stored_params'])} parameters stored for all tasks and levels"
+    )
+    grid = Table(
+        title=f"unit orders (rule: {described['order_rule']}); cell = level that adds the unit", title_justify="left"
+    )
+    grid.add_column("task")
+    for unit in range(described["units"]):
+        grid.add_column(f"unit {unit}", justify="center")
+    grid.add_column("classes")
+    grid.add_column("source")
+    for task in described["tasks"]:
+        taken_at = {u: i + 1 for i, u in enumerate(task["order"])}
+        classes = ", ".join(task["classes"][:4]) + (" …" if len(task["classes"]) > 4 else "")
+        grid.add_row(
+            task["name"],
+            *(str(taken_at[u]) for u in range(described["units"])),
+            f"{len(task['classes'])}: {classes}",
+            task["source"],
+        )
+    _console().print(grid)
+    print_table(
+        described["levels"],
+        [
+            ("task", "task"),
+            ("level", "level"),
+            ("units", "units"),
+            ("params", "params"),
+            ("params_total", "+bn+head"),
+            ("bytes", "bytes"),
+            ("macs", "MACs/image"),
+            ("val_accuracy", "val top-1"),
+        ],
+        title="virtual networks",
+    )
+    training = described["training"]
+    if training:
+        _console().print(
+            f"trained {training.get('steps')} of {training.get('total_steps')} steps "
+            f"({training.get('epochs')} epochs, {training.get('seconds')} s, "
+            f"{training.get('images_per_second')} img/s); finished: {training.get('finished')}"
+        )
+
+
+def show_plan(plan: dict[str, Any], budget: str) -> None:
+    """``dvn plan``: the chosen level per task, the shared memory and what separate models would need."""
+    from .budgets import format_bytes, format_count
+
+    rows = [
+        {"task": t, "level": lv, "units": plan["units"][t], "accuracy": plan["accuracy"][t]}
+        for t, lv in plan["choices"].items()
+    ]
+    print_table(
+        rows,
+        [("task", "task"), ("level", "level"), ("units", "units"), ("accuracy", "val top-1")],
+        title=f"plan for tasks running at once under {budget}",
+    )
+    for task in plan["left_out"]:
+        _console().print(f"{task}: left out (no level fits)")
+    _console().print(
+        f"shared memory {format_count(plan['memory_params'])} parameters ({format_bytes(plan['memory_bytes'])}) "
+        f"of a budget of {format_count(plan['budget_params'])}; separate models would need "
+        f"{format_count(plan['separate_params'])} ({format_bytes(plan['separate_bytes'])}), "
+        f"{format_count(plan['saved_params'])} more"
+    )
+
+
+def show_compact(described: dict[str, Any]) -> None:
+    """``dvn info`` of a compact file: where it came from and what it costs."""
+    from .budgets import format_bytes, format_count
+
+    task, bb = described["task"], described["backbone"]
+    _console().print(
+        f"[bold]{described['file']}[/]  dvn-compact, {format_bytes(described['bytes'])}, "
+        f"sha256 {described['sha256'][:16]}…\n"
+        f"task {task['name']} ({len(task['classes'])} classes), level {described['level']} of {described['k']}, "
+        f"units {described['units']}\n"
+        f"plain {bb['arch']}-{bb['depth']} widths {bb['widths']}, input {bb['in_channels']}x{bb['input_size']}"
+        f"x{bb['input_size']}; {format_count(described['params'])} weights, "
+        f"{format_count(described['params_total'])} with batch norm and head, {format_count(described['macs'])} "
+        f"MACs/image\nfrom checkpoint sha256 {described['source_sha256'][:16]}…"
+    )

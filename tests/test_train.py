@@ -1,0 +1,134 @@
+"""Training: the loss falls, files hold everything, resume equals an uninterrupted run, Ctrl-C loses nothing."""
+
+import math
+
+import pytest
+import torch
+
+from dvn_cli.checkpoint import load_checkpoint, read_metadata
+from dvn_cli.config import TrainConfig
+from dvn_cli.errors import BadConfig, DvnError, MissingData
+from dvn_cli.train import TrainObserver, fit, lr_at, multitask_loss
+
+from .conftest import synthetic_task, tiny_config
+
+
+def _cfg(tmp_path, **overrides) -> TrainConfig:
+    base = {
+        "tasks": ("alpha", "beta"),
+        "backbone": tiny_config(),
+        "epochs": 2,
+        "batch_size": 16,
+        "lr": 0.05,
+        "warmup_steps": 2,
+        "out": str(tmp_path / "run"),
+        "seed": 3,
+    }
+    return TrainConfig(**{**base, **overrides})
+
+
+def _data():
+    return [synthetic_task("alpha", 3, seed=1), synthetic_task("beta", 4, seed=2)]
+
+
+class StopAt(TrainObserver):
+    """Presses Ctrl-C after a given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, info) -> None:
+        if info.step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    assert lr_at(0, 100, 0.1, 10) == pytest.approx(0.01)
+    assert lr_at(9, 100, 0.1, 10) == pytest.approx(0.1)
+    assert lr_at(55, 100, 0.1, 10) == pytest.approx(0.05)
+    assert lr_at(100, 100, 0.1, 10) == pytest.approx(0.0)
+
+
+def test_multitask_loss_sums_every_task_and_level(tiny_network):
+    x, y = torch.randn(4, 3, 12, 12), torch.tensor([0, 1, 2, 0])
+    total, per_task = multitask_loss(tiny_network, [(x, y), (x, y % 3)])
+    manual = sum(
+        torch.nn.functional.cross_entropy(tiny_network(x, t, lv), yt).item()
+        for t, yt in enumerate([y, y % 3])
+        for lv in range(1, 5)
+    )
+    assert total.item() == pytest.approx(manual, rel=1e-5)
+    assert len(per_task) == 2 and sum(per_task) == pytest.approx(manual, rel=1e-5)
+    weighted, _ = multitask_loss(tiny_network, [(x, y), (x, y % 3)], level_weights=[0, 0, 0, 1])
+    top_only = sum(
+        torch.nn.functional.cross_entropy(tiny_network(x, t, 4), yt).item() for t, yt in enumerate([y, y % 3])
+    )
+    assert weighted.item() == pytest.approx(top_only, rel=1e-5)
+    distilled, _ = multitask_loss(tiny_network, [(x, y), (x, y % 3)], distill=1.0)
+    assert distilled.item() > total.item()
+
+
+def test_training_lowers_the_loss_and_writes_every_file(tmp_path):
+    losses = []
+
+    class Record(TrainObserver):
+        def on_step(self, info):
+            losses.append(sum(info.task_losses.values()))
+
+    result = fit(_cfg(tmp_path, epochs=6), observer=Record(), data=_data())
+    assert sum(losses[-3:]) < sum(losses[:3])
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} == {
+        "model.safetensors",
+        "train_state.safetensors",
+        "metrics.jsonl",
+        "config.json",
+    }
+    meta = read_metadata(result.checkpoint)
+    assert [t["name"] for t in meta["tasks"]] == ["alpha", "beta"]
+    assert meta["tasks"][1]["classes"] == ["c0", "c1", "c2", "c3"]
+    assert meta["order_rule"] == "nearest" and meta["units"] == 4
+    training = meta["training"]
+    assert training["finished"] and training["steps"] == 6 * 4  # 72 train images / 16 = 4 steps per epoch
+    assert set(training["val_accuracy"]) == {"alpha", "beta"}
+    assert all(len(v) == 4 and all(0 <= a <= 1 for a in v) for v in training["val_accuracy"].values())
+    assert training["config"]["batch_size"] == 16
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    ckpt = load_checkpoint(result.checkpoint)
+    assert ckpt.network.layout.orders == ((0, 1, 2, 3), (3, 2, 1, 0))
+
+
+def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path):
+    straight = fit(_cfg(tmp_path / "a"), data=_data())
+    with pytest.raises(KeyboardInterrupt) as caught:
+        fit(_cfg(tmp_path / "b"), observer=StopAt(3), data=_data())  # mid-epoch (4 steps per epoch)
+    assert caught.value.result.interrupted and caught.value.result.summary["steps"] == 3
+    run_b = tmp_path / "b" / "run"
+    assert not [p for p in run_b.iterdir() if p.name.endswith(".tmp")]
+    assert load_checkpoint(run_b / "model.safetensors").training["steps"] == 3
+    resumed = fit(_cfg(tmp_path / "b"), resume=True, data=_data())
+    a = load_checkpoint(straight.checkpoint).network.state_dict()
+    b = load_checkpoint(resumed.checkpoint).network.state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_existing_run_needs_resume_or_force_and_resume_needs_a_run(tmp_path):
+    fit(_cfg(tmp_path, epochs=1), data=_data())
+    with pytest.raises(BadConfig, match="already holds a run; pass --resume"):
+        fit(_cfg(tmp_path, epochs=1), data=_data())
+    fit(_cfg(tmp_path, epochs=1), force=True, data=_data())
+    with pytest.raises(MissingData, match="nothing to resume"):
+        fit(_cfg(tmp_path / "other", epochs=1), resume=True, data=_data())
+    with pytest.raises(BadConfig, match="another configuration"):
+        fit(_cfg(tmp_path, epochs=1, lr=0.2), resume=True, data=_data())
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    fit(_cfg(tmp_path, epochs=1), data=_data())
+    good = (tmp_path / "run" / "model.safetensors").read_bytes()
+    with pytest.raises(DvnError, match="the loss became (nan|inf) at step"):
+        fit(_cfg(tmp_path, epochs=1, lr=1e30, warmup_steps=0), force=True, data=_data())
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == good
+    assert math.isfinite(load_checkpoint(tmp_path / "run" / "model.safetensors").training["steps"])
