@@ -44,9 +44,7 @@ def main() -> None:
     config = BackboneConfig(depth=args.depth, widths=widths, units=4, in_channels=3, input_size=args.size)
     tasks = [TaskSpec(name=f"task{t}", classes=tuple(str(c) for c in range(10))) for t in range(2)]
     network = build_network(config, tasks).train()
-    batches = [
-        (torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 10, (args.batch,))) for _ in tasks
-    ]
+    batches = [(torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 10, (args.batch,))) for _ in tasks]
     if args.channels_last:
         network = network.to(memory_format=torch.channels_last)
         batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
+from torch import nn
 
 from dvn_cli.config import BackboneConfig, TaskSpec
 from dvn_cli.network import DeepVirtualNetwork, build_network
+from dvn_cli.prepare import offline_data_status, prepare_offline_data
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Tiny tensors run fastest on one thread, and CI has two cores for everything.
 torch.set_num_threads(1)
@@ -71,3 +78,38 @@ def synthetic_task(name: str, num_classes: int = 3, n: int = 96, size: int = 12,
         labels[split:],
         augment="digits",
     )
+
+
+@pytest.fixture(scope="session")
+def real_data_root(tmp_path_factory) -> Path:
+    """A data root with MNIST and Fashion-MNIST: an already prepared one, else prepared now into a tmp root.
+
+    Fails (rather than skips) under CI when the data cannot be had.
+    """
+    for candidate in (os.environ.get("DVN_DATA_ROOT"), REPO / "data"):
+        if candidate and all(r["status"] == "ready" for r in offline_data_status(candidate)):
+            return Path(candidate)
+    root = tmp_path_factory.mktemp("data")
+    rows = prepare_offline_data(root)
+    missing = [f"{r['dataset']}: {r['detail']}" for r in rows if r["status"] == "missing"]
+    if missing:
+        message = "real data unavailable: " + "; ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return root
+
+
+def settle_batch_norm(network, steps: int = 3):
+    """Give every (task, level) batch norm non-trivial affine parameters and running statistics; eval mode."""
+    generator = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.uniform_(-0.2, 0.2, generator=generator)
+        network.train()
+        for _ in range(steps):
+            for task, level in all_task_levels(network):
+                network(torch.randn(8, 3, 12, 12, generator=generator) * 1.5 + 0.3, task, level)
+    return network.eval()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +26,6 @@ from dvn_cli.data import (
     task_string,
 )
 from dvn_cli.errors import BadConfig, DvnError, MissingData, UnknownTask
-from dvn_cli.prepare import offline_data_status, prepare_offline_data
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -462,26 +457,6 @@ def test_task_batches_smaller_than_a_batch(fake_dataset: str):
 
 
 # ---------------------------------------------------------------------------------------------- real data
-
-
-@pytest.fixture(scope="session")
-def real_data_root(tmp_path_factory) -> Path:
-    """A data root with MNIST and Fashion-MNIST: an already prepared one, else prepared now into a tmp root.
-
-    Fails (rather than skips) under CI when the data cannot be had.
-    """
-    for candidate in (os.environ.get("DVN_DATA_ROOT"), REPO / "data"):
-        if candidate and all(r["status"] == "ready" for r in offline_data_status(candidate)):
-            return Path(candidate)
-    root = tmp_path_factory.mktemp("data")
-    rows = prepare_offline_data(root)
-    missing = [f"{r['dataset']}: {r['detail']}" for r in rows if r["status"] == "missing"]
-    if missing:
-        message = "real data unavailable: " + "; ".join(missing)
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return root
 
 
 @pytest.mark.slow

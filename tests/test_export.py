@@ -31,8 +31,7 @@ from dvn_cli.export import (
 from dvn_cli.network import build_network
 from dvn_cli.prune import compact_spec, extract_plain, load_compact, save_compact
 
-from .conftest import tiny_config, tiny_tasks
-from .test_prune import settle_batch_norm
+from .conftest import settle_batch_norm, tiny_config, tiny_tasks
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MODEL_FIELDS = {

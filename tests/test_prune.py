@@ -22,22 +22,7 @@ from dvn_cli.prune import (
     sha256_file,
 )
 
-from .conftest import all_task_levels
-
-
-def settle_batch_norm(network, steps: int = 3):
-    """Give every (task, level) batch norm non-trivial affine parameters and running statistics; eval mode."""
-    generator = torch.Generator().manual_seed(123)
-    with torch.no_grad():
-        for module in network.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5, generator=generator)
-                module.bias.uniform_(-0.2, 0.2, generator=generator)
-        network.train()
-        for _ in range(steps):
-            for task, level in all_task_levels(network):
-                network(torch.randn(8, 3, 12, 12, generator=generator) * 1.5 + 0.3, task, level)
-    return network.eval()
+from .conftest import all_task_levels, settle_batch_norm
 
 
 @pytest.fixture(params=["tiny_network", "scrambled_network"])

@@ -130,12 +130,20 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a run already in --out.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="fp32, bf16 or fp16: autocast the training forward (fp16 scales gradients).")
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML file of these settings.")] = None,
 ) -> None:
-    """Train one DVN on several tasks; writes the checkpoint, training state and metrics into --out."""
+    """Train one DVN on several tasks; writes the checkpoint, training state and metrics into --out.
+
+    Under torchrun (torchrun --nproc_per_node N -m dvn_cli train ...) it trains data-parallel: --batch-size
+    stays the global batch per task, each process takes its share, and only rank 0 writes and prints.
+    """
     from . import ui
     from .data import default_data_root
-    from .train import fit
+    from .distributed import detect_env
+    from .train import TrainObserver, fit, resolve_device
 
     flags = {
         "tasks": tasks,
@@ -158,6 +166,7 @@ def train(
         "download": download,
         "out": out,
         "device": device,
+        "precision": precision,
     }
     backbone_flags = {
         "arch": arch,
@@ -169,27 +178,50 @@ def train(
         "stem_stride": stem_stride,
     }
     with user_errors():
+        main_rank = detect_env().is_main
+    # Under torchrun every rank does the same work; only rank 0 shows progress, results and errors.
+    with user_errors() if main_rank else _quiet_errors():
         if flags["data_root"] is None:
             flags["data_root"] = default_data_root()
         cfg = _train_config(config, flags, backbone_flags)
-        progress = ui.TrainProgress()
+        if main_rank and cfg.precision == "fp16" and resolve_device(cfg.device).type == "cpu":
+            ui.print_note("note: fp16 on CPU has no fast kernels (10x slower than fp32 where measured); use bf16")
+        progress = ui.TrainProgress() if main_rank else TrainObserver()
         try:
             result = fit(cfg, resume=resume, force=force, observer=progress)
         except KeyboardInterrupt as interrupt:
-            progress.close()
+            _close(progress)
             saved = getattr(interrupt, "result", None)
             where = f"; checkpoint of step {saved.summary['steps']} saved in {cfg.out}" if saved else ""
-            ui.print_error(f"interrupted{where}; continue with --resume")
+            if main_rank:
+                ui.print_error(f"interrupted{where}; continue with --resume")
             raise typer.Exit(130) from None
         finally:
-            progress.close()
-        summary = result.summary
-        ui.accuracy_table(
-            summary["val_accuracy"],
-            f"validation accuracy, task x level ({summary['steps']} steps, {summary['seconds']:.0f} s, "
-            f"{summary['images_per_second']:,.0f} img/s)",
-        )
-        ui.print_note(f"checkpoint: {result.checkpoint}")
+            _close(progress)
+    if not main_rank:
+        return
+    summary = result.summary
+    ui.accuracy_table(
+        summary["val_accuracy"],
+        f"validation accuracy, task x level ({summary['steps']} steps, {summary['seconds']:.0f} s, "
+        f"{summary['images_per_second']:,.0f} img/s)",
+    )
+    ui.print_note(f"checkpoint: {result.checkpoint}")
+
+
+@contextlib.contextmanager
+def _quiet_errors() -> Iterator[None]:
+    """A rank other than 0 ends on a library error with exit code 1 and no message: rank 0 prints it."""
+    try:
+        yield
+    except DvnError:
+        raise typer.Exit(1) from None
+
+
+def _close(progress: Any) -> None:
+    close = getattr(progress, "close", None)
+    if close is not None:
+        close()
 
 
 # -------------------------------------------------------------------------------------------------- data

@@ -7,7 +7,10 @@ from typing import Any
 
 from .errors import BadConfig
 
-__all__ = ["BackboneConfig", "TaskSpec", "TrainConfig", "from_dict"]
+__all__ = ["PRECISIONS", "BackboneConfig", "TaskSpec", "TrainConfig", "from_dict"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""Training precisions: float32, or autocast to bfloat16 / float16 (float16 with gradient scaling)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class TrainConfig:
     augment: bool = True
     channels_last: bool = True
     device: str = "cpu"
+    precision: str = "fp32"
     out: str = "runs/dvn"
 
     def __post_init__(self) -> None:
@@ -115,11 +119,14 @@ class TrainConfig:
             object.__setattr__(self, "level_weights", tuple(float(w) for w in self.level_weights))
         if not self.tasks:
             raise BadConfig("no tasks given; pass --tasks a,b")
-        dupes = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        names = [t.partition("=")[0].strip() for t in self.tasks]  # "name" or "name=path/to/folder"
+        dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise BadConfig(f"task listed twice: {', '.join(dupes)}")
         if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
             raise BadConfig("epochs, batch size and learning rate must be positive")
+        if self.precision not in PRECISIONS:
+            raise BadConfig(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
         if self.level_weights is not None and len(self.level_weights) != self.backbone.units:
             raise BadConfig(f"{len(self.level_weights)} level weights given for k={self.backbone.units} levels")
 

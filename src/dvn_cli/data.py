@@ -55,6 +55,7 @@ _CHUNK = 4096  # images converted per float step, to bound memory
 AUGMENT_POLICIES: dict[str, tuple[int, bool]] = {
     "none": (0, False),
     "digits": (2, False),  # random translation by up to 2 pixels, never flipped (a flipped 2 is no 2)
+    "clothes": (2, True),  # translation by up to 2 pixels and mirroring: a mirrored shirt is still a shirt
     "natural": (4, True),  # pad 4 + random crop + horizontal flip, the CIFAR recipe
 }
 """Augmentation policy name -> (padding of the random crop, horizontal flip)."""
@@ -249,7 +250,7 @@ _OFFLINE_HINT = "run 'dvn data prepare' (works offline) or pass --download"
 _SVHN_HINT = "pass --download to fetch train_32x32.mat and test_32x32.mat"
 for _name, _cls, _split, _channels, _size, _augment, _folder, _hint in (
     ("mnist", "MNIST", "train", 1, 28, "digits", "MNIST/raw", _OFFLINE_HINT),
-    ("fashion-mnist", "FashionMNIST", "train", 1, 28, "digits", "FashionMNIST/raw", _OFFLINE_HINT),
+    ("fashion-mnist", "FashionMNIST", "train", 1, 28, "clothes", "FashionMNIST/raw", _OFFLINE_HINT),
     ("kmnist", "KMNIST", "train", 1, 28, "digits", "KMNIST/raw", None),
     ("cifar10", "CIFAR10", "train", 3, 32, "natural", "cifar-10-batches-py", None),
     ("cifar100", "CIFAR100", "train", 3, 32, "natural", "cifar-100-python", None),

@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,17 @@ import torch.nn.functional as F
 from .checkpoint import STATE_FORMAT, load_checkpoint, read_dvn_file, save_checkpoint, write_atomic, write_dvn_file
 from .config import TrainConfig
 from .data import TaskBatches, TaskData, load_task
+from .distributed import (
+    DistEnv,
+    ShardedBatches,
+    agree,
+    all_reduce_gradients,
+    average_buffers,
+    broadcast_module,
+    detect_env,
+    init_distributed,
+    shutdown_distributed,
+)
 from .errors import BadConfig, DvnError, MissingData, WrongFileFormat
 from .evaluate import accuracy
 from .network import DeepVirtualNetwork, build_network
@@ -32,6 +44,7 @@ __all__ = [
     "load_tasks",
     "lr_at",
     "multitask_loss",
+    "resolve_precision",
     "validate",
 ]
 
@@ -207,19 +220,28 @@ def validate(network: DeepVirtualNetwork, data: list[TaskData], device: torch.de
     return result
 
 
-def _state_tensors(optimizer, streams: list[TaskBatches], names: list[str]) -> dict[str, torch.Tensor]:
+def _state_tensors(
+    network: DeepVirtualNetwork, optimizer, scaler, streams: list[TaskBatches], names: list[str]
+) -> dict[str, torch.Tensor]:
+    """Everything resume needs, the weights included (so the state file alone restarts the run)."""
     tensors = {"rng.torch": torch.get_rng_state()}
+    for name, value in network.state_dict().items():
+        tensors[f"model.{name}"] = value
     for i, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
                 tensors[f"optim.{i}.{key}"] = value
+    if scaler.is_enabled():
+        scaler_state = scaler.state_dict()
+        tensors["amp.scale"] = torch.tensor(scaler_state["scale"], dtype=torch.float64)
+        tensors["amp.growth_tracker"] = torch.tensor(scaler_state["_growth_tracker"], dtype=torch.int64)
     for name, stream in zip(names, streams, strict=True):
         for key, value in stream.state_dict().items():
             tensors[f"batches.{name}.{key}"] = torch.as_tensor(value)
     return tensors
 
 
-def _load_state_tensors(tensors, optimizer, streams: list[TaskBatches], names: list[str]) -> None:
+def _load_state_tensors(tensors, optimizer, scaler, streams: list[TaskBatches], names: list[str]) -> None:
     torch.set_rng_state(tensors["rng.torch"])
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -227,9 +249,100 @@ def _load_state_tensors(tensors, optimizer, streams: list[TaskBatches], names: l
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    if scaler.is_enabled() and "amp.scale" in tensors:
+        scaler.load_state_dict(
+            {
+                **scaler.state_dict(),
+                "scale": float(tensors["amp.scale"]),
+                "_growth_tracker": int(tensors["amp.growth_tracker"]),
+            }
+        )
     for name, stream in zip(names, streams, strict=True):
         prefix = f"batches.{name}."
         stream.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``--precision`` -> the autocast dtype of the training forward (None: plain float32)."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device``, refusing what the device cannot do.
+
+    Weights, optimizer state and checkpoints stay float32; only the training forward runs in the lower
+    precision. ``fp16`` adds gradient scaling. It runs on CPU too (PyTorch >= 2.3 autocasts float16 there), but
+    only GPUs gain speed from it; ``bf16`` is the CPU choice where the CPU has bfloat16 instructions.
+    """
+    if precision not in AUTOCAST_DTYPES:
+        raise BadConfig(f"unknown precision {precision!r}; use {', '.join(AUTOCAST_DTYPES)}")
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise BadConfig(f"this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16; use --precision fp16")
+    if dtype is not None and not torch.amp.is_autocast_available(device.type):
+        raise BadConfig(f"this PyTorch cannot autocast on {device.type}; use --precision fp32")
+    return dtype
+
+
+def _together(env: DistEnv, device: torch.device, work):
+    """Run ``work()`` on every rank; if it fails with a ``DvnError`` on any rank, every rank raises."""
+    try:
+        result, error = work(), None
+    except DvnError as exc:
+        result, error = None, exc
+    if env.distributed:
+        agree(error, device)
+    elif error is not None:
+        raise error
+    return result
+
+
+def _validate_ranks(network: DeepVirtualNetwork, data: list[TaskData], device: torch.device, env: DistEnv):
+    """``validate`` with each rank scoring a contiguous shard of every validation split; counts are summed."""
+    if not env.distributed:
+        return validate(network, data, device)
+    was_training = network.training
+    network.eval()
+    counts, sizes = [], []
+    for t, task_data in enumerate(data):
+        images, labels = task_data.split("val")
+        n = len(labels)
+        part = slice(env.rank * n // env.world_size, (env.rank + 1) * n // env.world_size)
+        shard_x, shard_y = images[part], labels[part]
+        for lv in range(1, network.units + 1):
+            forward = partial(network, task=t, level=lv)
+            acc = accuracy(forward, shard_x, shard_y, task_data.spec, device=device) if len(shard_y) else 0.0
+            counts.append(round(acc * len(shard_y)))
+            sizes.append(n)
+    total = torch.tensor(counts, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    network.train(was_training)
+    scores = iter(zip(total.tolist(), sizes, strict=True))
+    return {
+        d.spec.name: [round(c / n, 5) if n else float("nan") for c, n in (next(scores) for _ in range(network.units))]
+        for d in data
+    }
+
+
+def _remove_stale_temporaries(paths: RunPaths) -> None:
+    """Delete the temporary files of writes that a killed run left behind (never a finished file)."""
+    for target in (paths.checkpoint, paths.state, paths.metrics, paths.config):
+        for tmp in paths.out.glob(f".{target.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def _prepare_run_folder(paths: RunPaths, resume: bool, force: bool, main: bool) -> None:
+    if paths.out.exists() and not paths.out.is_dir():
+        raise BadConfig(f"--out {paths.out} is a file, not a folder; choose another --out")
+    if resume and not paths.state.is_file():
+        raise MissingData(f"nothing to resume in {paths.out}: no {paths.state.name}; train without --resume")
+    holds_run = paths.checkpoint.exists() or paths.state.exists()
+    if not resume and not force and holds_run:
+        raise BadConfig(
+            f"{paths.out} already holds a run; pass --resume to continue it, --force to replace it, "
+            "or --out for a new folder"
+        )
+    if main and paths.out.is_dir():
+        _remove_stale_temporaries(paths)
 
 
 def fit(
@@ -244,58 +357,89 @@ def fit(
 
     A checkpoint and training state are written atomically at the end of every epoch and on Ctrl-C
     (``KeyboardInterrupt`` then propagates, with ``TrainResult`` on the exception as ``result``). ``resume``
-    continues from them and reaches the same weights as an uninterrupted run with the same seed.
+    continues from the training state (which holds the weights too) and reaches the same weights as an
+    uninterrupted run with the same seed. A run killed at any moment resumes from its last epoch end (or
+    Ctrl-C); ``force`` replaces an existing run's files at the first epoch end.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) this trains data-parallel (see ``distributed``): each rank takes its
+    slice of every global batch of ``cfg.batch_size`` images per task, gradients are averaged over ranks after
+    every backward, only rank 0 writes files and calls ``observer``, and every rank returns the same summary.
 
     Args:
         cfg: the run's configuration.
         resume: continue the run in ``cfg.out``.
         force: start afresh even where ``cfg.out`` already holds a run.
-        observer: progress hooks.
+        observer: progress hooks (rank 0 only).
         data: pre-loaded task data (tests); loaded from ``cfg`` when None.
     """
-    observer = observer or TrainObserver()
+    env = detect_env()
+    device, started = init_distributed(env, resolve_device(cfg.device))
+    try:
+        return _fit(cfg, env, device, resume, force, observer or TrainObserver(), data)
+    finally:
+        shutdown_distributed(started)
+
+
+def _fit(
+    cfg: TrainConfig,
+    env: DistEnv,
+    device: torch.device,
+    resume: bool,
+    force: bool,
+    observer: TrainObserver,
+    data: list[TaskData] | None,
+) -> TrainResult:
     paths = RunPaths(Path(cfg.out))
-    device = resolve_device(cfg.device)
-    data = data if data is not None else load_tasks(cfg)
-    if resume and not paths.state.is_file():
-        raise MissingData(f"nothing to resume in {paths.out}: no {paths.state.name}; train without --resume")
-    if not resume and not force and paths.checkpoint.exists():
-        raise BadConfig(
-            f"{paths.out} already holds a run; pass --resume to continue it, --force to replace it, "
-            "or --out for a new folder"
-        )
+    main = env.is_main
+    amp_dtype = resolve_precision(cfg.precision, device)
+    if data is None:
+        data = _together(env, device, lambda: load_tasks(cfg))
+    _together(env, device, lambda: _prepare_run_folder(paths, resume, force, main))
 
     torch.manual_seed(cfg.seed)
     network = build_network(cfg.backbone, [d.spec for d in data], cfg.order_rule, cfg.order_table).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     network = network.to(memory_format=memory_format)  # ~15% faster convolutions on CPU
     optimizer = make_optimizer(network, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     names = [d.spec.name for d in data]
     streams = [
         TaskBatches(d, cfg.batch_size, seed=cfg.seed, task_index=i, augment=cfg.augment) for i, d in enumerate(data)
     ]
+    feeds = [ShardedBatches(s, env) for s in streams] if env.distributed else streams
     steps_per_epoch = max(s.batches_per_epoch for s in streams)
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     step, history, seconds = 0, [], 0.0
     result: TrainResult | None = None
 
-    if resume:
+    def load_resume_state() -> tuple[int, list, float]:
         state_tensors, state_meta = read_dvn_file(paths.state, (STATE_FORMAT,))
-        ckpt = load_checkpoint(paths.checkpoint)
-        if state_meta["config"] != _comparable(cfg):
+        if not _same_config(state_meta.get("config", {}), cfg):
             raise BadConfig(
                 f"{paths.state} was written by a run with another configuration; resume with the "
                 "same flags or config file"
             )
-        if ckpt.training.get("steps") != state_meta["step"]:
-            raise WrongFileFormat(f"{paths.checkpoint} and {paths.state} are from different steps; cannot resume")
-        network.load_state_dict(ckpt.network.state_dict())
-        _load_state_tensors(state_tensors, optimizer, streams, names)
-        step, history, seconds = state_meta["step"], state_meta["history"], state_meta["seconds"]
-    else:
+        weights = {k[len("model.") :]: v for k, v in state_tensors.items() if k.startswith("model.")}
+        if not weights:  # a state file of an older dvn: the weights are in the checkpoint
+            ckpt = load_checkpoint(paths.checkpoint)
+            if ckpt.training.get("steps") != state_meta["step"]:
+                raise WrongFileFormat(f"{paths.checkpoint} and {paths.state} are from different steps; cannot resume")
+            weights = ckpt.network.state_dict()
+        try:
+            network.load_state_dict(weights)
+            _load_state_tensors(state_tensors, optimizer, scaler, streams, names)
+            return state_meta["step"], state_meta["history"], state_meta["seconds"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise WrongFileFormat(f"{paths.state} does not match this run ({first}); cannot resume") from None
+
+    if resume:
+        step, history, seconds = _together(env, device, load_resume_state)
+    elif main:  # a replaced run's files stay until this run's first epoch end rewrites them
         paths.out.mkdir(parents=True, exist_ok=True)
-        paths.metrics.unlink(missing_ok=True)
-    write_atomic(paths.config, json.dumps(cfg.to_dict(), indent=2).encode())
+    broadcast_module(network)  # every rank starts from rank 0's weights, as DDP does
+    if main:
+        write_atomic(paths.config, json.dumps(cfg.to_dict(), indent=2).encode())
 
     def save(interrupted: bool) -> TrainResult:
         summary = {
@@ -308,71 +452,108 @@ def fit(
             "data": [d.summary() for d in data],
             "config": cfg.to_dict(),
             "finished": step >= total_steps,
+            "world_size": env.world_size,
+            "device": device.type,
         }
-        save_checkpoint(network, paths.checkpoint, summary)
+        if not main:
+            return TrainResult(paths.checkpoint, paths.state, summary, interrupted)
         state_meta = {"step": step, "history": history, "seconds": seconds, "config": _comparable(cfg)}
-        write_dvn_file(paths.state, _state_tensors(optimizer, streams, names), STATE_FORMAT, state_meta)
+        try:  # checkpoint, then state, then metrics: a kill between them leaves a state that resumes
+            save_checkpoint(network, paths.checkpoint, summary)
+            state_tensors = _state_tensors(network, optimizer, scaler, streams, names)
+            write_dvn_file(paths.state, state_tensors, STATE_FORMAT, state_meta)
+            write_atomic(paths.metrics, "".join(json.dumps(h) + "\n" for h in history).encode())
+        except OSError as exc:
+            raise DvnError(
+                f"cannot write the run into {paths.out} ({exc.strerror or exc}) at step {step}; "
+                "its files from the last save are kept"
+            ) from None
         return TrainResult(paths.checkpoint, paths.state, summary, interrupted)
 
-    observer.on_start(total_steps, step, data)
+    if main:
+        observer.on_start(total_steps, step, data)
     network.train()
     weights = list(cfg.level_weights) if cfg.level_weights else None
+    params = list(network.parameters())
     epoch_start, epoch_losses = time.perf_counter(), dict.fromkeys(names, 0.0)
     try:
         while step < total_steps:
             tick = time.perf_counter()
             batches = [
                 (x.to(device, memory_format=memory_format, non_blocking=True), y.to(device))
-                for x, y in (next(s) for s in streams)
+                for x, y in (next(f) for f in feeds)
             ]
             lr = lr_at(step, total_steps, cfg.lr, cfg.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            loss, task_losses = multitask_loss(network, batches, weights, cfg.distill, cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise DvnError(
-                    f"the loss became {float(loss)} at step {step + 1}; stopped, and the last good "
-                    f"checkpoint is kept in {paths.out}; try a lower --lr"
-                )
-            loss.backward()
-            optimizer.step()
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss, task_losses = multitask_loss(network, batches, weights, cfg.distill, cfg.label_smoothing)
+            if not env.distributed:
+                _check_finite(float(loss.detach()), step, paths)
+            scaler.scale(loss).backward()
+            if env.distributed:  # one flat all-reduce: averaged gradients and the global batch's task losses
+                task_losses = all_reduce_gradients(params, torch.tensor(task_losses)).tolist()
+                _check_finite(sum(task_losses), step, paths)
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             elapsed = time.perf_counter() - tick
             seconds += elapsed
             for n, value in zip(names, task_losses, strict=True):
                 epoch_losses[n] += value
-            observer.on_step(
-                StepInfo(
-                    step,
-                    total_steps,
-                    step / steps_per_epoch,
-                    dict(zip(names, task_losses, strict=True)),
-                    sum(len(y) for _, y in batches) / max(elapsed, 1e-9),
-                    lr,
+            if main:
+                observer.on_step(
+                    StepInfo(
+                        step,
+                        total_steps,
+                        step / steps_per_epoch,
+                        dict(zip(names, task_losses, strict=True)),
+                        env.world_size * sum(len(y) for _, y in batches) / max(elapsed, 1e-9),
+                        lr,
+                    )
                 )
-            )
             if step % steps_per_epoch == 0 or step == total_steps:
+                average_buffers(network)  # batch-norm statistics: per rank while training, averaged here
                 done = step % steps_per_epoch or steps_per_epoch
                 info = EpochInfo(
                     epoch=math.ceil(step / steps_per_epoch),
                     step=step,
-                    val_accuracy=validate(network, data, device),
+                    val_accuracy=_validate_ranks(network, data, device, env),
                     train_loss={n: round(v / done, 5) for n, v in epoch_losses.items()},
                     seconds=round(time.perf_counter() - epoch_start, 1),
                 )
                 history.append(info.to_dict())
-                with paths.metrics.open("a") as f:
-                    f.write(json.dumps(info.to_dict()) + "\n")
-                result = save(interrupted=False)
-                observer.on_epoch(info)
+                result = _together(env, device, lambda: save(interrupted=False))
+                if main:
+                    observer.on_epoch(info)
                 epoch_start, epoch_losses = time.perf_counter(), dict.fromkeys(names, 0.0)
     except KeyboardInterrupt as interrupt:
-        interrupt.result = save(interrupted=True)
+        interrupt.result = save(interrupted=True)  # no collective: the other ranks may be gone
         raise
-    return result if result is not None else save(interrupted=False)
+    return result if result is not None else _together(env, device, lambda: save(interrupted=False))
+
+
+def _check_finite(loss: float, step: int, paths: RunPaths) -> None:
+    if not math.isfinite(loss):
+        raise DvnError(
+            f"the loss became {loss} at step {step + 1}; stopped, and the last good "
+            f"checkpoint is kept in {paths.out}; try a lower --lr"
+        )
+
+
+_NOT_COMPARED = ("out", "device", "data_root", "precision")
+"""Config fields that may change on ``--resume``: where files live and how (not what) the run computes."""
 
 
 def _comparable(cfg: TrainConfig) -> dict[str, Any]:
-    """The parts of a config that must match for ``--resume`` (not where files live or which device runs)."""
-    return {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in ("out", "device", "data_root")}
+    """The parts of a config that must match for ``--resume``."""
+    return {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in _NOT_COMPARED}
+
+
+def _same_config(saved: dict[str, Any], cfg: TrainConfig) -> bool:
+    """Whether a saved config equals ``cfg``'s; a field newer than the saved file must hold its default."""
+    current = _comparable(cfg)
+    defaults = _comparable(TrainConfig(tasks=cfg.tasks, backbone=cfg.backbone))
+    newer = {k for k in current if k not in saved and current[k] == defaults[k]}
+    return {k: v for k, v in current.items() if k not in newer} == saved
