@@ -1,4 +1,5 @@
-"""Time one training step over all levels of a 2-task, k = 4 DVN: gather path against masked path.
+"""Time one training step over all levels of a 2-task, k = 4 DVN: gather path, masked path, and the same
+(task, level) models trained as independent plain networks (one per task and width l/k).
 
     .venv/bin/python benchmarks/train_step.py [--rounds 8] [--batch 64] [--size 32] [--channels-last]
 
@@ -14,9 +15,32 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from dvn_cli import BackboneConfig, TaskSpec, build_network
+from dvn_cli.prune import PlainNetwork, plain_config
 from dvn_cli.train import multitask_loss
+
+
+def make_independent_step(config, tasks, batches, channels_last):
+    """One step of every independent plain network: task t at width l/k, trained alone."""
+    nets = [
+        (PlainNetwork(plain_config(config, level), task.num_classes), t)
+        for t, task in enumerate(tasks)
+        for level in range(1, config.units + 1)
+    ]
+    if channels_last:
+        nets = [(net.to(memory_format=torch.channels_last), t) for net, t in nets]
+    params = [p for net, _ in nets for p in net.parameters()]
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = sum(F.cross_entropy(net.train()(batches[t][0]), batches[t][1]) for net, t in nets)
+        loss.backward()
+        optimizer.step()
+
+    return step
 
 
 def make_step(network, optimizer, batches, masked):
@@ -50,6 +74,7 @@ def main() -> None:
         batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
     optimizer = torch.optim.SGD(network.parameters(), lr=1e-3, momentum=0.9)
     steps = {mode: make_step(network, optimizer, batches, mode == "masked") for mode in ("gather", "masked")}
+    steps["independent"] = make_independent_step(config, tasks, batches, args.channels_last)
 
     for step in steps.values():  # warm-up
         step()
@@ -74,7 +99,10 @@ def main() -> None:
     )
     print(f"gather step: {gather * 1000:8.1f} ms  ({images / gather:7.1f} images/s over all levels)")
     print(f"masked step: {masked * 1000:8.1f} ms  ({images / masked:7.1f} images/s over all levels)")
+    independent = statistics.median(times["independent"])
+    print(f"independent step: {independent * 1000:8.1f} ms  ({images / independent:7.1f} images/s, 8 plain networks)")
     print(f"speed-up gather/masked: {masked / gather:.2f}x  (ideal by MAC count: {ideal:.2f}x)")
+    print(f"gather / independent time: {gather / independent:.2f}  (same MACs; 1.00 = no overhead for sharing)")
 
 
 if __name__ == "__main__":

@@ -190,14 +190,14 @@ def train(
         try:
             result = fit(cfg, resume=resume, force=force, observer=progress)
         except KeyboardInterrupt as interrupt:
-            _close(progress)
+            progress.close()
             saved = getattr(interrupt, "result", None)
             where = f"; checkpoint of step {saved.summary['steps']} saved in {cfg.out}" if saved else ""
             if main_rank:
                 ui.print_error(f"interrupted{where}; continue with --resume")
             raise typer.Exit(130) from None
         finally:
-            _close(progress)
+            progress.close()
     if not main_rank:
         return
     summary = result.summary
@@ -216,12 +216,6 @@ def _quiet_errors() -> Iterator[None]:
         yield
     except DvnError:
         raise typer.Exit(1) from None
-
-
-def _close(progress: Any) -> None:
-    close = getattr(progress, "close", None)
-    if close is not None:
-        close()
 
 
 # -------------------------------------------------------------------------------------------------- data

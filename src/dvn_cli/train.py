@@ -5,6 +5,7 @@ loss = sum_t sum_l lambda_l * CE(f(x_t; t, l), y_t)  [+ distill * KL(top level |
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -152,6 +153,9 @@ class TrainObserver:
     def on_step(self, info: StepInfo) -> None: ...
 
     def on_epoch(self, info: EpochInfo) -> None: ...
+
+    def close(self) -> None:
+        """Training ended (finished, failed or interrupted)."""
 
 
 @dataclass
@@ -394,6 +398,8 @@ def _fit(
     amp_dtype = resolve_precision(cfg.precision, device)
     if data is None:
         data = _together(env, device, lambda: load_tasks(cfg))
+    if not cfg.augment:  # so that what is reported is what runs
+        data = [dataclasses.replace(d, augment="none") for d in data]
     _together(env, device, lambda: _prepare_run_folder(paths, resume, force, main))
 
     torch.manual_seed(cfg.seed)
@@ -404,7 +410,7 @@ def _fit(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     names = [d.spec.name for d in data]
     streams = [
-        TaskBatches(d, cfg.batch_size, seed=cfg.seed, task_index=i, augment=cfg.augment) for i, d in enumerate(data)
+        TaskBatches(d, cfg.batch_size, seed=cfg.seed, task_index=i) for i, d in enumerate(data)
     ]
     feeds = [ShardedBatches(s, env) for s in streams] if env.distributed else streams
     steps_per_epoch = max(s.batches_per_epoch for s in streams)
