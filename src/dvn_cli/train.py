@@ -409,9 +409,7 @@ def _fit(
     optimizer = make_optimizer(network, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     names = [d.spec.name for d in data]
-    streams = [
-        TaskBatches(d, cfg.batch_size, seed=cfg.seed, task_index=i) for i, d in enumerate(data)
-    ]
+    streams = [TaskBatches(d, cfg.batch_size, seed=cfg.seed, task_index=i) for i, d in enumerate(data)]
     feeds = [ShardedBatches(s, env) for s in streams] if env.distributed else streams
     steps_per_epoch = max(s.batches_per_epoch for s in streams)
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
