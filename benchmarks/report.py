@@ -73,6 +73,7 @@ def main() -> None:
 
     if args.plot:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -92,6 +93,7 @@ def main() -> None:
                 xs, ys, es = zip(*pts, strict=True)
                 ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_title(task)
             ax.set_xlabel("parameters of the (task, level) model")
             ax.set_ylabel("test top-1 (%)")

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--widths", default="32,64,128")
     parser.add_argument("--units", type=int, default=4)
     parser.add_argument("--methods", default="dvn,independent,nested,shared")
+    parser.add_argument("--augment", action="store_true", help="augment training images (off: short schedules)")
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--out", type=Path, default=Path("docs/results.json"))
     args = parser.parse_args()
@@ -73,6 +75,7 @@ def main() -> None:
         limit=args.limit,
         data_root=args.data_root,
         warmup_steps=50,
+        augment=args.augment,
         out=tempfile.mkdtemp(),
     )
     runs = []
@@ -131,8 +134,7 @@ def main() -> None:
     args.out.write_text(
         json.dumps(
             {
-                "command": "benchmarks/reproduce.py "
-                + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+                "command": " ".join(["benchmarks/reproduce.py", *sys.argv[1:]]),
                 "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                 "backbone": dataclasses.asdict(backbone),
                 "runs": runs,
