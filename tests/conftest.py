@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from dvn_cli.config import BackboneConfig, TaskSpec
@@ -113,3 +115,40 @@ def settle_batch_norm(network, steps: int = 3):
             for task, level in all_task_levels(network):
                 network(torch.randn(8, 3, 12, 12, generator=generator) * 1.5 + 0.3, task, level)
     return network.eval()
+
+
+def make_image_folder(root: Path, classes=("red", "green", "blue"), per_class: int = 12, size: int = 16, seed: int = 0):
+    """A learnable image folder: class c brightens its own band of channel c."""
+    rng = random.Random(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = Image.new("RGB", (size, size), tuple(rng.randrange(60) for _ in range(3)))
+            for x in range(size):
+                for y in range(size // 3 * (c % 3), size // 3 * (c % 3 + 1)):
+                    px = list(img.getpixel((x, y)))
+                    px[c % 3] = 200 + rng.randrange(55)
+                    img.putpixel((x, y), tuple(px))
+            img.save(root / name / f"{i}.png")
+    return root
+
+
+def tiny_train_config(tmp_path, **overrides):
+    """A TrainConfig for the two synthetic tasks of ``two_synthetic_tasks`` on the tiny backbone."""
+    from dvn_cli.config import TrainConfig
+
+    base = {
+        "tasks": ("alpha", "beta"),
+        "backbone": tiny_config(),
+        "epochs": 2,
+        "batch_size": 16,
+        "lr": 0.05,
+        "warmup_steps": 2,
+        "out": str(tmp_path / "run"),
+        "seed": 3,
+    }
+    return TrainConfig(**{**base, **overrides})
+
+
+def two_synthetic_tasks():
+    return [synthetic_task("alpha", 3, seed=1), synthetic_task("beta", 4, seed=2)]

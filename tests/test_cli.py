@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from dvn_cli.cli import app
+
+from .conftest import make_image_folder
 
 runner = CliRunner()
 
@@ -16,28 +17,10 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def make_image_folder(root, classes=("red", "green", "blue"), per_class=16, size=16):
-    """Class c has a bright band in channel c: learnable in a few steps."""
-    import random
-
-    rng = random.Random(0)
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            img = Image.new("RGB", (size, size), tuple(rng.randrange(60) for _ in range(3)))
-            for x in range(size):
-                for y in range(size // 3 * (c % 3), size // 3 * (c % 3 + 1)):
-                    px = list(img.getpixel((x, y)))
-                    px[c % 3] = 200 + rng.randrange(55)
-                    img.putpixel((x, y), tuple(px))
-            img.save(root / name / f"{i}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("cli")
-    colours = make_image_folder(base / "colours")
+    colours = make_image_folder(base / "colours", per_class=16)
     bands = make_image_folder(base / "bands", classes=("top", "middle"), per_class=12)
     out = base / "run"
     result = invoke(

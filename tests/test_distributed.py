@@ -31,8 +31,7 @@ from dvn_cli.distributed import DistEnv, PeerFailed, ShardedBatches, detect_env
 from dvn_cli.errors import BadConfig, DvnError
 from dvn_cli.train import TrainObserver, fit, resolve_precision
 
-from .conftest import synthetic_task, tiny_config
-from .test_faults import REPO, make_folder
+from .conftest import REPO, make_image_folder, synthetic_task, tiny_config, tiny_train_config, two_synthetic_tasks
 
 VENV_BIN = Path(sys.executable).parent
 TOLERANCE_WEIGHTS = 0.05  # relative L2 difference of all weights, 2 processes vs 1 (measured 0.008)
@@ -153,8 +152,8 @@ def _epoch_losses(run: Path) -> list[float]:
 
 
 def test_torchrun_two_processes_match_one_process_within_tolerance(tmp_path):
-    make_folder(tmp_path / "colours", ("red", "green", "blue"), per_class=16)
-    make_folder(tmp_path / "bands", ("top", "middle"), per_class=12)
+    make_image_folder(tmp_path / "colours", ("red", "green", "blue"), per_class=16)
+    make_image_folder(tmp_path / "bands", ("top", "middle"), per_class=12)
     one, two = tmp_path / "one", tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "dvn_cli"]
@@ -188,21 +187,7 @@ def test_torchrun_two_processes_match_one_process_within_tolerance(tmp_path):
 
 
 def _cfg(tmp_path: Path, **overrides) -> TrainConfig:
-    base = {
-        "tasks": ("alpha", "beta"),
-        "backbone": tiny_config(),
-        "epochs": 4,
-        "batch_size": 16,
-        "lr": 0.05,
-        "warmup_steps": 2,
-        "out": str(tmp_path / "run"),
-        "seed": 3,
-    }
-    return TrainConfig(**{**base, **overrides})
-
-
-def _data():
-    return [synthetic_task("alpha", 3, seed=1), synthetic_task("beta", 4, seed=2)]
+    return tiny_train_config(tmp_path, **{"epochs": 4, **overrides})
 
 
 class RecordLosses(TrainObserver):
@@ -216,7 +201,7 @@ class RecordLosses(TrainObserver):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_autocast_on_cpu_lowers_the_loss_and_keeps_float32_weights(tmp_path, precision):
     record = RecordLosses()
-    result = fit(_cfg(tmp_path, precision=precision, epochs=6), observer=record, data=_data())
+    result = fit(_cfg(tmp_path, precision=precision, epochs=6), observer=record, data=two_synthetic_tasks())
     assert sum(record.losses[-3:]) < 0.8 * sum(record.losses[:3])
     state = load_checkpoint(result.checkpoint).network.state_dict()
     assert all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point())
@@ -229,14 +214,14 @@ def test_fp16_resume_restores_the_gradient_scaler(tmp_path):
             if info.step == 5:
                 raise KeyboardInterrupt
 
-    straight = fit(_cfg(tmp_path / "a", precision="fp16"), data=_data())
+    straight = fit(_cfg(tmp_path / "a", precision="fp16"), data=two_synthetic_tasks())
     with pytest.raises(KeyboardInterrupt):
-        fit(_cfg(tmp_path / "b", precision="fp16"), observer=StopAt(), data=_data())
+        fit(_cfg(tmp_path / "b", precision="fp16"), observer=StopAt(), data=two_synthetic_tasks())
     state = tmp_path / "b" / "run" / "train_state.safetensors"
     assert read_metadata(state)["step"] == 5
     with safe_open(str(state), framework="pt") as f:
         assert {"amp.scale", "amp.growth_tracker"} <= set(f.keys())
-    resumed = fit(_cfg(tmp_path / "b", precision="fp16"), resume=True, data=_data())
+    resumed = fit(_cfg(tmp_path / "b", precision="fp16"), resume=True, data=two_synthetic_tasks())
     a = load_checkpoint(straight.checkpoint).network.state_dict()
     b = load_checkpoint(resumed.checkpoint).network.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -249,16 +234,16 @@ def test_precision_may_change_on_resume_and_older_state_files_resume(tmp_path):
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(_cfg(tmp_path), observer=StopAt(), data=_data())
+        fit(_cfg(tmp_path), observer=StopAt(), data=two_synthetic_tasks())
     state = tmp_path / "run" / "train_state.safetensors"
     tensors, meta = read_dvn_file(state, (STATE_FORMAT,))
     assert "precision" not in meta["config"]  # how a run computes, like --device, may change on resume
     del meta["config"]["distill"]  # as a dvn from before a field existed wrote it: the default is assumed
     write_dvn_file(state, tensors, STATE_FORMAT, {k: v for k, v in meta.items() if k not in ("format", "version")})
-    result = fit(_cfg(tmp_path, precision="bf16"), resume=True, data=_data())
+    result = fit(_cfg(tmp_path, precision="bf16"), resume=True, data=two_synthetic_tasks())
     assert result.summary["finished"] and result.summary["config"]["precision"] == "bf16"
     with pytest.raises(BadConfig, match="another configuration"):
-        fit(_cfg(tmp_path, seed=4), resume=True, data=_data())
+        fit(_cfg(tmp_path, seed=4), resume=True, data=two_synthetic_tasks())
 
 
 def test_precision_is_checked_early_and_on_the_command_line(tmp_path):
@@ -269,7 +254,7 @@ def test_precision_is_checked_early_and_on_the_command_line(tmp_path):
     result = CliRunner().invoke(app, ["train", "--tasks", "mnist", "--precision", "half", "--data-root", str(tmp_path)])
     assert result.exit_code == 1
     assert result.stderr == "error: unknown precision 'half'; use fp32, bf16, fp16\n"
-    folder = make_folder(tmp_path / "colours", per_class=4)
+    folder = make_image_folder(tmp_path / "colours", per_class=4)
     fp16 = CliRunner().invoke(
         app,
         ["train", "--tasks", f"colours={folder}", "--precision", "fp16", "--epochs", "1", "--depth", "8",

@@ -26,7 +26,8 @@ from typer.testing import CliRunner
 
 from dvn_cli.checkpoint import load_checkpoint, read_metadata
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO, make_image_folder
+
 SRC = REPO / "src" / "dvn_cli"
 runner = CliRunner()
 
@@ -35,22 +36,6 @@ def invoke(*args):
     from dvn_cli.cli import app
 
     return runner.invoke(app, [str(a) for a in args])
-
-
-def make_folder(root: Path, classes=("red", "green", "blue"), per_class: int = 12, size: int = 16, seed: int = 0):
-    """A learnable image folder: class c brightens its own band of channel c."""
-    rng = random.Random(seed)
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = Image.new("RGB", (size, size), tuple(rng.randrange(60) for _ in range(3)))
-            for x in range(size):
-                for y in range(size // 3 * (c % 3), size // 3 * (c % 3 + 1)):
-                    px = list(img.getpixel((x, y)))
-                    px[c % 3] = 200 + rng.randrange(55)
-                    img.putpixel((x, y), tuple(px))
-            img.save(root / name / f"{i}.png")
-    return root
 
 
 def sha256(path: Path) -> str:
@@ -85,8 +70,8 @@ def _tiny_train_args(tasks: str, out: Path, data_root: Path, *extra) -> list[str
 def trained(tmp_path_factory):
     """A tiny trained run: (base folder, run folder, the train args that made it)."""
     base = tmp_path_factory.mktemp("faults")
-    make_folder(base / "colours")
-    make_folder(base / "bands", ("top", "middle"), per_class=10)
+    make_image_folder(base / "colours")
+    make_image_folder(base / "bands", ("top", "middle"), per_class=10)
     tasks = f"colours={base / 'colours'},bands={base / 'bands'}"
     args = _tiny_train_args(tasks, base / "run", base / "data", "--epochs", 1)
     result = invoke(*args)
@@ -156,8 +141,8 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
 
 
 def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(tmp_path):
-    make_folder(tmp_path / "colours")
-    make_folder(tmp_path / "bands", ("top", "middle"), per_class=10)
+    make_image_folder(tmp_path / "colours")
+    make_image_folder(tmp_path / "bands", ("top", "middle"), per_class=10)
     tasks = f"colours={tmp_path / 'colours'},bands={tmp_path / 'bands'}"
 
     def command(out: Path, *extra) -> list[str]:
@@ -306,12 +291,12 @@ def test_resume_refuses_a_broken_training_state_in_one_line(trained, tmp_path, k
 
 
 def _train_folder(tmp_path: Path, folder: Path, *extra):
-    tasks = f"pets={folder},colours={make_folder(tmp_path / 'colours', per_class=6)}"
+    tasks = f"pets={folder},colours={make_image_folder(tmp_path / 'colours', per_class=6)}"
     return invoke(*_tiny_train_args(tasks, tmp_path / "run", tmp_path / "data", "--epochs", 1, *extra))
 
 
 def test_folder_with_an_empty_class_is_refused(tmp_path):
-    folder = make_folder(tmp_path / "pets", ("cat", "dog"), per_class=6)
+    folder = make_image_folder(tmp_path / "pets", ("cat", "dog"), per_class=6)
     (folder / "fox").mkdir()
     one_error_line(_train_folder(tmp_path, folder), f"error: class folder {folder / 'fox'} has no readable images")
     (folder / "fox" / "notes.txt").write_text("not an image")
@@ -320,7 +305,7 @@ def test_folder_with_an_empty_class_is_refused(tmp_path):
 
 
 def test_folder_with_one_class_is_refused(tmp_path):
-    folder = make_folder(tmp_path / "pets", ("cat",), per_class=6)
+    folder = make_image_folder(tmp_path / "pets", ("cat",), per_class=6)
     one_error_line(_train_folder(tmp_path, folder), f"error: {folder} has only one class sub-folder ('cat')")
 
 
@@ -332,7 +317,7 @@ def test_missing_folder_and_folder_without_classes_are_refused(tmp_path):
 
 
 def test_unreadable_files_are_skipped_and_counted(tmp_path):
-    folder = make_folder(tmp_path / "pets", ("cat", "dog"), per_class=6)
+    folder = make_image_folder(tmp_path / "pets", ("cat", "dog"), per_class=6)
     (folder / "cat" / "notes.txt").write_text("not an image")
     (folder / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     (folder / "dog" / "empty.jpg").write_bytes(b"")
@@ -405,8 +390,8 @@ def test_out_of_range_budgets_and_unknown_tasks_are_one_line(trained, tmp_path, 
     ],
 )
 def test_bad_task_lists_are_one_line(tmp_path, tasks, message):
-    folder = make_folder(tmp_path / "f", per_class=2)
-    other = make_folder(tmp_path / "g", per_class=2)
+    folder = make_image_folder(tmp_path / "f", per_class=2)
+    other = make_image_folder(tmp_path / "g", per_class=2)
     result = invoke("train", "--tasks", tasks.format(folder=folder, other=other), "--data-root", tmp_path,
                     "--input-size", 16, "--input-channels", 3, "--out", tmp_path / "run")  # fmt: skip
     one_error_line(result, message)

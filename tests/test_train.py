@@ -6,29 +6,10 @@ import pytest
 import torch
 
 from dvn_cli.checkpoint import load_checkpoint, read_metadata
-from dvn_cli.config import TrainConfig
 from dvn_cli.errors import BadConfig, DvnError, MissingData
 from dvn_cli.train import TrainObserver, fit, lr_at, multitask_loss
 
-from .conftest import synthetic_task, tiny_config
-
-
-def _cfg(tmp_path, **overrides) -> TrainConfig:
-    base = {
-        "tasks": ("alpha", "beta"),
-        "backbone": tiny_config(),
-        "epochs": 2,
-        "batch_size": 16,
-        "lr": 0.05,
-        "warmup_steps": 2,
-        "out": str(tmp_path / "run"),
-        "seed": 3,
-    }
-    return TrainConfig(**{**base, **overrides})
-
-
-def _data():
-    return [synthetic_task("alpha", 3, seed=1), synthetic_task("beta", 4, seed=2)]
+from .conftest import tiny_train_config, two_synthetic_tasks
 
 
 class StopAt(TrainObserver):
@@ -75,7 +56,7 @@ def test_training_lowers_the_loss_and_writes_every_file(tmp_path):
         def on_step(self, info):
             losses.append(sum(info.task_losses.values()))
 
-    result = fit(_cfg(tmp_path, epochs=6), observer=Record(), data=_data())
+    result = fit(tiny_train_config(tmp_path, epochs=6), observer=Record(), data=two_synthetic_tasks())
     assert sum(losses[-3:]) < sum(losses[:3])
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} == {
@@ -100,14 +81,16 @@ def test_training_lowers_the_loss_and_writes_every_file(tmp_path):
 
 
 def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path):
-    straight = fit(_cfg(tmp_path / "a"), data=_data())
+    straight = fit(tiny_train_config(tmp_path / "a"), data=two_synthetic_tasks())
     with pytest.raises(KeyboardInterrupt) as caught:
-        fit(_cfg(tmp_path / "b"), observer=StopAt(3), data=_data())  # mid-epoch (4 steps per epoch)
+        fit(
+            tiny_train_config(tmp_path / "b"), observer=StopAt(3), data=two_synthetic_tasks()
+        )  # mid-epoch (4 steps per epoch)
     assert caught.value.result.interrupted and caught.value.result.summary["steps"] == 3
     run_b = tmp_path / "b" / "run"
     assert not [p for p in run_b.iterdir() if p.name.endswith(".tmp")]
     assert load_checkpoint(run_b / "model.safetensors").training["steps"] == 3
-    resumed = fit(_cfg(tmp_path / "b"), resume=True, data=_data())
+    resumed = fit(tiny_train_config(tmp_path / "b"), resume=True, data=two_synthetic_tasks())
     a = load_checkpoint(straight.checkpoint).network.state_dict()
     b = load_checkpoint(resumed.checkpoint).network.state_dict()
     for name in a:
@@ -115,20 +98,20 @@ def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_existing_run_needs_resume_or_force_and_resume_needs_a_run(tmp_path):
-    fit(_cfg(tmp_path, epochs=1), data=_data())
+    fit(tiny_train_config(tmp_path, epochs=1), data=two_synthetic_tasks())
     with pytest.raises(BadConfig, match="already holds a run; pass --resume"):
-        fit(_cfg(tmp_path, epochs=1), data=_data())
-    fit(_cfg(tmp_path, epochs=1), force=True, data=_data())
+        fit(tiny_train_config(tmp_path, epochs=1), data=two_synthetic_tasks())
+    fit(tiny_train_config(tmp_path, epochs=1), force=True, data=two_synthetic_tasks())
     with pytest.raises(MissingData, match="nothing to resume"):
-        fit(_cfg(tmp_path / "other", epochs=1), resume=True, data=_data())
+        fit(tiny_train_config(tmp_path / "other", epochs=1), resume=True, data=two_synthetic_tasks())
     with pytest.raises(BadConfig, match="another configuration"):
-        fit(_cfg(tmp_path, epochs=1, lr=0.2), resume=True, data=_data())
+        fit(tiny_train_config(tmp_path, epochs=1, lr=0.2), resume=True, data=two_synthetic_tasks())
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    fit(_cfg(tmp_path, epochs=1), data=_data())
+    fit(tiny_train_config(tmp_path, epochs=1), data=two_synthetic_tasks())
     good = (tmp_path / "run" / "model.safetensors").read_bytes()
     with pytest.raises(DvnError, match="the loss became (nan|inf) at step"):
-        fit(_cfg(tmp_path, epochs=1, lr=1e30, warmup_steps=0), force=True, data=_data())
+        fit(tiny_train_config(tmp_path, epochs=1, lr=1e30, warmup_steps=0), force=True, data=two_synthetic_tasks())
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == good
     assert math.isfinite(load_checkpoint(tmp_path / "run" / "model.safetensors").training["steps"])

@@ -16,6 +16,7 @@ import torch
 from .budgets import describe_budget, level_costs, parse_budget, resolve_budget
 from .checkpoint import Checkpoint
 from .config import BackboneConfig, TaskSpec
+from .cost import LevelCost
 from .data import iterate_split, load_task, task_string
 from .errors import BadBudget, BadConfig, UnknownTask
 from .prune import CompactModel
@@ -118,19 +119,37 @@ def evaluate_checkpoint(
         images, labels = load_split(spec, config, checkpoint.training, split, data_root, limit)
         for level in levels:
             forward = partial(network, task=t, level=level)
-            row = {
-                "task": spec.name,
-                "level": level,
-                "units": list(network.layout.level_units(t, level)),
-                **costs[level - 1].to_dict(),
-                "accuracy": round(accuracy(forward, images, labels, spec), 5),
-                "split": split,
-                "samples": len(labels),
-            }
-            if latency:
-                row |= latency_row(forward, config)
-            rows.append(row)
+            units = network.layout.level_units(t, level)
+            rows.append(
+                _row(forward, spec, level, units, costs[level - 1], images, labels, split, config if latency else None)
+            )
     return rows
+
+
+def _row(
+    forward: Forward,
+    spec: TaskSpec,
+    level: int,
+    units: tuple[int, ...],
+    cost: LevelCost,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    split: str,
+    latency_config: BackboneConfig | None,
+) -> dict:
+    """One evaluation row (DESIGN §4 schema); latency columns when ``latency_config`` is given."""
+    row = {
+        "task": spec.name,
+        "level": level,
+        "units": list(units),
+        **cost.to_dict(),
+        "accuracy": round(accuracy(forward, images, labels, spec), 5),
+        "split": split,
+        "samples": len(labels),
+    }
+    if latency_config is not None:
+        row |= latency_row(forward, latency_config)
+    return row
 
 
 def evaluate_compact(
@@ -162,18 +181,8 @@ def evaluate_compact(
             )
     training = {"config": {"val_fraction": spec.val_fraction, "seed": spec.seed}}
     images, labels = load_split(spec.task, spec.backbone, training, split, data_root, limit)
-    row = {
-        "task": name,
-        "level": spec.level,
-        "units": list(spec.units),
-        **spec.cost.to_dict(),
-        "accuracy": round(accuracy(compact.plain, images, labels, spec.task), 5),
-        "split": split,
-        "samples": len(labels),
-    }
-    if latency:
-        row |= latency_row(compact.plain, spec.backbone)
-    return [row]
+    latency_config = spec.backbone if latency else None
+    return [_row(compact.plain, spec.task, spec.level, spec.units, spec.cost, images, labels, split, latency_config)]
 
 
 def latency_row(forward: Forward, config: BackboneConfig) -> dict[str, float]:
