@@ -44,6 +44,7 @@ class DeepVirtualNetwork(nn.Module):
             raise BadConfig(f"duplicate task name(s): {', '.join(duplicates)}")
         self.config = config
         self.tasks = tuple(tasks)
+        self._index = {name: i for i, name in enumerate(names)}  # task name -> index, in task order
         self.order_rule = order_rule
         self.layout = UnitLayout(orders, config.units)
         if self.layout.num_tasks != len(self.tasks):
@@ -59,14 +60,14 @@ class DeepVirtualNetwork(nn.Module):
 
     @property
     def task_names(self) -> list[str]:
-        return [t.name for t in self.tasks]
+        return list(self._index)
 
     def task_index(self, task: int | str) -> int:
         """Index of a task given by name or index; unknown ones raise ``UnknownTask``."""
         if isinstance(task, str):
-            if task not in self.task_names:
-                raise UnknownTask(f"unknown task {task!r}; this network has: {', '.join(self.task_names)}")
-            return self.task_names.index(task)
+            if task not in self._index:
+                raise UnknownTask(f"unknown task {task!r}; this network has: {', '.join(self._index)}")
+            return self._index[task]
         self.layout.check(task, 1)
         return task
 
