@@ -108,7 +108,7 @@ def test_info_shows_orders_sizes_and_training(run_dir):
     assert len(described["levels"]) == 8 and described["training"]["finished"] is True
 
 
-def test_plan_counts_shared_units_once(run_dir):
+def test_plan_counts_shared_units_once(run_dir, tmp_path):
     _, checkpoint, _ = run_dir
     described = json.loads(invoke("info", "-c", checkpoint, "--json").stdout)
     top = {r["task"]: r["params_total"] for r in described["levels"] if r["level"] == 4}
@@ -122,6 +122,13 @@ def test_plan_counts_shared_units_once(run_dir):
     assert plan["memory_params"] <= min(plan["separate_params"], plan["budget_params"])
     table = invoke("plan", "-c", checkpoint, "--budget", "100%")
     assert "separate models would need" in table.stdout
+    bundle = tmp_path / "both.safetensors"
+    assert invoke("plan", "-c", checkpoint, "--budget", "100%", "--bundle", bundle).exit_code == 0
+    from dvn_cli.bundle import load_bundle, stored_params
+
+    loaded = load_bundle(bundle)
+    assert loaded.choices == plan["choices"] and stored_params(loaded) == plan["memory_params"]
+    assert loaded.plain("bands")(torch.zeros(2, 3, 16, 16)).shape == (2, 2)
     tiny = invoke("plan", "-c", checkpoint, "--budget", "100")
     assert tiny.exit_code == 1 and tiny.stderr.startswith("error: ")
 

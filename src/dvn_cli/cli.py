@@ -349,10 +349,15 @@ def plan(
     checkpoint: CheckpointOption = DEFAULT_CHECKPOINT,
     tasks: Annotated[str | None, typer.Option(help="Tasks that run at once (default: all).")] = None,
     weights: Annotated[str | None, typer.Option(help="Task weights, e.g. mnist=2,fashion-mnist=1.")] = None,
+    bundle: Annotated[
+        Path | None, typer.Option(help="Also write the chosen (task, level)s as one bundle file (shared units once).")
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Choose a level per task for tasks that run AT ONCE under one shared memory budget."""
     from . import ui
+    from .bundle import save_bundle
+    from .checkpoint import sha256_file
     from .plan import accuracy_from_training, plan_budget_params, plan_levels
 
     with user_errors():
@@ -364,11 +369,18 @@ def plan(
         if not accuracy:
             raise BadConfig(f"{checkpoint} has no validation accuracy to plan with; train it with dvn train")
         chosen = plan_levels(network, plan_budget_params(network, budget, names), names, accuracy, task_weights)
+        if bundle is not None:
+            try:
+                save_bundle(network, chosen.choices, bundle, sha256_file(checkpoint))
+            except OSError as exc:
+                raise DvnError(f"cannot write {bundle}: {exc.strerror or exc}") from None
     result = chosen.to_dict()
     if json_output:
         typer.echo(json.dumps(result))
         return
     ui.show_plan(result, budget)
+    if bundle is not None:
+        ui.print_note(f"bundle: {bundle} ({bundle.stat().st_size:,} bytes; load with dvn_cli.bundle.load_bundle)")
 
 
 def _parse_weights(text: str) -> dict[str, float]:

@@ -1,0 +1,271 @@
+"""Bundles: several (task, level)s that run at the same time in one file, every shared unit block stored once.
+
+A plan (``plan.plan_levels``) picks one level per task for tasks that run together on one device. Their virtual
+networks share the physical weights: level ``l`` of task ``t`` uses the unit-pair blocks ``W[out(u_o), in(u_i)]``
+with ``u_o, u_i`` in ``S = order_t[:l]`` (the stem, whose image input is never split, the row blocks
+``W[out(u_o), :]``). A ``dvn-bundle`` file (safetensors) stores the UNION of those blocks once each, plus each
+choice's private batch norms and head, so it holds exactly ``plan.shared_memory_params`` parameters (plus the
+batch-norm running statistics). ``Bundle.plain(task)`` assembles one choice back into an ordinary
+``prune.PlainNetwork`` that computes what ``network(x, task, level)`` computes in eval mode.
+
+Tensor names:
+
+- ``features.<conv>.weight.<uo>.<ui>``: one block of a split-input convolution (``features.<conv>.weight.<uo>``
+  for the stem);
+- ``features.<norm>.<task>.<key>``: the chosen level's batch norm of ``task`` (``weight``, ``bias``,
+  ``running_mean``, ``running_var``, ``num_batches_tracked``);
+- ``head.<task>.weight`` / ``head.<task>.bias``: the task's head sliced to its level.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import read_dvn_file, write_dvn_file
+from .config import BackboneConfig, TaskSpec, from_dict
+from .cost import LevelCost, level_cost
+from .errors import BadConfig, UnknownTask, WrongFileFormat
+from .layers import LevelBatchNorm2d, UnitConv2d
+from .network import DeepVirtualNetwork
+from .prune import PlainNetwork, plain_config
+from .units import unit_channels
+
+__all__ = ["BUNDLE_FORMAT", "Bundle", "bundle_tensors", "load_bundle", "save_bundle", "stored_params"]
+
+BUNDLE_FORMAT = "dvn-bundle"
+RUNNING_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+"""Batch-norm buffers: stored, but not parameters (as in ``cost.level_cost`` and ``plan.shared_memory_params``)."""
+NORM_KEYS = ("weight", "bias", *RUNNING_KEYS)
+
+
+def _block_key(conv: str, unit_out: int, unit_in: int | None) -> str:
+    return f"features.{conv}.weight.{unit_out}" + ("" if unit_in is None else f".{unit_in}")
+
+
+def _conv_blocks(units: list[int] | tuple[int, ...], split_input: bool) -> list[tuple[int, int | None]]:
+    """Blocks of one unit set, rows (output units) ascending, then columns (input units) ascending."""
+    ordered = sorted(units)
+    if not split_input:
+        return [(uo, None) for uo in ordered]
+    return [(uo, ui) for uo in ordered for ui in ordered]
+
+
+def _resolve_choices(network: DeepVirtualNetwork, choices: Mapping[str | int, int]) -> dict[int, int]:
+    if not choices:
+        raise BadConfig("a bundle needs at least one (task, level)")
+    resolved: dict[int, int] = {}
+    for task, level in choices.items():
+        t = network.task_index(task)
+        if t in resolved:
+            raise BadConfig(f"task {network.task_names[t]} chosen more than once; a bundle holds one level per task")
+        network.layout.check(t, int(level))
+        resolved[t] = int(level)
+    return resolved
+
+
+def bundle_tensors(network: DeepVirtualNetwork, choices: Mapping[str | int, int]) -> dict[str, torch.Tensor]:
+    """Every tensor of the bundle of ``choices``: shared conv blocks once, per-task batch norms and heads."""
+    resolved = _resolve_choices(network, choices)
+    layout, k = network.layout, network.units
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in network.features.named_modules():
+        if isinstance(module, UnitConv2d):
+            weight = module.weight.detach()
+            for t, level in resolved.items():
+                for uo, ui in _conv_blocks(layout.level_units(t, level), module.split_input):
+                    key = _block_key(name, uo, ui)
+                    if key in tensors:
+                        continue
+                    rows = unit_channels(module.out_channels, k, uo)
+                    block = weight[rows.start : rows.stop]
+                    if ui is not None:
+                        cols = unit_channels(module.in_channels, k, ui)
+                        block = block[:, cols.start : cols.stop]
+                    tensors[key] = block.contiguous().clone()
+        elif isinstance(module, LevelBatchNorm2d):
+            for t, level in resolved.items():
+                task_name = network.task_names[t]
+                for key, value in module.plain_state(t, level).items():
+                    tensors[f"features.{name}.{task_name}.{key}"] = value
+    for t, level in resolved.items():
+        task_name = network.task_names[t]
+        for key, value in network.heads[t].plain_state(t, level).items():
+            tensors[f"head.{task_name}.{key}"] = value
+    return tensors
+
+
+def save_bundle(
+    network: DeepVirtualNetwork, choices: Mapping[str | int, int], path: str | os.PathLike, source_sha256: str = ""
+) -> Path:
+    """Atomically write the chosen (task, level)s of ``network`` as one ``dvn-bundle`` safetensors file.
+
+    Args:
+        network: the DVN.
+        choices: one level per task (name or index), e.g. ``plan.choices``.
+        path: the file to write.
+        source_sha256: sha256 of the checkpoint the network came from ("" when unknown).
+
+    Returns:
+        The path written.
+
+    Raises:
+        UnknownTask: a task the network does not have.
+        BadConfig: no choices, a task chosen twice, or a level outside the network's layout.
+    """
+    resolved = _resolve_choices(network, choices)
+    tensors = bundle_tensors(network, choices)
+    names = {t: network.task_names[t] for t in resolved}
+    convs = {
+        name: {"in_channels": m.in_channels, "out_channels": m.out_channels, "split_input": m.split_input}
+        for name, m in network.features.named_modules()
+        if isinstance(m, UnitConv2d)
+    }
+    norms = [name for name, m in network.features.named_modules() if isinstance(m, LevelBatchNorm2d)]
+    meta = {
+        "dvn_version": __version__,
+        "backbone": asdict(network.config),
+        "k": network.units,
+        "tasks": [asdict(network.tasks[t]) for t in resolved],
+        "orders": {names[t]: list(network.layout.orders[t]) for t in resolved},
+        "choices": {names[t]: level for t, level in resolved.items()},
+        "source_sha256": source_sha256,
+        "costs": {names[t]: level_cost(network, t, level).to_dict() for t, level in resolved.items()},
+        "convs": convs,
+        "norms": norms,
+        "stored_params": stored_params(tensors),
+    }
+    return write_dvn_file(path, tensors, BUNDLE_FORMAT, meta)
+
+
+def stored_params(bundle_or_tensors: Bundle | Mapping[str, torch.Tensor]) -> int:
+    """Parameters a bundle holds: conv blocks, batch-norm affine weight and bias, heads (not running statistics)."""
+    tensors = bundle_or_tensors.tensors if isinstance(bundle_or_tensors, Bundle) else bundle_or_tensors
+    return sum(t.numel() for key, t in tensors.items() if key.rsplit(".", 1)[-1] not in RUNNING_KEYS)
+
+
+@dataclass
+class Bundle:
+    """A loaded ``dvn-bundle``: the stored tensors and what runs from them.
+
+    Args:
+        config: the PHYSICAL backbone the bundle was cut from.
+        k: units per layer.
+        task_specs: task name -> spec, for the chosen tasks.
+        orders: task name -> the task's order of units.
+        choices: task name -> chosen level.
+        costs: task name -> that level's cost, as ``cost.level_cost`` counted it.
+        tensors: every stored tensor.
+        source_sha256: sha256 of the source checkpoint ("" when unknown).
+        path: the file it was read from.
+    """
+
+    config: BackboneConfig
+    k: int
+    task_specs: dict[str, TaskSpec]
+    orders: dict[str, tuple[int, ...]]
+    choices: dict[str, int]
+    costs: dict[str, LevelCost]
+    tensors: dict[str, torch.Tensor]
+    source_sha256: str = ""
+    path: Path | None = None
+    convs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    norms: list[str] = field(default_factory=list)
+
+    def units(self, task: str) -> tuple[int, ...]:
+        """The units the chosen level of ``task`` uses, in the task's order."""
+        self._check_task(task)
+        return tuple(self.orders[task][: self.choices[task]])
+
+    def _check_task(self, task: str) -> None:
+        if task not in self.choices:
+            raise UnknownTask(f"unknown task {task!r}; this bundle has: {', '.join(self.choices)}")
+
+    def expected_keys(self) -> set[str]:
+        """The tensor names the metadata implies."""
+        keys: set[str] = set()
+        for task in self.choices:
+            units = self.units(task)
+            for name, conv in self.convs.items():
+                keys |= {_block_key(name, uo, ui) for uo, ui in _conv_blocks(units, conv["split_input"])}
+            keys |= {f"features.{name}.{task}.{key}" for name in self.norms for key in NORM_KEYS}
+            keys |= {f"head.{task}.weight", f"head.{task}.bias"}
+        return keys
+
+    def plain_state(self, task: str) -> dict[str, torch.Tensor]:
+        """State dict of the ``PlainNetwork`` of ``task``: conv weights assembled from blocks over sorted units."""
+        self._check_task(task)
+        units = self.units(task)
+        state: dict[str, torch.Tensor] = {}
+        for name, conv in self.convs.items():
+            split = conv["split_input"]
+            rows = []
+            for uo in sorted(units):
+                blocks = [self.tensors[_block_key(name, uo, ui)] for ui in (sorted(units) if split else [None])]
+                rows.append(torch.cat(blocks, dim=1))
+            state[f"features.{name}.weight"] = torch.cat(rows, dim=0)
+        for name in self.norms:
+            state |= {f"features.{name}.{key}": self.tensors[f"features.{name}.{task}.{key}"] for key in NORM_KEYS}
+        state |= {f"head.{key}": self.tensors[f"head.{task}.{key}"] for key in ("weight", "bias")}
+        return state
+
+    def plain(self, task: str, map_location: str | torch.device = "cpu") -> PlainNetwork:
+        """The chosen level of ``task`` as an ordinary network in eval mode."""
+        self._check_task(task)
+        plain = PlainNetwork(plain_config(self.config, self.choices[task]), self.task_specs[task].num_classes)
+        conv_names = {name for name, m in plain.features.named_modules() if isinstance(m, nn.Conv2d)}
+        if conv_names != set(self.convs):
+            raise WrongFileFormat(f"{self.path} holds convolutions that the plain {self.config.arch} does not have")
+        try:
+            plain.load_state_dict(self.plain_state(task), strict=True)
+        except (KeyError, RuntimeError) as exc:
+            raise WrongFileFormat(f"{self.path} does not match its own metadata ({_first_line(exc)})") from None
+        return plain.to(map_location).eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Read a ``dvn-bundle`` file, refusing other dvn files and bundles whose tensors contradict their metadata."""
+    tensors, meta = read_dvn_file(path, (BUNDLE_FORMAT,))
+    try:
+        specs = [from_dict(TaskSpec, t) for t in meta["tasks"]]
+        choices = {str(name): int(level) for name, level in meta["choices"].items()}
+        bundle = Bundle(
+            config=from_dict(BackboneConfig, meta["backbone"]),
+            k=int(meta["k"]),
+            task_specs={s.name: s for s in specs},
+            orders={str(name): tuple(int(u) for u in order) for name, order in meta["orders"].items()},
+            choices=choices,
+            costs={
+                name: LevelCost(**{f: int(c[f]) for f in ("params", "params_total", "macs")})
+                for name, c in meta["costs"].items()
+            },
+            tensors=tensors,
+            source_sha256=str(meta.get("source_sha256", "")),
+            path=Path(path),
+            convs={str(name): dict(c) for name, c in meta["convs"].items()},
+            norms=[str(n) for n in meta["norms"]],
+        )
+        if set(bundle.task_specs) != set(choices) or set(bundle.orders) != set(choices):
+            raise BadConfig("tasks, orders and choices name different tasks")
+        for name, order in bundle.orders.items():
+            if sorted(order) != list(range(bundle.k)) or not 1 <= choices[name] <= bundle.k:
+                raise BadConfig(f"task {name} has order {list(order)} and level {choices[name]} for k={bundle.k}")
+        expected = bundle.expected_keys()
+        if expected != set(tensors):
+            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            raise BadConfig(f"missing tensors {missing[:3]}, unexpected tensors {extra[:3]}")
+    except (KeyError, TypeError, ValueError, AttributeError, BadConfig) as exc:
+        raise WrongFileFormat(f"{path} does not match its own metadata ({_first_line(exc)})") from None
+    return bundle

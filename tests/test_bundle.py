@@ -1,0 +1,119 @@
+"""Bundles: several (task, level)s in one file, shared unit blocks stored once, each runnable as a plain network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dvn_cli.bundle import BUNDLE_FORMAT, RUNNING_KEYS, load_bundle, save_bundle, stored_params
+from dvn_cli.checkpoint import read_metadata, save_checkpoint
+from dvn_cli.cost import level_cost
+from dvn_cli.errors import BadConfig, UnknownTask, WrongFileFormat
+from dvn_cli.plan import shared_memory_params
+from dvn_cli.prune import PlainNetwork
+
+from .conftest import settle_batch_norm
+
+# scrambled orders: task0 [0, 2, 1, 3], task1 [3, 1, 0, 2], task2 [1, 3, 2, 0]
+CHOICE_SETS = {
+    "single": {"task1": 2},
+    "disjoint": {"task0": 2, "task1": 2},  # {0, 2} and {1, 3}
+    "overlapping": {"task0": 3, "task1": 2, "task2": 1},  # {0, 1, 2}, {1, 3}, {1}
+    "top": {"task0": 4, "task1": 4, "task2": 4},
+}
+
+
+@pytest.fixture
+def settled(scrambled_network):
+    return settle_batch_norm(scrambled_network)
+
+
+@pytest.mark.parametrize("case", list(CHOICE_SETS))
+def test_bundle_runs_each_choice_like_the_network(settled, tmp_path, case):
+    choices = CHOICE_SETS[case]
+    path = save_bundle(settled, choices, tmp_path / "b.safetensors", source_sha256="abc")
+    bundle = load_bundle(path)
+    assert bundle.choices == choices
+    assert set(bundle.task_specs) == set(choices)
+    assert bundle.source_sha256 == "abc"
+    x = torch.randn(5, 3, 12, 12, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        for task, level in choices.items():
+            plain = bundle.plain(task)
+            assert isinstance(plain, PlainNetwork) and not plain.training
+            assert bundle.costs[task] == level_cost(settled, task, level)
+            torch.testing.assert_close(plain(x), settled(x, task, level), atol=1e-5, rtol=1e-5)
+
+    params = stored_params(bundle)
+    assert params == shared_memory_params(settled, choices)
+    running = sum(
+        t.numel() * t.element_size() for k, t in bundle.tensors.items() if k.rsplit(".", 1)[-1] in RUNNING_KEYS
+    )
+    size = path.stat().st_size
+    assert 4 * params + running <= size <= 4 * params + running + 64 * 1024
+    assert read_metadata(path)["format"] == BUNDLE_FORMAT
+
+
+def test_shared_blocks_are_stored_once(settled, tmp_path):
+    choices = CHOICE_SETS["overlapping"]
+    separate = sum(level_cost(settled, t, lv).params_total for t, lv in choices.items())
+    bundle = load_bundle(save_bundle(settled, choices, tmp_path / "b.safetensors"))
+    assert stored_params(bundle) < separate
+    # task2's only unit 1 is inside both other tasks' units: its conv blocks add nothing
+    without = load_bundle(save_bundle(settled, {"task0": 3, "task1": 2}, tmp_path / "c.safetensors"))
+    extras = level_cost(settled, "task2", 1).params_total - sum(
+        t.numel()
+        for k, t in load_bundle(save_bundle(settled, {"task2": 1}, tmp_path / "d.safetensors")).tensors.items()
+        if k.startswith("features.") and ".weight." in k
+    )
+    assert stored_params(bundle) == stored_params(without) + extras
+
+
+def test_single_choice_stores_its_level_cost(tiny_network, tmp_path):
+    network = settle_batch_norm(tiny_network)
+    for task, level in [("task0", 1), ("task1", 3), (0, 4)]:
+        bundle = load_bundle(save_bundle(network, {task: level}, tmp_path / "one.safetensors"))
+        assert stored_params(bundle) == level_cost(network, task, level).params_total
+        name = network.task_names[network.task_index(task)]
+        x = torch.randn(3, 3, 12, 12)
+        with torch.no_grad():
+            torch.testing.assert_close(bundle.plain(name)(x), network(x, task, level), atol=1e-5, rtol=1e-5)
+
+
+def test_load_bundle_refuses_a_checkpoint(tiny_network, tmp_path):
+    path = save_checkpoint(tiny_network, tmp_path / "ckpt.safetensors")
+    with pytest.raises(WrongFileFormat, match="dvn-checkpoint file; expected dvn-bundle") as info:
+        load_bundle(path)
+    assert "\n" not in str(info.value)
+
+
+def test_load_bundle_refuses_missing_tensors(settled, tmp_path):
+    from dvn_cli.bundle import bundle_tensors
+    from dvn_cli.checkpoint import write_dvn_file
+
+    good = save_bundle(settled, {"task0": 2}, tmp_path / "good.safetensors")
+    meta = read_metadata(good)
+    tensors = bundle_tensors(settled, {"task0": 2})
+    tensors.pop("head.task0.bias")
+    bad = write_dvn_file(tmp_path / "bad.safetensors", tensors, BUNDLE_FORMAT, meta)
+    with pytest.raises(WrongFileFormat, match="does not match its own metadata") as info:
+        load_bundle(bad)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_task_lists_the_bundle_tasks(settled, tmp_path):
+    bundle = load_bundle(save_bundle(settled, {"task0": 2, "task2": 1}, tmp_path / "b.safetensors"))
+    with pytest.raises(UnknownTask, match="task1.*task0, task2"):
+        bundle.plain("task1")
+
+
+def test_bad_choices_are_refused(settled, tmp_path):
+    with pytest.raises(BadConfig, match="level 5 out of range 1..4"):
+        save_bundle(settled, {"task0": 5}, tmp_path / "b.safetensors")
+    with pytest.raises(BadConfig, match="level 0 out of range"):
+        save_bundle(settled, {"task1": 0}, tmp_path / "b.safetensors")
+    with pytest.raises(UnknownTask):
+        save_bundle(settled, {"nope": 1}, tmp_path / "b.safetensors")
+    with pytest.raises(BadConfig, match="more than once"):
+        save_bundle(settled, {"task0": 1, 0: 2}, tmp_path / "b.safetensors")
+    assert not (tmp_path / "b.safetensors").exists()
