@@ -237,3 +237,33 @@ def test_export_to_a_folder_that_cannot_be_written(run_dir, tmp_path):
     result = invoke("export", "-c", checkpoint, "-o", blocker, "--task", "bands", "--budget", "1")
     assert result.exit_code == 1 and result.stderr.startswith(f"error: cannot write to {blocker}")
     assert blocker.read_text() == "not a folder"
+
+
+def test_eval_of_a_bundle_equals_the_checkpoint_at_its_levels(run_dir, tmp_path):
+    base, checkpoint, _ = run_dir
+    bundle = tmp_path / "bundle.safetensors"
+    assert invoke("plan", "-c", checkpoint, "--budget", "60%", "--bundle", bundle).exit_code == 0
+    rows = json.loads(invoke("eval", "-c", bundle, "--json", "--data-root", base / "data").stdout)["rows"]
+    assert {r["task"] for r in rows} == {"colours", "bands"}
+    for split in ("test", "val"):
+        got = json.loads(invoke("eval", "-c", bundle, "--json", "--split", split, "--data-root", base / "data").stdout)
+        for row in got["rows"]:
+            full = invoke(
+                "eval",
+                "-c",
+                checkpoint,
+                "--task",
+                row["task"],
+                "--budget",
+                row["level"],
+                "--json",
+                "--split",
+                split,
+                "--data-root",
+                base / "data",
+            )
+            assert json.loads(full.stdout)["rows"] == [row]
+    refused = invoke("eval", "-c", bundle, "--budget", "2", "--data-root", base / "data")
+    assert refused.exit_code == 1 and "holds fixed levels" in refused.stderr
+    other = invoke("info", "-c", bundle)
+    assert other.exit_code == 1 and other.stderr.startswith(f"error: {bundle} is a dvn-bundle file; expected")

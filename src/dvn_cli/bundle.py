@@ -103,7 +103,11 @@ def bundle_tensors(network: DeepVirtualNetwork, choices: Mapping[str | int, int]
 
 
 def save_bundle(
-    network: DeepVirtualNetwork, choices: Mapping[str | int, int], path: str | os.PathLike, source_sha256: str = ""
+    network: DeepVirtualNetwork,
+    choices: Mapping[str | int, int],
+    path: str | os.PathLike,
+    source_sha256: str = "",
+    training: Mapping[str, Any] | None = None,
 ) -> Path:
     """Atomically write the chosen (task, level)s of ``network`` as one ``dvn-bundle`` safetensors file.
 
@@ -112,6 +116,8 @@ def save_bundle(
         choices: one level per task (name or index), e.g. ``plan.choices``.
         path: the file to write.
         source_sha256: sha256 of the checkpoint the network came from ("" when unknown).
+        training: the checkpoint's training summary; its seed and validation share are kept so that
+            ``eval --split val`` carves the same images.
 
     Returns:
         The path written.
@@ -141,6 +147,7 @@ def save_bundle(
         "convs": convs,
         "norms": norms,
         "stored_params": stored_params(tensors),
+        "split": {k: v for k, v in (training or {}).get("config", {}).items() if k in ("val_fraction", "seed")},
     }
     return write_dvn_file(path, tensors, BUNDLE_FORMAT, meta)
 
@@ -165,6 +172,9 @@ class Bundle:
         tensors: every stored tensor.
         source_sha256: sha256 of the source checkpoint ("" when unknown).
         path: the file it was read from.
+        convs: conv layer name -> its channels and whether its input is split.
+        norms: names of the batch-norm layers.
+        split: the training run's ``val_fraction`` and ``seed``, for ``eval --split val``.
     """
 
     config: BackboneConfig
@@ -178,6 +188,7 @@ class Bundle:
     path: Path | None = None
     convs: dict[str, dict[str, Any]] = field(default_factory=dict)
     norms: list[str] = field(default_factory=list)
+    split: dict[str, Any] = field(default_factory=dict)
 
     def units(self, task: str) -> tuple[int, ...]:
         """The units the chosen level of ``task`` uses, in the task's order."""
@@ -256,6 +267,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
             path=Path(path),
             convs={str(name): dict(c) for name, c in meta["convs"].items()},
             norms=[str(n) for n in meta["norms"]],
+            split=dict(meta.get("split", {})),
         )
         if set(bundle.task_specs) != set(choices) or set(bundle.orders) != set(choices):
             raise BadConfig("tasks, orders and choices name different tasks")

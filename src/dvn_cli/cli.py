@@ -282,7 +282,9 @@ def _load_any(path: Path):
 
 @app.command("eval")
 def eval_(
-    checkpoint: CheckpointOption = DEFAULT_CHECKPOINT,
+    checkpoint: Annotated[
+        Path, typer.Option("--checkpoint", "-c", help="A dvn checkpoint, compact model or bundle file.")
+    ] = DEFAULT_CHECKPOINT,
     task: Annotated[str | None, typer.Option(help="Comma-separated tasks (default: all).")] = None,
     budget: Annotated[
         str | None, typer.Option(help="A level (3), parameters (250k), a share (40%) or bytes (2MB).")
@@ -295,17 +297,24 @@ def eval_(
     csv: Annotated[Path | None, typer.Option("--csv", help="Also write the rows to this CSV file.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Also plot accuracy against parameters (PNG).")] = None,
 ) -> None:
-    """Accuracy, parameters and MACs of each (task, level): a task x level table."""
+    """Accuracy, parameters and MACs of each (task, level): a task x level table.
+
+    -c takes a full checkpoint, a compact model (prune-level) or a bundle (plan --bundle).
+    """
     from . import ui
-    from .evaluate import evaluate_checkpoint, evaluate_compact
+    from .bundle import BUNDLE_FORMAT, Bundle, load_bundle
+    from .checkpoint import read_metadata
+    from .evaluate import evaluate_bundle, evaluate_checkpoint, evaluate_compact
     from .prune import CompactModel
 
     if split not in ("test", "val"):
         raise typer.BadParameter("use test or val", param_hint="--split")
     with user_errors():
-        model = _load_any(checkpoint)
+        _check_default(checkpoint)
+        is_bundle = read_metadata(checkpoint)["format"] == BUNDLE_FORMAT
+        model = load_bundle(checkpoint) if is_bundle else _load_any(checkpoint)
         tasks = [t.strip() for t in task.split(",")] if task else None
-        evaluate = evaluate_compact if isinstance(model, CompactModel) else evaluate_checkpoint
+        evaluate = {Bundle: evaluate_bundle, CompactModel: evaluate_compact}.get(type(model), evaluate_checkpoint)
         rows = evaluate(model, tasks, budget, split, data_root, limit, latency)
         if csv is not None:
             from .report import write_csv
@@ -371,7 +380,7 @@ def plan(
         chosen = plan_levels(network, plan_budget_params(network, budget, names), names, accuracy, task_weights)
         if bundle is not None:
             try:
-                save_bundle(network, chosen.choices, bundle, sha256_file(checkpoint))
+                save_bundle(network, chosen.choices, bundle, sha256_file(checkpoint), ckpt.training)
             except OSError as exc:
                 raise DvnError(f"cannot write {bundle}: {exc.strerror or exc}") from None
     result = chosen.to_dict()

@@ -14,6 +14,7 @@ from functools import partial
 import torch
 
 from .budgets import describe_budget, level_costs, parse_budget, resolve_budget
+from .bundle import Bundle
 from .checkpoint import Checkpoint
 from .config import BackboneConfig, TaskSpec
 from .cost import LevelCost
@@ -21,7 +22,15 @@ from .data import iterate_split, load_task, task_string
 from .errors import BadBudget, BadConfig, UnknownTask
 from .prune import CompactModel
 
-__all__ = ["accuracy", "evaluate_checkpoint", "evaluate_compact", "latency_ms", "load_split", "predictions"]
+__all__ = [
+    "accuracy",
+    "evaluate_bundle",
+    "evaluate_checkpoint",
+    "evaluate_compact",
+    "latency_ms",
+    "load_split",
+    "predictions",
+]
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -183,6 +192,30 @@ def evaluate_compact(
     images, labels = load_split(spec.task, spec.backbone, training, split, data_root, limit)
     latency_config = spec.backbone if latency else None
     return [_row(compact.plain, spec.task, spec.level, spec.units, spec.cost, images, labels, split, latency_config)]
+
+
+def evaluate_bundle(
+    bundle: Bundle,
+    tasks: list[str] | None = None,
+    budget: str | None = None,
+    split: str = "test",
+    data_root: str | None = None,
+    limit: int | None = None,
+    latency: bool = False,
+) -> list[dict]:
+    """One row per (task, level) of a bundle, each run as its plain network (``evaluate_checkpoint``'s schema)."""
+    if budget:
+        raise BadBudget(f"{bundle.path} holds fixed levels {bundle.choices}; --budget applies to full checkpoints")
+    rows = []
+    for name in tasks or list(bundle.choices):
+        plain = bundle.plain(name)
+        spec, level = bundle.task_specs[name], bundle.choices[name]
+        images, labels = load_split(spec, bundle.config, {"config": bundle.split}, split, data_root, limit)
+        latency_config = bundle.config if latency else None
+        rows.append(
+            _row(plain, spec, level, bundle.units(name), bundle.costs[name], images, labels, split, latency_config)
+        )
+    return rows
 
 
 def latency_row(forward: Forward, config: BackboneConfig) -> dict[str, float]:
