@@ -230,6 +230,24 @@ def test_export_every_level_with_a_checked_manifest(run_dir, tmp_path):
     assert [(m["task"], m["level"], m["check_max_abs_diff"]) for m in entry] == [("bands", 1, None)]
 
 
+def test_export_never_replaces_an_export_of_another_file_without_force(run_dir, tmp_path):
+    _, checkpoint, _ = run_dir
+    out = tmp_path / "export"
+    assert invoke("export", "-c", checkpoint, "-o", out, "--task", "bands", "--budget", "1").exit_code == 0
+    before = (out / "manifest.json").read_bytes()
+    compact = tmp_path / "bands1.safetensors"
+    assert invoke("prune-level", "-c", checkpoint, "--task", "bands", "--budget", "1", "-o", compact).exit_code == 0
+    refused = invoke("export", "-c", compact, "-o", out)
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith(f"error: {out} holds an export of another file ({checkpoint}, sha256 ")
+    assert (out / "manifest.json").read_bytes() == before
+    again = invoke("export", "-c", checkpoint, "-o", out, "--task", "colours", "--budget", "2")
+    assert again.exit_code == 0  # the same source adds to its own export
+    assert len(json.loads((out / "manifest.json").read_text())["models"]) == 2
+    forced = invoke("export", "-c", compact, "-o", out, "--force", "--json")
+    assert forced.exit_code == 0 and json.loads(forced.stdout)["source"]["format"] == "dvn-compact"
+
+
 def test_export_to_a_folder_that_cannot_be_written(run_dir, tmp_path):
     _, checkpoint, _ = run_dir
     blocker = tmp_path / "file"

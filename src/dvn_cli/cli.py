@@ -442,6 +442,7 @@ def export(
     check: Annotated[
         bool, typer.Option("--check/--no-check", help="Compare each export with PyTorch (onnxruntime).")
     ] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace an export of another file in --out.")] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Deployable models of every (task, level), or of one (task, budget), with manifest.json."""
@@ -453,7 +454,8 @@ def export(
     with user_errors():
         model = _load_any(checkpoint)
         tasks = [t.strip() for t in task.split(",")] if task else None
-        manifest = export_models(model, out, export_pairs(model, tasks, budget), check=check, format=format)
+        pairs = export_pairs(model, tasks, budget)
+        manifest = export_models(model, out, pairs, check=check, format=format, force=force)
     if json_output:
         typer.echo(json.dumps(manifest))
         return

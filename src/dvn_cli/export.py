@@ -408,6 +408,19 @@ def _task_inputs(sample_inputs: torch.Tensor | Mapping[str, torch.Tensor] | None
     return sample_inputs
 
 
+def _refuse_other_export(out_dir: Path, source: dict[str, Any]) -> None:
+    """An export of another source file in ``out_dir`` is never replaced silently."""
+    try:
+        old = json.loads((out_dir / MANIFEST_NAME).read_text())["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if old.get("sha256") != source.get("sha256"):
+        raise DvnError(
+            f"{out_dir} holds an export of another file ({old.get('file')}, sha256 {str(old.get('sha256'))[:12]}); "
+            "pass --force to replace it or -o for another folder"
+        )
+
+
 def _merged_models(out_dir: Path, source: dict[str, Any], models: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Keep the entries of an existing manifest of the same source whose files are still there; ours replace."""
     try:
@@ -429,6 +442,7 @@ def export_models(
     sample_inputs: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
     format: str = "onnx",
     opset: int = 17,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Write one deployable file per (task, level) and ``manifest.json`` into ``out_dir``; never prints.
 
@@ -441,6 +455,7 @@ def export_models(
         sample_inputs: preprocessed batches to check on, one for all tasks or one per task name; default noise.
         format: a name in ``EXPORT_FORMATS`` (``onnx``, ``torch-export``).
         opset: ONNX opset.
+        force: replace an export of ANOTHER source in ``out_dir`` (refused otherwise: it may be the only copy).
 
     Returns:
         The manifest written (``models`` also keeps earlier entries of the same source file).
@@ -452,8 +467,10 @@ def export_models(
     loaded = _as_source(source)
     resolved = _resolve_pairs(loaded, pairs)
     out = Path(out_dir)
-    _prepare_dir(out)
     source_entry = _source_entry(loaded)
+    if not force:
+        _refuse_other_export(out, source_entry)
+    _prepare_dir(out)
     models = []
     for task, level in resolved:
         plain, spec = _plain_and_spec(loaded, task, level, source_entry.get("sha256") or "")
