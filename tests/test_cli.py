@@ -173,7 +173,7 @@ def test_prune_level_then_eval_gives_the_same_predictions(run_dir, tmp_path):
     assert f"wrote {out}: bands level 2 of 4 (units [3, 2])" in result.stderr
     compact = load_compact(out)
     ckpt = load_checkpoint(checkpoint)
-    images, _ = load_split(compact.spec.task, ckpt.network.config, ckpt.training, "test", base / "data")
+    images, _ = load_split(compact.spec.task, ckpt.network.config, "test", base / "data")
     virtual = predictions(lambda x: ckpt.network.eval()(x, "bands", 2), images, compact.spec.task)
     assert torch.equal(predictions(compact.plain, images, compact.spec.task), virtual)
     full = json.loads(

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import read_dvn_file, write_dvn_file
+from .checkpoint import first_line, read_dvn_file, write_dvn_file
 from .config import BackboneConfig, TaskSpec, from_dict
 from .cost import LevelCost, level_cost
 from .errors import BadConfig, UnknownTask, WrongFileFormat
@@ -237,13 +237,8 @@ class Bundle:
         try:
             plain.load_state_dict(self.plain_state(task), strict=True)
         except (KeyError, RuntimeError) as exc:
-            raise WrongFileFormat(f"{self.path} does not match its own metadata ({_first_line(exc)})") from None
+            raise WrongFileFormat(f"{self.path} does not match its own metadata ({first_line(exc)})") from None
         return plain.to(map_location).eval()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
@@ -279,5 +274,5 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
             raise BadConfig(f"missing tensors {missing[:3]}, unexpected tensors {extra[:3]}")
     except (KeyError, TypeError, ValueError, AttributeError, BadConfig) as exc:
-        raise WrongFileFormat(f"{path} does not match its own metadata ({_first_line(exc)})") from None
+        raise WrongFileFormat(f"{path} does not match its own metadata ({first_line(exc)})") from None
     return bundle

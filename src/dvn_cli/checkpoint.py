@@ -29,6 +29,7 @@ __all__ = [
     "FORMAT_VERSION",
     "STATE_FORMAT",
     "Checkpoint",
+    "first_line",
     "load_checkpoint",
     "read_dvn_file",
     "read_metadata",
@@ -90,7 +91,7 @@ def read_metadata(path: str | os.PathLike, formats: tuple[str, ...] | None = Non
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(METADATA_KEY)
     except Exception as exc:  # safetensors raises several types for broken headers
-        raise WrongFileFormat(f"{path} is not a safetensors file or is damaged ({_first_line(exc)})") from None
+        raise WrongFileFormat(f"{path} is not a safetensors file or is damaged ({first_line(exc)})") from None
     if raw is None:
         raise WrongFileFormat(f"{path} is a safetensors file but not a dvn file (it has no dvn metadata)")
     try:
@@ -113,7 +114,7 @@ def read_dvn_file(path: str | os.PathLike, formats: tuple[str, ...]) -> tuple[di
     try:
         tensors = load_file(str(path))
     except Exception as exc:
-        raise WrongFileFormat(f"{path} is damaged: its tensors cannot be read ({_first_line(exc)})") from None
+        raise WrongFileFormat(f"{path} is damaged: its tensors cannot be read ({first_line(exc)})") from None
     return tensors, meta
 
 
@@ -126,7 +127,8 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type name), for one-line user errors."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -178,6 +180,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         network = network_from_meta(meta, orders)
         network.load_state_dict(tensors, strict=True)
     except (KeyError, TypeError, RuntimeError, BadConfig) as exc:
-        raise WrongFileFormat(f"{path} does not match its own metadata ({_first_line(exc)})") from None
+        raise WrongFileFormat(f"{path} does not match its own metadata ({first_line(exc)})") from None
     network.to(map_location)
     return Checkpoint(network=network, path=Path(path), training=meta.get("training", {}), meta=meta)

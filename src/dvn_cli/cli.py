@@ -272,12 +272,16 @@ def _load_checkpoint(path: Path):
     return load_checkpoint(path)
 
 
-def _load_any(path: Path):
-    """A full checkpoint or a compact model file."""
-    from .prune import load_model_file
+def _load_any(path: Path, with_bundles: bool = False):
+    """A full checkpoint or a compact model file (or a bundle, where the command reads them)."""
+    from .bundle import BUNDLE_FORMAT, load_bundle
+    from .checkpoint import CHECKPOINT_FORMAT, COMPACT_FORMAT, load_checkpoint, read_metadata
+    from .prune import load_compact
 
     _check_default(path)
-    return load_model_file(path)
+    formats = (CHECKPOINT_FORMAT, COMPACT_FORMAT, *((BUNDLE_FORMAT,) if with_bundles else ()))
+    loaders = {CHECKPOINT_FORMAT: load_checkpoint, COMPACT_FORMAT: load_compact, BUNDLE_FORMAT: load_bundle}
+    return loaders[read_metadata(path, formats)["format"]](path)
 
 
 @app.command("eval")
@@ -302,20 +306,14 @@ def eval_(
     -c takes a full checkpoint, a compact model (prune-level) or a bundle (plan --bundle).
     """
     from . import ui
-    from .bundle import BUNDLE_FORMAT, Bundle, load_bundle
-    from .checkpoint import read_metadata
-    from .evaluate import evaluate_bundle, evaluate_checkpoint, evaluate_compact
-    from .prune import CompactModel
+    from .evaluate import EvalOptions, evaluate_rows
 
     if split not in ("test", "val"):
         raise typer.BadParameter("use test or val", param_hint="--split")
     with user_errors():
-        _check_default(checkpoint)
-        is_bundle = read_metadata(checkpoint)["format"] == BUNDLE_FORMAT
-        model = load_bundle(checkpoint) if is_bundle else _load_any(checkpoint)
-        tasks = [t.strip() for t in task.split(",")] if task else None
-        evaluate = {Bundle: evaluate_bundle, CompactModel: evaluate_compact}.get(type(model), evaluate_checkpoint)
-        rows = evaluate(model, tasks, budget, split, data_root, limit, latency)
+        model = _load_any(checkpoint, with_bundles=True)
+        tasks = tuple(t.strip() for t in task.split(",")) if task else None
+        rows = evaluate_rows(model, EvalOptions(tasks, budget, split, data_root, limit, latency))
         if csv is not None:
             from .report import write_csv
 

@@ -1,7 +1,7 @@
 """Evaluation: top-1 accuracy of any model on a split, and task x level rows with sizes and latency.
 
-Works the same for a virtual network (``network(x, task, level)``) and for a compact plain model (``model(x)``):
-both are passed as a function from a normalised batch to logits.
+Works the same for a virtual network (``network(x, task, level)``), a compact plain model and a bundle's plain
+networks (``model(x)``): each is passed as a function from a normalised batch to logits.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -23,10 +24,9 @@ from .errors import BadBudget, BadConfig, UnknownTask
 from .prune import CompactModel
 
 __all__ = [
+    "EvalOptions",
     "accuracy",
-    "evaluate_bundle",
-    "evaluate_checkpoint",
-    "evaluate_compact",
+    "evaluate_rows",
     "latency_ms",
     "load_split",
     "predictions",
@@ -76,107 +76,84 @@ def latency_ms(forward: Forward, example: torch.Tensor, repeats: int = 20, warmu
 def load_split(
     spec: TaskSpec,
     backbone: BackboneConfig,
-    training: dict,
     split: str,
     data_root: str | None,
     limit: int | None = None,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``test`` or ``val`` images of a trained task, carved exactly as training carved them."""
+    """The ``test`` or ``val`` images of a trained task; pass the run's ``val_fraction`` and ``seed`` so that
+    ``val`` is carved exactly as training carved it."""
     if split not in ("test", "val"):
         raise BadConfig(f"unknown split {split!r}; use test or val")
-    cfg = training.get("config", {})
     data = load_task(
         task_string(spec),
         data_root=data_root,
         channels=backbone.in_channels,
         size=backbone.input_size,
-        val_fraction=cfg.get("val_fraction", 0.1),
-        seed=cfg.get("seed", 0),
+        val_fraction=val_fraction,
+        seed=seed,
     )
     images, labels = data.split(split)
     return images[:limit], labels[:limit]
 
 
-def evaluate_checkpoint(
-    checkpoint: Checkpoint,
-    tasks: list[str] | None = None,
-    budget: str | None = None,
-    split: str = "test",
-    data_root: str | None = None,
-    limit: int | None = None,
-    latency: bool = False,
-) -> list[dict]:
-    """One row per (task, level): units, sizes, MACs, top-1 on ``split`` and, on request, latency.
+@dataclass(frozen=True)
+class EvalOptions:
+    """What to evaluate: tasks (default all), a budget (default every level), the split, a cap on images per
+    task, and whether to time latency."""
 
-    Args:
-        checkpoint: a loaded DVN.
-        tasks: task names (default: all).
-        budget: a budget string; each task is evaluated at the level it selects (default: every level).
-        split: ``test`` (for reporting) or ``val``.
-        data_root: dataset folder.
-        limit: evaluate at most this many images per task.
-        latency: add median milliseconds per image at batch 1 and 64.
+    tasks: tuple[str, ...] | None = None
+    budget: str | None = None
+    split: str = "test"
+    data_root: str | None = None
+    limit: int | None = None
+    latency: bool = False
+
+
+def evaluate_rows(model: Checkpoint | CompactModel | Bundle, options: EvalOptions | None = None) -> list[dict]:
+    """One row per evaluated (task, level): units, sizes, MACs, top-1 on the split and, on request, latency.
+
+    A full checkpoint gives every task x level (or each task's level under ``options.budget``); a compact model
+    its one (task, level); a bundle each (task, level) it holds, each run as its plain network.
     """
+    options = options or EvalOptions()
+    if isinstance(model, Bundle):
+        return _bundle_rows(model, options)
+    if isinstance(model, CompactModel):
+        return _compact_rows(model, options)
+    return _checkpoint_rows(model, options)
+
+
+def _checkpoint_rows(checkpoint: Checkpoint, options: EvalOptions) -> list[dict]:
     network = checkpoint.network.eval()
-    config = network.config
+    run = checkpoint.training.get("config", {})
     rows = []
-    for name in tasks or network.task_names:
+    for name in options.tasks or network.task_names:
         t = network.task_index(name)
         spec = network.tasks[t]
         costs = level_costs(network, t)
+        budget = options.budget
         levels = [resolve_budget(network, t, budget, costs)] if budget else range(1, network.units + 1)
-        images, labels = load_split(spec, config, checkpoint.training, split, data_root, limit)
+        images, labels = load_split(
+            spec, network.config, options.split, options.data_root, options.limit,
+            val_fraction=run.get("val_fraction", 0.1), seed=run.get("seed", 0),
+        )  # fmt: skip
         for level in levels:
             forward = partial(network, task=t, level=level)
             units = network.layout.level_units(t, level)
-            rows.append(
-                _row(forward, spec, level, units, costs[level - 1], images, labels, split, config if latency else None)
-            )
+            rows.append(_row(forward, spec, level, units, costs[level - 1], images, labels, options, network.config))
     return rows
 
 
-def _row(
-    forward: Forward,
-    spec: TaskSpec,
-    level: int,
-    units: tuple[int, ...],
-    cost: LevelCost,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    split: str,
-    latency_config: BackboneConfig | None,
-) -> dict:
-    """One evaluation row (DESIGN §4 schema); latency columns when ``latency_config`` is given."""
-    row = {
-        "task": spec.name,
-        "level": level,
-        "units": list(units),
-        **cost.to_dict(),
-        "accuracy": round(accuracy(forward, images, labels, spec), 5),
-        "split": split,
-        "samples": len(labels),
-    }
-    if latency_config is not None:
-        row |= latency_row(forward, latency_config)
-    return row
-
-
-def evaluate_compact(
-    compact: CompactModel,
-    tasks: list[str] | None = None,
-    budget: str | None = None,
-    split: str = "test",
-    data_root: str | None = None,
-    limit: int | None = None,
-    latency: bool = False,
-) -> list[dict]:
-    """The single row of a compact model, in the same schema as ``evaluate_checkpoint``'s rows."""
+def _compact_rows(compact: CompactModel, options: EvalOptions) -> list[dict]:
     spec = compact.spec
     name = spec.task.name
-    if tasks and tasks != [name]:
+    if options.tasks and list(options.tasks) != [name]:
         raise UnknownTask(f"{compact.path} holds only task {name!r}; evaluate the full checkpoint for other tasks")
-    if budget:
-        parsed = parse_budget(budget)
+    if options.budget:
+        parsed = parse_budget(options.budget)
         too_big = {
             "level": parsed.value != spec.level,
             "params": spec.params_total > parsed.value,
@@ -188,34 +165,54 @@ def evaluate_compact(
                 f"{compact.path} holds only {name} level {spec.level}, which does not meet budget "
                 f"{describe_budget(parsed)}; use the full checkpoint for other levels"
             )
-    training = {"config": {"val_fraction": spec.val_fraction, "seed": spec.seed}}
-    images, labels = load_split(spec.task, spec.backbone, training, split, data_root, limit)
-    latency_config = spec.backbone if latency else None
-    return [_row(compact.plain, spec.task, spec.level, spec.units, spec.cost, images, labels, split, latency_config)]
+    images, labels = load_split(
+        spec.task, spec.backbone, options.split, options.data_root, options.limit,
+        val_fraction=spec.val_fraction, seed=spec.seed,
+    )  # fmt: skip
+    return [_row(compact.plain, spec.task, spec.level, spec.units, spec.cost, images, labels, options, spec.backbone)]
 
 
-def evaluate_bundle(
-    bundle: Bundle,
-    tasks: list[str] | None = None,
-    budget: str | None = None,
-    split: str = "test",
-    data_root: str | None = None,
-    limit: int | None = None,
-    latency: bool = False,
-) -> list[dict]:
-    """One row per (task, level) of a bundle, each run as its plain network (``evaluate_checkpoint``'s schema)."""
-    if budget:
+def _bundle_rows(bundle: Bundle, options: EvalOptions) -> list[dict]:
+    if options.budget:
         raise BadBudget(f"{bundle.path} holds fixed levels {bundle.choices}; --budget applies to full checkpoints")
     rows = []
-    for name in tasks or list(bundle.choices):
+    for name in options.tasks or list(bundle.choices):
         plain = bundle.plain(name)
         spec, level = bundle.task_specs[name], bundle.choices[name]
-        images, labels = load_split(spec, bundle.config, {"config": bundle.split}, split, data_root, limit)
-        latency_config = bundle.config if latency else None
+        images, labels = load_split(
+            spec, bundle.config, options.split, options.data_root, options.limit,
+            val_fraction=bundle.split.get("val_fraction", 0.1), seed=bundle.split.get("seed", 0),
+        )  # fmt: skip
         rows.append(
-            _row(plain, spec, level, bundle.units(name), bundle.costs[name], images, labels, split, latency_config)
+            _row(plain, spec, level, bundle.units(name), bundle.costs[name], images, labels, options, bundle.config)
         )
     return rows
+
+
+def _row(
+    forward: Forward,
+    spec: TaskSpec,
+    level: int,
+    units: tuple[int, ...],
+    cost: LevelCost,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    options: EvalOptions,
+    config: BackboneConfig,
+) -> dict:
+    """One evaluation row (DESIGN §4 schema); latency columns when ``options.latency``."""
+    row = {
+        "task": spec.name,
+        "level": level,
+        "units": list(units),
+        **cost.to_dict(),
+        "accuracy": round(accuracy(forward, images, labels, spec), 5),
+        "split": options.split,
+        "samples": len(labels),
+    }
+    if options.latency:
+        row |= latency_row(forward, config)
+    return row
 
 
 def latency_row(forward: Forward, config: BackboneConfig) -> dict[str, float]:

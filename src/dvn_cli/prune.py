@@ -28,6 +28,7 @@ from .checkpoint import (
     CHECKPOINT_FORMAT,
     COMPACT_FORMAT,
     Checkpoint,
+    first_line,
     load_checkpoint,
     read_dvn_file,
     read_metadata,
@@ -249,8 +250,7 @@ def load_compact(path: str | os.PathLike, map_location: str | torch.device = "cp
         plain = PlainNetwork(spec.backbone, spec.task.num_classes)
         plain.load_state_dict(tensors, strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WrongFileFormat(f"{path} does not match its own metadata ({first})") from None
+        raise WrongFileFormat(f"{path} does not match its own metadata ({first_line(exc)})") from None
     return CompactModel(plain=plain.to(map_location).eval(), spec=spec, path=Path(path))
 
 

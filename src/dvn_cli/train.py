@@ -18,7 +18,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import STATE_FORMAT, load_checkpoint, read_dvn_file, save_checkpoint, write_atomic, write_dvn_file
+from .checkpoint import (
+    STATE_FORMAT,
+    first_line,
+    load_checkpoint,
+    read_dvn_file,
+    save_checkpoint,
+    write_atomic,
+    write_dvn_file,
+)
 from .config import TrainConfig
 from .data import TaskBatches, TaskData, load_task
 from .distributed import (
@@ -209,19 +217,37 @@ def load_tasks(cfg: TrainConfig) -> list[TaskData]:
     ]
 
 
-def validate(network: DeepVirtualNetwork, data: list[TaskData], device: torch.device) -> dict[str, list[float]]:
-    """Validation accuracy of every (task, level)."""
+def validate(
+    network: DeepVirtualNetwork, data: list[TaskData], device: torch.device, env: DistEnv | None = None
+) -> dict[str, list[float]]:
+    """Validation accuracy of every (task, level).
+
+    Under torchrun (``env`` distributed) each rank scores a contiguous shard of every split and the counts of
+    correct predictions are summed over ranks; alone, the shard is the whole split.
+    """
+    rank, world = (env.rank, env.world_size) if env is not None and env.distributed else (0, 1)
     was_training = network.training
     network.eval()
-    result = {}
+    correct, sizes = [], []
     for t, task_data in enumerate(data):
         images, labels = task_data.split("val")
-        result[task_data.spec.name] = [
-            round(accuracy(lambda x, t=t, lv=lv: network(x, t, lv), images, labels, task_data.spec, device=device), 5)
-            for lv in range(1, network.units + 1)
-        ]
+        n = len(labels)
+        part = slice(rank * n // world, (rank + 1) * n // world)
+        shard_x, shard_y = images[part], labels[part]
+        for lv in range(1, network.units + 1):
+            forward = partial(network, task=t, level=lv)
+            acc = accuracy(forward, shard_x, shard_y, task_data.spec, device=device) if len(shard_y) else 0.0
+            correct.append(round(acc * len(shard_y)))
+            sizes.append(n)
+    total = torch.tensor(correct, dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(total)
     network.train(was_training)
-    return result
+    scores = iter(zip(total.tolist(), sizes, strict=True))
+    return {
+        d.spec.name: [round(c / n, 5) if n else float("nan") for c, n in (next(scores) for _ in range(network.units))]
+        for d in data
+    }
 
 
 def _state_tensors(
@@ -298,33 +324,6 @@ def _together(env: DistEnv, device: torch.device, work):
     elif error is not None:
         raise error
     return result
-
-
-def _validate_ranks(network: DeepVirtualNetwork, data: list[TaskData], device: torch.device, env: DistEnv):
-    """``validate`` with each rank scoring a contiguous shard of every validation split; counts are summed."""
-    if not env.distributed:
-        return validate(network, data, device)
-    was_training = network.training
-    network.eval()
-    counts, sizes = [], []
-    for t, task_data in enumerate(data):
-        images, labels = task_data.split("val")
-        n = len(labels)
-        part = slice(env.rank * n // env.world_size, (env.rank + 1) * n // env.world_size)
-        shard_x, shard_y = images[part], labels[part]
-        for lv in range(1, network.units + 1):
-            forward = partial(network, task=t, level=lv)
-            acc = accuracy(forward, shard_x, shard_y, task_data.spec, device=device) if len(shard_y) else 0.0
-            counts.append(round(acc * len(shard_y)))
-            sizes.append(n)
-    total = torch.tensor(counts, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(total)
-    network.train(was_training)
-    scores = iter(zip(total.tolist(), sizes, strict=True))
-    return {
-        d.spec.name: [round(c / n, 5) if n else float("nan") for c, n in (next(scores) for _ in range(network.units))]
-        for d in data
-    }
 
 
 def _remove_stale_temporaries(paths: RunPaths) -> None:
@@ -434,8 +433,7 @@ def _fit(
             _load_state_tensors(state_tensors, optimizer, scaler, streams, names)
             return state_meta["step"], state_meta["history"], state_meta["seconds"]
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise WrongFileFormat(f"{paths.state} does not match this run ({first}); cannot resume") from None
+            raise WrongFileFormat(f"{paths.state} does not match this run ({first_line(exc)}); cannot resume") from None
 
     if resume:
         step, history, seconds = _together(env, device, load_resume_state)
@@ -523,7 +521,7 @@ def _fit(
                 info = EpochInfo(
                     epoch=math.ceil(step / steps_per_epoch),
                     step=step,
-                    val_accuracy=_validate_ranks(network, data, device, env),
+                    val_accuracy=validate(network, data, device, env),
                     train_loss={n: round(v / done, 5) for n, v in epoch_losses.items()},
                     seconds=round(time.perf_counter() - epoch_start, 1),
                 )
