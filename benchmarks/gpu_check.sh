@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of `dvn train`: a few hundred real training steps (dvn_cli.train.fit, the code `dvn train` runs) on
+# GPU check of `dvn train`: a few hundred real training steps (dvn_cli.training.loop.fit, the code `dvn train` runs) on
 # synthetic, learnable data on one CUDA device, in fp32, bf16 and fp16, timed step by step. Prints a small table:
 # median ms per optimiser step (2 tasks x 4 levels, batch 128 per task), images/s, the loss at the start and the
 # end (it must fall), peak GPU memory and top-level validation accuracy. Ends in well under 4 minutes on one H100
@@ -45,8 +45,8 @@ import time
 import torch
 
 from dvn_cli.config import BackboneConfig, TaskSpec, TrainConfig
-from dvn_cli.data import TaskData
-from dvn_cli.train import TrainObserver, fit
+from dvn_cli.data.datasets import TaskData
+from dvn_cli.training.loop import TrainObserver, fit
 
 STEPS = int(os.environ["STEPS"])
 BATCH, SIZE, CLASSES, EPOCHS = int(os.environ["BATCH"]), 32, 10, 3

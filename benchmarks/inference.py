@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from dvn_cli import BackboneConfig, TaskSpec, build_network
-from dvn_cli.checkpoint import load_checkpoint
-from dvn_cli.cost import level_cost
-from dvn_cli.export import fold_batchnorm
-from dvn_cli.prune import compact_spec, extract_plain, save_compact
+from dvn_cli.core.cost import level_cost
+from dvn_cli.deploy.export import fold_batchnorm
+from dvn_cli.deploy.prune import compact_spec, extract_plain, save_compact
+from dvn_cli.modelfile.checkpoint import load_checkpoint
 
 
 @torch.no_grad()
@@ -44,7 +44,7 @@ def peak_memory_mb(model_file: Path, batch: int, shape: tuple[int, ...]) -> floa
     """Peak resident memory (MB) added by loading ``model_file`` and running one batch, in a fresh process (Linux)."""
     code = f"""
 import torch
-from dvn_cli.prune import load_model_file
+from dvn_cli.deploy.prune import load_model_file
 torch.set_num_threads({torch.get_num_threads()})
 x = torch.randn({batch}, *{shape})
 

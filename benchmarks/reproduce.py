@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from dvn_cli.checkpoint import load_checkpoint
 from dvn_cli.config import BackboneConfig, TrainConfig
-from dvn_cli.cost import level_cost, stored_params
-from dvn_cli.evaluate import accuracy
-from dvn_cli.train import fit, load_tasks
+from dvn_cli.core.cost import level_cost, stored_params
+from dvn_cli.evaluation.evaluate import accuracy
+from dvn_cli.modelfile.checkpoint import load_checkpoint
+from dvn_cli.training.loop import fit, load_tasks
 
 
 def test_accuracy(network, data, task: str, level: int) -> float:

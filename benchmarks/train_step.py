@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from dvn_cli import BackboneConfig, TaskSpec, build_network
-from dvn_cli.prune import PlainNetwork, plain_config
-from dvn_cli.train import multitask_loss
+from dvn_cli.deploy.prune import PlainNetwork, plain_config
+from dvn_cli.training.loop import multitask_loss
 
 
 def make_independent_step(config, tasks, batches, channels_last):

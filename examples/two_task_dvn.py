@@ -6,7 +6,7 @@ python examples/two_task_dvn.py
 import torch
 
 from dvn_cli import BackboneConfig, TaskSpec, build_network
-from dvn_cli.cost import level_cost, stored_params
+from dvn_cli.core.cost import level_cost, stored_params
 
 config = BackboneConfig(depth=14, widths=(32, 64, 128), units=4, in_channels=1, input_size=28, stem_stride=2)
 tasks = [

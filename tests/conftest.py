@@ -12,8 +12,8 @@ from PIL import Image
 from torch import nn
 
 from dvn_cli.config import BackboneConfig, TaskSpec
-from dvn_cli.network import DeepVirtualNetwork, build_network
-from dvn_cli.prepare import offline_data_status, prepare_offline_data
+from dvn_cli.core.network import DeepVirtualNetwork, build_network
+from dvn_cli.data.prepare import offline_data_status, prepare_offline_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def all_task_levels(network: DeepVirtualNetwork) -> list[tuple[int, int]]:
 
 def synthetic_task(name: str, num_classes: int = 3, n: int = 96, size: int = 12, channels: int = 3, seed: int = 0):
     """A learnable in-memory task: each class brightens its own horizontal band of a noisy image."""
-    from dvn_cli.data import TaskData
+    from dvn_cli.data.datasets import TaskData
 
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % num_classes

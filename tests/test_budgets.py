@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from dvn_cli.budgets import (
+from dvn_cli.errors import BadBudget, DvnError
+from dvn_cli.planning.budgets import (
     Budget,
     describe_budget,
     format_bytes,
@@ -19,7 +20,6 @@ from dvn_cli.budgets import (
     parse_budget,
     resolve_budget,
 )
-from dvn_cli.errors import BadBudget, DvnError
 
 TASK0_TOTALS = [1420, 5214, 11392, 19954]
 FORMS = "use a level (3), parameters (250k, 1.2M), a share (40%) or bytes (2MB)"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dvn_cli.bundle import BUNDLE_FORMAT, RUNNING_KEYS, load_bundle, save_bundle, stored_params
-from dvn_cli.checkpoint import read_metadata, save_checkpoint
-from dvn_cli.cost import level_cost
+from dvn_cli.core.cost import level_cost
+from dvn_cli.deploy.prune import PlainNetwork
 from dvn_cli.errors import BadConfig, UnknownTask, WrongFileFormat
-from dvn_cli.plan import shared_memory_params
-from dvn_cli.prune import PlainNetwork
+from dvn_cli.modelfile.bundle import BUNDLE_FORMAT, RUNNING_KEYS, load_bundle, save_bundle, stored_params
+from dvn_cli.modelfile.checkpoint import read_metadata, save_checkpoint
+from dvn_cli.planning.plan import shared_memory_params
 
 from .conftest import settle_batch_norm
 
@@ -88,8 +88,8 @@ def test_load_bundle_refuses_a_checkpoint(tiny_network, tmp_path):
 
 
 def test_load_bundle_refuses_missing_tensors(settled, tmp_path):
-    from dvn_cli.bundle import bundle_tensors
-    from dvn_cli.checkpoint import write_dvn_file
+    from dvn_cli.modelfile.bundle import bundle_tensors
+    from dvn_cli.modelfile.checkpoint import write_dvn_file
 
     good = save_bundle(settled, {"task0": 2}, tmp_path / "good.safetensors")
     meta = read_metadata(good)

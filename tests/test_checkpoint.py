@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dvn_cli.checkpoint import (
+from dvn_cli.errors import MissingData, WrongFileFormat
+from dvn_cli.modelfile.checkpoint import (
     CHECKPOINT_FORMAT,
     load_checkpoint,
     read_metadata,
@@ -14,7 +15,6 @@ from dvn_cli.checkpoint import (
     write_atomic,
     write_dvn_file,
 )
-from dvn_cli.errors import MissingData, WrongFileFormat
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_foreign_safetensors_is_refused(tmp_path):
 
 
 def test_newer_version_is_refused(tmp_path, saved, monkeypatch):
-    import dvn_cli.checkpoint as ckpt
+    import dvn_cli.modelfile.checkpoint as ckpt
 
     path = tmp_path / "future.safetensors"
     monkeypatch.setattr(ckpt, "FORMAT_VERSION", 2)

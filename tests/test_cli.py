@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dvn_cli.cli import app
+from dvn_cli.cli.app import app
 
 from .conftest import make_image_folder
 
@@ -124,7 +124,7 @@ def test_plan_counts_shared_units_once(run_dir, tmp_path):
     assert "separate models would need" in table.stdout
     bundle = tmp_path / "both.safetensors"
     assert invoke("plan", "-c", checkpoint, "--budget", "100%", "--bundle", bundle).exit_code == 0
-    from dvn_cli.bundle import load_bundle, stored_params
+    from dvn_cli.modelfile.bundle import load_bundle, stored_params
 
     loaded = load_bundle(bundle)
     assert loaded.choices == plan["choices"] and stored_params(loaded) == plan["memory_params"]
@@ -162,9 +162,9 @@ def test_default_checkpoint_missing_says_how_to_get_one(tmp_path, monkeypatch):
 
 
 def test_prune_level_then_eval_gives_the_same_predictions(run_dir, tmp_path):
-    from dvn_cli.checkpoint import load_checkpoint
-    from dvn_cli.evaluate import load_split, predictions
-    from dvn_cli.prune import load_compact
+    from dvn_cli.deploy.prune import load_compact
+    from dvn_cli.evaluation.evaluate import load_split, predictions
+    from dvn_cli.modelfile.checkpoint import load_checkpoint
 
     base, checkpoint, _ = run_dir
     out = tmp_path / "bands-2.safetensors"

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dvn_cli.config import TaskSpec
-from dvn_cli.data import (
+from dvn_cli.data.datasets import (
     DATASETS,
     TaskBatches,
     augment_batch,

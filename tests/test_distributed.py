@@ -23,13 +23,13 @@ import torch.multiprocessing as mp
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from dvn_cli.checkpoint import STATE_FORMAT, load_checkpoint, read_dvn_file, read_metadata, write_dvn_file
-from dvn_cli.cli import app
+from dvn_cli.cli.app import app
 from dvn_cli.config import TrainConfig
-from dvn_cli.data import TaskBatches
-from dvn_cli.distributed import DistEnv, PeerFailed, ShardedBatches, detect_env
+from dvn_cli.data.datasets import TaskBatches
 from dvn_cli.errors import BadConfig, DvnError
-from dvn_cli.train import TrainObserver, fit, resolve_precision
+from dvn_cli.modelfile.checkpoint import STATE_FORMAT, load_checkpoint, read_dvn_file, read_metadata, write_dvn_file
+from dvn_cli.training.distributed import DistEnv, PeerFailed, ShardedBatches, detect_env
+from dvn_cli.training.loop import TrainObserver, fit, resolve_precision
 
 from .conftest import REPO, make_image_folder, synthetic_task, tiny_config, tiny_train_config, two_synthetic_tasks
 
@@ -73,9 +73,9 @@ def _exact_worker(rank: int, world: int, rendezvous: str) -> None:
     """One rank: averaged shard gradients == global-batch gradient; None grads; buffers; agree()."""
     import torch.distributed as dist
 
-    from dvn_cli.distributed import agree, all_reduce_gradients, average_buffers, broadcast_module
-    from dvn_cli.network import build_network
-    from dvn_cli.train import multitask_loss
+    from dvn_cli.core.network import build_network
+    from dvn_cli.training.distributed import agree, all_reduce_gradients, average_buffers, broadcast_module
+    from dvn_cli.training.loop import multitask_loss
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)

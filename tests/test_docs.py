@@ -8,7 +8,7 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
-from dvn_cli.cli import app
+from dvn_cli.cli.app import app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 GROUP = typer.main.get_command(app)

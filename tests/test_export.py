@@ -15,11 +15,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dvn_cli.checkpoint import load_checkpoint, save_checkpoint, sha256_file
-from dvn_cli.cost import level_cost
-from dvn_cli.data import convert_images, normalize_batch
-from dvn_cli.errors import BadConfig, DvnError, UnknownTask
-from dvn_cli.export import (
+from dvn_cli.core.cost import level_cost
+from dvn_cli.core.network import build_network
+from dvn_cli.data.datasets import convert_images, normalize_batch
+from dvn_cli.deploy.export import (
     CHECK_TOLERANCE,
     check_onnx,
     check_torch_program,
@@ -28,8 +27,9 @@ from dvn_cli.export import (
     export_torch_program,
     fold_batchnorm,
 )
-from dvn_cli.network import build_network
-from dvn_cli.prune import compact_spec, extract_plain, load_compact, save_compact
+from dvn_cli.deploy.prune import compact_spec, extract_plain, load_compact, save_compact
+from dvn_cli.errors import BadConfig, DvnError, UnknownTask
+from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 
 from .conftest import settle_batch_norm, tiny_config, tiny_tasks
 
@@ -158,7 +158,7 @@ def test_missing_onnx_runtime_says_how_to_install(checkpoint, tmp_path, monkeypa
     with pytest.raises(DvnError, match=re.escape("onnxruntime is missing): pip install 'dvn-cli[export]'")):
         export_models(checkpoint, tmp_path / "a")
     assert not (tmp_path / "a").exists()
-    blocked = "import sys; sys.modules['onnx'] = sys.modules['onnxruntime'] = None; import dvn_cli.export"
+    blocked = "import sys; sys.modules['onnx'] = sys.modules['onnxruntime'] = None; import dvn_cli.deploy.export"
     result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr  # dvn imports without the export extra
 

@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from dvn_cli.checkpoint import load_checkpoint, read_metadata
+from dvn_cli.modelfile.checkpoint import load_checkpoint, read_metadata
 
 from .conftest import REPO, make_image_folder
 
@@ -33,7 +33,7 @@ runner = CliRunner()
 
 
 def invoke(*args):
-    from dvn_cli.cli import app
+    from dvn_cli.cli.app import app
 
     return runner.invoke(app, [str(a) for a in args])
 
@@ -84,9 +84,9 @@ def trained(tmp_path_factory):
 _SLOW_WRITER = """
 import os, sys, time
 import torch
-from dvn_cli.checkpoint import save_checkpoint
+from dvn_cli.modelfile.checkpoint import save_checkpoint
 from dvn_cli.config import BackboneConfig, TaskSpec
-from dvn_cli.network import build_network
+from dvn_cli.core.network import build_network
 
 path = sys.argv[1]
 cfg = BackboneConfig(depth=8, widths=(8, 16, 32), units=4, in_channels=3, input_size=12)
@@ -215,7 +215,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_save(trained, t
     def full_disk(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("dvn_cli.train.save_checkpoint", full_disk)
+    monkeypatch.setattr("dvn_cli.training.loop.save_checkpoint", full_disk)
     out = args.index("--out") + 1
     result = invoke(*args[:out], copy, *args[out + 1 :], "--force", "--seed", 5)
     one_error_line(result, f"error: cannot write the run into {copy} (No space left on device) at step 3", True)

@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from dvn_cli.cli import app
+from dvn_cli.cli.app import app
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def test_prune_and_export_real_models(real_run, tmp_path):
 def test_same_seed_gives_identical_weights_on_real_data(real_data_root, tmp_path):
     import torch
 
-    from dvn_cli.checkpoint import load_checkpoint
+    from dvn_cli.modelfile.checkpoint import load_checkpoint
 
     common = [
         "--tasks",

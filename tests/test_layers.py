@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dvn_cli.cost import level_cost
+from dvn_cli.core.cost import level_cost
+from dvn_cli.core.layers import LevelBatchNorm2d, UnitConv2d, UnitLinear
 from dvn_cli.errors import BadConfig, UnknownTask
-from dvn_cli.layers import LevelBatchNorm2d, UnitConv2d, UnitLinear
 
 from .conftest import all_task_levels
 
@@ -97,7 +97,7 @@ def test_top_level_counts_the_whole_backbone_and_levels_grow(tiny_network):
 
 def test_level_cost_by_hand_for_a_single_layer_stem():
     # stem conv of the tiny network at level 1 of 4: 3 input channels (never split) -> 2 channels, 3x3
-    from dvn_cli.network import build_network
+    from dvn_cli.core.network import build_network
 
     from .conftest import tiny_config, tiny_tasks
 

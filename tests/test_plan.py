@@ -13,13 +13,13 @@ import random
 import pytest
 import torch
 
-from dvn_cli import plan as plan_module
-from dvn_cli.budgets import Budget, level_costs, resolve_budget
-from dvn_cli.cost import level_cost, stored_params
+from dvn_cli.core.cost import level_cost, stored_params
+from dvn_cli.core.layers import LevelBatchNorm2d, UnitConv2d
+from dvn_cli.core.network import build_network
 from dvn_cli.errors import BadBudget, BadConfig, UnknownTask
-from dvn_cli.layers import LevelBatchNorm2d, UnitConv2d
-from dvn_cli.network import build_network
-from dvn_cli.plan import (
+from dvn_cli.planning import plan as plan_module
+from dvn_cli.planning.budgets import Budget, level_costs, resolve_budget
+from dvn_cli.planning.plan import (
     Plan,
     accuracy_from_training,
     plan_budget_params,

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dvn_cli.errors import BadConfig
-from dvn_cli.prepare import (
+from dvn_cli.data.prepare import (
     FASHION_MNIST_SHA256,
     MNIST_SHA256,
     offline_data_status,
@@ -21,6 +20,7 @@ from dvn_cli.prepare import (
     prepare_mnist,
     prepare_offline_data,
 )
+from dvn_cli.errors import BadConfig
 
 NAMES = list(FASHION_MNIST_SHA256)
 assert NAMES == list(MNIST_SHA256)

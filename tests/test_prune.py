@@ -6,11 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from dvn_cli.checkpoint import save_checkpoint, write_dvn_file
-from dvn_cli.cost import level_cost
-from dvn_cli.errors import BadConfig, UnknownTask, WrongFileFormat
-from dvn_cli.layers import LevelBatchNorm2d
-from dvn_cli.prune import (
+from dvn_cli.core.cost import level_cost
+from dvn_cli.core.layers import LevelBatchNorm2d
+from dvn_cli.deploy.prune import (
     CompactModel,
     CompactSpec,
     compact_spec,
@@ -21,6 +19,8 @@ from dvn_cli.prune import (
     save_compact,
     sha256_file,
 )
+from dvn_cli.errors import BadConfig, UnknownTask, WrongFileFormat
+from dvn_cli.modelfile.checkpoint import save_checkpoint, write_dvn_file
 
 from .conftest import all_task_levels, settle_batch_norm
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from dvn_cli.checkpoint import load_checkpoint, read_metadata
 from dvn_cli.errors import BadConfig, DvnError, MissingData
-from dvn_cli.train import TrainObserver, fit, lr_at, multitask_loss
+from dvn_cli.modelfile.checkpoint import load_checkpoint, read_metadata
+from dvn_cli.training.loop import TrainObserver, fit, lr_at, multitask_loss
 
 from .conftest import tiny_train_config, two_synthetic_tasks
 

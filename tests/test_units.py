@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from dvn_cli.config import BackboneConfig
-from dvn_cli.errors import BadConfig
-from dvn_cli.units import (
+from dvn_cli.core.units import (
     UnitLayout,
     anchor_units,
     cyclic_orders,
@@ -13,6 +12,7 @@ from dvn_cli.units import (
     table_orders,
     unit_channels,
 )
+from dvn_cli.errors import BadConfig
 
 
 def test_nearest_orders_four_tasks_four_units():

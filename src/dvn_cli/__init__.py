@@ -5,8 +5,8 @@ each (task, level) can be handed out as a small stand-alone model.
 """
 
 from .config import BackboneConfig, TaskSpec, TrainConfig
+from .core.network import DeepVirtualNetwork, build_network
 from .errors import DvnError
-from .network import DeepVirtualNetwork, build_network
 
 __version__ = "0.1.0"
 

@@ -28,15 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from .. import __version__
+from ..config import BackboneConfig, TaskSpec, from_dict
+from ..core.cost import LevelCost, level_cost
+from ..core.layers import LevelBatchNorm2d, UnitConv2d
+from ..core.network import DeepVirtualNetwork
+from ..core.units import unit_channels
+from ..deploy.prune import PlainNetwork, plain_config
+from ..errors import BadConfig, UnknownTask, WrongFileFormat
 from .checkpoint import first_line, read_dvn_file, write_dvn_file
-from .config import BackboneConfig, TaskSpec, from_dict
-from .cost import LevelCost, level_cost
-from .errors import BadConfig, UnknownTask, WrongFileFormat
-from .layers import LevelBatchNorm2d, UnitConv2d
-from .network import DeepVirtualNetwork
-from .prune import PlainNetwork, plain_config
-from .units import unit_channels
 
 __all__ = ["BUNDLE_FORMAT", "Bundle", "bundle_tensors", "load_bundle", "save_bundle", "stored_params"]
 

@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from .config import BackboneConfig, TaskSpec, from_dict
-from .errors import BadConfig, MissingData, WrongFileFormat
-from .network import DeepVirtualNetwork
+from ..config import BackboneConfig, TaskSpec, from_dict
+from ..core.network import DeepVirtualNetwork
+from ..errors import BadConfig, MissingData, WrongFileFormat
 
 __all__ = [
     "CHECKPOINT_FORMAT",

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import write_atomic
-from .errors import DvnError
+from ..errors import DvnError
+from ..modelfile.checkpoint import write_atomic
 
 __all__ = ["plot_accuracy", "write_csv"]
 

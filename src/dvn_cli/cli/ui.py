@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .train import EpochInfo, StepInfo, TrainObserver
+from ..training.loop import EpochInfo, StepInfo, TrainObserver
 
 __all__ = [
     "TrainProgress",
@@ -137,7 +137,7 @@ class TrainProgress(TrainObserver):
 
 def show_checkpoint(described: dict[str, Any]) -> None:
     """``dvn info``: format, tasks, the task x unit order grid, per-level sizes and training summary."""
-    from .budgets import format_bytes, format_count
+    from ..planning.budgets import format_bytes, format_count
 
     bb = described["backbone"]
     _console().print(
@@ -192,7 +192,7 @@ def show_checkpoint(described: dict[str, Any]) -> None:
 
 def show_plan(plan: dict[str, Any], budget: str) -> None:
     """``dvn plan``: the chosen level per task, the shared memory and what separate models would need."""
-    from .budgets import format_bytes, format_count
+    from ..planning.budgets import format_bytes, format_count
 
     rows = [
         {"task": t, "level": lv, "units": plan["units"][t], "accuracy": plan["accuracy"][t]}
@@ -215,7 +215,7 @@ def show_plan(plan: dict[str, Any], budget: str) -> None:
 
 def show_compact(described: dict[str, Any]) -> None:
     """``dvn info`` of a compact file: where it came from and what it costs."""
-    from .budgets import format_bytes, format_count
+    from ..planning.budgets import format_bytes, format_count
 
     task, bb = described["task"], described["backbone"]
     _console().print(

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
-from .budgets import parse_budget, resolve_budget
-from .checkpoint import CHECKPOINT_FORMAT, COMPACT_FORMAT, Checkpoint, sha256_file, write_atomic
-from .errors import DvnError
+from .. import __version__
+from ..errors import DvnError
+from ..modelfile.checkpoint import CHECKPOINT_FORMAT, COMPACT_FORMAT, Checkpoint, sha256_file, write_atomic
+from ..planning.budgets import parse_budget, resolve_budget
 from .prune import CompactModel, CompactSpec, PlainNetwork, compact_spec, extract_plain, load_model_file
 
 __all__ = [

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO
 
-from .errors import BadConfig
+from ..errors import BadConfig
 
 __all__ = [
     "FASHION_MNIST_SHA256",
@@ -278,7 +278,7 @@ def prepare_offline_data(
     Returns:
         Rows ``{"dataset", "status": "ready" | "prepared" | "missing", "path", "detail"}``.
     """
-    from .data import default_data_root
+    from .datasets import default_data_root
 
     root = Path(data_root if data_root is not None else default_data_root())
     names = list(datasets)
@@ -306,7 +306,7 @@ def offline_data_status(
     verify: bool = True,
 ) -> list[dict[str, str]]:
     """Rows like ``prepare_offline_data``'s, status ``ready`` or ``missing``, without writing anything."""
-    from .data import default_data_root
+    from .datasets import default_data_root
 
     root = Path(data_root if data_root is not None else default_data_root())
     rows = []

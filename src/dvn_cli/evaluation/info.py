@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .budgets import level_costs
-from .checkpoint import Checkpoint, sha256_file
-from .cost import stored_params
-from .prune import CompactModel
+from ..core.cost import stored_params
+from ..deploy.prune import CompactModel
+from ..modelfile.checkpoint import Checkpoint, sha256_file
+from ..planning.budgets import level_costs
 
 __all__ = ["describe_checkpoint", "describe_compact"]
 

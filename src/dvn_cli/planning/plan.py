@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from ..core.cost import BYTES_PER_PARAM, level_cost
+from ..core.layers import LevelBatchNorm2d, UnitConv2d
+from ..core.network import DeepVirtualNetwork
+from ..errors import BadBudget, BadConfig
 from .budgets import Budget, format_bytes, format_count, parse_budget
-from .cost import BYTES_PER_PARAM, level_cost
-from .errors import BadBudget, BadConfig
-from .layers import LevelBatchNorm2d, UnitConv2d
-from .network import DeepVirtualNetwork
 
 __all__ = [
     "MAX_COMBINATIONS",

@@ -18,7 +18,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import (
+from ..config import TrainConfig
+from ..core.network import DeepVirtualNetwork, build_network
+from ..data.datasets import TaskBatches, TaskData, load_task
+from ..errors import BadConfig, DvnError, MissingData, WrongFileFormat
+from ..evaluation.evaluate import accuracy
+from ..modelfile.checkpoint import (
     STATE_FORMAT,
     first_line,
     load_checkpoint,
@@ -27,8 +32,6 @@ from .checkpoint import (
     write_atomic,
     write_dvn_file,
 )
-from .config import TrainConfig
-from .data import TaskBatches, TaskData, load_task
 from .distributed import (
     DistEnv,
     ShardedBatches,
@@ -40,9 +43,6 @@ from .distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from .errors import BadConfig, DvnError, MissingData, WrongFileFormat
-from .evaluate import accuracy
-from .network import DeepVirtualNetwork, build_network
 
 __all__ = [
     "EpochInfo",

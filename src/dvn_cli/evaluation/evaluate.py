@@ -14,14 +14,14 @@ from functools import partial
 
 import torch
 
-from .budgets import describe_budget, level_costs, parse_budget, resolve_budget
-from .bundle import Bundle
-from .checkpoint import Checkpoint
-from .config import BackboneConfig, TaskSpec
-from .cost import LevelCost
-from .data import iterate_split, load_task, task_string
-from .errors import BadBudget, BadConfig, UnknownTask
-from .prune import CompactModel
+from ..config import BackboneConfig, TaskSpec
+from ..core.cost import LevelCost
+from ..data.datasets import iterate_split, load_task, task_string
+from ..deploy.prune import CompactModel
+from ..errors import BadBudget, BadConfig, UnknownTask
+from ..modelfile.bundle import Bundle
+from ..modelfile.checkpoint import Checkpoint
+from ..planning.budgets import describe_budget, level_costs, parse_budget, resolve_budget
 
 __all__ = [
     "EvalOptions",

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import BadConfig, DvnError
+from ..errors import BadConfig, DvnError
 
 __all__ = [
     "DistEnv",

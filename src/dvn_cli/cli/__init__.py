@@ -1,0 +1,1 @@
+"""The command line: Typer commands that parse and print, and their rich rendering."""

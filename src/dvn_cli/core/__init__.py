@@ -1,0 +1,1 @@
+"""The model core: units and orders, unit layers, backbones, the DVN, costs and the plain twin."""

@@ -1,0 +1,1 @@
+"""Deployment: compact plain models of one (task, level) and exported files with a manifest."""

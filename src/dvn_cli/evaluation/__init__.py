@@ -1,0 +1,1 @@
+"""Evaluation and reports: accuracy and latency rows, file descriptions, CSV and plots."""

@@ -1,0 +1,1 @@
+"""Model files: the safetensors container, checkpoints, compact models and bundles behind one reader."""

@@ -1,0 +1,1 @@
+"""Training: the multi-task loop, its resume state, precision and data-parallel helpers."""
