@@ -25,9 +25,10 @@ import torch
 
 from dvn_cli import BackboneConfig, TaskSpec, build_network
 from dvn_cli.core.cost import level_cost
+from dvn_cli.core.plain import extract_plain
 from dvn_cli.deploy.export import fold_batchnorm
-from dvn_cli.deploy.prune import compact_spec, extract_plain, save_compact
 from dvn_cli.modelfile.checkpoint import load_checkpoint
+from dvn_cli.modelfile.compact import compact_spec, save_compact
 
 
 @torch.no_grad()
@@ -44,7 +45,7 @@ def peak_memory_mb(model_file: Path, batch: int, shape: tuple[int, ...]) -> floa
     """Peak resident memory (MB) added by loading ``model_file`` and running one batch, in a fresh process (Linux)."""
     code = f"""
 import torch
-from dvn_cli.deploy.prune import load_model_file
+from dvn_cli.modelfile.base import open_model
 torch.set_num_threads({torch.get_num_threads()})
 x = torch.randn({batch}, *{shape})
 
@@ -57,7 +58,7 @@ def rss_kb(field):
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak (VmHWM) to the current resident size
 base = rss_kb("VmRSS")
-model = load_model_file({str(model_file)!r})
+model = open_model({str(model_file)!r})
 net = model.plain if hasattr(model, "plain") else model.network.eval()
 task = None if hasattr(model, "plain") else model.network.task_names[0]
 with torch.no_grad():

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dvn_cli import BackboneConfig, TaskSpec, build_network
-from dvn_cli.deploy.prune import PlainNetwork, plain_config
+from dvn_cli.core.plain import PlainNetwork, plain_config
 from dvn_cli.training.loop import multitask_loss
 
 

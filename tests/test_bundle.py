@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from dvn_cli.core.cost import level_cost
-from dvn_cli.deploy.prune import PlainNetwork
+from dvn_cli.core.plain import PlainNetwork
 from dvn_cli.errors import BadConfig, UnknownTask, WrongFileFormat
 from dvn_cli.modelfile.bundle import BUNDLE_FORMAT, RUNNING_KEYS, load_bundle, save_bundle, stored_params
-from dvn_cli.modelfile.checkpoint import read_metadata, save_checkpoint
+from dvn_cli.modelfile.checkpoint import save_checkpoint
+from dvn_cli.modelfile.container import read_metadata
 from dvn_cli.planning.plan import shared_memory_params
 
 from .conftest import settle_batch_norm
@@ -89,7 +90,7 @@ def test_load_bundle_refuses_a_checkpoint(tiny_network, tmp_path):
 
 def test_load_bundle_refuses_missing_tensors(settled, tmp_path):
     from dvn_cli.modelfile.bundle import bundle_tensors
-    from dvn_cli.modelfile.checkpoint import write_dvn_file
+    from dvn_cli.modelfile.container import write_dvn_file
 
     good = save_bundle(settled, {"task0": 2}, tmp_path / "good.safetensors")
     meta = read_metadata(good)
@@ -108,9 +109,9 @@ def test_unknown_task_lists_the_bundle_tasks(settled, tmp_path):
 
 
 def test_bad_choices_are_refused(settled, tmp_path):
-    with pytest.raises(BadConfig, match="level 5 out of range 1..4"):
+    with pytest.raises(BadConfig, match="level 5 does not exist: task0 has levels 1..4"):
         save_bundle(settled, {"task0": 5}, tmp_path / "b.safetensors")
-    with pytest.raises(BadConfig, match="level 0 out of range"):
+    with pytest.raises(BadConfig, match="level 0 does not exist"):
         save_bundle(settled, {"task1": 0}, tmp_path / "b.safetensors")
     with pytest.raises(UnknownTask):
         save_bundle(settled, {"nope": 1}, tmp_path / "b.safetensors")

@@ -7,14 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 from dvn_cli.errors import MissingData, WrongFileFormat
-from dvn_cli.modelfile.checkpoint import (
-    CHECKPOINT_FORMAT,
-    load_checkpoint,
-    read_metadata,
-    save_checkpoint,
-    write_atomic,
-    write_dvn_file,
-)
+from dvn_cli.fsutil import write_atomic
+from dvn_cli.modelfile.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from dvn_cli.modelfile.container import read_metadata, write_dvn_file
 
 
 @pytest.fixture
@@ -90,7 +85,7 @@ def test_foreign_safetensors_is_refused(tmp_path):
 
 
 def test_newer_version_is_refused(tmp_path, saved, monkeypatch):
-    import dvn_cli.modelfile.checkpoint as ckpt
+    import dvn_cli.modelfile.container as ckpt
 
     path = tmp_path / "future.safetensors"
     monkeypatch.setattr(ckpt, "FORMAT_VERSION", 2)

@@ -162,9 +162,9 @@ def test_default_checkpoint_missing_says_how_to_get_one(tmp_path, monkeypatch):
 
 
 def test_prune_level_then_eval_gives_the_same_predictions(run_dir, tmp_path):
-    from dvn_cli.deploy.prune import load_compact
     from dvn_cli.evaluation.evaluate import load_split, predictions
     from dvn_cli.modelfile.checkpoint import load_checkpoint
+    from dvn_cli.modelfile.compact import load_compact
 
     base, checkpoint, _ = run_dir
     out = tmp_path / "bands-2.safetensors"
@@ -283,5 +283,15 @@ def test_eval_of_a_bundle_equals_the_checkpoint_at_its_levels(run_dir, tmp_path)
             assert json.loads(full.stdout)["rows"] == [row]
     refused = invoke("eval", "-c", bundle, "--budget", "2", "--data-root", base / "data")
     assert refused.exit_code == 1 and "holds fixed levels" in refused.stderr
-    other = invoke("info", "-c", bundle)
-    assert other.exit_code == 1 and other.stderr.startswith(f"error: {bundle} is a dvn-bundle file; expected")
+    described = json.loads(invoke("info", "-c", bundle, "--json").stdout)  # info, export and prune-level read bundles
+    assert described["format"] == "dvn-bundle" and described["choices"] == {r["task"]: r["level"] for r in rows}
+    assert "unit orders" in invoke("info", "-c", bundle).stdout
+    exported = json.loads(invoke("export", "-c", bundle, "-o", tmp_path / "export", "--json").stdout)
+    assert [(m["task"], m["level"]) for m in exported["models"]] == [(r["task"], r["level"]) for r in rows]
+    assert all(m["check_max_abs_diff"] < 1e-4 for m in exported["models"])
+    level = rows[0]["level"]
+    compact = tmp_path / "from-bundle.safetensors"
+    pruned = invoke("prune-level", "-c", bundle, "--task", rows[0]["task"], "--budget", level, "-o", compact)
+    assert pruned.exit_code == 0, pruned.output
+    from_compact = json.loads(invoke("eval", "-c", compact, "--json", "--data-root", base / "data").stdout)["rows"]
+    assert from_compact == [rows[0]]

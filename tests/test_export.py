@@ -17,6 +17,7 @@ from torch import nn
 
 from dvn_cli.core.cost import level_cost
 from dvn_cli.core.network import build_network
+from dvn_cli.core.plain import extract_plain
 from dvn_cli.data.datasets import convert_images, normalize_batch
 from dvn_cli.deploy.export import (
     CHECK_TOLERANCE,
@@ -27,9 +28,10 @@ from dvn_cli.deploy.export import (
     export_torch_program,
     fold_batchnorm,
 )
-from dvn_cli.deploy.prune import compact_spec, extract_plain, load_compact, save_compact
 from dvn_cli.errors import BadConfig, DvnError, UnknownTask
-from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from dvn_cli.fsutil import sha256_file
+from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
+from dvn_cli.modelfile.compact import CompactModel, compact_spec, load_compact, save_compact
 
 from .conftest import settle_batch_norm, tiny_config, tiny_tasks
 
@@ -133,12 +135,12 @@ def test_export_from_compact_model(checkpoint, tmp_path):
     with pytest.raises(DvnError, match=re.escape(f"{compact} holds only task1 level 2; export the full checkpoint")):
         export_models(load_compact(compact), tmp_path / "other", pairs=[("task1", 3)])
     with pytest.raises(DvnError, match="this compact model holds only task1 level 2"):
-        export_models((plain, spec), tmp_path / "other", pairs=[("task0", 2)])
+        export_models(CompactModel(plain, spec), tmp_path / "other", pairs=[("task0", 2)])
     assert not (tmp_path / "other").exists()
 
 
 def test_export_errors_are_one_line_and_write_nothing(checkpoint, tmp_path):
-    with pytest.raises(BadConfig, match=r"^level 5 out of range 1\.\.4$"):
+    with pytest.raises(BadConfig, match=r"^level 5 does not exist: task0 has levels 1\.\.4$"):
         export_models(checkpoint, tmp_path / "a", pairs=[("task0", 5)])
     with pytest.raises(UnknownTask, match="unknown task 'nope'; this network has: task0, task1"):
         export_models(checkpoint, tmp_path / "a", pairs=[("nope", 1)])

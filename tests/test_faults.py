@@ -24,7 +24,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from dvn_cli.modelfile.checkpoint import load_checkpoint, read_metadata
+from dvn_cli.modelfile.checkpoint import load_checkpoint
+from dvn_cli.modelfile.container import read_metadata
 
 from .conftest import REPO, make_image_folder
 

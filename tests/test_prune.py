@@ -6,21 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from dvn_cli.core.cost import level_cost
+from dvn_cli.core.cost import count_cost, level_cost
 from dvn_cli.core.layers import LevelBatchNorm2d
-from dvn_cli.deploy.prune import (
-    CompactModel,
-    CompactSpec,
-    compact_spec,
-    extract_plain,
-    load_compact,
-    load_model_file,
-    plain_cost,
-    save_compact,
-    sha256_file,
-)
+from dvn_cli.core.plain import extract_plain
 from dvn_cli.errors import BadConfig, UnknownTask, WrongFileFormat
-from dvn_cli.modelfile.checkpoint import save_checkpoint, write_dvn_file
+from dvn_cli.fsutil import sha256_file
+from dvn_cli.modelfile.base import open_model
+from dvn_cli.modelfile.checkpoint import save_checkpoint
+from dvn_cli.modelfile.compact import CompactModel, CompactSpec, compact_spec, load_compact, save_compact
+from dvn_cli.modelfile.container import write_dvn_file
 
 from .conftest import all_task_levels, settle_batch_norm
 
@@ -65,7 +59,7 @@ def test_plain_counts_equal_level_cost(settled):
         weights = sum(m.weight.numel() for m in plain.modules() if isinstance(m, nn.Conv2d | nn.Linear))
         assert weights == cost.params
         assert sum(p.numel() for p in plain.parameters()) == cost.params_total  # + BN affine + head bias
-        assert plain_cost(plain, plain.config) == cost
+        assert count_cost(plain, plain.config) == cost
         spec = compact_spec(settled, task, level)
         assert spec.cost == cost
         assert spec.units == settled.layout.level_units(task, level)
@@ -142,5 +136,5 @@ def test_load_model_file_takes_either_kind(checkpoint_path, tiny_network, tmp_pa
     path = save_compact(
         extract_plain(tiny_network, "task1", 1), compact_spec(tiny_network, "task1", 1), tmp_path / "c.safetensors"
     )
-    assert isinstance(load_model_file(path), CompactModel)
-    assert load_model_file(checkpoint_path).network.task_names == ["task0", "task1"]
+    assert isinstance(open_model(path), CompactModel)
+    assert open_model(checkpoint_path).network.task_names == ["task0", "task1"]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dvn_cli.errors import BadConfig, DvnError, MissingData
-from dvn_cli.modelfile.checkpoint import load_checkpoint, read_metadata
+from dvn_cli.modelfile.checkpoint import load_checkpoint
+from dvn_cli.modelfile.container import read_metadata
 from dvn_cli.training.loop import TrainObserver, fit, lr_at, multitask_loss
 
 from .conftest import tiny_train_config, two_synthetic_tasks

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "BadBudget",
     "BadConfig",
+    "CannotWrite",
     "DvnError",
     "MissingData",
     "UnknownTask",
@@ -37,3 +38,15 @@ class WrongFileFormat(DvnError):
 
 class MissingData(DvnError, FileNotFoundError):
     """Dataset files that are not where dvn looked."""
+
+
+class CannotWrite(DvnError, OSError):
+    """A file or folder dvn was asked to write cannot be written; nothing that was there is lost."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"cannot write to {path}: {reason}")
+        self.path, self.reason = path, reason
+        self.strerror = reason  # callers that catch OSError read the reason where they always do
+
+    def __str__(self) -> str:  # OSError would format its arguments its own way
+        return str(self.args[0])

@@ -243,7 +243,9 @@ def data_prepare(
 
 # ------------------------------------------------------------------------------------------- eval / info
 
-CheckpointOption = Annotated[Path, typer.Option("--checkpoint", "-c", help="A dvn checkpoint or compact model file.")]
+CheckpointOption = Annotated[
+    Path, typer.Option("--checkpoint", "-c", help="A dvn model file: checkpoint, compact model or bundle.")
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
 
 EVAL_COLUMNS = [
@@ -257,38 +259,19 @@ EVAL_COLUMNS = [
 ]
 
 
-def _check_default(path: Path) -> None:
+def _open(path: Path, formats: tuple[str, ...] | None = None):
+    """The model file at ``path`` (any kind, or one of ``formats``); the default one missing says how to get it."""
     from ..errors import MissingData
+    from ..modelfile.base import open_model
 
     if path == DEFAULT_CHECKPOINT and not path.exists():
         raise MissingData(f"no checkpoint at {path}; train one with 'dvn train' or pass -c FILE")
-
-
-def _load_checkpoint(path: Path):
-    """A full DVN checkpoint (commands that need every task and level)."""
-    from ..modelfile.checkpoint import load_checkpoint
-
-    _check_default(path)
-    return load_checkpoint(path)
-
-
-def _load_any(path: Path, with_bundles: bool = False):
-    """A full checkpoint or a compact model file (or a bundle, where the command reads them)."""
-    from ..deploy.prune import load_compact
-    from ..modelfile.bundle import BUNDLE_FORMAT, load_bundle
-    from ..modelfile.checkpoint import CHECKPOINT_FORMAT, COMPACT_FORMAT, load_checkpoint, read_metadata
-
-    _check_default(path)
-    formats = (CHECKPOINT_FORMAT, COMPACT_FORMAT, *((BUNDLE_FORMAT,) if with_bundles else ()))
-    loaders = {CHECKPOINT_FORMAT: load_checkpoint, COMPACT_FORMAT: load_compact, BUNDLE_FORMAT: load_bundle}
-    return loaders[read_metadata(path, formats)["format"]](path)
+    return open_model(path, formats)
 
 
 @app.command("eval")
 def eval_(
-    checkpoint: Annotated[
-        Path, typer.Option("--checkpoint", "-c", help="A dvn checkpoint, compact model or bundle file.")
-    ] = DEFAULT_CHECKPOINT,
+    checkpoint: CheckpointOption = DEFAULT_CHECKPOINT,
     task: Annotated[str | None, typer.Option(help="Comma-separated tasks (default: all).")] = None,
     budget: Annotated[
         str | None, typer.Option(help="A level (3), parameters (250k), a share (40%) or bytes (2MB).")
@@ -308,12 +291,10 @@ def eval_(
     from ..evaluation.evaluate import EvalOptions, evaluate_rows
     from . import ui
 
-    if split not in ("test", "val"):
-        raise typer.BadParameter("use test or val", param_hint="--split")
     with user_errors():
-        model = _load_any(checkpoint, with_bundles=True)
-        tasks = tuple(t.strip() for t in task.split(",")) if task else None
-        rows = evaluate_rows(model, EvalOptions(tasks, budget, split, data_root, limit, latency))
+        options = EvalOptions(_names(task), budget, split, data_root, limit, latency)
+        model = _open(checkpoint)
+        rows = evaluate_rows(model, options)
         if csv is not None:
             from ..evaluation.report import write_csv
 
@@ -333,21 +314,15 @@ def eval_(
 
 @app.command()
 def info(checkpoint: CheckpointOption = DEFAULT_CHECKPOINT, json_output: JsonOption = False) -> None:
-    """What a checkpoint or compact file holds: tasks, classes, unit orders, per-level sizes, training, format."""
-    from ..deploy.prune import CompactModel
-    from ..evaluation.info import describe_checkpoint, describe_compact
+    """What a model file holds: tasks, classes, unit orders, per-level sizes, training, format."""
     from . import ui
 
     with user_errors():
-        model = _load_any(checkpoint)
-        compact = isinstance(model, CompactModel)
-        described = describe_compact(model) if compact else describe_checkpoint(model)
+        described = _open(checkpoint).describe()
     if json_output:
         typer.echo(json.dumps(described))
-    elif compact:
-        ui.show_compact(described)
     else:
-        ui.show_checkpoint(described)
+        ui.show_model_file(described)
 
 
 @app.command()
@@ -363,31 +338,34 @@ def plan(
 ) -> None:
     """Choose a level per task for tasks that run AT ONCE under one shared memory budget."""
     from ..modelfile.bundle import save_bundle
-    from ..modelfile.checkpoint import sha256_file
+    from ..modelfile.checkpoint import CHECKPOINT_FORMAT
     from ..planning.plan import accuracy_from_training, plan_budget_params, plan_levels
     from . import ui
 
     with user_errors():
-        ckpt = _load_checkpoint(checkpoint)
+        ckpt = _open(checkpoint, (CHECKPOINT_FORMAT,))
         network = ckpt.network
-        names = [t.strip() for t in tasks.split(",")] if tasks else network.task_names
+        names = list(_names(tasks) or network.task_names)
         task_weights = _parse_weights(weights) if weights else None
         accuracy = accuracy_from_training(ckpt.training)
         if not accuracy:
             raise BadConfig(f"{checkpoint} has no validation accuracy to plan with; train it with dvn train")
         chosen = plan_levels(network, plan_budget_params(network, budget, names), names, accuracy, task_weights)
         if bundle is not None:
-            try:
-                save_bundle(network, chosen.choices, bundle, sha256_file(checkpoint), ckpt.training)
-            except OSError as exc:
-                raise DvnError(f"cannot write {bundle}: {exc.strerror or exc}") from None
+            save_bundle(network, chosen.choices, bundle, ckpt.file_sha256, ckpt.training)
     result = chosen.to_dict()
     if json_output:
         typer.echo(json.dumps(result))
         return
     ui.show_plan(result, budget)
     if bundle is not None:
-        ui.print_note(f"bundle: {bundle} ({bundle.stat().st_size:,} bytes; load with dvn_cli.bundle.load_bundle)")
+        ui.print_note(f"bundle: {bundle} ({bundle.stat().st_size:,} bytes; load with dvn_cli.open_model)")
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """``a,b`` -> ``("a", "b")``; None or empty -> None (every task)."""
+    names = tuple(t.strip() for t in (text or "").split(",") if t.strip())
+    return names or None
 
 
 def _parse_weights(text: str) -> dict[str, float]:
@@ -422,7 +400,7 @@ def prune_level(
     from . import ui
 
     with user_errors():
-        written = write_compact_level(_load_any(checkpoint), task, budget, out, force=force)
+        written = write_compact_level(_open(checkpoint), task, budget, out, force=force)
     spec = written.spec
     ui.print_note(
         f"wrote {written.path}: {spec.task.name} level {spec.level} of {spec.k} (units {list(spec.units)}), "
@@ -444,15 +422,14 @@ def export(
     json_output: JsonOption = False,
 ) -> None:
     """Deployable models of every (task, level), or of one (task, budget), with manifest.json."""
-    from ..deploy.export import EXPORT_FORMATS, export_models, export_pairs
+    from ..deploy.export import EXPORT_FORMATS, export_models
     from . import ui
 
     if format not in EXPORT_FORMATS:
         raise typer.BadParameter(f"use one of {', '.join(EXPORT_FORMATS)}", param_hint="--format")
     with user_errors():
-        model = _load_any(checkpoint)
-        tasks = [t.strip() for t in task.split(",")] if task else None
-        pairs = export_pairs(model, tasks, budget)
+        model = _open(checkpoint)
+        pairs = model.select(_names(task), budget)
         manifest = export_models(model, out, pairs, check=check, format=format, force=force)
     if json_output:
         typer.echo(json.dumps(manifest))

@@ -135,6 +135,11 @@ class TrainProgress(TrainObserver):
             self.started = False
 
 
+def show_model_file(described: dict[str, Any]) -> None:
+    """``dvn info`` of any model file: one (task, level) in detail, or the task x unit grid and levels table."""
+    (show_compact if described["format"] == "dvn-compact" else show_checkpoint)(described)
+
+
 def show_checkpoint(described: dict[str, Any]) -> None:
     """``dvn info``: format, tasks, the task x unit order grid, per-level sizes and training summary."""
     from ..planning.budgets import format_bytes, format_count

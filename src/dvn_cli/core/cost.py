@@ -1,9 +1,13 @@
 """What one virtual network costs: parameters, float32 bytes and multiply-accumulates per image.
 
 ``params`` counts conv and linear weights (the part that grows like (l/k)^2); ``params_total`` adds that
-(task, level)'s batch-norm affine parameters and its head's bias: everything a stand-alone model of it stores
-besides batch-norm running statistics. ``bytes`` is ``4 * params_total`` (float32). The paper does not say
-which weights its counts include, so both are reported.
+(task, level)'s batch-norm affine parameters and its head's bias (and any convolution bias, such as the ones
+folding batch norm leaves): everything a stand-alone model of it stores besides batch-norm running statistics.
+``bytes`` is ``4 * params_total`` (float32). The paper does not say which weights its counts include, so both
+are reported (docs/design.md §4).
+
+There is one counter, ``count_cost``, over ordinary layers. A (task, level) is counted as its plain twin, built
+with the same shapes on the ``meta`` device (no memory, no weights copied).
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
-from .layers import LevelBatchNorm2d, UnitConv2d, UnitLinear
+from ..config import BackboneConfig
 from .network import DeepVirtualNetwork
+from .plain import PlainNetwork, plain_config
 
-__all__ = ["LevelCost", "level_cost", "stored_params"]
+__all__ = ["BYTES_PER_PARAM", "LevelCost", "count_cost", "level_cost", "stored_params"]
 
 BYTES_PER_PARAM = 4
 
@@ -36,45 +42,46 @@ class LevelCost:
         return {**asdict(self), "bytes": self.bytes}
 
 
-def level_cost(network: DeepVirtualNetwork, task: int | str, level: int) -> LevelCost:
-    """Count (task, level) by running one image through it and reading each unit layer's active shape."""
-    t = network.task_index(task)
-    network.layout.check(t, level)
+def count_cost(model: nn.Module, config: BackboneConfig) -> LevelCost:
+    """Count an ordinary network by running one image of ``config``'s input shape through it.
+
+    Conv and linear weights are ``params``; their biases and batch-norm affine parameters are the extras that
+    ``params_total`` adds; MACs are weights times output positions.
+    """
     weights = extras = macs = 0
 
-    def count(module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+    def count(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
         nonlocal weights, extras, macs
-        if isinstance(module, UnitConv2d):
-            out_c, in_c = module.active_shape(t, level)
-            n = out_c * in_c * module.weight.shape[2] * module.weight.shape[3]
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            n = module.weight.numel()
             weights += n
-            macs += n * output.shape[2] * output.shape[3]
-        elif isinstance(module, UnitLinear):
-            out_f, in_f = module.active_shape(t, level)
-            weights += out_f * in_f
-            extras += out_f  # bias
-            macs += out_f * in_f
-        elif isinstance(module, LevelBatchNorm2d):
-            extras += sum(p.numel() for p in module.norm(t, level).parameters())
+            macs += n * (output.shape[2] * output.shape[3] if output.dim() == 4 else 1)
+            extras += 0 if module.bias is None else module.bias.numel()
+        elif isinstance(module, nn.BatchNorm2d) and module.affine:
+            extras += module.weight.numel() + module.bias.numel()
 
-    hooks = [
-        m.register_forward_hook(count)
-        for m in network.modules()
-        if isinstance(m, UnitConv2d | UnitLinear | LevelBatchNorm2d)
-    ]
-    was_training = network.training
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    was_training = model.training
     try:
-        network.eval()
-        cfg = network.config
-        param = next(network.parameters())
-        x = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size, device=param.device)
+        model.eval()
+        device = next(model.parameters()).device
+        x = torch.zeros(1, config.in_channels, config.input_size, config.input_size, device=device)
         with torch.no_grad():
-            network(x, t, level)
+            model(x)
     finally:
         for h in hooks:
             h.remove()
-        network.train(was_training)
+        model.train(was_training)
     return LevelCost(params=weights, params_total=weights + extras, macs=macs)
+
+
+def level_cost(network: DeepVirtualNetwork, task: int | str, level: int) -> LevelCost:
+    """Cost of (task, level): its plain twin's, counted on the ``meta`` device."""
+    t = network.task_index(task)
+    network.layout.check(t, level)
+    with torch.device("meta"):
+        twin = PlainNetwork(plain_config(network.config, level), network.tasks[t].num_classes)
+    return count_cost(twin, network.config)
 
 
 def stored_params(network: DeepVirtualNetwork) -> int:

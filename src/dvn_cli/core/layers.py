@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .units import ChannelSelection, UnitLayout
+from .units import BlockGrid, ChannelSelection, UnitLayout
 
 __all__ = ["LevelBatchNorm2d", "UnitConv2d", "UnitLinear", "take_channels"]
 
@@ -64,6 +64,12 @@ class UnitConv2d(nn.Module):
         if self.split_input:
             weight = take_channels(weight, 1, self.layout.selection(self.in_channels, task, level, device))
         return weight
+
+    @property
+    def grid(self) -> BlockGrid:
+        """This layer's weight as unit-pair blocks (what plans count and bundles store)."""
+        kh, kw = self.weight.shape[2:]
+        return BlockGrid(self.out_channels, self.in_channels, kh * kw, self.layout.units, self.split_input)
 
     def active_shape(self, task: int, level: int) -> tuple[int, int]:
         """(active output channels, active input channels) of (task, level)."""

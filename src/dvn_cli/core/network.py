@@ -6,7 +6,8 @@ of every layer, that (task, level)'s batch norm and the task's head. Tasks may b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -70,6 +71,34 @@ class DeepVirtualNetwork(nn.Module):
             return self._index[task]
         self.layout.check(task, 1)
         return task
+
+    def resolve_pairs(
+        self, pairs: Iterable[tuple[int | str, int]], one_level_per_task: bool = False
+    ) -> list[tuple[int, int]]:
+        """``(task index, level)`` of each ``(task name or index, level)``, checked before anything runs.
+
+        A level outside ``1..k`` and an unknown task are refused; so is a pair given twice, or with
+        ``one_level_per_task`` (plans, bundles) a task given twice.
+        """
+        resolved = []
+        for task, level in pairs:
+            t = self.task_index(task)
+            try:
+                index = None if isinstance(level, bool) else operator.index(level)  # ints, never floats or bools
+            except TypeError:
+                index = None
+            if index is None or not 1 <= index <= self.units:
+                raise BadConfig(f"level {level} does not exist: {self.task_names[t]} has levels 1..{self.units}")
+            resolved.append((t, index))
+        keys = [t for t, _ in resolved] if one_level_per_task else resolved
+        twice = list(dict.fromkeys(key for key in keys if keys.count(key) > 1))
+        if twice:
+            if one_level_per_task:
+                names = ", ".join(self.task_names[t] for t in twice)
+                raise BadConfig(f"task(s) listed more than once: {names}; each task gets one level")
+            names = ", ".join(f"{self.task_names[t]} level {level}" for t, level in twice)
+            raise BadConfig(f"(task, level) listed more than once: {names}")
+        return resolved
 
     def forward(self, x: torch.Tensor, task: int | str, level: int, masked: bool = False) -> torch.Tensor:
         """Logits of (task, level). ``masked`` runs the full-width reference path instead of the gather path."""

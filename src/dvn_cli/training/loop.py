@@ -23,15 +23,9 @@ from ..core.network import DeepVirtualNetwork, build_network
 from ..data.datasets import TaskBatches, TaskData, load_task
 from ..errors import BadConfig, DvnError, MissingData, WrongFileFormat
 from ..evaluation.evaluate import accuracy
-from ..modelfile.checkpoint import (
-    STATE_FORMAT,
-    first_line,
-    load_checkpoint,
-    read_dvn_file,
-    save_checkpoint,
-    write_atomic,
-    write_dvn_file,
-)
+from ..fsutil import first_line, write_atomic
+from ..modelfile.checkpoint import STATE_FORMAT, load_checkpoint, save_checkpoint
+from ..modelfile.container import read_dvn_file, write_dvn_file
 from .distributed import (
     DistEnv,
     ShardedBatches,
