@@ -1,6 +1,6 @@
 """Budgets: what a user asks for (``3``, ``250k``, ``40%``, ``2MB``) and the level of a task it resolves to.
 
-A budget is one of four kinds (DESIGN.md §4):
+A budget is one of four kinds (docs/design.md §4):
 
 - a LEVEL: a plain positive integer, ``3``. It must exist (``1..k``).
 - PARAMETERS: a number with a suffix ``k``/``K`` (thousand), ``M`` (million) or ``G`` (billion): ``250k``,
