@@ -6,10 +6,12 @@ Tables go to stdout; progress and errors go to stderr, so ``--json`` output stay
 from __future__ import annotations
 
 import sys
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -22,7 +24,10 @@ __all__ = [
     "print_note",
     "print_table",
     "show_checkpoint",
+    "show_compact",
+    "show_model_file",
     "show_plan",
+    "visible",
 ]
 
 PIPE_WIDTH = 200  # tables piped to a file or another program are not cut to 80 columns
@@ -34,18 +39,30 @@ def _console(stderr: bool = False) -> Console:
     return Console(file=stream, highlight=False, width=None if stream.isatty() else PIPE_WIDTH)
 
 
+def visible(value: Any) -> str:
+    """``value`` as text that cannot steer the terminal: control characters shown as escapes, rich markup inert.
+
+    Task names, classes and paths come from files and folders a user may not have written.
+    """
+    text = "".join(
+        ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in ("Cc", "Cf") else ch
+        for ch in str(value)
+    )
+    return escape(text)
+
+
 def print_error(message: str) -> None:
     """One red line on stderr: what went wrong and what to do."""
-    _console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    _console(stderr=True).print(f"[bold red]error:[/] {visible(message)}", highlight=False, soft_wrap=True)
 
 
 def print_note(message: str) -> None:
-    _console(stderr=True).print(message, soft_wrap=True)
+    _console(stderr=True).print(visible(message), soft_wrap=True)
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], title: str | None = None) -> None:
     """Render ``rows`` with ``columns`` = [(key, header)]; values are formatted by ``format_cell``."""
-    table = Table(title=title, title_justify="left")
+    table = Table(title=None if title is None else visible(title), title_justify="left")
     for key, header in columns:
         numeric = bool(rows) and isinstance(rows[0].get(key), int | float) and not isinstance(rows[0].get(key), bool)
         table.add_column(header, justify="right" if numeric else "left")
@@ -55,6 +72,11 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str
 
 
 def format_cell(key: str, value: Any) -> str:
+    """A table cell: percentages, thousands separators, lists joined; text made ``visible``."""
+    return visible(_cell_text(key, value))
+
+
+def _cell_text(key: str, value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float) and key.startswith(("accuracy", "val_accuracy", "acc_")):
@@ -71,7 +93,7 @@ def format_cell(key: str, value: Any) -> str:
 def accuracy_table(val_accuracy: dict[str, list[float]], title: str) -> None:
     """A task x level table of accuracies."""
     k = max((len(v) for v in val_accuracy.values()), default=0)
-    table = Table(title=title, title_justify="left")
+    table = Table(title=None if title is None else visible(title), title_justify="left")
     table.add_column("task")
     for level in range(1, k + 1):
         table.add_column(f"level {level}", justify="right")
@@ -146,7 +168,7 @@ def show_checkpoint(described: dict[str, Any]) -> None:
 
     bb = described["backbone"]
     _console().print(
-        f"[bold]{described['file']}[/]  {described['format']} v{described['version']}, "
+        f"[bold]{visible(described['file'])}[/]  {described['format']} v{described['version']}, "
         f"{format_bytes(described['bytes'])}, sha256 {described['sha256'][:16]}…"
     )
     _console().print(
@@ -166,10 +188,10 @@ def show_checkpoint(described: dict[str, Any]) -> None:
         taken_at = {u: i + 1 for i, u in enumerate(task["order"])}
         classes = ", ".join(task["classes"][:4]) + (" …" if len(task["classes"]) > 4 else "")
         grid.add_row(
-            task["name"],
+            visible(task["name"]),
             *(str(taken_at[u]) for u in range(described["units"])),
-            f"{len(task['classes'])}: {classes}",
-            task["source"],
+            visible(f"{len(task['classes'])}: {classes}"),
+            visible(task["source"]),
         )
     _console().print(grid)
     print_table(
@@ -209,7 +231,7 @@ def show_plan(plan: dict[str, Any], budget: str) -> None:
         title=f"plan for tasks running at once under {budget}",
     )
     for task in plan["left_out"]:
-        _console().print(f"{task}: left out (no level fits)")
+        _console().print(f"{visible(task)}: left out (no level fits)")
     _console().print(
         f"shared memory {format_count(plan['memory_params'])} parameters ({format_bytes(plan['memory_bytes'])}) "
         f"of a budget of {format_count(plan['budget_params'])}; separate models would need "
@@ -224,9 +246,9 @@ def show_compact(described: dict[str, Any]) -> None:
 
     task, bb = described["task"], described["backbone"]
     _console().print(
-        f"[bold]{described['file']}[/]  dvn-compact, {format_bytes(described['bytes'])}, "
+        f"[bold]{visible(described['file'])}[/]  dvn-compact, {format_bytes(described['bytes'])}, "
         f"sha256 {described['sha256'][:16]}…\n"
-        f"task {task['name']} ({len(task['classes'])} classes), level {described['level']} of {described['k']}, "
+        f"task {visible(task['name'])} ({len(task['classes'])} classes), level {described['level']} of {described['k']}, "
         f"units {described['units']}\n"
         f"plain {bb['arch']}-{bb['depth']} widths {bb['widths']}, input {bb['in_channels']}x{bb['input_size']}"
         f"x{bb['input_size']}; {format_count(described['params'])} weights, "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -66,6 +67,10 @@ Loader = Callable[[Path, bool, bool], tuple[torch.Tensor, torch.Tensor, tuple[st
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
+TASK_NAME = re.compile(r"^[^\W_][\w.-]{0,63}$")
+"""Task names ``dvn train`` accepts: letters of any script, digits, ``.``, ``_``, ``-``; never a path."""
+
+
 def default_data_root() -> str:
     """The data root: ``$DVN_DATA_ROOT`` when set, else ``data``."""
     return os.environ.get(DATA_ROOT_ENV) or "data"
@@ -84,6 +89,11 @@ def parse_task(task: str) -> tuple[str, Path | None]:
     name = name.strip()
     if not name:
         raise BadConfig(f"task {task!r} has no name; write name=path/to/folder")
+    if not TASK_NAME.match(name):
+        raise BadConfig(
+            f"task name {name!r} is not allowed: use 1 to 64 letters (any script), digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
     if sep:
         if not folder.strip():
             raise BadConfig(f"task {task!r} has no folder; write {name}=path/to/folder")

@@ -1,0 +1,257 @@
+"""A hostile new user: names that are not file names, files that are not what they say, folders dvn did not write.
+
+Each case asserts the outcome a user sees: exit code 1 and one line, the files on disk, and hashes of the files
+that must not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from dvn_cli.cli.app import app
+from dvn_cli.config import TaskSpec
+from dvn_cli.core.network import build_network
+from dvn_cli.deploy import export as export_module
+from dvn_cli.deploy.export import MANIFEST_NAME, NonFiniteLogits, export_models
+from dvn_cli.deploy.prune import write_compact_level
+from dvn_cli.errors import CannotWrite, WrongFileFormat
+from dvn_cli.fsutil import safe_file_stem, write_atomic
+from dvn_cli.modelfile.base import open_model
+from dvn_cli.modelfile.checkpoint import save_checkpoint
+from dvn_cli.modelfile.container import METADATA_KEY
+
+from .conftest import make_image_folder, tiny_config
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line(result, starts: str = "error: ") -> str:
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(starts) and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.output
+    return result.stderr
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def named_checkpoint(tmp_path: Path, names: list[str], file: str = "model.safetensors") -> Path:
+    torch.manual_seed(0)
+    tasks = [TaskSpec(name=n, classes=("a", "b"), mean=(0.5,) * 3, std=(0.25,) * 3) for n in names]
+    return save_checkpoint(build_network(tiny_config(), tasks), tmp_path / file)
+
+
+def edit_metadata(path: Path, edit) -> None:
+    """Rewrite a dvn file's metadata JSON through ``edit(meta) -> meta`` (tensors unchanged)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()[METADATA_KEY])
+    raw = edit(meta)
+    save_file(
+        load_file(str(path)), str(path), metadata={METADATA_KEY: raw if isinstance(raw, str) else json.dumps(raw)}
+    )
+
+
+# ------------------------------------------------------------------------------------------- names and paths
+
+
+def test_safe_file_stems_are_unique_and_never_paths():
+    names = ["mnist", "a/b", "a_b", "猫", "犬", "../evil", "/etc/passwd", "x" * 300, "\x1b[31mred"]
+    stems = [safe_file_stem(n) for n in names]
+    assert len(set(stems)) == len(names) and stems[0] == "mnist" and stems[2] == "a_b"
+    assert all("/" not in s and not s.startswith(".") and len(s) <= 90 for s in stems)
+
+
+def test_export_of_colliding_task_names_writes_one_file_each_and_a_true_manifest(tmp_path):
+    checkpoint = named_checkpoint(tmp_path, ["a/b", "a_b", "猫", "犬"])
+    out = tmp_path / "export"
+    manifest = export_models(checkpoint, out, pairs=[(t, 1) for t in ("a/b", "a_b", "猫", "犬")], check=False)
+    files = [m["file"] for m in manifest["models"]]
+    assert len(set(files)) == 4
+    for m in manifest["models"]:
+        assert (out / m["file"]).parent == out and sha(out / m["file"]) == m["sha256"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_NAME, *files])
+
+
+def test_prune_level_never_turns_a_task_name_into_a_path(tmp_path):
+    run = tmp_path / "run"
+    checkpoint = named_checkpoint(run, ["../evil", str(tmp_path / "abs")])
+    for task in ("../evil", str(tmp_path / "abs")):
+        written = write_compact_level(open_model(checkpoint), task, "1")
+        assert written.path.parent == run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_train_refuses_task_names_that_are_not_names(tmp_path):
+    folder = make_image_folder(tmp_path / "pics", per_class=4)
+    result = invoke("train", "--tasks", f"../evil={folder}", "--out", tmp_path / "run", "--epochs", "0.1")
+    assert "task name '../evil' is not allowed" in one_line(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_force_replaces_regular_files_only(tmp_path):
+    checkpoint = named_checkpoint(tmp_path, ["t"])
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "link"
+    link.symlink_to(checkpoint)
+    for target in (fifo, link, tmp_path):
+        result = invoke("prune-level", "-c", checkpoint, "--task", "t", "--budget", "1", "-o", target, "--force")
+        assert "is not a regular file" in one_line(result, f"error: cannot write to {target}")
+    assert fifo.is_fifo() and link.is_symlink()
+    with pytest.raises(CannotWrite, match="not a regular file"):
+        write_atomic(fifo, b"x")
+
+
+def test_export_refuses_a_manifest_dvn_did_not_write(tmp_path):
+    checkpoint = named_checkpoint(tmp_path, ["t"])
+    for text in ('{"hello": 1}\n', "{not json", "[" * 100_000):
+        out = tmp_path / f"out{len(text)}"
+        out.mkdir()
+        (out / MANIFEST_NAME).write_text(text)
+        result = invoke("export", "-c", checkpoint, "-o", out, "--no-check", "--budget", "1")
+        assert "is not a dvn export manifest" in one_line(result)
+        assert (out / MANIFEST_NAME).read_text() == text and sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME]
+        forced = invoke("export", "-c", checkpoint, "-o", out, "--no-check", "--budget", "1", "--force")
+        assert forced.exit_code == 0, forced.output
+        assert json.loads((out / MANIFEST_NAME).read_text())["models"][0]["task"] == "t"
+
+
+def test_an_export_that_fails_half_way_leaves_nothing_behind(tmp_path, monkeypatch):
+    checkpoint = named_checkpoint(tmp_path, ["t", "u"])
+    fmt = export_module.EXPORT_FORMATS["onnx"]
+    calls = []
+
+    def fail_second(plain, spec, opset):
+        calls.append(spec.task.name)
+        if len(calls) == 2:
+            raise OSError(36, "File name too long")
+        return fmt.to_bytes(plain, spec, opset)
+
+    monkeypatch.setitem(
+        export_module.EXPORT_FORMATS, "onnx", export_module.ExportFormat(".onnx", fail_second, fmt.check)
+    )
+    with pytest.raises(OSError):
+        export_models(checkpoint, tmp_path / "fresh", check=False)
+    assert not (tmp_path / "fresh").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("mine")
+    calls.clear()
+    with pytest.raises(OSError):
+        export_models(checkpoint, kept, check=False)
+    assert sorted(p.name for p in kept.iterdir()) == ["mine.txt"]
+
+
+# ------------------------------------------------------------------------------------------- silent nonsense
+
+
+def test_non_finite_weights_are_refused_naming_the_file(tmp_path):
+    checkpoint = named_checkpoint(tmp_path, ["t"])
+    tensors = load_file(str(checkpoint))
+    tensors["features.stem_conv.weight"][0, 0, 0, 0] = float("nan")
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(checkpoint), metadata=metadata)
+    with pytest.raises(WrongFileFormat, match="non-finite values .* in features.stem_conv.weight"):
+        open_model(checkpoint)
+    for command in (
+        ["eval"],
+        ["info"],
+        ["export", "-o", tmp_path / "x"],
+        ["prune-level", "--task", "t", "--budget", "1"],
+    ):
+        assert f"error: {checkpoint} holds non-finite values" in one_line(invoke(*command, "-c", checkpoint))
+
+
+def test_non_finite_logits_stop_an_export(tmp_path):
+    torch.manual_seed(0)
+    network = build_network(tiny_config(), [TaskSpec("t", ("a", "b"), (0.5,) * 3, (0.25,) * 3)])
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if name.endswith("weight") and p.dim() == 4:
+                p.fill_(3e37)  # finite weights whose products overflow float32
+    checkpoint = save_checkpoint(network, tmp_path / "model.safetensors")
+    with pytest.raises(NonFiniteLogits, match="t level 1 gives non-finite logits"):
+        export_models(checkpoint, tmp_path / "out", pairs=[("t", 1)])
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_refuses_limits_that_leave_nothing_and_splits_without_images(tmp_path):
+    checkpoint = named_checkpoint(tmp_path, ["t"])
+    for limit in ("-5", "0"):
+        assert "leaves nothing to evaluate" in one_line(invoke("eval", "-c", checkpoint, "--limit", limit))
+    folder = make_image_folder(tmp_path / "pics", classes=("red", "green"), per_class=1)
+    torch.manual_seed(0)
+    spec = TaskSpec("pets", ("green", "red"), (0.5,) * 3, (0.25,) * 3, source=str(folder))
+    lonely = save_checkpoint(build_network(tiny_config(), [spec]), tmp_path / "lonely.safetensors")
+    assert "pets has no test images: nothing to evaluate" in one_line(invoke("eval", "-c", lonely))
+
+
+@pytest.mark.parametrize(
+    ("edit", "command"),
+    [
+        (lambda m: "[" * 100_000 + "]" * 100_000, "info"),
+        (lambda m: '{"format": "dvn-checkpoint", "version": 1e999}', "eval"),
+        (lambda m: {**m, "version": -1}, "export"),
+        (lambda m: {**m, "version": "1"}, "info"),
+        (lambda m: {**m, "training": ["a", "list"]}, "info"),
+        (lambda m: {**m, "backbone": {**m["backbone"], "widths": "abc"}}, "prune-level"),
+        (lambda m: [1, 2, 3], "plan"),
+    ],
+)
+def test_edited_metadata_is_one_line_for_every_command(tmp_path, edit, command):
+    checkpoint = named_checkpoint(tmp_path, ["t"])
+    edit_metadata(checkpoint, edit)
+    before = sha(checkpoint)
+    extra = {"prune-level": ["--task", "t", "--budget", "1"], "plan": ["--budget", "1M"]}.get(command, [])
+    result = invoke(command, "-c", checkpoint, *extra)
+    assert str(checkpoint) in one_line(result)
+    assert sha(checkpoint) == before
+
+
+def test_float_orders_are_refused(tmp_path):
+    checkpoint = named_checkpoint(tmp_path, ["t"])
+    tensors = load_file(str(checkpoint))
+    tensors["orders.t"] = tensors["orders.t"].double()
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(checkpoint), metadata=metadata)
+    assert "orders.t is not a list of unit indices" in one_line(invoke("info", "-c", checkpoint))
+
+
+def test_a_model_path_that_is_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero"
+    zero.symlink_to("/dev/zero")
+    for path in (tmp_path, fifo, zero):
+        assert one_line(invoke("info", "-c", path)) == f"error: {path} is not a regular file\n"
+    assert "no such file" in one_line(invoke("eval", "-c", tmp_path / "missing.safetensors"))
+
+
+def test_names_from_files_cannot_steer_the_terminal(tmp_path):
+    checkpoint = named_checkpoint(tmp_path, ["\x1b[31mred", "[bold]x[/bold]"])
+    result = invoke("info", "-c", checkpoint)
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and "\\x1b[31mred" in result.stdout and "[bold]x[/bold]" in result.stdout
+    refused = invoke("eval", "-c", checkpoint, "--task", "\x1b[2Jgone")
+    assert "\x1b" not in refused.stderr and "\\x1b[2Jgone" in one_line(refused)
