@@ -321,7 +321,8 @@ def fit(
     (``KeyboardInterrupt`` then propagates, with ``TrainResult`` on the exception as ``result``). ``resume``
     continues from the training state (which holds the weights too) and reaches the same weights as an
     uninterrupted run with the same seed. A run killed at any moment resumes from its last epoch end (or
-    Ctrl-C); ``force`` replaces an existing run's files at the first epoch end.
+    Ctrl-C); ``force`` replaces an existing run's files at the first epoch end. The run folder is locked for the
+    whole run (``run_folder.RunLock``, rank 0): a second run into it is refused.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) this trains data-parallel (see ``distributed``): each rank takes its
     slice of every global batch of ``cfg.batch_size`` images per task, gradients are averaged over ranks after
