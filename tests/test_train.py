@@ -1,6 +1,7 @@
 """Training: the loss falls, files hold everything, resume equals an uninterrupted run, Ctrl-C loses nothing."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -116,3 +117,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         fit(tiny_train_config(tmp_path, epochs=1, lr=1e30, warmup_steps=0), force=True, data=two_synthetic_tasks())
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == good
     assert math.isfinite(load_checkpoint(tmp_path / "run" / "model.safetensors").training["steps"])
+
+
+def test_non_finite_loss_before_any_checkpoint_says_none_was_written(tmp_path):
+    with pytest.raises(DvnError) as caught:
+        fit(tiny_train_config(tmp_path, epochs=1, lr=1e30, warmup_steps=0), data=two_synthetic_tasks())
+    message = str(caught.value)
+    run = re.escape(str(tmp_path / "run"))
+    expected = rf"the loss became (nan|inf) at step [23]; stopped, and no checkpoint was written yet in {run}; "
+    assert re.fullmatch(expected + "try a lower --lr", message), message
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / ".lock").exists()

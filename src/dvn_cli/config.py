@@ -2,15 +2,41 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import json
+import math
+import os
+import stat
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from .errors import BadConfig
 
-__all__ = ["PRECISIONS", "BackboneConfig", "TaskSpec", "TrainConfig", "from_dict"]
+__all__ = [
+    "NOT_COMPARED",
+    "PRECISIONS",
+    "BackboneConfig",
+    "TaskSpec",
+    "TrainConfig",
+    "check_types",
+    "comparable",
+    "config_differences",
+    "from_dict",
+    "load_train_config",
+    "read_config_file",
+]
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-"""Training precisions: float32, or autocast to bfloat16 / float16 (float16 with gradient scaling)."""
+PRECISIONS: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""Training precisions (``--precision``) and the ``torch`` dtype each autocasts the training forward to.
+
+``fp32`` is plain float32 (no autocast); ``fp16`` adds gradient scaling. The one list of precision names: the
+training loop derives its dtypes from it.
+"""
 
 
 @dataclass(frozen=True)
@@ -117,6 +143,7 @@ class TrainConfig:
             object.__setattr__(self, "order_table", tuple(tuple(r) for r in self.order_table))
         if self.level_weights is not None:
             object.__setattr__(self, "level_weights", tuple(float(w) for w in self.level_weights))
+        _check_finite(self)
         if not self.tasks:
             raise BadConfig("no tasks given; pass --tasks a,b")
         names = [t.partition("=")[0].strip() for t in self.tasks]  # "name" or "name=path/to/folder"
@@ -141,3 +168,233 @@ def from_dict(cls: type, data: dict[str, Any]):
     if unknown:
         raise BadConfig(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
     return cls(**data)
+
+
+def _check_finite(cfg: TrainConfig) -> None:
+    """Refuse NaN and infinity in any float setting (``nan <= 0`` is False, so range checks let them through)."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        items = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            shown = ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+            raise BadConfig(f"{f.name} must be a finite number, got {shown}")
+
+
+# ------------------------------------------------------------------------------------------ types of values
+
+
+def _matches(kind: Any, value: Any) -> bool:
+    """Whether ``value`` (as TOML or JSON gives it) fits the annotation ``kind``."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(k, value) for k in typing.get_args(kind))
+    if origin is tuple:
+        item = typing.get_args(kind)[0]
+        return isinstance(value, list | tuple) and all(_matches(item, v) for v in value)
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    if is_dataclass(kind):
+        return isinstance(value, Mapping | kind)
+    return True
+
+
+def _describe(kind: Any, plural: bool = False) -> str:
+    """``kind`` in words: "a number", "a list of integers", ... (``None`` is left out: TOML has no null)."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(k, plural) for k in typing.get_args(kind) if k is not type(None))
+    if origin is tuple:
+        return ("lists of " if plural else "a list of ") + _describe(typing.get_args(kind)[0], plural=True)
+    words = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers")}
+    words[str] = ("a string", "strings")
+    if kind in words:
+        return words[kind][plural]
+    return "tables" if plural else "a table"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def check_types(cls: type, values: Mapping[str, Any], prefix: str = "") -> None:
+    """Refuse a value whose type does not fit the field of ``cls`` it sets, naming the key.
+
+    For values read from a config file (flags are typed by the command line): every field of ``TrainConfig`` and
+    ``BackboneConfig`` is checked from its annotation (int, float, bool, str, tuples of them, optional ones).
+    Unknown keys are left to ``from_dict``.
+
+    Args:
+        cls: a config dataclass.
+        values: field name -> value.
+        prefix: put before a key in the message (``backbone.`` for the ``[backbone]`` table).
+    """
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key in hints and not _matches(hints[key], value):
+            raise BadConfig(f"{prefix}{key} must be {_describe(hints[key])}, got {_show(value)}")
+
+
+# ---------------------------------------------------------------------------------- the config of dvn train
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The settings of a TOML config file, refusing a missing file, a folder or FIFO, and bad TOML in one line."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise BadConfig(f"config file {path} not found") from None
+    except OSError as exc:
+        raise BadConfig(f"cannot read config file {path} ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):  # a FIFO would block the read forever
+        raise BadConfig(f"config file {path} is not a regular file")
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise BadConfig(f"cannot read config file {path} ({exc.strerror or exc})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadConfig(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def load_train_config(
+    file: str | os.PathLike[str] | None,
+    flags: Mapping[str, Any],
+    backbone_flags: Mapping[str, Any],
+    *,
+    resume: bool = False,
+) -> TrainConfig:
+    """The configuration of ``dvn train``: config file values, overridden by the flags the user gave.
+
+    A new run takes the backbone's ``in_channels`` and ``input_size`` from its tasks' data when neither gives
+    them. With ``resume`` the run in ``out`` supplies every setting (see ``resumed_config``): what the file and
+    flags give must equal it, except the settings of ``NOT_COMPARED``. The data root is the flag, else
+    ``$DVN_DATA_ROOT``, else the file's (or the stored run's), else ``data``.
+
+    Args:
+        file: a TOML file of ``TrainConfig`` fields with an optional ``[backbone]`` table, or None.
+        flags: ``TrainConfig`` field -> flag value (None: not given).
+        backbone_flags: ``BackboneConfig`` field -> flag value (None: not given).
+        resume: continue the run in ``out`` with its stored configuration.
+    """
+    values = read_config_file(file) if file is not None else {}
+    backbone = values.pop("backbone", {})
+    if isinstance(values.get("tasks"), str):
+        values["tasks"] = [t.strip() for t in values["tasks"].split(",") if t.strip()]
+    check_types(TrainConfig, {"backbone": backbone, **values})
+    check_types(BackboneConfig, backbone, "backbone.")
+    given = {**values, **{k: v for k, v in flags.items() if v is not None}}
+    given_backbone = {**backbone, **{k: v for k, v in backbone_flags.items() if v is not None}}
+    if isinstance(given.get("tasks"), str):
+        given["tasks"] = [t.strip() for t in given["tasks"].split(",") if t.strip()]
+    if resume:
+        return resumed_config(given, given_backbone, flags.get("data_root"))
+    given["data_root"] = _data_root(flags.get("data_root"), given.get("data_root"))
+    if "in_channels" not in given_backbone or "input_size" not in given_backbone:
+        from .data.datasets import native_shape  # torch: only when the data has to be looked at
+
+        tasks = given.get("tasks") or list(TrainConfig.tasks)
+        shapes = [native_shape(t, given["data_root"]) for t in tasks]
+        given_backbone.setdefault("in_channels", max(c for c, _ in shapes))
+        given_backbone.setdefault("input_size", max(s for _, s in shapes))
+    return _build(given, given_backbone)
+
+
+def _data_root(flag: str | None, other: str | None) -> str:
+    """``--data-root``, else ``$DVN_DATA_ROOT``, else ``other`` (the file's or the stored run's), else ``data``."""
+    from .data.datasets import DATA_ROOT_ENV
+
+    return flag or os.environ.get(DATA_ROOT_ENV) or other or "data"
+
+
+def _build(values: dict[str, Any], backbone: dict[str, Any]) -> TrainConfig:
+    values = {**values, "backbone": from_dict(BackboneConfig, backbone)}
+    try:
+        return from_dict(TrainConfig, values)
+    except TypeError as exc:
+        raise BadConfig(f"bad configuration: {exc}") from None
+
+
+def resumed_config(
+    given: Mapping[str, Any], given_backbone: Mapping[str, Any], data_root_flag: str | None = None
+) -> TrainConfig:
+    """The stored configuration of the run in ``given["out"]`` (default ``runs/dvn``), with the settings given.
+
+    A given setting that differs from the stored one is refused, naming it, unless it is one of
+    ``NOT_COMPARED`` (where the files live and how the run computes), which the given value replaces.
+    """
+    from .training.run_folder import RunPaths, stored_config  # torch: reads the training state
+
+    out = str(given.get("out") or TrainConfig.out)
+    stored = stored_config(RunPaths(Path(out)))
+    stored_backbone = dict(stored.pop("backbone", {}))
+    data_root = _data_root(data_root_flag, given.get("data_root") or stored.get("data_root"))
+    stored.update(out=out, data_root=data_root)
+    before = _build(stored, stored_backbone)
+    after = _build({**stored, **given, "data_root": data_root}, {**stored_backbone, **given_backbone})
+    differences = config_differences(comparable(before), after)
+    if len(differences) == 1:
+        name, old, new = differences[0]
+        raise BadConfig(
+            f"--resume: {name} differs from the run in {out} ({_plain(old)} stored, {_plain(new)} given); "
+            "drop the flag or train a new run"
+        )
+    if differences:
+        names = ", ".join(name for name, _, _ in differences)
+        detail = "; ".join(f"{name} {_plain(old)} stored, {_plain(new)} given" for name, old, new in differences)
+        raise BadConfig(
+            f"--resume: {names} differ from the run in {out} ({detail}); drop those flags or train a new run"
+        )
+    return after
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, list) and all(not isinstance(v, list) for v in value):
+        return ",".join(str(v) for v in value)
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+# --------------------------------------------------------------------------------- what --resume compares
+
+NOT_COMPARED = ("out", "device", "data_root", "precision")
+"""Config fields that may change on ``--resume``: where files live and how (not what) the run computes."""
+
+
+def comparable(cfg: TrainConfig) -> dict[str, Any]:
+    """The parts of a config that must match for ``--resume``, as JSON values (stored in the training state)."""
+    return {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in NOT_COMPARED}
+
+
+def config_differences(saved: Mapping[str, Any], cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """``(setting, saved value, cfg's value)`` of each comparable setting where ``cfg`` differs from ``saved``.
+
+    Backbone settings are named by their own key (``units``, ``widths``); a setting newer than the saved config
+    (absent from it) counts as equal when ``cfg`` holds its default.
+    """
+    current, defaults = comparable(cfg), comparable(TrainConfig(tasks=cfg.tasks, backbone=cfg.backbone))
+    saved_backbone = saved.get("backbone", {}) if isinstance(saved.get("backbone"), Mapping) else {}
+    default_backbone = asdict(BackboneConfig())
+    pairs = [(k, saved.get(k, _ABSENT), v, defaults[k]) for k, v in current.items() if k != "backbone"]
+    pairs += [
+        (k, saved_backbone.get(k, _ABSENT), v, json.loads(json.dumps(default_backbone[k])))
+        for k, v in current["backbone"].items()
+    ]
+    pairs += [(k, v, _ABSENT, None) for k, v in saved.items() if k not in current]
+    pairs += [(k, v, _ABSENT, None) for k, v in saved_backbone.items() if k not in current["backbone"]]
+    return [
+        (name, None if old is _ABSENT else old, None if new is _ABSENT else new)
+        for name, old, new, default in pairs
+        if not (old == new or (old is _ABSENT and new == default))
+    ]
+
+
+_ABSENT = object()

@@ -6,9 +6,8 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import tomllib
 import typer
 
 from .. import __version__
@@ -64,35 +63,11 @@ def _int_list(text: str, what: str) -> list[int]:
         raise typer.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
-def _train_config(file: Path | None, flags: dict[str, Any], backbone_flags: dict[str, Any]):
-    """Config file values, overridden by the flags the user gave; backbone shape defaults from the data."""
-    from ..config import BackboneConfig, TrainConfig, from_dict
-    from ..data.datasets import native_shape
-
-    values: dict[str, Any] = {}
-    if file is not None:
-        try:
-            values = tomllib.loads(file.read_text())
-        except FileNotFoundError:
-            raise BadConfig(f"config file {file} not found") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise BadConfig(f"config file {file} is not valid TOML: {exc}") from None
-    backbone = dict(values.pop("backbone", {}))
-    values.update({k: v for k, v in flags.items() if v is not None})
-    backbone.update({k: v for k, v in backbone_flags.items() if v is not None})
-    if isinstance(values.get("tasks"), str):
-        values["tasks"] = [t.strip() for t in values["tasks"].split(",") if t.strip()]
-    tasks = values.get("tasks") or list(TrainConfig.tasks)
-    if "in_channels" not in backbone or "input_size" not in backbone:
-        root = values.get("data_root")
-        shapes = [native_shape(t, root) for t in tasks]
-        backbone.setdefault("in_channels", max(c for c, _ in shapes))
-        backbone.setdefault("input_size", max(s for _, s in shapes))
-    values["backbone"] = from_dict(BackboneConfig, backbone)
+def _float_list(text: str, what: str) -> list[float]:
     try:
-        return from_dict(TrainConfig, values)
-    except TypeError as exc:
-        raise BadConfig(f"bad configuration: {exc}") from None
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
 @app.command()
@@ -127,7 +102,9 @@ def train(
     data_root: Annotated[str | None, typer.Option(help="Dataset folder (default ./data or $DVN_DATA_ROOT).")] = None,
     download: Annotated[bool | None, typer.Option("--download", help="Let torchvision download data.")] = None,
     out: Annotated[str | None, typer.Option(help="Run folder (default runs/dvn).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out with its stored settings.")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a run already in --out.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
     precision: Annotated[
@@ -140,7 +117,7 @@ def train(
     Under torchrun (torchrun --nproc_per_node N -m dvn_cli train ...) it trains data-parallel: --batch-size
     stays the global batch per task, each process takes its share, and only rank 0 writes and prints.
     """
-    from ..data.datasets import default_data_root
+    from ..config import load_train_config
     from ..training.distributed import detect_env
     from ..training.loop import TrainObserver, fit, resolve_device
     from . import ui
@@ -155,7 +132,7 @@ def train(
         "momentum": momentum,
         "weight_decay": weight_decay,
         "warmup_steps": warmup_steps,
-        "level_weights": [float(w) for w in level_weights.split(",")] if level_weights else None,
+        "level_weights": _float_list(level_weights, "--level-weights") if level_weights else None,
         "distill": distill,
         "label_smoothing": label_smoothing,
         "seed": seed,
@@ -181,9 +158,7 @@ def train(
         main_rank = detect_env().is_main
     # Under torchrun every rank does the same work; only rank 0 shows progress, results and errors.
     with user_errors() if main_rank else _quiet_errors():
-        if flags["data_root"] is None:
-            flags["data_root"] = default_data_root()
-        cfg = _train_config(config, flags, backbone_flags)
+        cfg = load_train_config(config, flags, backbone_flags, resume=resume)
         if main_rank and cfg.precision == "fp16" and resolve_device(cfg.device).type == "cpu":
             ui.print_note("note: fp16 on CPU has no fast kernels (10x slower than fp32 where measured); use bf16")
         progress = ui.TrainProgress() if main_rank else TrainObserver()

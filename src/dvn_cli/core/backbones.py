@@ -24,7 +24,15 @@ from ..errors import BadConfig
 from .layers import LevelBatchNorm2d, UnitConv2d
 from .units import UnitLayout
 
-__all__ = ["BACKBONES", "Backbone", "PlainResNet", "UnitResNet", "build_features", "register_backbone"]
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "PlainResNet",
+    "UnitResNet",
+    "build_features",
+    "check_input_shape",
+    "register_backbone",
+]
 
 
 def blocks_per_stage(depth: int) -> int:
@@ -169,3 +177,33 @@ def build_features(config: BackboneConfig, layout: UnitLayout) -> nn.Module:
     if layout.units != config.units:
         raise BadConfig(f"layout has k={layout.units} units but the backbone config says k={config.units}")
     return get_backbone(config.arch).unit(config, layout)
+
+
+def check_input_shape(config: BackboneConfig) -> None:
+    """Refuse an input size and stem stride that leave the network nothing to look at.
+
+    The stem convolution divides the input size by ``stem_stride`` (rounding up) and every stage after the first
+    halves it. Each halving needs a feature map of at least 2x2, so the map after the stem must be at least
+    ``2 ** (stages - 1)`` wide (4 for three stages), which needs an input of ``stem_stride * (4 - 1) + 1``.
+    """
+    if config.arch != "resnet":
+        return
+    halvings = sum(1 for s in stage_strides(len(config.widths)) if s > 1)
+    need = 2**halvings  # the smallest feature map after the stem
+    size, stride = config.input_size, config.stem_stride
+    largest = size if need == 1 else (size - 1) // (need - 1)  # the largest stem stride this input takes
+    if largest < 1:
+        raise BadConfig(
+            f"input_size {size} is too small for {len(config.widths)} stages: the feature map would shrink below "
+            f"1x1 before the last stage; the smallest input_size that works is {need} (with stem_stride 1)"
+        )
+    if stride > size:
+        raise BadConfig(
+            f"stem_stride {stride} is larger than input_size {size}; the largest stem_stride that works is {largest}"
+        )
+    if stride > largest:
+        raise BadConfig(
+            f"input_size {size} is too small for stem_stride {stride}: the feature map would shrink below 1x1 "
+            f"before the last stage; the smallest input_size that works is {stride * (need - 1) + 1} "
+            f"(or use a stem_stride of at most {largest})"
+        )

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import TrainConfig
+from ..config import PRECISIONS, TrainConfig, comparable, config_differences
+from ..core.backbones import check_input_shape
 from ..core.network import DeepVirtualNetwork, build_network
 from ..data.datasets import TaskBatches, TaskData, load_task
-from ..errors import BadConfig, DvnError, MissingData, WrongFileFormat
+from ..errors import BadConfig, DvnError, WrongFileFormat
 from ..evaluation.evaluate import accuracy
 from ..fsutil import first_line, write_atomic
 from ..modelfile.checkpoint import STATE_FORMAT, load_checkpoint, save_checkpoint
@@ -37,6 +38,7 @@ from .distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from .run_folder import RunPaths, prepare_run_folder
 
 __all__ = [
     "EpochInfo",
@@ -170,29 +172,6 @@ class TrainResult:
     interrupted: bool = False
 
 
-@dataclass
-class RunPaths:
-    """The files of one run folder."""
-
-    out: Path
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.out / "model.safetensors"
-
-    @property
-    def state(self) -> Path:
-        return self.out / "train_state.safetensors"
-
-    @property
-    def metrics(self) -> Path:
-        return self.out / "metrics.jsonl"
-
-    @property
-    def config(self) -> Path:
-        return self.out / "config.json"
-
-
 def load_tasks(cfg: TrainConfig) -> list[TaskData]:
     """Every task of ``cfg`` in memory at the backbone's input shape."""
     bb = cfg.backbone
@@ -286,8 +265,10 @@ def _load_state_tensors(tensors, optimizer, scaler, streams: list[TaskBatches], 
         stream.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
-AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-"""``--precision`` -> the autocast dtype of the training forward (None: plain float32)."""
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
+    name: None if dtype == "float32" else getattr(torch, dtype) for name, dtype in PRECISIONS.items()
+}
+"""``--precision`` -> the autocast dtype of the training forward (None: plain float32), from ``PRECISIONS``."""
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -320,28 +301,6 @@ def _together(env: DistEnv, device: torch.device, work):
     return result
 
 
-def _remove_stale_temporaries(paths: RunPaths) -> None:
-    """Delete the temporary files of writes that a killed run left behind (never a finished file)."""
-    for target in (paths.checkpoint, paths.state, paths.metrics, paths.config):
-        for tmp in paths.out.glob(f".{target.name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
-
-
-def _prepare_run_folder(paths: RunPaths, resume: bool, force: bool, main: bool) -> None:
-    if paths.out.exists() and not paths.out.is_dir():
-        raise BadConfig(f"--out {paths.out} is a file, not a folder; choose another --out")
-    if resume and not paths.state.is_file():
-        raise MissingData(f"nothing to resume in {paths.out}: no {paths.state.name}; train without --resume")
-    holds_run = paths.checkpoint.exists() or paths.state.exists()
-    if not resume and not force and holds_run:
-        raise BadConfig(
-            f"{paths.out} already holds a run; pass --resume to continue it, --force to replace it, "
-            "or --out for a new folder"
-        )
-    if main and paths.out.is_dir():
-        _remove_stale_temporaries(paths)
-
-
 def fit(
     cfg: TrainConfig,
     *,
@@ -356,7 +315,8 @@ def fit(
     (``KeyboardInterrupt`` then propagates, with ``TrainResult`` on the exception as ``result``). ``resume``
     continues from the training state (which holds the weights too) and reaches the same weights as an
     uninterrupted run with the same seed. A run killed at any moment resumes from its last epoch end (or
-    Ctrl-C); ``force`` replaces an existing run's files at the first epoch end.
+    Ctrl-C); ``force`` replaces an existing run's files at the first epoch end. The run folder is locked for the
+    whole run (``run_folder.RunLock``, rank 0): a second run into it is refused.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) this trains data-parallel (see ``distributed``): each rank takes its
     slice of every global batch of ``cfg.batch_size`` images per task, gradients are averaged over ranks after
@@ -377,6 +337,43 @@ def fit(
         shutdown_distributed(started)
 
 
+@dataclass
+class _Run:
+    """One run in progress: what it trains with, where it writes, and how far it got (``step``, ``history``)."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    device: torch.device
+    paths: RunPaths
+    data: list[TaskData]
+    network: DeepVirtualNetwork
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    streams: list[TaskBatches]
+    feeds: list[TaskBatches] | list[ShardedBatches]
+    amp_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def main(self) -> bool:
+        return self.env.is_main
+
+    @property
+    def names(self) -> list[str]:
+        return [d.spec.name for d in self.data]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(s.batches_per_epoch for s in self.streams)
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, round(self.cfg.epochs * self.steps_per_epoch))
+
+
 def _fit(
     cfg: TrainConfig,
     env: DistEnv,
@@ -386,170 +383,194 @@ def _fit(
     observer: TrainObserver,
     data: list[TaskData] | None,
 ) -> TrainResult:
+    check_input_shape(cfg.backbone)
     paths = RunPaths(Path(cfg.out))
-    main = env.is_main
     amp_dtype = resolve_precision(cfg.precision, device)
     if data is None:
         data = _together(env, device, lambda: load_tasks(cfg))
     if not cfg.augment:  # so that what is reported is what runs
         data = [dataclasses.replace(d, augment="none") for d in data]
-    _together(env, device, lambda: _prepare_run_folder(paths, resume, force, main))
+    lock = _together(env, device, lambda: prepare_run_folder(paths, resume, force, env.is_main))
+    try:
+        run = _new_run(cfg, env, device, paths, data, amp_dtype)
+        if resume:
+            _together(env, device, lambda: _resume(run))
+        broadcast_module(run.network)  # every rank starts from rank 0's weights, as DDP does
+        if run.main:  # a replaced run's other files stay until this run's first epoch end rewrites them
+            write_atomic(paths.config, json.dumps(cfg.to_dict(), indent=2).encode())
+            observer.on_start(run.total_steps, run.step, data)
+        try:
+            result = _train_steps(run, observer)
+        except KeyboardInterrupt as interrupt:
+            interrupt.result = _save(run, interrupted=True)  # no collective: the other ranks may be gone
+            raise
+        return result if result is not None else _together(env, device, lambda: _save(run, interrupted=False))
+    finally:
+        lock.release()
 
+
+def _new_run(
+    cfg: TrainConfig,
+    env: DistEnv,
+    device: torch.device,
+    paths: RunPaths,
+    data: list[TaskData],
+    amp_dtype: torch.dtype | None,
+) -> _Run:
+    """A fresh run at step 0: the seeded network, its optimizer and gradient scaler, and the batch streams."""
     torch.manual_seed(cfg.seed)
     network = build_network(cfg.backbone, [d.spec for d in data], cfg.order_rule, cfg.order_table).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     network = network.to(memory_format=memory_format)  # ~15% faster convolutions on CPU
-    optimizer = make_optimizer(network, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    names = [d.spec.name for d in data]
     streams = [TaskBatches(d, cfg.batch_size, seed=cfg.seed, task_index=i) for i, d in enumerate(data)]
-    feeds = [ShardedBatches(s, env) for s in streams] if env.distributed else streams
-    steps_per_epoch = max(s.batches_per_epoch for s in streams)
-    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    step, history, seconds = 0, [], 0.0
-    result: TrainResult | None = None
+    return _Run(
+        cfg=cfg,
+        env=env,
+        device=device,
+        paths=paths,
+        data=data,
+        network=network,
+        optimizer=make_optimizer(network, cfg),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16),
+        streams=streams,
+        feeds=[ShardedBatches(s, env) for s in streams] if env.distributed else streams,
+        amp_dtype=amp_dtype,
+        memory_format=memory_format,
+    )
 
-    def load_resume_state() -> tuple[int, list, float]:
-        state_tensors, state_meta = read_dvn_file(paths.state, (STATE_FORMAT,))
-        if not _same_config(state_meta.get("config", {}), cfg):
-            raise BadConfig(
-                f"{paths.state} was written by a run with another configuration; resume with the "
-                "same flags or config file"
-            )
-        weights = {k[len("model.") :]: v for k, v in state_tensors.items() if k.startswith("model.")}
-        if not weights:  # a state file of an older dvn: the weights are in the checkpoint
-            ckpt = load_checkpoint(paths.checkpoint)
-            if ckpt.training.get("steps") != state_meta["step"]:
-                raise WrongFileFormat(f"{paths.checkpoint} and {paths.state} are from different steps; cannot resume")
-            weights = ckpt.network.state_dict()
-        try:
-            network.load_state_dict(weights)
-            _load_state_tensors(state_tensors, optimizer, scaler, streams, names)
-            return state_meta["step"], state_meta["history"], state_meta["seconds"]
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise WrongFileFormat(f"{paths.state} does not match this run ({first_line(exc)}); cannot resume") from None
 
-    if resume:
-        step, history, seconds = _together(env, device, load_resume_state)
-    elif main:  # a replaced run's files stay until this run's first epoch end rewrites them
-        paths.out.mkdir(parents=True, exist_ok=True)
-    broadcast_module(network)  # every rank starts from rank 0's weights, as DDP does
-    if main:
-        write_atomic(paths.config, json.dumps(cfg.to_dict(), indent=2).encode())
+def _resume(run: _Run) -> None:
+    """Load the run's training state: weights, optimizer, scaler, batch streams, RNG, step and history."""
+    paths = run.paths
+    state_tensors, state_meta = read_dvn_file(paths.state, (STATE_FORMAT,))
+    differences = config_differences(state_meta.get("config", {}), run.cfg)
+    if differences:
+        detail = "; ".join(f"{name}: {old} stored, {new} given" for name, old, new in differences)
+        raise BadConfig(
+            f"{paths.state} was written by a run with another configuration ({detail}); resume with the "
+            "same flags or config file, or with --resume alone"
+        )
+    weights = {k[len("model.") :]: v for k, v in state_tensors.items() if k.startswith("model.")}
+    if not weights:  # a state file of an older dvn: the weights are in the checkpoint
+        ckpt = load_checkpoint(paths.checkpoint)
+        if ckpt.training.get("steps") != state_meta["step"]:
+            raise WrongFileFormat(f"{paths.checkpoint} and {paths.state} are from different steps; cannot resume")
+        weights = ckpt.network.state_dict()
+    try:
+        run.network.load_state_dict(weights)
+        _load_state_tensors(state_tensors, run.optimizer, run.scaler, run.streams, run.names)
+        run.step, run.history, run.seconds = state_meta["step"], state_meta["history"], state_meta["seconds"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise WrongFileFormat(f"{paths.state} does not match this run ({first_line(exc)}); cannot resume") from None
 
-    def save(interrupted: bool) -> TrainResult:
-        summary = {
-            "steps": step,
-            "total_steps": total_steps,
-            "epochs": round(step / steps_per_epoch, 3),
-            "seconds": round(seconds, 1),
-            "images_per_second": round(step * sum(s.batch_size for s in streams) / max(seconds, 1e-9), 1),
-            "val_accuracy": history[-1]["val_accuracy"] if history else {},
-            "data": [d.summary() for d in data],
-            "config": cfg.to_dict(),
-            "finished": step >= total_steps,
-            "world_size": env.world_size,
-            "device": device.type,
-        }
-        if not main:
-            return TrainResult(paths.checkpoint, paths.state, summary, interrupted)
-        state_meta = {"step": step, "history": history, "seconds": seconds, "config": _comparable(cfg)}
-        try:  # checkpoint, then state, then metrics: a kill between them leaves a state that resumes
-            save_checkpoint(network, paths.checkpoint, summary)
-            state_tensors = _state_tensors(network, optimizer, scaler, streams, names)
-            write_dvn_file(paths.state, state_tensors, STATE_FORMAT, state_meta)
-            write_atomic(paths.metrics, "".join(json.dumps(h) + "\n" for h in history).encode())
-        except OSError as exc:
-            raise DvnError(
-                f"cannot write the run into {paths.out} ({exc.strerror or exc}) at step {step}; "
-                "its files from the last save are kept"
-            ) from None
+
+def _summary(run: _Run) -> dict[str, Any]:
+    """What the checkpoint says about the run (``Checkpoint.training``) and ``TrainResult.summary``."""
+    return {
+        "steps": run.step,
+        "total_steps": run.total_steps,
+        "epochs": round(run.step / run.steps_per_epoch, 3),
+        "seconds": round(run.seconds, 1),
+        "images_per_second": round(run.step * sum(s.batch_size for s in run.streams) / max(run.seconds, 1e-9), 1),
+        "val_accuracy": run.history[-1]["val_accuracy"] if run.history else {},
+        "data": [d.summary() for d in run.data],
+        "config": run.cfg.to_dict(),
+        "finished": run.step >= run.total_steps,
+        "world_size": run.env.world_size,
+        "device": run.device.type,
+    }
+
+
+def _save(run: _Run, interrupted: bool) -> TrainResult:
+    """Write checkpoint, training state and metrics (rank 0; other ranks only return the summary)."""
+    paths, summary = run.paths, _summary(run)
+    if not run.main:
         return TrainResult(paths.checkpoint, paths.state, summary, interrupted)
+    state_meta = {"step": run.step, "history": run.history, "seconds": run.seconds, "config": comparable(run.cfg)}
+    try:  # checkpoint, then state, then metrics: a kill between them leaves a state that resumes
+        save_checkpoint(run.network, paths.checkpoint, summary)
+        state_tensors = _state_tensors(run.network, run.optimizer, run.scaler, run.streams, run.names)
+        write_dvn_file(paths.state, state_tensors, STATE_FORMAT, state_meta)
+        write_atomic(paths.metrics, "".join(json.dumps(h) + "\n" for h in run.history).encode())
+    except OSError as exc:
+        raise DvnError(
+            f"cannot write the run into {paths.out} ({exc.strerror or exc}) at step {run.step}; "
+            "its files from the last save are kept"
+        ) from None
+    return TrainResult(paths.checkpoint, paths.state, summary, interrupted)
 
-    if main:
-        observer.on_start(total_steps, step, data)
+
+def _train_steps(run: _Run, observer: TrainObserver) -> TrainResult | None:
+    """Optimiser steps from ``run.step`` to the end: validate and save at every epoch end.
+
+    Returns the last epoch end's result (None when there was no step left to take).
+    """
+    cfg, env, device, network, optimizer, scaler = run.cfg, run.env, run.device, run.network, run.optimizer, run.scaler
+    names, steps_per_epoch, total_steps = run.names, run.steps_per_epoch, run.total_steps
     network.train()
     weights = list(cfg.level_weights) if cfg.level_weights else None
     params = list(network.parameters())
+    result: TrainResult | None = None
     epoch_start, epoch_losses = time.perf_counter(), dict.fromkeys(names, 0.0)
-    try:
-        while step < total_steps:
-            tick = time.perf_counter()
-            batches = [
-                (x.to(device, memory_format=memory_format, non_blocking=True), y.to(device))
-                for x, y in (next(f) for f in feeds)
-            ]
-            lr = lr_at(step, total_steps, cfg.lr, cfg.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss, task_losses = multitask_loss(network, batches, weights, cfg.distill, cfg.label_smoothing)
-            if not env.distributed:
-                _check_finite(float(loss.detach()), step, paths)
-            scaler.scale(loss).backward()
-            if env.distributed:  # one flat all-reduce: averaged gradients and the global batch's task losses
-                task_losses = all_reduce_gradients(params, torch.tensor(task_losses)).tolist()
-                _check_finite(sum(task_losses), step, paths)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            elapsed = time.perf_counter() - tick
-            seconds += elapsed
-            for n, value in zip(names, task_losses, strict=True):
-                epoch_losses[n] += value
-            if main:
-                observer.on_step(
-                    StepInfo(
-                        step,
-                        total_steps,
-                        step / steps_per_epoch,
-                        dict(zip(names, task_losses, strict=True)),
-                        env.world_size * sum(len(y) for _, y in batches) / max(elapsed, 1e-9),
-                        lr,
-                    )
+    while run.step < total_steps:
+        tick = time.perf_counter()
+        batches = [
+            (x.to(device, memory_format=run.memory_format, non_blocking=True), y.to(device))
+            for x, y in (next(f) for f in run.feeds)
+        ]
+        lr = lr_at(run.step, total_steps, cfg.lr, cfg.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+            loss, task_losses = multitask_loss(network, batches, weights, cfg.distill, cfg.label_smoothing)
+        if not env.distributed:
+            _check_finite(float(loss.detach()), run.step, run.paths)
+        scaler.scale(loss).backward()
+        if env.distributed:  # one flat all-reduce: averaged gradients and the global batch's task losses
+            task_losses = all_reduce_gradients(params, torch.tensor(task_losses)).tolist()
+            _check_finite(sum(task_losses), run.step, run.paths)
+        scaler.step(optimizer)
+        scaler.update()
+        run.step += 1
+        elapsed = time.perf_counter() - tick
+        run.seconds += elapsed
+        for n, value in zip(names, task_losses, strict=True):
+            epoch_losses[n] += value
+        if run.main:
+            observer.on_step(
+                StepInfo(
+                    run.step,
+                    total_steps,
+                    run.step / steps_per_epoch,
+                    dict(zip(names, task_losses, strict=True)),
+                    env.world_size * sum(len(y) for _, y in batches) / max(elapsed, 1e-9),
+                    lr,
                 )
-            if step % steps_per_epoch == 0 or step == total_steps:
-                average_buffers(network)  # batch-norm statistics: per rank while training, averaged here
-                done = step % steps_per_epoch or steps_per_epoch
-                info = EpochInfo(
-                    epoch=math.ceil(step / steps_per_epoch),
-                    step=step,
-                    val_accuracy=validate(network, data, device, env),
-                    train_loss={n: round(v / done, 5) for n, v in epoch_losses.items()},
-                    seconds=round(time.perf_counter() - epoch_start, 1),
-                )
-                history.append(info.to_dict())
-                result = _together(env, device, lambda: save(interrupted=False))
-                if main:
-                    observer.on_epoch(info)
-                epoch_start, epoch_losses = time.perf_counter(), dict.fromkeys(names, 0.0)
-    except KeyboardInterrupt as interrupt:
-        interrupt.result = save(interrupted=True)  # no collective: the other ranks may be gone
-        raise
-    return result if result is not None else _together(env, device, lambda: save(interrupted=False))
+            )
+        if run.step % steps_per_epoch == 0 or run.step == total_steps:
+            average_buffers(network)  # batch-norm statistics: per rank while training, averaged here
+            done = run.step % steps_per_epoch or steps_per_epoch
+            info = EpochInfo(
+                epoch=math.ceil(run.step / steps_per_epoch),
+                step=run.step,
+                val_accuracy=validate(network, run.data, device, env),
+                train_loss={n: round(v / done, 5) for n, v in epoch_losses.items()},
+                seconds=round(time.perf_counter() - epoch_start, 1),
+            )
+            run.history.append(info.to_dict())
+            result = _together(env, device, lambda: _save(run, interrupted=False))
+            if run.main:
+                observer.on_epoch(info)
+            epoch_start, epoch_losses = time.perf_counter(), dict.fromkeys(names, 0.0)
+    return result
 
 
 def _check_finite(loss: float, step: int, paths: RunPaths) -> None:
-    if not math.isfinite(loss):
-        raise DvnError(
-            f"the loss became {loss} at step {step + 1}; stopped, and the last good "
-            f"checkpoint is kept in {paths.out}; try a lower --lr"
-        )
-
-
-_NOT_COMPARED = ("out", "device", "data_root", "precision")
-"""Config fields that may change on ``--resume``: where files live and how (not what) the run computes."""
-
-
-def _comparable(cfg: TrainConfig) -> dict[str, Any]:
-    """The parts of a config that must match for ``--resume``."""
-    return {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in _NOT_COMPARED}
-
-
-def _same_config(saved: dict[str, Any], cfg: TrainConfig) -> bool:
-    """Whether a saved config equals ``cfg``'s; a field newer than the saved file must hold its default."""
-    current = _comparable(cfg)
-    defaults = _comparable(TrainConfig(tasks=cfg.tasks, backbone=cfg.backbone))
-    newer = {k for k in current if k not in saved and current[k] == defaults[k]}
-    return {k: v for k, v in current.items() if k not in newer} == saved
+    if math.isfinite(loss):
+        return
+    if paths.checkpoint.exists():
+        kept = f"the last good checkpoint is kept in {paths.out}"
+    else:
+        kept = f"no checkpoint was written yet in {paths.out}"
+    raise DvnError(f"the loss became {loss} at step {step + 1}; stopped, and {kept}; try a lower --lr")
