@@ -248,7 +248,8 @@ def show_compact(described: dict[str, Any]) -> None:
     _console().print(
         f"[bold]{visible(described['file'])}[/]  dvn-compact, {format_bytes(described['bytes'])}, "
         f"sha256 {described['sha256'][:16]}…\n"
-        f"task {visible(task['name'])} ({len(task['classes'])} classes), level {described['level']} of {described['k']}, "
+        f"task {visible(task['name'])} ({len(task['classes'])} classes), "
+        f"level {described['level']} of {described['k']}, "
         f"units {described['units']}\n"
         f"plain {bb['arch']}-{bb['depth']} widths {bb['widths']}, input {bb['in_channels']}x{bb['input_size']}"
         f"x{bb['input_size']}; {format_count(described['params'])} weights, "

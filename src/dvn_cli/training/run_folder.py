@@ -18,7 +18,8 @@ from typing import Any
 
 from ..config import NOT_COMPARED
 from ..errors import BadConfig, DvnError, MissingData, WrongFileFormat
-from ..modelfile.checkpoint import STATE_FORMAT, read_metadata
+from ..modelfile.checkpoint import STATE_FORMAT
+from ..modelfile.container import read_metadata
 
 __all__ = ["RunLock", "RunPaths", "prepare_run_folder", "stored_config"]
 
