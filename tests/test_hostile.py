@@ -255,3 +255,13 @@ def test_names_from_files_cannot_steer_the_terminal(tmp_path):
     assert "\x1b" not in result.stdout and "\\x1b[31mred" in result.stdout and "[bold]x[/bold]" in result.stdout
     refused = invoke("eval", "-c", checkpoint, "--task", "\x1b[2Jgone")
     assert "\x1b" not in refused.stderr and "\\x1b[2Jgone" in one_line(refused)
+
+
+@pytest.mark.parametrize(
+    "edit_task",
+    [lambda t: {**t, "classes": "ab"}, lambda t: {**t, "std": [0.0, 0.25, 0.25]}, lambda t: {**t, "mean": [1e999] * 3}],
+)
+def test_edited_task_specs_are_refused(tmp_path, edit_task):
+    checkpoint = named_checkpoint(tmp_path, ["t"])
+    edit_metadata(checkpoint, lambda m: {**m, "tasks": [edit_task(t) for t in m["tasks"]]})
+    assert "does not match its own metadata" in one_line(invoke("eval", "-c", checkpoint))

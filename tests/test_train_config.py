@@ -16,7 +16,8 @@ from dvn_cli.config import PRECISIONS, BackboneConfig, TrainConfig, check_types,
 from dvn_cli.core.backbones import check_input_shape
 from dvn_cli.core.network import build_network
 from dvn_cli.errors import BadConfig
-from dvn_cli.modelfile.checkpoint import load_checkpoint, read_metadata
+from dvn_cli.modelfile.checkpoint import load_checkpoint
+from dvn_cli.modelfile.container import read_metadata
 from dvn_cli.training.loop import AUTOCAST_DTYPES
 
 from .conftest import make_image_folder, tiny_tasks

@@ -96,11 +96,15 @@ class TaskSpec:
     resize: str = "bilinear"
 
     def __post_init__(self) -> None:
+        if isinstance(self.classes, str) or not isinstance(self.classes, list | tuple):
+            raise BadConfig(f"classes of task {self.name!r} must be a list of names, got {self.classes!r}")
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         if not self.classes:
             raise BadConfig(f"task {self.name!r} has no classes")
+        if not all(math.isfinite(v) for v in self.mean) or not all(math.isfinite(v) and v > 0 for v in self.std):
+            raise BadConfig(f"task {self.name!r} has normalisation mean {self.mean} std {self.std}; std must be > 0")
 
     @property
     def num_classes(self) -> int:
