@@ -25,6 +25,18 @@ def take_channels(tensor: torch.Tensor, dim: int, selection: ChannelSelection) -
     return tensor.index_select(dim, selection)
 
 
+def _conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    """``F.conv2d`` without bias, routing around a oneDNN defect (docs/design.md §2, "A native crash").
+
+    The backward pass of a strided 1x1 convolution with few input channels on channels-last input and an odd
+    batch corrupts the heap on AVX-512 CPUs (PyTorch 2.14.1). A strided 1x1 convolution without padding equals
+    the same convolution at stride 1 on every ``stride``-th pixel, which takes another kernel; it is exact.
+    """
+    if stride > 1 and padding == 0 and weight.shape[-2:] == (1, 1):
+        return F.conv2d(x[:, :, ::stride, ::stride], weight)
+    return F.conv2d(x, weight, None, stride, padding)
+
+
 class UnitConv2d(nn.Module):
     """A bias-free convolution whose input and output channels are split into the layout's units.
 
@@ -78,10 +90,10 @@ class UnitConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, task: int, level: int, masked: bool = False) -> torch.Tensor:
         if masked:  # (B, C_in, H, W) zero outside S -> (B, C_out, H', W') zero outside S
-            out = F.conv2d(x, self.weight, None, self.stride, self.padding)
+            out = _conv2d(x, self.weight, self.stride, self.padding)
             return out * self.layout.mask(self.out_channels, task, level, out.device).view(1, -1, 1, 1)
         # (B, C_in*l/k, H, W) -> (B, C_out*l/k, H', W')
-        return F.conv2d(x, self.active_weight(task, level), None, self.stride, self.padding)
+        return _conv2d(x, self.active_weight(task, level), self.stride, self.padding)
 
     def plain_state(self, task: int, level: int) -> dict[str, torch.Tensor]:
         """The sliced weight of (task, level) for an ordinary ``nn.Conv2d``."""
