@@ -160,7 +160,9 @@ def train(
     with user_errors() if main_rank else _quiet_errors():
         cfg = load_train_config(config, flags, backbone_flags, resume=resume)
         if main_rank and cfg.precision == "fp16" and resolve_device(cfg.device).type == "cpu":
-            ui.print_note("note: fp16 on CPU has no fast kernels (10x slower than fp32 where measured); use bf16")
+            ui.print_note(
+                "note: fp16 on CPU has no fast kernels (about 13x slower than fp32 where measured); use fp32 or bf16"
+            )
         progress = ui.TrainProgress() if main_rank else TrainObserver()
         try:
             result = fit(cfg, resume=resume, force=force, observer=progress)
