@@ -54,6 +54,7 @@ class ModelFile(ABC):
     path: Path | None
     split: DataSplit  # the training run's validation split settings
     training: dict[str, Any]  # the training run's summary (empty when the file does not carry it)
+    _sha256: str | None = None  # the file's sha256, computed on first use
 
     @abstractmethod
     def pairs(self) -> list[tuple[str, int]]:
@@ -87,7 +88,7 @@ class ModelFile(ABC):
         """sha256 of the file's bytes ("" for a model that was never written)."""
         if self.path is None or not self.path.is_file():
             return ""
-        if getattr(self, "_sha256", None) is None:
+        if self._sha256 is None:
             self._sha256 = sha256_file(self.path)
         return self._sha256
 
