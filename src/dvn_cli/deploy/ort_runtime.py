@@ -6,10 +6,16 @@ against it, maps ``weights.safetensors`` once (``numpy.memmap``, read-only) and 
 receives the SAME OrtValues through ``SessionOptions.add_initializer``: onnxruntime then uses the caller's buffer
 instead of reading the graph's external data, so two sessions that use a block share it.
 
-Session settings (measured in docs/results_memory_onnx.md): onnxruntime's constant folding would evaluate each
-graph's ``Concat`` of blocks once and keep the result, a private copy of every weight per session; it is the one
-optimizer switched off (``disabled_optimizers=["ConstantFolding"]``). Weight pre-packing then finds no constant
-weights to pack; it stays on. Every other graph optimization stays at onnxruntime's default level.
+Session settings, each measured in docs/results_memory_onnx.md (resident memory of two sessions in fresh
+processes): onnxruntime's constant folding would evaluate each graph's ``Concat`` of blocks once and keep the
+result, a private copy of every weight per session, so it is the one optimizer switched off
+(``disabled_optimizers=["ConstantFolding"]``); weight pre-packing then finds no constant weight to pack and
+switching it off changes nothing, so it stays on. Two settings only bound the transient buffers that hold an
+assembled weight while its convolution runs: ``ExecutionOrder.PRIORITY_BASED`` runs each ``Concat`` just before
+its convolution (the default order runs them all first, so every assembled weight of a graph is alive at once),
+and the CPU memory arena is off (an arena keeps its peak for good). For ``blockwise`` graphs, whose blocks feed
+convolutions directly, the optimization level is ``EXTENDED``: ``ALL`` adds the NCHWc layout transform, which
+copies every block into its own layout per session.
 
 This module imports only numpy, onnxruntime and dvn's torch-free helpers (``errors``, ``fsutil``), so that a
 deployment needs no PyTorch (a test imports it in a fresh process and checks that torch was not loaded).
@@ -100,6 +106,12 @@ class SharedOrtRuntime:
         threads: onnxruntime intra-op threads per session (None: onnxruntime's default).
         providers: onnxruntime execution providers (the OrtValues live in CPU memory).
         verify: check the sha256 of every file against the manifest (on by default).
+        disabled_optimizers: onnxruntime optimizers left out; the default leaves out constant folding, which
+            would copy every assembled weight into each session.
+        config: extra session config entries (e.g. ``{"session.disable_prepacking": "1"}``).
+        arena: use onnxruntime's CPU memory arena (faster allocation, keeps its peak resident).
+        execution_order: an ``onnxruntime.ExecutionOrder`` name; ``PRIORITY_BASED`` assembles each weight just
+            before its convolution.
 
     Raises:
         MissingData: no manifest, weights file or graph where the manifest says.
@@ -113,11 +125,17 @@ class SharedOrtRuntime:
         threads: int | None = None,
         providers: tuple[str, ...] = ("CPUExecutionProvider",),
         verify: bool = True,
+        disabled_optimizers: tuple[str, ...] = ("ConstantFolding",),
+        config: Mapping[str, str] | None = None,
+        arena: bool = False,
+        execution_order: str = "PRIORITY_BASED",
     ) -> None:
         self.folder = Path(folder)
         self._ort = _load_ort()
         self.manifest = _read_manifest(self.folder)
         self.threads, self.providers = threads, list(providers)
+        self.disabled_optimizers, self.config = list(disabled_optimizers), dict(config or {})
+        self.arena, self.execution_order = arena, execution_order
         weights = self.manifest["weights"]
         path = self.folder / str(weights["file"])
         _check_file(path, weights, verify, "weights file")
@@ -156,6 +174,12 @@ class SharedOrtRuntime:
         options = self._ort.SessionOptions()
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
+        for key, value in self.config.items():
+            options.add_session_config_entry(key, value)
+        options.enable_cpu_mem_arena = self.arena
+        options.execution_order = getattr(self._ort.ExecutionOrder, self.execution_order)
+        if self.manifest.get("graph_mode") == "blockwise":  # NCHWc (level ALL) would copy every block
+            options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         for name in names:
             options.add_initializer(name, self._values[name])
         return options
@@ -169,7 +193,7 @@ class SharedOrtRuntime:
                 str(self.folder / entry["file"]),
                 self.session_options(list(entry.get("tensors", []))),
                 providers=self.providers,
-                disabled_optimizers=["ConstantFolding"],
+                disabled_optimizers=self.disabled_optimizers,
             )
         return self._sessions[key]
 

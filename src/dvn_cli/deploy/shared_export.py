@@ -297,6 +297,12 @@ def _graph_bytes(
 ) -> tuple[bytes, list[str]]:
     """ONNX bytes of one (task, level) whose weights are external ranges of the weights file; and their names."""
     onnx = _import_optional("onnx")
+    # The exporter merges initializers of equal value (e.g. the batch norms of an untrained network), which would
+    # lose block names. The values written here are dropped below (the data is the weights file's), so every
+    # parameter gets distinct noise for the export; the weights file's arrays are not touched.
+    generator = torch.Generator().manual_seed(0)
+    for param in module.parameters():
+        param.data = torch.rand(param.shape, generator=generator)
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter announces its own deprecation
         warnings.simplefilter("ignore")
