@@ -97,15 +97,19 @@ def speed(per_pair: Path, shared: Path, pairs, rounds: int, threads: int) -> dic
 
     from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
     files = [per_pair / f"task{t}-level{lv}.onnx" for t, (_, lv) in enumerate(pairs)]
-    sessions = [ort.InferenceSession(str(f), options, providers=["CPUExecutionProvider"]) for f in files]
+    sessions = {}
+    for name, level in (("per-pair", "ORT_ENABLE_ALL"), ("per-pair, extended level", "ORT_ENABLE_EXTENDED")):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        sessions[name] = [ort.InferenceSession(str(f), options, providers=["CPUExecutionProvider"]) for f in files]
     rt = SharedOrtRuntime(shared, threads=threads)
     ways = {
-        "per-pair": lambda x: [s.run(["logits"], {"input": x}) for s in sessions],
-        "shared": lambda x: [rt.run(task, level, x) for task, level in rt.pairs()],
+        name: (lambda x, group=group: [s.run(["logits"], {"input": x}) for s in group])
+        for name, group in sessions.items()
     }
+    ways["shared"] = lambda x: [rt.run(task, level, x) for task, level in rt.pairs()]
     result = {}
     for batch in (1, 64):
         x = np.random.default_rng(1).standard_normal((batch, 1, 28, 28)).astype(np.float32)
