@@ -259,3 +259,16 @@ def test_cli_refuses_another_source_in_one_line(checkpoint, scrambled_checkpoint
     result = runner.invoke(app, ["export", "-c", str(scrambled_checkpoint.path), "--shared", "-o", str(out)])
     assert result.exit_code == 1
     assert "export of another file" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_the_deploy_example_runs_a_shared_graph(shared_dir, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(image)
+    example = Path(__file__).resolve().parents[1] / "examples" / "deploy_onnx.py"
+    args = [sys.executable, str(example), str(shared_dir / "manifest.json"), "--task", "task1", str(image)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    path, answer = result.stdout.strip().split(": ")
+    assert path == str(image) and answer.split()[0] in ("cat", "dog", "fox")
