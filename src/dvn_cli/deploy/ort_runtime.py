@@ -195,6 +195,8 @@ class SharedOrtRuntime:
                 providers=self.providers,
                 disabled_optimizers=self.disabled_optimizers,
             )
+            # a session uses these buffers in place: they live as long as it does, even past this runtime
+            self._sessions[key]._dvn_buffers = (self._values, self.arrays, self._map)
         return self._sessions[key]
 
     def run(self, task: str, level: int, batch: np.ndarray) -> np.ndarray:
