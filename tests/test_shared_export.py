@@ -219,6 +219,17 @@ def test_another_source_is_not_replaced_without_force(shared_dir, scrambled_chec
     assert SharedOrtRuntime(shared_dir).pairs() == [("task2", 1)]
 
 
+def test_a_foreign_manifest_is_not_replaced_without_force(checkpoint, tmp_path):
+    out = tmp_path / "foreign"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"something": "else"}')
+    with pytest.raises(DvnError, match="not a dvn export manifest"):
+        export_shared(checkpoint, out, [("task0", 1)], check=False)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+    export_shared(checkpoint, out, [("task0", 1)], check=False, force=True)
+    assert SharedOrtRuntime(out).pairs() == [("task0", 1)]
+
+
 def test_per_pair_export_does_not_keep_shared_entries(checkpoint, shared_dir):
     manifest = export_models(checkpoint, shared_dir, [("task0", 4)], check=False)
     assert [(m["task"], m["level"]) for m in manifest["models"]] == [("task0", 4)]

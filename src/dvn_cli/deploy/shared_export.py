@@ -24,6 +24,7 @@ open a graph on its own (it reads the external data itself), without the sharing
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -481,8 +482,6 @@ def _weights_entry(path: Path, tensors: Mapping[str, np.ndarray]) -> dict[str, A
 
 
 def _model_entry(spec: CompactSpec, name: str, data: bytes, used: list[str]) -> dict[str, Any]:
-    import hashlib
-
     return {
         "task": spec.task.name,
         "level": spec.level,
