@@ -10,7 +10,9 @@ Usage::
     python examples/deploy_onnx.py exported/manifest.json --task mnist --level 2 digit.png other.png
 
 prints one ``path: class (probability)`` line per image. ``--level`` defaults to the largest level exported for
-the task; ``--task`` may be left out when the manifest holds a single task.
+the task; ``--task`` may be left out when the manifest holds a single task. A graph of a shared export
+(``dvn export --shared``) runs too: its blocks are read from the weights file beside it (to keep each block in
+memory once for several tasks in one process, use ``dvn_cli.deploy.ort_runtime.SharedOrtRuntime``).
 """
 
 from __future__ import annotations
@@ -80,7 +82,13 @@ def main() -> None:
     if hashlib.sha256(data).hexdigest() != model["sha256"]:
         sys.exit(f"error: {model_path} does not match the sha256 in {args.manifest}")
 
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if manifest.get("layout") == "shared":  # dvn export --shared: the graph's weights are in one shared file
+        weights = args.manifest.parent / manifest["weights"]["file"]
+        if hashlib.sha256(weights.read_bytes()).hexdigest() != manifest["weights"]["sha256"]:
+            sys.exit(f"error: {weights} does not match the sha256 in {args.manifest}")
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights.parent))
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     batch = np.stack([preprocess(path, model["preprocess"]) for path in args.images])  # (B, C, H, W)
     (logits,) = session.run([model["output"]], {model["input"]: batch})  # (B, classes)
     logits = logits - logits.max(axis=1, keepdims=True)

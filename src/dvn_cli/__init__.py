@@ -42,6 +42,8 @@ _PUBLIC = {
     "evaluate_rows": "evaluation.evaluate",
     "write_compact_level": "deploy.prune",
     "export_models": "deploy.export",
+    "export_shared": "deploy.shared_export",
+    "SharedOrtRuntime": "deploy.ort_runtime",
 }
 """Public name -> the module (under ``dvn_cli``) that defines it."""
 

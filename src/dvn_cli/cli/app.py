@@ -396,6 +396,12 @@ def export(
         bool, typer.Option("--check/--no-check", help="Compare each export with PyTorch (onnxruntime).")
     ] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace an export of another file in --out.")] = False,
+    shared: Annotated[
+        bool,
+        typer.Option(
+            "--shared", help="One weights file holding every shared block once, plus one ONNX graph per (task, level)."
+        ),
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Deployable models of every (task, level), or of one (task, budget), with manifest.json."""
@@ -404,10 +410,17 @@ def export(
 
     if format not in EXPORT_FORMATS:
         raise typer.BadParameter(f"use one of {', '.join(EXPORT_FORMATS)}", param_hint="--format")
+    if shared and format != "onnx":
+        raise typer.BadParameter("--shared writes ONNX graphs; leave --format out", param_hint="--format")
     with user_errors():
         model = _open(checkpoint)
         pairs = model.select(_names(task), budget)
-        manifest = export_models(model, out, pairs, check=check, format=format, force=force)
+        if shared:
+            from ..deploy.shared_export import export_shared
+
+            manifest = export_shared(model, out, pairs, check=check, force=force)
+        else:
+            manifest = export_models(model, out, pairs, check=check, format=format, force=force)
     if json_output:
         typer.echo(json.dumps(manifest))
         return
@@ -423,3 +436,7 @@ def export(
         ],
         title=f"exported to {out} (manifest.json)",
     )
+    if shared:
+        weights = manifest["weights"]
+        params, size = weights["stored_params"], weights["bytes"]
+        typer.echo(f"shared weights: {weights['file']}, {params} parameters, {size} bytes")

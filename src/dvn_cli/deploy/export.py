@@ -399,7 +399,7 @@ def _prepare_dir(out_dir: Path) -> bool:
 
 def _kept_models(out_dir: Path, old: dict[str, Any] | None, models: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Entries of an earlier manifest of the same source whose files still hold what it says; ours replace."""
-    if old is None:
+    if old is None or old.get("layout") is not None:  # a shared export's graphs need its weights file: not kept
         return []
     ours = {(m["task"], m["level"]) for m in models} | {m["file"] for m in models}
     kept = []

@@ -1,0 +1,502 @@
+"""A shared deploy format: every unit block stored once in one weights file, one small ONNX graph per (task, level).
+
+The per-pair export (``export.export_models``) writes one self-contained ONNX file per (task, level) with batch
+norm folded: two pairs of the same task or of overlapping units hold the same physical weights twice. This export
+keeps what a DVN shares shared at inference (docs/design.md §5, "Shared export"):
+
+- ``weights.safetensors``: every unit-pair block ``W[out(u_o), in(u_i)]`` of the chosen pairs once (the stem's row
+  blocks ``W[out(u_o), :]``), each (task, level)'s private batch norm as a per-channel ``scale`` and ``shift``
+  (eval-mode batch norm cannot be folded into a block that other pairs share), and each task's head as per-unit
+  column blocks plus its bias. Every tensor starts at a multiple of 4096 bytes from the start of the file, so
+  that the file can be memory-mapped and each tensor used in place. The file is valid safetensors (its header is
+  the JSON index name -> dtype, shape, offsets); the gaps are filled by ``__pad__.<n>`` uint8 tensors, because
+  safetensors allows no holes.
+- ``<task>-level<l>.onnx``: the graph of one (task, level). Its weights are initializers whose data is EXTERNAL:
+  they name a range of ``weights.safetensors``. Each convolution's weight is assembled from its blocks with
+  ``Concat`` at run time (measured faster than summing one convolution per block: docs/results_memory_onnx.md).
+- ``manifest.json``: ``"layout": "shared"``, the format version, the weights file's sha256, and per graph the
+  usual entry of the per-pair manifest plus ``tensors``, the names it takes from the weights file.
+
+``deploy.ort_runtime.SharedOrtRuntime`` (numpy + onnxruntime, no torch) maps the weights file once and hands the
+same ``OrtValue`` of each block to every session, so no block is copied per session. Plain onnxruntime can also
+open a graph on its own (it reads the external data itself), without the sharing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import __version__
+from ..errors import BadConfig, DvnError
+from ..fsutil import safe_file_stem, sha256_file, write_atomic
+from ..modelfile.base import ModelFile, open_model
+from ..modelfile.compact import CompactSpec
+from .export import (
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    NonFiniteLogits,
+    _check_replaceable,
+    _example_input,
+    _import_optional,
+    _logit_difference,
+    _pair_names,
+    _prepare_dir,
+    _reference_logits,
+    _sample_batches,
+    _source_entry,
+    _task_inputs,
+    preprocess_of,
+)
+from .ort_runtime import (
+    ALIGNMENT,
+    PAD_PREFIX,
+    SHARED_FORMAT_VERSION,
+    SHARED_LAYOUT,
+    WEIGHTS_FORMAT,
+    WEIGHTS_NAME,
+    SharedOrtRuntime,
+)
+
+__all__ = [
+    "GRAPH_MODES",
+    "SHARED_MODEL_FORMAT",
+    "export_shared",
+    "shared_tensors",
+    "write_weights_file",
+]
+
+SHARED_MODEL_FORMAT = "onnx-shared"
+GRAPH_MODES = ("concat", "blockwise")
+"""How a graph assembles a layer from its blocks: one Concat then one op (default), or one op per block, summed."""
+
+
+# ------------------------------------------------------------------------------------------------ tensors
+
+
+def _split_inputs(model: ModelFile) -> dict[str, bool]:
+    """Conv layer name (under ``features``) -> whether its input is split into units, from the source file."""
+    from ..core.layers import UnitConv2d
+    from ..modelfile.bundle import Bundle
+    from ..modelfile.checkpoint import Checkpoint
+
+    if isinstance(model, Checkpoint):
+        return {n: m.split_input for n, m in model.network.features.named_modules() if isinstance(m, UnitConv2d)}
+    if isinstance(model, Bundle):
+        return {name: bool(conv["split_input"]) for name, conv in model.convs.items()}
+    raise BadConfig(
+        f"{model.label} is a {model.kind}: it holds one (task, level), so there is nothing to share; "
+        "export it without --shared"
+    )
+
+
+def _chunks(tensor: torch.Tensor, dim: int, units: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Split ``dim`` of a level's tensor into its units' channels (ascending units, equal sizes)."""
+    size = tensor.shape[dim] // len(units)
+    return {u: tensor.narrow(dim, i * size, size) for i, u in enumerate(sorted(units))}
+
+
+class _Collector:
+    """Tensors of the weights file, each stored once; a block seen again must be the same block."""
+
+    def __init__(self, label: str) -> None:
+        self.tensors: dict[str, np.ndarray] = {}
+        self.label = label
+
+    def add(self, key: str, tensor: torch.Tensor) -> nn.Parameter:
+        array = tensor.detach().float().cpu().contiguous().numpy()
+        if key in self.tensors:
+            if not np.array_equal(self.tensors[key], array):
+                raise DvnError(f"{self.label}: block {key} differs between two (task, level)s of the same file")
+        else:
+            self.tensors[key] = array.copy()
+        return nn.Parameter(torch.from_numpy(self.tensors[key]), requires_grad=False)
+
+
+class _BlockConv2d(nn.Module):
+    """A convolution whose weight is assembled from unit blocks (``concat``) or applied block by block."""
+
+    def __init__(self, conv: nn.Conv2d, rows: list[list[nn.Parameter]], mode: str) -> None:
+        super().__init__()
+        if conv.bias is not None or conv.groups != 1:
+            raise DvnError("a shared export needs bias-free, ungrouped convolutions")
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.shape = [len(row) for row in rows]
+        self.blocks = nn.ParameterList([b for row in rows for b in row])
+        self.mode = mode
+
+    def _rows(self) -> list[list[torch.Tensor]]:
+        rows, i = [], 0
+        for n in self.shape:
+            rows.append(list(self.blocks[i : i + n]))
+            i += n
+        return rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._rows()
+        if self.mode == "concat":
+            weight = torch.cat([torch.cat(row, 1) if len(row) > 1 else row[0] for row in rows], 0)
+            return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation)
+        pieces = torch.split(x, x.shape[1] // len(rows[0]), dim=1) if len(rows[0]) > 1 else (x,)
+        outs = []
+        for row in rows:
+            out = None
+            for piece, block in zip(pieces, row, strict=True):
+                y = F.conv2d(piece, block, None, self.stride, self.padding, self.dilation)
+                out = y if out is None else out + y
+            outs.append(out)
+        return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+
+
+class _ScaleShift(nn.Module):
+    """Eval-mode batch norm as ``x * scale + shift`` with ``scale`` and ``shift`` of shape (C, 1, 1)."""
+
+    def __init__(self, scale: nn.Parameter, shift: nn.Parameter) -> None:
+        super().__init__()
+        self.scale, self.shift = scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+class _BlockLinear(nn.Module):
+    """A head whose weight is per-unit column blocks, plus its bias."""
+
+    def __init__(self, cols: list[nn.Parameter], bias: nn.Parameter, mode: str) -> None:
+        super().__init__()
+        self.cols, self.bias, self.mode = nn.ParameterList(cols), bias, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cols = list(self.cols)
+        if self.mode == "concat" or len(cols) == 1:
+            return F.linear(x, torch.cat(cols, 1) if len(cols) > 1 else cols[0], self.bias)
+        out = self.bias
+        for piece, col in zip(torch.split(x, x.shape[1] // len(cols), dim=1), cols, strict=True):
+            out = F.linear(piece, col) + out
+        return out
+
+
+def _shared_module(
+    model: ModelFile, task: str, level: int, task_index: int, split: Mapping[str, bool], store: _Collector, mode: str
+) -> tuple[nn.Module, nn.Module, CompactSpec]:
+    """(module of blocks for export, the plain reference network, spec) of one (task, level); blocks go to store."""
+    plain, spec = model.plain_of(task, level), model.spec_of(task, level)
+    units = tuple(spec.units)
+    shared = model.plain_of(task, level)
+    tag = f"task{task_index}.level{level}"
+    for name, module in list(shared.features.named_modules()):
+        if isinstance(module, nn.Conv2d):
+            if name not in split:
+                raise DvnError(f"{model.label}: convolution {name} is not in the source's unit layers")
+            rows_of = _chunks(module.weight, 0, units)
+            rows = []
+            for uo, row in rows_of.items():
+                if not split[name]:
+                    rows.append([store.add(f"features.{name}.weight.{uo}", row)])
+                    continue
+                cols = _chunks(row, 1, units)
+                rows.append([store.add(f"features.{name}.weight.{uo}.{ui}", b) for ui, b in cols.items()])
+            _set(shared.features, name, _BlockConv2d(module, rows, mode))
+        elif isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                var, mean = module.running_var.double(), module.running_mean.double()
+                scale = module.weight.double() / torch.sqrt(var + module.eps)
+                shift = module.bias.double() - mean * scale
+            scale_p = store.add(f"features.{name}.{tag}.scale", scale.float().view(-1, 1, 1))
+            shift_p = store.add(f"features.{name}.{tag}.shift", shift.float().view(-1, 1, 1))
+            _set(shared.features, name, _ScaleShift(scale_p, shift_p))
+    head = shared.head
+    cols = [store.add(f"head.task{task_index}.weight.{u}", c) for u, c in _chunks(head.weight, 1, units).items()]
+    shared.head = _BlockLinear(cols, store.add(f"head.task{task_index}.bias", head.bias), mode)
+    return shared.eval(), plain.eval(), spec
+
+
+def _set(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def shared_tensors(
+    source: ModelFile | str | os.PathLike, pairs: Sequence[tuple[int | str, int]] | None = None
+) -> dict[str, np.ndarray]:
+    """Every tensor the shared weights file of ``pairs`` holds (blocks once, private parts per pair), float32."""
+    model = source if isinstance(source, ModelFile) else open_model(source)
+    selected = _pair_names(model, pairs)
+    split, names = _split_inputs(model), model.task_names()
+    store = _Collector(model.label)
+    for task, level in selected:
+        _shared_module(model, task, level, names.index(task), split, store, "concat")
+    return store.tensors
+
+
+# ------------------------------------------------------------------------------------------------ weights file
+
+
+_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.uint8): "U8"}
+
+
+def write_weights_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Write ``tensors`` as safetensors with every tensor at a multiple of ``ALIGNMENT`` bytes; atomic.
+
+    Returns:
+        Tensor name -> its absolute byte offset in the file.
+    """
+    header: dict[str, Any] = {"__metadata__": {"dvn": json.dumps({"format": WEIGHTS_FORMAT, "version": 1})}}
+    chunks: list[bytes] = []
+    position, pads = 0, 0
+    for name, array in tensors.items():
+        gap = -position % ALIGNMENT
+        if gap:
+            header[f"{PAD_PREFIX}{pads}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [position, position + gap]}
+            chunks.append(bytes(gap))
+            position, pads = position + gap, pads + 1
+        data = np.ascontiguousarray(array).tobytes()
+        header[name] = {
+            "dtype": _DTYPES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [position, position + len(data)],
+        }
+        chunks.append(data)
+        position += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)  # the data starts on a page boundary
+    start = 8 + len(text)
+    buffer = io.BytesIO()
+    buffer.write(len(text).to_bytes(8, "little"))
+    buffer.write(text)
+    for chunk in chunks:
+        buffer.write(chunk)
+    buffer.seek(0)
+    write_atomic(path, buffer)
+    return {name: start + header[name]["data_offsets"][0] for name in tensors}
+
+
+# ------------------------------------------------------------------------------------------------ graphs
+
+
+def _graph_bytes(
+    module: nn.Module,
+    plain: nn.Module,
+    spec: CompactSpec,
+    keys: Mapping[str, str],
+    tensors: Mapping[str, np.ndarray],
+    offsets: Mapping[str, int],
+    opset: int,
+) -> tuple[bytes, list[str]]:
+    """ONNX bytes of one (task, level) whose weights are external ranges of the weights file; and their names."""
+    onnx = _import_optional("onnx")
+    # The exporter merges initializers of equal value (e.g. the batch norms of an untrained network), which would
+    # lose block names. The values written here are dropped below (the data is the weights file's), so every
+    # parameter gets distinct noise for the export; the weights file's arrays are not touched.
+    generator = torch.Generator().manual_seed(0)
+    for param in module.parameters():
+        param.data = torch.rand(param.shape, generator=generator)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter announces its own deprecation
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (_example_input(plain.config),),
+            buffer,
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=False,  # folding would bake the Concat of shared blocks into a private copy
+        )
+    model = onnx.load_from_string(buffer.getvalue())
+    used = []
+    for init in model.graph.initializer:
+        if init.name not in keys:
+            continue
+        key = keys[init.name]
+        array = tensors[key]
+        init.name = key
+        init.ClearField("raw_data")
+        init.data_location = onnx.TensorProto.EXTERNAL
+        for field, value in (("location", WEIGHTS_NAME), ("offset", offsets[key]), ("length", array.nbytes)):
+            entry = init.external_data.add()
+            entry.key, entry.value = field, str(value)
+        used.append(key)
+    missing = set(keys.values()) - set(used)
+    if missing:  # the exporter renamed or merged a parameter: a dvn bug, not a user error
+        raise RuntimeError(f"the ONNX exporter lost the names of {len(missing)} blocks, e.g. {sorted(missing)[0]}")
+    for node in model.graph.node:  # inputs renamed above
+        node.input[:] = [keys.get(name, name) for name in node.input]
+    model.producer_name, model.producer_version = "dvn", __version__
+    model.doc_string = f"dvn shared: task {spec.task.name} level {spec.level} of {spec.k} (units {list(spec.units)})"
+    props = {
+        "dvn_task": spec.task.name,
+        "dvn_level": str(spec.level),
+        "dvn_units": json.dumps(list(spec.units)),
+        "dvn_classes": json.dumps(list(spec.task.classes)),
+        "dvn_preprocess": json.dumps(preprocess_of(spec)),
+        "dvn_source_sha256": spec.source_sha256,
+        "dvn_weights": WEIGHTS_NAME,
+    }
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    return model.SerializeToString(), sorted(used)
+
+
+def _check_pair(runtime: SharedOrtRuntime, task: str, level: int, plain: nn.Module, inputs, label: str) -> float:
+    worst = 0.0
+    for x in _sample_batches(plain, inputs):
+        got = torch.from_numpy(runtime.run(task, level, x.numpy()))
+        try:
+            worst = max(worst, _logit_difference(f"{task} level {level}", got, _reference_logits(plain, x)))
+        except NonFiniteLogits:
+            raise NonFiniteLogits(
+                f"{label}: {task} level {level} gives non-finite logits (NaN or infinity); nothing exported"
+            ) from None
+    return worst
+
+
+def export_shared(
+    source: ModelFile | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    pairs: Sequence[tuple[int | str, int]] | None = None,
+    check: bool = True,
+    sample_inputs: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+    opset: int = 17,
+    force: bool = False,
+    mode: str = "concat",
+) -> dict[str, Any]:
+    """Write the shared export of ``pairs`` into ``out_dir``: one weights file, one graph per pair, a manifest.
+
+    Everything is built (and, with ``check``, run with ``SharedOrtRuntime`` against PyTorch) in a staging folder
+    inside ``out_dir`` and moved into place only when all succeeded; ``manifest.json`` moves last. The manifest
+    lists exactly this export (entries of an earlier export in the folder are not kept: its graphs may name
+    blocks the new weights file lacks).
+
+    Args:
+        source: a checkpoint or a bundle (a compact model holds one pair: nothing to share), loaded or its path.
+        out_dir: folder for the files; created when missing.
+        pairs: ``(task name or index, level)`` pairs; None for every pair the source holds.
+        check: run each graph and record the largest logit difference from PyTorch.
+        sample_inputs: preprocessed batches to check on, one for all tasks or one per task name; default noise.
+        opset: ONNX opset.
+        force: replace an export of ANOTHER source, or a manifest dvn did not write, in ``out_dir``.
+        mode: ``concat`` (default) or ``blockwise``: see ``GRAPH_MODES``.
+
+    Returns:
+        The manifest written.
+    """
+    if mode not in GRAPH_MODES:
+        raise BadConfig(f"unknown graph mode {mode!r}; known: {', '.join(GRAPH_MODES)}")
+    onnx = _import_optional("onnx")
+    _import_optional("onnxruntime")
+    model = source if isinstance(source, ModelFile) else open_model(source)
+    selected = _pair_names(model, pairs)
+    split, names = _split_inputs(model), model.task_names()
+    out = Path(out_dir)
+    source_entry = _source_entry(model, selected[0])
+    if not force:
+        _check_replaceable(out, source_entry)
+    store = _Collector(model.label)
+    built = []
+    for task, level in selected:
+        module, plain, spec = _shared_module(model, task, level, names.index(task), split, store, mode)
+        params = {id(p): n for n, p in module.named_parameters()}
+        keys = {params[id(store_param)]: key for key, store_param in _params_by_key(module, store).items()}
+        built.append((task, level, module, plain, spec, keys))
+    created = _prepare_dir(out)
+    staging = Path(tempfile.mkdtemp(prefix=".dvn-export-", dir=out))
+    try:
+        offsets = write_weights_file(staging / WEIGHTS_NAME, store.tensors)
+        models = []
+        for task, level, module, plain, spec, keys in built:
+            data, used = _graph_bytes(module, plain, spec, keys, store.tensors, offsets, opset)
+            name = f"{safe_file_stem(task)}-level{level}.onnx"
+            write_atomic(staging / name, data)
+            onnx.checker.check_model(str(staging / name))  # beside the weights file its external data names
+            models.append(_model_entry(spec, name, data, used))
+        manifest = {
+            "dvn_version": __version__,
+            "manifest_version": MANIFEST_VERSION,
+            "layout": SHARED_LAYOUT,
+            "shared_format_version": SHARED_FORMAT_VERSION,
+            "graph_mode": mode,
+            "source": source_entry,
+            "weights": _weights_entry(staging / WEIGHTS_NAME, store.tensors),
+            "models": models,
+        }
+        write_atomic(staging / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+        if check:
+            runtime = SharedOrtRuntime(staging)
+            for entry, (task, level, _, plain, _, _) in zip(models, built, strict=True):
+                inputs = _task_inputs(sample_inputs, task)
+                entry["check_max_abs_diff"] = _check_pair(runtime, task, level, plain, inputs, model.label)
+            del runtime
+        text = json.dumps(manifest, indent=2) + "\n"
+        write_atomic(staging / MANIFEST_NAME, text.encode())
+        for file in [WEIGHTS_NAME, *(m["file"] for m in models), MANIFEST_NAME]:
+            os.replace(staging / file, out / file)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return json.loads(text)
+
+
+def _params_by_key(module: nn.Module, store: _Collector) -> dict[str, nn.Parameter]:
+    """Weights-file key -> the parameter of ``module`` that holds it (parameters share the store's arrays)."""
+    by_pointer = {array.__array_interface__["data"][0]: key for key, array in store.tensors.items()}
+    found = {}
+    for param in module.parameters():
+        key = by_pointer.get(param.data_ptr())
+        if key is None:
+            raise RuntimeError("a shared-export parameter is not in the weights file")  # a dvn bug
+        found[key] = param
+    return found
+
+
+def _weights_entry(path: Path, tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    return {
+        "file": WEIGHTS_NAME,
+        "format": WEIGHTS_FORMAT,
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+        "alignment": ALIGNMENT,
+        "tensors": len(tensors),
+        "data_bytes": sum(a.nbytes for a in tensors.values()),
+        "stored_params": sum(a.size for a in tensors.values()),
+    }
+
+
+def _model_entry(spec: CompactSpec, name: str, data: bytes, used: list[str]) -> dict[str, Any]:
+    return {
+        "task": spec.task.name,
+        "level": spec.level,
+        "units": list(spec.units),
+        "file": name,
+        "format": SHARED_MODEL_FORMAT,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "params": spec.params,
+        "params_total": spec.params_total,
+        "macs": spec.macs,
+        "classes": list(spec.task.classes),
+        "preprocess": preprocess_of(spec),
+        "input": "input",
+        "output": "logits",
+        "check_max_abs_diff": None,
+        "tensors": used,
+    }

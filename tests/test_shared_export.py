@@ -1,0 +1,285 @@
+"""The shared export (one weights file, every block once; one graph per pair) and its torch-free runtime."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from typer.testing import CliRunner
+
+from dvn_cli.cli.app import app
+from dvn_cli.deploy.export import export_models
+from dvn_cli.deploy.ort_runtime import ALIGNMENT, WEIGHTS_NAME, SharedOrtRuntime, read_weights_index
+from dvn_cli.deploy.shared_export import export_shared, shared_tensors
+from dvn_cli.errors import BadConfig, DvnError, MissingData, UnknownTask, WrongFileFormat
+from dvn_cli.modelfile.bundle import load_bundle, save_bundle
+from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
+from dvn_cli.modelfile.compact import load_compact, save_compact
+from dvn_cli.planning.plan import shared_memory_params
+
+from .conftest import settle_batch_norm
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+runner = CliRunner()
+
+
+@pytest.fixture
+def checkpoint(tiny_network, tmp_path):
+    return load_checkpoint(save_checkpoint(settle_batch_norm(tiny_network), tmp_path / "model.safetensors"))
+
+
+@pytest.fixture
+def scrambled_checkpoint(scrambled_network, tmp_path):
+    return load_checkpoint(save_checkpoint(settle_batch_norm(scrambled_network), tmp_path / "scrambled.safetensors"))
+
+
+@pytest.fixture
+def shared_dir(checkpoint, tmp_path):
+    out = tmp_path / "shared"
+    export_shared(checkpoint, out, [("task0", 2), ("task1", 3)], check=False)
+    return out
+
+
+def _batch(seed: int = 0, n: int = 5) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, 12, 12)).astype(np.float32) * 1.5
+
+
+def _same_as_per_pair(model, tmp_path, pairs=None):
+    shared = export_shared(model, tmp_path / "shared", pairs)
+    per_pair = export_models(model, tmp_path / "per-pair", pairs, check=False)
+    runtime = SharedOrtRuntime(tmp_path / "shared")
+    x = _batch()
+    assert [(m["task"], m["level"]) for m in shared["models"]] == [(m["task"], m["level"]) for m in per_pair["models"]]
+    for entry in per_pair["models"]:
+        session = ort.InferenceSession(str(tmp_path / "per-pair" / entry["file"]), providers=["CPUExecutionProvider"])
+        (expected,) = session.run(["logits"], {"input": x})
+        got = runtime.run(entry["task"], entry["level"], x)
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    assert all(m["check_max_abs_diff"] < 1e-4 for m in shared["models"])
+    return shared
+
+
+def test_two_shared_graphs_compute_what_the_per_pair_export_computes(scrambled_checkpoint, tmp_path):
+    _same_as_per_pair(scrambled_checkpoint, tmp_path, [("task1", 3), ("task2", 1)])
+
+
+@pytest.mark.slow
+def test_shared_graphs_compute_what_the_per_pair_export_computes(checkpoint, tmp_path):
+    manifest = _same_as_per_pair(checkpoint, tmp_path)
+    assert len(manifest["models"]) == 8 and manifest["layout"] == "shared"
+
+
+@pytest.mark.slow
+def test_shared_graphs_match_per_pair_on_scrambled_units(scrambled_checkpoint, tmp_path):
+    _same_as_per_pair(scrambled_checkpoint, tmp_path)
+
+
+def test_blockwise_graphs_compute_the_same(scrambled_checkpoint, tmp_path):
+    pairs = [("task0", 3), ("task2", 2)]
+    export_shared(scrambled_checkpoint, tmp_path / "concat", pairs)
+    manifest = export_shared(scrambled_checkpoint, tmp_path / "blockwise", pairs, mode="blockwise")
+    assert manifest["graph_mode"] == "blockwise"
+    concat, blockwise = SharedOrtRuntime(tmp_path / "concat"), SharedOrtRuntime(tmp_path / "blockwise")
+    for task, level in pairs:
+        np.testing.assert_allclose(blockwise.run(task, level, _batch()), concat.run(task, level, _batch()), atol=1e-5)
+    with pytest.raises(BadConfig, match="graph mode"):
+        export_shared(scrambled_checkpoint, tmp_path / "x", pairs, mode="nope")
+
+
+def test_weights_file_holds_each_block_once_page_aligned(scrambled_network, scrambled_checkpoint, tmp_path):
+    choices = {"task0": 3, "task1": 2, "task2": 4}
+    manifest = export_shared(scrambled_checkpoint, tmp_path / "out", list(choices.items()), check=False)
+    weights = manifest["weights"]
+    path = tmp_path / "out" / WEIGHTS_NAME
+    index = read_weights_index(path)
+    union = shared_memory_params(scrambled_network, choices)
+    assert weights["stored_params"] == union and weights["data_bytes"] == 4 * union
+    assert sum(dtype.itemsize * int(np.prod(shape)) for dtype, shape, _ in index.values()) == 4 * union
+    assert all(offset % ALIGNMENT == 0 for _, _, offset in index.values())
+    assert path.stat().st_size < weights["data_bytes"] + ALIGNMENT * (len(index) + 1)
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    stored = safetensors_numpy.load_file(str(path))  # a valid safetensors file (padding tensors included)
+    tensors = shared_tensors(scrambled_checkpoint, list(choices.items()))
+    assert set(tensors) == set(index) == {k for k in stored if not k.startswith("__pad__.")}
+    for name, array in tensors.items():
+        np.testing.assert_array_equal(stored[name], array)
+    # every graph names only what it uses, and shares the blocks of another pair
+    used = {(m["task"], m["level"]): set(m["tensors"]) for m in manifest["models"]}
+    assert set().union(*used.values()) == set(index)
+    assert used["task0", 3] & used["task1", 2]
+
+
+def test_a_bundle_exports_the_same_graphs(scrambled_network, scrambled_checkpoint, tmp_path):
+    choices = {"task0": 2, "task2": 3}
+    bundle = load_bundle(save_bundle(scrambled_network, choices, tmp_path / "b.safetensors"))
+    export_shared(bundle, tmp_path / "from-bundle")
+    export_shared(scrambled_checkpoint, tmp_path / "from-checkpoint", list(choices.items()), check=False)
+    a, b = SharedOrtRuntime(tmp_path / "from-bundle"), SharedOrtRuntime(tmp_path / "from-checkpoint")
+    for task, level in choices.items():
+        np.testing.assert_allclose(a.run(task, level, _batch()), b.run(task, level, _batch()), atol=1e-6)
+
+
+def test_runtime_maps_the_file_once_and_shares_it(shared_dir):
+    runtime = SharedOrtRuntime(shared_dir)
+    assert runtime.pairs() == [("task0", 2), ("task1", 3)]
+    for array in runtime.arrays.values():
+        assert np.shares_memory(array, runtime._map) and not array.flags.writeable
+    logits = runtime.run("task1", 3, _batch(n=2))
+    assert logits.shape == (2, 3) and np.isfinite(logits).all()
+    assert runtime.session("task1", 3) is runtime.session("task1", 3)
+    with pytest.raises(UnknownTask, match="holds no task0 level 4"):
+        runtime.run("task0", 4, _batch())
+
+
+def test_plain_onnxruntime_opens_a_graph_on_its_own(shared_dir):
+    """Without dvn's runtime, onnxruntime reads the blocks from the weights file itself (no sharing)."""
+    runtime = SharedOrtRuntime(shared_dir)
+    session = ort.InferenceSession(str(shared_dir / "task0-level2.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"input": _batch()})
+    np.testing.assert_allclose(got, runtime.run("task0", 2, _batch()), atol=1e-5)
+
+
+def test_runtime_imports_without_torch():
+    code = "import sys, dvn_cli.deploy.ort_runtime; assert 'torch' not in sys.modules, 'torch was imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SRC)})
+    assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def _edit_manifest(folder: Path, change) -> None:
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_missing_weights_file(shared_dir):
+    (shared_dir / WEIGHTS_NAME).unlink()
+    with pytest.raises(MissingData, match="weights file .* not found"):
+        SharedOrtRuntime(shared_dir)
+
+
+def test_truncated_weights_file(shared_dir):
+    path = shared_dir / WEIGHTS_NAME
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(WrongFileFormat, match="truncated"):
+        SharedOrtRuntime(shared_dir)
+
+
+def test_changed_weights_file(shared_dir):
+    path = shared_dir / WEIGHTS_NAME
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(WrongFileFormat, match="changed since the export"):
+        SharedOrtRuntime(shared_dir)
+
+
+def test_graph_naming_a_block_the_file_lacks(shared_dir):
+    _edit_manifest(shared_dir, lambda m: m["models"][1]["tensors"].append("features.stem_conv.weight.9"))
+    with pytest.raises(WrongFileFormat, match=r"names 1 tensor\(s\) that weights.safetensors lacks"):
+        SharedOrtRuntime(shared_dir)
+
+
+def test_manifest_from_a_newer_dvn(shared_dir):
+    _edit_manifest(shared_dir, lambda m: m.update(shared_format_version=99))
+    with pytest.raises(WrongFileFormat, match="upgrade dvn"):
+        SharedOrtRuntime(shared_dir)
+
+
+def test_not_a_shared_export(checkpoint, tmp_path):
+    with pytest.raises(MissingData, match="manifest.json not found"):
+        SharedOrtRuntime(tmp_path)
+    export_models(checkpoint, tmp_path / "per-pair", [("task0", 1)], check=False)
+    with pytest.raises(WrongFileFormat, match="not the manifest of a shared export"):
+        SharedOrtRuntime(tmp_path / "per-pair")
+
+
+def test_changed_graph(shared_dir):
+    path = shared_dir / "task0-level2.onnx"
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(WrongFileFormat, match="graph .* is changed"):
+        SharedOrtRuntime(shared_dir)
+
+
+# ------------------------------------------------------------------------------------------------ folder safety
+
+
+def test_another_source_is_not_replaced_without_force(shared_dir, scrambled_checkpoint):
+    before = {p.name: p.read_bytes() for p in shared_dir.iterdir()}
+    with pytest.raises(DvnError, match="export of another file"):
+        export_shared(scrambled_checkpoint, shared_dir, [("task2", 1)], check=False)
+    assert {p.name: p.read_bytes() for p in shared_dir.iterdir()} == before  # staging removed, nothing changed
+    export_shared(scrambled_checkpoint, shared_dir, [("task2", 1)], check=False, force=True)
+    assert SharedOrtRuntime(shared_dir).pairs() == [("task2", 1)]
+
+
+def test_a_foreign_manifest_is_not_replaced_without_force(checkpoint, tmp_path):
+    out = tmp_path / "foreign"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"something": "else"}')
+    with pytest.raises(DvnError, match="not a dvn export manifest"):
+        export_shared(checkpoint, out, [("task0", 1)], check=False)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+    export_shared(checkpoint, out, [("task0", 1)], check=False, force=True)
+    assert SharedOrtRuntime(out).pairs() == [("task0", 1)]
+
+
+def test_per_pair_export_does_not_keep_shared_entries(checkpoint, shared_dir):
+    manifest = export_models(checkpoint, shared_dir, [("task0", 4)], check=False)
+    assert [(m["task"], m["level"]) for m in manifest["models"]] == [("task0", 4)]
+    assert "layout" not in manifest
+
+
+def test_a_compact_model_is_refused(checkpoint, tmp_path):
+    path = save_compact(checkpoint.plain_of("task0", 2), checkpoint.spec_of("task0", 2), tmp_path / "c.safetensors")
+    with pytest.raises(BadConfig, match="nothing to share"):
+        export_shared(load_compact(path), tmp_path / "out")
+
+
+def test_failed_export_leaves_no_folder(checkpoint, tmp_path):
+    with pytest.raises(UnknownTask):
+        export_shared(checkpoint, tmp_path / "new", [("nope", 1)])
+    assert not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------------------------------------------ cli
+
+
+def test_cli_export_shared(checkpoint, tmp_path):
+    out = tmp_path / "cli"
+    args = ["export", "-c", str(checkpoint.path), "--shared", "--task", "task1", "--budget", "2", "-o", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "shared weights: weights.safetensors" in result.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [(m["task"], m["level"]) for m in manifest["models"]] == [("task1", 2)]
+    assert SharedOrtRuntime(out).run("task1", 2, _batch()).shape == (5, 3)
+    refused = runner.invoke(app, ["export", "-c", str(checkpoint.path), "--shared", "--format", "torch-export"])
+    assert refused.exit_code != 0
+
+
+def test_cli_refuses_another_source_in_one_line(checkpoint, scrambled_checkpoint, tmp_path):
+    out = tmp_path / "cli"
+    assert runner.invoke(app, ["export", "-c", str(checkpoint.path), "--shared", "-o", str(out)]).exit_code == 0
+    result = runner.invoke(app, ["export", "-c", str(scrambled_checkpoint.path), "--shared", "-o", str(out)])
+    assert result.exit_code == 1
+    assert "export of another file" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_the_deploy_example_runs_a_shared_graph(shared_dir, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(image)
+    example = Path(__file__).resolve().parents[1] / "examples" / "deploy_onnx.py"
+    args = [sys.executable, str(example), str(shared_dir / "manifest.json"), "--task", "task1", str(image)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    path, answer = result.stdout.strip().split(": ")
+    assert path == str(image) and answer.split()[0] in ("cat", "dog", "fox")
