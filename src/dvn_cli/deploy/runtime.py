@@ -1,0 +1,337 @@
+"""A shared runtime: several (task, level)s of one DVN ready at once, every unit-pair block held ONCE.
+
+Running two tasks from two plain copies stores their shared units twice; a ``SharedRuntime`` holds exactly what a
+plan counts (``planning.plan.shared_memory_params``, docs/design.md §3 "Shared runtime"):
+
+- one store of unit-pair blocks ``W[out(u_o), in(u_i)]`` (stem: row blocks ``W[out(u_o), :]``), the union over the
+  running (task, level)s, each a tensor of its own held once;
+- per running (task, level): its batch norms folded to a per-channel scale and shift (eval mode; as many numbers as
+  the affine parameters a plan counts), and its task's head sliced to its level.
+
+Each running (task, level) is the backbone's PLAIN twin (``core.plain.PlainNetwork``) built on the meta device (no
+memory), whose convolutions read their weight from the store: the blocks a layer needs are copied into one
+transient weight just before the layer runs and freed right after it (``assemble``, the default), so the
+transient memory is one layer's weight, whatever the number of tasks. ``blockwise`` instead runs one small
+convolution per block and sums them (no weight is formed; measured slower, ``benchmarks/memory.py``).
+
+The blocks come from a ``modelfile.base.UnitSource``: a checkpoint or a bundle, read lazily from its file, block by
+block. ``set_levels`` and ``set_budget`` (a joint plan, ``planning.plan.plan_levels``) switch the running levels:
+they read only the blocks the new choice lacks, release those it no longer uses, and change nothing when they fail.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.layers import LevelBatchNorm2d, UnitConv2d
+from ..core.plain import PlainNetwork, plain_config
+from ..core.units import BlockGrid
+from ..errors import BadConfig, UnknownTask, WrongFileFormat
+from ..modelfile.base import BlockKey, ModelFile, UnitParts, UnitSource, open_unit_source
+
+__all__ = ["CONV_MODES", "SharedRuntime"]
+
+ConvMode = Literal["assemble", "blockwise"]
+CONV_MODES: tuple[str, ...] = ("assemble", "blockwise")
+"""How a convolution's weight is formed from its blocks: one transient weight per layer, or one conv per block."""
+
+Pair = tuple[int, int]  # (task index, level)
+
+
+class _BlockConv(nn.Module):
+    """A convolution of one (task, level) whose weight is unit-pair blocks in the shared store (not copied)."""
+
+    def __init__(self, conv: nn.Conv2d, rows: list[list[torch.Tensor]], mode: ConvMode) -> None:
+        super().__init__()
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.shape = tuple(conv.weight.shape)
+        self.rows = rows  # one list of blocks per output unit, units ascending; plain lists: not state
+        self.mode = mode
+
+    def weight(self) -> torch.Tensor:
+        """The layer's weight as one transient tensor (the block itself when there is only one)."""
+        if len(self.rows) == 1 and len(self.rows[0]) == 1:
+            return self.rows[0][0]
+        first = self.rows[0][0]
+        weight = torch.empty(self.shape, dtype=first.dtype, device=first.device)
+        rows, cols = first.shape[:2]
+        for i, row in enumerate(self.rows):
+            for j, block in enumerate(row):
+                weight[i * rows : (i + 1) * rows, j * cols : (j + 1) * cols].copy_(block)
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "assemble":  # (B, C_in*l/k, H, W) -> (B, C_out*l/k, H', W'); the weight dies here
+            return F.conv2d(x, self.weight(), None, self.stride, self.padding, self.dilation)
+        inputs = x.split(self.rows[0][0].shape[1], dim=1)  # one chunk per input unit (the stem: the whole image)
+        outputs = []
+        for row in self.rows:
+            out = None
+            for block, chunk in zip(row, inputs, strict=True):
+                y = F.conv2d(chunk, block, None, self.stride, self.padding, self.dilation)
+                out = y if out is None else out.add_(y)
+            outputs.append(out)
+        return torch.cat(outputs, dim=1)
+
+
+class _ScaleShift(nn.Module):
+    """Batch norm in eval mode as a per-channel ``x * scale + shift``."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.scale, self.shift = scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)  # views of the held tensors
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x, self.scale)
+
+
+class _Head(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass(frozen=True)
+class _State:
+    """Everything one choice runs from; replaced as a whole by a switch, so a call never sees half of one."""
+
+    choices: dict[str, int]  # task name -> level
+    blocks: dict[BlockKey, torch.Tensor]
+    private: dict[Pair, dict[str, tuple[torch.Tensor, ...]]]  # plain module name -> (scale, shift) / (weight, bias)
+    runners: dict[str, nn.Module]  # task name -> its plain twin reading from the store
+
+
+class SharedRuntime:
+    """Co-resident (task, level)s of one DVN running from one store of unit-pair blocks.
+
+    Args:
+        source: where blocks, batch norms and heads are read (``ModelFile.unit_source()``, ``open_unit_source``).
+        choices: task (name or index) -> level; the (task, level)s to hold ready.
+        conv: ``assemble`` (default) or ``blockwise``, how a convolution forms its weight (module docstring).
+
+    Example::
+
+        rt = SharedRuntime.from_model(open_model("model.safetensors"), {"mnist": 3, "fashion-mnist": 2})
+        logits = rt(x, "mnist")
+        rt.set_budget("3MB")
+
+    Raises:
+        UnknownTask, BadConfig: a task the source does not have, a level outside ``1..k`` or not in a bundle.
+        WrongFileFormat: the file is damaged, changed since it was opened, or contradicts its metadata.
+    """
+
+    def __init__(self, source: UnitSource, choices: Mapping[str | int, int], conv: ConvMode = "assemble") -> None:
+        if conv not in CONV_MODES:
+            raise BadConfig(f"unknown conv mode {conv!r}; use one of {', '.join(CONV_MODES)}")
+        self.source, self.conv = source, conv
+        self._state = _State({}, {}, {}, {})
+        self.set_levels(choices)
+
+    @classmethod
+    def from_model(
+        cls, model: ModelFile, choices: Mapping[str | int, int], conv: ConvMode = "assemble"
+    ) -> SharedRuntime:
+        """A runtime of a loaded checkpoint or bundle; one that was written is read again from its file, so the
+        runtime keeps none of ``model``'s tensors."""
+        return cls(model.unit_source(), choices, conv)
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike, choices: Mapping[str | int, int], conv: ConvMode = "assemble"
+    ) -> SharedRuntime:
+        """A runtime of a checkpoint or bundle file that reads nothing but the header and the blocks it needs."""
+        return cls(open_unit_source(path), choices, conv)
+
+    # ---------------------------------------------------------------------------------------------- running
+
+    @property
+    def choices(self) -> dict[str, int]:
+        """Task name -> the level it runs at."""
+        return dict(self._state.choices)
+
+    @property
+    def network(self):
+        """The network's shape on the meta device (task names, orders, layers); no weights."""
+        return self.source.network
+
+    def __call__(self, x: torch.Tensor, task: str | int) -> torch.Tensor:
+        """Logits ``(B, classes)`` of ``task`` at its running level for a preprocessed batch ``(B, C, H, W)``."""
+        state, network = self._state, self.source.network
+        name = network.task_names[network.task_index(task)]
+        if name not in state.runners:
+            raise UnknownTask(f"task {name!r} is not running; running: {', '.join(state.choices)}")
+        channels = network.config.in_channels
+        if x.dim() != 4 or x.shape[1] != channels:
+            raise BadConfig(f"input of shape {tuple(x.shape)} does not match the network's (B, {channels}, H, W)")
+        with torch.no_grad():
+            return state.runners[name](x)
+
+    def held_blocks(self) -> set[BlockKey]:
+        """The unit-pair blocks held now."""
+        return set(self._state.blocks)
+
+    def held_block_params(self) -> int:
+        """Convolution weights held: every held block once."""
+        return sum(block.numel() for block in self._state.blocks.values())
+
+    def held_params(self) -> int:
+        """Everything held that a plan counts: the blocks, and each choice's batch-norm scale and shift and head.
+
+        Equal to ``plan.shared_memory_params`` of the running choices (batch-norm running statistics are folded,
+        so nothing else is held).
+        """
+        private = sum(t.numel() for parts in self._state.private.values() for ts in parts.values() for t in ts)
+        return self.held_block_params() + private
+
+    # -------------------------------------------------------------------------------------------- switching
+
+    def set_levels(self, choices: Mapping[str | int, int]) -> dict[str, int]:
+        """Run ``choices`` (task -> level) from now on: read the blocks they lack, release the ones they do not use.
+
+        Returns:
+            The new choices (task name -> level).
+
+        Raises:
+            BadConfig, UnknownTask, WrongFileFormat: nothing changed, the previous choice keeps running.
+        """
+        network, old = self.source.network, self._state
+        if not choices:
+            raise BadConfig("a shared runtime needs at least one (task, level) to run")
+        pairs = network.resolve_pairs(choices.items(), one_level_per_task=True)
+        self.source.check_pairs(pairs)
+        grids = _grids(network)
+        needed: dict[BlockKey, None] = {}
+        for t, level in pairs:
+            units = network.layout.level_units(t, level)
+            needed |= {(conv, uo, ui): None for conv, grid in grids.items() for uo, ui in grid.blocks(units)}
+        parts = self.source.parts(pairs, skip_blocks=old.blocks.keys(), skip_private=old.private.keys())
+        self._check(parts)
+        blocks = {key: old.blocks[key] if key in old.blocks else parts.blocks[key] for key in needed}
+        private = {pair: old.private.get(pair) or self._fold(pair, parts.private[pair]) for pair in pairs}
+        old_pairs = {network.task_index(name): level for name, level in old.choices.items()}
+        runners = {}
+        for t, level in pairs:
+            name = network.task_names[t]
+            same = old_pairs.get(t) == level
+            runners[name] = old.runners[name] if same else self._runner(t, level, blocks, private[t, level])
+        self._state = _State({network.task_names[t]: level for t, level in pairs}, blocks, private, runners)
+        return self.choices
+
+    def set_budget(self, budget: str, tasks: Sequence[str] | None = None, weights: Mapping[str, float] | None = None):
+        """Re-plan the levels of ``tasks`` (default: those running) under one shared budget and switch to them.
+
+        The plan is ``planning.plan.plan_levels`` on the checkpoint's validation accuracy; a budget that no plan
+        fits raises ``BadBudget`` and changes nothing.
+
+        Returns:
+            The ``planning.plan.Plan`` now running.
+        """
+        from ..planning.plan import accuracy_from_training, plan_budget_params, plan_levels
+
+        network, label = self.source.network, self.source.label
+        if self.source.fixed is not None:
+            raise BadConfig(f"{label} holds fixed levels; a budget needs the full checkpoint to choose from")
+        accuracy = accuracy_from_training(self.source.training)
+        if not accuracy:
+            raise BadConfig(f"{label} has no validation accuracy to plan with; use set_levels or a trained checkpoint")
+        names = list(tasks) if tasks else list(self._state.choices)
+        plan = plan_levels(network, plan_budget_params(network, budget, names), names, accuracy, weights)
+        self.set_levels(plan.choices)
+        return plan
+
+    # ------------------------------------------------------------------------------------------------ parts
+
+    def _check(self, parts: UnitParts) -> None:
+        """Refuse blocks and private parts whose shapes are not the ones the network's layers imply."""
+        network = self.source.network
+        for (conv, uo, ui), block in parts.blocks.items():
+            expected = network.features.get_submodule(conv).grid.block(_meta_weight(network, conv), uo, ui).shape
+            if block.shape != expected:
+                raise WrongFileFormat(
+                    f"{self.source.label} does not match its own metadata (block {conv} {uo},{ui} has shape "
+                    f"{tuple(block.shape)}, expected {tuple(expected)})"
+                )
+        for (t, level), state in parts.private.items():
+            plain = _meta_plain(network, t, level)
+            for name, tensor in state.items():
+                module, _, key = name.rpartition(".")
+                owner = plain.get_submodule(module)
+                expected = getattr(owner, key).shape
+                if tensor.shape != expected:
+                    raise WrongFileFormat(
+                        f"{self.source.label} does not match its own metadata ({name} of "
+                        f"{network.task_names[t]} level {level} has shape {tuple(tensor.shape)}, expected "
+                        f"{tuple(expected)})"
+                    )
+
+    def _fold(self, pair: Pair, state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Batch norms as (scale, shift) under their plain names, and the head as (weight, bias)."""
+        network = self.source.network
+        t, level = pair
+        folded: dict[str, tuple[torch.Tensor, ...]] = {"head": (state["head.weight"], state["head.bias"])}
+        for name, module in network.features.named_modules():
+            if isinstance(module, LevelBatchNorm2d):
+                key = f"features.{name}"
+                eps = module.norm(t, level).eps
+                scale = state[f"{key}.weight"] / torch.sqrt(state[f"{key}.running_var"] + eps)
+                folded[key] = (scale, state[f"{key}.bias"] - state[f"{key}.running_mean"] * scale)
+        return folded
+
+    def _runner(
+        self,
+        t: int,
+        level: int,
+        blocks: Mapping[BlockKey, torch.Tensor],
+        private: Mapping[str, tuple[torch.Tensor, ...]],
+    ) -> nn.Module:
+        """The plain twin of (t, level) on the meta device, every layer replaced by one reading the store."""
+        network = self.source.network
+        plain = _meta_plain(network, t, level)
+        units = network.layout.level_units(t, level)
+        grids = _grids(network)
+        for name, module in list(plain.named_modules()):
+            if isinstance(module, nn.Conv2d):
+                conv = name.removeprefix("features.")
+                if conv not in grids or module.bias is not None or module.groups != 1:
+                    raise RuntimeError(f"plain {network.config.arch} layer {name} has no unit blocks to share")
+                rows: dict[int, list[torch.Tensor]] = {}
+                for uo, ui in grids[conv].blocks(units):
+                    rows.setdefault(uo, []).append(blocks[conv, uo, ui])
+                _replace(plain, name, _BlockConv(module, list(rows.values()), self.conv))
+            elif isinstance(module, nn.BatchNorm2d):
+                _replace(plain, name, _ScaleShift(*private[name]))
+            elif isinstance(module, nn.Linear):
+                _replace(plain, name, _Head(*private[name]))
+        left = [n for n, _ in [*plain.named_parameters(), *plain.named_buffers()]]
+        if left:  # a plain builder with layers the runtime does not know: a bug, said plainly
+            raise RuntimeError(f"plain {network.config.arch} has layers the shared runtime cannot run: {left[:3]}")
+        return plain.eval()
+
+
+def _grids(network) -> dict[str, BlockGrid]:
+    """Block grid of every unit convolution, by its name under ``features``."""
+    return {name: m.grid for name, m in network.features.named_modules() if isinstance(m, UnitConv2d)}
+
+
+def _meta_weight(network, conv: str) -> torch.Tensor:
+    return network.features.get_submodule(conv).weight
+
+
+def _meta_plain(network, t: int, level: int) -> PlainNetwork:
+    with torch.device("meta"):
+        return PlainNetwork(plain_config(network.config, level), network.tasks[t].num_classes)
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
