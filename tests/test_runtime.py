@@ -97,27 +97,59 @@ def test_co_resident_choices_from_a_file_hold_exactly_the_union(settled, checkpo
     assert_holds_the_union(rt, settled)
 
 
-def test_shared_blocks_are_one_tensor_for_every_task(settled):
-    rt = SharedRuntime(Checkpoint(network=settled).unit_source(), {"task0": 3, "task1": 2})
-    held = {id(t) for t in rt._state.blocks.values()}
-    used = {id(b) for runner in rt._state.runners.values() for m in runner.modules() if hasattr(m, "rows")
-            for row in m.rows for b in row}  # fmt: skip
-    assert used == held
-    for runner in rt._state.runners.values():
+def strip_storages(rt) -> dict[int, torch.Tensor]:
+    return {s.tensor.untyped_storage().data_ptr(): s.tensor for ss in rt._state.strips.values() for s in ss}
+
+
+def block_convs(rt, task):
+    return [m for m in rt._state.runners[task].modules() if hasattr(m, "pieces")]
+
+
+@pytest.mark.parametrize("conv", CONV_MODES)
+def test_every_weight_is_a_view_of_the_one_store(settled, conv):
+    rt = SharedRuntime(Checkpoint(network=settled).unit_source(), {"task0": 3, "task1": 2, "task2": 1}, conv=conv)
+    held = strip_storages(rt)
+    assert sum(t.numel() for t in held.values()) == rt.held_block_params()  # no strip shares another's memory
+    for task in rt.choices:
+        convs = block_convs(rt, task)
+        assert len(convs) == sum(1 for m in settled.features.modules() if hasattr(m, "grid"))
+        for m in convs:
+            views = [v for v, _ in m.pieces] + [b for row in m.blocks for b in row]
+            assert all(v.untyped_storage().data_ptr() in held for v in views)
+        runner = rt._state.runners[task]
         assert not list(runner.parameters()) and not list(runner.buffers())
+
+
+def test_contiguous_units_run_on_views_without_forming_a_weight(tiny_network):
+    network = settle_batch_norm(tiny_network)  # nearest orders: task0 0 1 2 3, task1 3 2 1 0
+    for choices in ({"task0": 4, "task1": 2}, {"task0": 2, "task1": 2}, {"task0": 4, "task1": 4}):
+        rt = SharedRuntime(Checkpoint(network=network).unit_source(), choices)
+        for task in choices:
+            for m in block_convs(rt, task):
+                assert len(m.pieces) == 1 and m.pieces[0][1] is None  # one view: no copy, no gather
+        assert_runs_like_the_network(rt, network)
+        assert_holds_the_union(rt, network)
+    rt.set_levels({"task0": 3, "task1": 3})  # {0, 1, 2} and {1, 2, 3}: rows 1 and 2 need every input unit
+    assert {len(m.pieces) for m in block_convs(rt, "task0")} == {1, 2}  # the stem is one view, others two
+    assert_runs_like_the_network(rt, network)
+    assert_holds_the_union(rt, network)
 
 
 def test_switches_read_what_is_missing_and_release_what_is_unused(settled, checkpoint_file):
     rt = SharedRuntime.open(checkpoint_file, {"task0": 2, "task1": 2})
-    kept = {key: id(t) for key, t in rt._state.blocks.items()}
+
+    def strips():
+        return {(conv, s.units_out, s.units_in): s.tensor for conv, ss in rt._state.strips.items() for s in ss}
+
+    kept = strips()
     for choices in CHOICE_SETS:
         rt.set_levels(choices)
         assert rt.choices == choices
         assert_runs_like_the_network(rt, settled)
         assert_holds_the_union(rt, settled)
-        for key, t in rt._state.blocks.items():  # a block held before and still used is the same tensor
-            assert key not in kept or kept[key] == id(t)
-        kept = {key: id(t) for key, t in rt._state.blocks.items()}
+        for key, tensor in strips().items():  # a strip held before and still wanted is the same tensor
+            assert key not in kept or kept[key] is tensor
+        kept = strips()
 
 
 def test_set_budget_runs_the_plan(settled, checkpoint_file):

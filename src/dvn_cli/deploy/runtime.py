@@ -45,34 +45,78 @@ CONV_MODES: tuple[str, ...] = ("assemble", "blockwise")
 Pair = tuple[int, int]  # (task index, level)
 
 
-class _BlockConv(nn.Module):
-    """A convolution of one (task, level) whose weight is unit-pair blocks in the shared store (not copied)."""
+@dataclass(frozen=True, eq=False)  # equal only to itself: a strip is one held tensor
+class _Strip:
+    """Output units that use the same input units, held as ONE tensor ``W[out(units_out), in(units_in)]``.
 
-    def __init__(self, conv: nn.Conv2d, rows: list[list[torch.Tensor]], mode: ConvMode) -> None:
+    A row of blocks ``(u_o, *)`` is used by every running (task, level) whose units contain ``u_o``; the input
+    units it needs are the union of those tasks' units, so rows with equal unions share a strip and the strips of
+    a layer hold exactly the union of the blocks the tasks use, each once. ``units_in`` is None for the stem.
+    """
+
+    units_out: tuple[int, ...]  # ascending
+    units_in: tuple[int, ...] | None  # ascending; None: the input is not split
+    tensor: torch.Tensor
+
+    def keys(self, conv: str) -> list[BlockKey]:
+        return [(conv, uo, ui) for uo in self.units_out for ui in (self.units_in or (None,))]
+
+    def block(self, grid: BlockGrid, unit_out: int, unit_in: int | None) -> torch.Tensor:
+        """One block, as a view."""
+        rows = grid.out_channels // grid.units
+        view = self.tensor.narrow(0, self.units_out.index(unit_out) * rows, rows)
+        if unit_in is None:
+            return view
+        cols = grid.in_channels // grid.units
+        return view.narrow(1, self.units_in.index(unit_in) * cols, cols)
+
+
+class _BlockConv(nn.Module):
+    """A convolution of one (task, level) whose weight lives in the shared strips (views, never a copy held).
+
+    ``assemble``: the weight is a view of one strip when the (task, level)'s units are contiguous in it, else the
+    concatenation of one view per strip, formed just before the convolution and freed right after it.
+    ``blockwise``: one convolution per unit-pair block, summed per output unit.
+    """
+
+    def __init__(self, conv: nn.Conv2d, grid: BlockGrid, strips: Mapping[int, _Strip], units, mode: ConvMode):
         super().__init__()
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.shape = tuple(conv.weight.shape)
-        self.rows = rows  # one list of blocks per output unit, units ascending; plain lists: not state
         self.mode = mode
+        rows, cols = grid.out_channels // grid.units, grid.in_channels // grid.units
+        runs: list[list] = []  # [strip, first row, end row]: output units in consecutive rows of one strip
+        for uo in units:
+            strip, r = strips[uo], strips[uo].units_out.index(uo)
+            if runs and runs[-1][0] is strip and runs[-1][2] == r:
+                runs[-1][2] = r + 1
+            else:
+                runs.append([strip, r, r + 1])
+        self.pieces: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (view, input channels to gather)
+        for strip, first, end in runs:
+            view = strip.tensor.narrow(0, first * rows, (end - first) * rows)
+            if strip.units_in is None:
+                self.pieces.append((view, None))
+                continue
+            at = [strip.units_in.index(u) for u in units]
+            if at == list(range(at[0], at[0] + len(at))):
+                self.pieces.append((view.narrow(1, at[0] * cols, len(at) * cols), None))
+            else:
+                channels = torch.tensor([p * cols + c for p in at for c in range(cols)], dtype=torch.int64)
+                self.pieces.append((view, channels.to(view.device)))
+        in_units = (None,) if grid.split_input is False else units
+        self.blocks = [[strips[uo].block(grid, uo, ui) for ui in in_units] for uo in units]  # views
 
     def weight(self) -> torch.Tensor:
-        """The layer's weight as one transient tensor (the block itself when there is only one)."""
-        if len(self.rows) == 1 and len(self.rows[0]) == 1:
-            return self.rows[0][0]
-        first = self.rows[0][0]
-        weight = torch.empty(self.shape, dtype=first.dtype, device=first.device)
-        rows, cols = first.shape[:2]
-        for i, row in enumerate(self.rows):
-            for j, block in enumerate(row):
-                weight[i * rows : (i + 1) * rows, j * cols : (j + 1) * cols].copy_(block)
-        return weight
+        """The layer's weight: a view when it can be, else one transient tensor."""
+        parts = [view if channels is None else view.index_select(1, channels) for view, channels in self.pieces]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "assemble":  # (B, C_in*l/k, H, W) -> (B, C_out*l/k, H', W'); the weight dies here
+        if self.mode == "assemble":  # (B, C_in*l/k, H, W) -> (B, C_out*l/k, H', W'); a formed weight dies here
             return F.conv2d(x, self.weight(), None, self.stride, self.padding, self.dilation)
-        inputs = x.split(self.rows[0][0].shape[1], dim=1)  # one chunk per input unit (the stem: the whole image)
+        inputs = x.split(self.blocks[0][0].shape[1], dim=1)  # one chunk per input unit (the stem: the whole image)
         outputs = []
-        for row in self.rows:
+        for row in self.blocks:
             out = None
             for block, chunk in zip(row, inputs, strict=True):
                 y = F.conv2d(chunk, block, None, self.stride, self.padding, self.dilation)
@@ -106,7 +150,7 @@ class _State:
     """Everything one choice runs from; replaced as a whole by a switch, so a call never sees half of one."""
 
     choices: dict[str, int]  # task name -> level
-    blocks: dict[BlockKey, torch.Tensor]
+    strips: dict[str, tuple[_Strip, ...]]  # conv name under features -> the strips holding its blocks
     private: dict[Pair, dict[str, tuple[torch.Tensor, ...]]]  # plain module name -> (scale, shift) / (weight, bias)
     runners: dict[str, nn.Module]  # task name -> its plain twin reading from the store
 
@@ -178,11 +222,11 @@ class SharedRuntime:
 
     def held_blocks(self) -> set[BlockKey]:
         """The unit-pair blocks held now."""
-        return set(self._state.blocks)
+        return {key for conv, strips in self._state.strips.items() for strip in strips for key in strip.keys(conv)}
 
     def held_block_params(self) -> int:
         """Convolution weights held: every held block once."""
-        return sum(block.numel() for block in self._state.blocks.values())
+        return sum(strip.tensor.numel() for strips in self._state.strips.values() for strip in strips)
 
     def held_params(self) -> int:
         """Everything held that a plan counts: the blocks, and each choice's batch-norm scale and shift and head.
@@ -210,21 +254,29 @@ class SharedRuntime:
         pairs = network.resolve_pairs(choices.items(), one_level_per_task=True)
         self.source.check_pairs(pairs)
         grids = _grids(network)
-        needed: dict[BlockKey, None] = {}
-        for t, level in pairs:
-            units = network.layout.level_units(t, level)
-            needed |= {(conv, uo, ui): None for conv, grid in grids.items() for uo, ui in grid.blocks(units)}
-        parts = self.source.parts(pairs, skip_blocks=old.blocks.keys(), skip_private=old.private.keys())
+        held = {
+            key: (strip, grids[key[0]]) for conv, ss in old.strips.items() for strip in ss for key in strip.keys(conv)
+        }
+        parts = self.source.parts(pairs, skip_blocks=held.keys(), skip_private=old.private.keys())
         self._check(parts)
-        blocks = {key: old.blocks[key] if key in old.blocks else parts.blocks[key] for key in needed}
+
+        def block(key: BlockKey) -> torch.Tensor:
+            if key in parts.blocks:
+                return parts.blocks[key]
+            strip, grid = held[key]
+            return strip.block(grid, *key[1:])
+
+        strips = {
+            conv: self._strips(conv, grid, pairs, old.strips.get(conv, ()), block) for conv, grid in grids.items()
+        }
         private = {pair: old.private.get(pair) or self._fold(pair, parts.private[pair]) for pair in pairs}
         old_pairs = {network.task_index(name): level for name, level in old.choices.items()}
         runners = {}
         for t, level in pairs:
             name = network.task_names[t]
-            same = old_pairs.get(t) == level
-            runners[name] = old.runners[name] if same else self._runner(t, level, blocks, private[t, level])
-        self._state = _State({network.task_names[t]: level for t, level in pairs}, blocks, private, runners)
+            same = old_pairs.get(t) == level and all(strips[c] == old.strips.get(c) for c in grids)
+            runners[name] = old.runners[name] if same else self._runner(t, level, strips, private[t, level])
+        self._state = _State({network.task_names[t]: level for t, level in pairs}, strips, private, runners)
         return self.choices
 
     def set_budget(self, budget: str, tasks: Sequence[str] | None = None, weights: Mapping[str, float] | None = None):
@@ -287,27 +339,52 @@ class SharedRuntime:
                 folded[key] = (scale, state[f"{key}.bias"] - state[f"{key}.running_mean"] * scale)
         return folded
 
+    def _strips(self, conv: str, grid: BlockGrid, pairs: Sequence[Pair], old: Sequence[_Strip], block) -> tuple:
+        """The strips of one layer for ``pairs``: output units grouped by the input units they need; a strip that
+        is already held as it is stays the same tensor, others are filled from held and newly read blocks."""
+        layout = self.source.network.layout
+        needs: dict[int, set[int]] = {}
+        for t, level in pairs:
+            units = layout.level_units(t, level)
+            for uo in units:
+                needs.setdefault(uo, set()).update(units)
+        groups: dict[tuple[int, ...] | None, list[int]] = {}
+        for uo in sorted(needs):
+            groups.setdefault(tuple(sorted(needs[uo])) if grid.split_input else None, []).append(uo)
+        kept = {(strip.units_out, strip.units_in): strip for strip in old}
+        strips = []
+        for units_in, units_out in groups.items():
+            strip = kept.get((tuple(units_out), units_in))
+            if strip is None:
+                rows = [[block((conv, uo, ui)) for ui in (units_in or (None,))] for uo in units_out]
+                tensor = (
+                    torch.cat([torch.cat(row, dim=1) for row in rows])
+                    if len(rows[0]) > 1
+                    else torch.cat([row[0] for row in rows])
+                )
+                strip = _Strip(tuple(units_out), units_in, tensor.contiguous())
+            strips.append(strip)
+        return tuple(strips)
+
     def _runner(
         self,
         t: int,
         level: int,
-        blocks: Mapping[BlockKey, torch.Tensor],
+        strips: Mapping[str, Sequence[_Strip]],
         private: Mapping[str, tuple[torch.Tensor, ...]],
     ) -> nn.Module:
         """The plain twin of (t, level) on the meta device, every layer replaced by one reading the store."""
         network = self.source.network
         plain = _meta_plain(network, t, level)
-        units = network.layout.level_units(t, level)
+        units = tuple(sorted(network.layout.level_units(t, level)))
         grids = _grids(network)
         for name, module in list(plain.named_modules()):
             if isinstance(module, nn.Conv2d):
                 conv = name.removeprefix("features.")
                 if conv not in grids or module.bias is not None or module.groups != 1:
                     raise RuntimeError(f"plain {network.config.arch} layer {name} has no unit blocks to share")
-                rows: dict[int, list[torch.Tensor]] = {}
-                for uo, ui in grids[conv].blocks(units):
-                    rows.setdefault(uo, []).append(blocks[conv, uo, ui])
-                _replace(plain, name, _BlockConv(module, list(rows.values()), self.conv))
+                by_unit = {uo: strip for strip in strips[conv] for uo in strip.units_out}
+                _replace(plain, name, _BlockConv(module, grids[conv], by_unit, units, self.conv))
             elif isinstance(module, nn.BatchNorm2d):
                 _replace(plain, name, _ScaleShift(*private[name]))
             elif isinstance(module, nn.Linear):
