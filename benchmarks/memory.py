@@ -42,14 +42,13 @@ TASKS = ("alpha", "beta")
 MIB = 1024 * 1024
 
 CHILD = r"""
-import gc, json, sys
+import ctypes, gc, json, sys
 import torch
-import torch.nn.functional as F
 from dvn_cli.deploy.runtime import SharedRuntime
 from dvn_cli.modelfile.base import open_model
 import dvn_cli.modelfile.bundle, dvn_cli.modelfile.checkpoint, dvn_cli.modelfile.compact, dvn_cli.core.plain
 
-mode, files, choices, threads = json.loads(sys.argv[1])
+mode, files, warm_files, choices, threads = json.loads(sys.argv[1])
 torch.set_num_threads(threads)
 
 
@@ -58,36 +57,44 @@ def status(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
 
 
-with torch.no_grad():  # warm-up: thread pool and oneDNN, outside every mode
-    F.conv2d(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 3, 3), padding=1)
+def build(mode, files):
+    if mode == "virtual":
+        net = open_model(files["checkpoint"]).network.eval()
+        return {t: (lambda x, t=t, lv=lv: net(x, t, lv)) for t, lv in choices.items()}
+    if mode == "compact":
+        return {t: open_model(files[f"compact_{t}"]).plain for t in choices}
+    if mode == "bundle_plain":
+        bundle = open_model(files["bundle"])
+        return {t: bundle.plain(t) for t in choices}
+    if mode == "runtime_from_model":  # the whole checkpoint loaded, the runtime built, the checkpoint dropped
+        rt = SharedRuntime.from_model(open_model(files["checkpoint"]), choices)
+    else:  # runtime_<checkpoint|bundle>_<conv>: the file's header and the blocks it needs, nothing else
+        _, source, conv = mode.split("_")
+        rt = SharedRuntime.open(files[source], choices, conv=conv)
+    return {t: (lambda x, t=t: rt(x, t)) for t in choices}
+
+
+def run_all(run):
+    with torch.no_grad():
+        for t in choices:
+            run[t](x)
+
+
+# warm-up: the same code path on a tiny network of the same kind, so that lazy set-up (thread pool, oneDNN,
+# kernels, caches) is paid before the baseline and what follows is the memory of the weights and activations
 x = torch.randn(8, 3, 32, 32)
+run_all(build(mode, warm_files))
 gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # VmHWM := VmRSS
 base = status("VmRSS")
-
-if mode == "virtual":
-    model = open_model(files["checkpoint"])
-    net = model.network.eval()
-    run = {t: (lambda x, t=t, lv=lv: net(x, t, lv)) for t, lv in choices.items()}
-elif mode == "compact":
-    models = {t: open_model(files[f"compact_{t}"]) for t in choices}
-    run = {t: m.plain for t, m in models.items()}
-elif mode == "bundle_plain":
-    bundle = open_model(files["bundle"])
-    run = {t: bundle.plain(t) for t in choices}
-elif mode == "runtime_from_model":  # the whole checkpoint loaded, the runtime built, the checkpoint dropped
-    rt = SharedRuntime.from_model(open_model(files["checkpoint"]), choices)
-    run = {t: (lambda x, t=t: rt(x, t)) for t in choices}
-else:  # runtime_<checkpoint|bundle>_<conv>: read from the file's header and the blocks it needs, nothing else
-    _, source, conv = mode.split("_")
-    rt = SharedRuntime.open(files[source], choices, conv=conv)
-    run = {t: (lambda x, t=t: rt(x, t)) for t in choices}
-with torch.no_grad():
-    for t in choices:
-        run[t](x)
+run = build(mode, files)
+run_all(run)
 gc.collect()
-print(json.dumps({"rss": status("VmRSS") - base, "peak": status("VmHWM") - base}))
+rss, peak = status("VmRSS"), status("VmHWM")
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap memory back: what is left is what is held
+print(json.dumps({"rss": rss - base, "peak": peak - base, "held": status("VmRSS") - base}))
 """
 
 MODES = {
@@ -109,10 +116,52 @@ def cpu_model() -> str:
         return platform.processor() or "unknown"
 
 
-def measure(mode: str, files: dict[str, str], choices: dict[str, int], threads: int) -> dict[str, float]:
-    args = json.dumps([mode, files, choices, threads])
+def measure(mode: str, files: dict, warm: dict, choices: dict[str, int], threads: int) -> dict[str, float]:
+    args = json.dumps([mode, files, warm, choices, threads])
     out = subprocess.run([sys.executable, "-c", CHILD, args], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_files(network, tmp: Path, choices: dict[str, int], checkpoint: Path, tag: str) -> dict[str, str]:
+    files = {"checkpoint": str(checkpoint)}
+    files["bundle"] = str(save_bundle(network, choices, tmp / f"bundle-{tag}.safetensors"))
+    for t, level in choices.items():
+        plain, spec = extract_plain(network, t, level), compact_spec(network, t, level)
+        files[f"compact_{t}"] = str(save_compact(plain, spec, tmp / f"{t}{level}-{tag}.safetensors"))
+    return files
+
+
+def memory_table(network, warm_network, tmp: Path, threads: int, lines: list[str]) -> dict:
+    checkpoint = save_checkpoint(network, tmp / "model.safetensors")
+    warm_checkpoint = save_checkpoint(warm_network, tmp / "warm.safetensors")
+    results = {}
+    lines += [
+        "| mode | " + " | ".join(f"({a},{b})" for a, b in LEVELS) + " |",
+        "|---|" + "---|" * len(LEVELS),
+    ]
+    rows = {mode: f"| {label} |" for mode, label in MODES.items()}
+    union_row, separate_row = "| float32 union of the weights (plan) |", "| sum of separate models (float32) |"
+    ratio_row = "| shared runtime from the checkpoint / union |"
+    for a, b in LEVELS:
+        choices = dict(zip(TASKS, (a, b), strict=True))
+        tag = f"{a}{b}"
+        files = write_files(network, tmp, choices, checkpoint, tag)
+        warm = write_files(warm_network, tmp, choices, warm_checkpoint, f"warm{tag}")
+        union = 4 * shared_memory_params(network, choices) / MIB
+        separate = 4 * separate_params(network, choices) / MIB
+        got = {mode: measure(mode, files, warm, choices, threads) for mode in MODES}
+        results[f"{a},{b}"] = {"union_mib": union, "separate_mib": separate, **got}
+        for mode, r in got.items():
+            rows[mode] += f" {r['rss'] / MIB:.1f} / {r['held'] / MIB:.1f} / {r['peak'] / MIB:.1f} |"
+        union_row += f" {union:.1f} |"
+        separate_row += f" {separate:.1f} |"
+        rt = got["runtime_checkpoint_assemble"]
+        ratio_row += (
+            f" {rt['rss'] / MIB / union:.3f} / {rt['held'] / MIB / union:.3f} / {rt['peak'] / MIB / union:.3f} |"
+        )
+        print(f"memory ({a},{b}) done", file=sys.stderr)
+    lines += [union_row, separate_row, *rows.values(), ratio_row]
+    return results
 
 
 def median_ms(forward, x: torch.Tensor, repeats: int) -> float:
@@ -123,39 +172,6 @@ def median_ms(forward, x: torch.Tensor, repeats: int) -> float:
             forward(x)
             times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
-
-
-def write_files(network, tmp: Path, choices: dict[str, int], checkpoint: Path) -> dict[str, str]:
-    tag = "".join(str(v) for v in choices.values())
-    files = {"checkpoint": str(checkpoint)}
-    files["bundle"] = str(save_bundle(network, choices, tmp / f"bundle{tag}.safetensors"))
-    for t, level in choices.items():
-        plain, spec = extract_plain(network, t, level), compact_spec(network, t, level)
-        files[f"compact_{t}"] = str(save_compact(plain, spec, tmp / f"{t}{level}-{tag}.safetensors"))
-    return files
-
-
-def memory_table(network, tmp: Path, checkpoint: Path, threads: int, lines: list[str]) -> dict:
-    results = {}
-    header = "| mode | " + " | ".join(f"({a},{b}) RSS / peak" for a, b in LEVELS) + " |"
-    rows = {mode: f"| {label} |" for mode, label in MODES.items()}
-    union_row, separate_row, ratio_row = "| float32 union of the weights (plan) |", "| sum of separate models |", ""
-    ratio_row = "| shared runtime (checkpoint) / union |"
-    for a, b in LEVELS:
-        choices = dict(zip(TASKS, (a, b), strict=True))
-        files = write_files(network, tmp, choices, checkpoint)
-        union = 4 * shared_memory_params(network, choices) / MIB
-        separate = 4 * separate_params(network, choices) / MIB
-        got = {mode: measure(mode, files, choices, threads) for mode in MODES}
-        results[f"{a},{b}"] = {"union_mib": union, "separate_mib": separate, **got}
-        for mode, r in got.items():
-            rows[mode] += f" {r['rss'] / MIB:.1f} / {r['peak'] / MIB:.1f} |"
-        union_row += f" {union:.1f} |"
-        separate_row += f" {separate:.1f} |"
-        ratio_row += f" {got['runtime_checkpoint_assemble']['rss'] / MIB / union:.3f} |"
-        print(f"memory ({a},{b}) done", file=sys.stderr)
-    lines += [header, "|---|" + "---|" * len(LEVELS), union_row, separate_row, *rows.values(), ratio_row]
-    return results
 
 
 def speed_table(network, rounds: int, lines: list[str]) -> dict:
@@ -247,7 +263,8 @@ def main() -> None:
     torch.manual_seed(0)
     network = build_network(config, [TaskSpec(t, tuple("0123456789")) for t in TASKS]).eval()
     tmp = Path(tempfile.mkdtemp())
-    checkpoint = save_checkpoint(network, tmp / "model.safetensors")
+    warm_config = BackboneConfig(depth=14, widths=(8, 16, 32), units=4, in_channels=3, input_size=32, stem_stride=1)
+    warm_network = build_network(warm_config, [TaskSpec(t, tuple("0123456789")) for t in TASKS]).eval()
     lines = [
         "# dvn — memory shared at inference (issue 12)",
         "",
@@ -258,11 +275,13 @@ def main() -> None:
         "",
         f"Random-weight DVN ResNet-14, widths {'/'.join(map(str, widths))}, k = 4, two tasks (nearest orders:"
         " 0 1 2 3 and 3 2 1 0),"
-        " input 3x32x32. Each cell: resident memory added (VmRSS) after holding both tasks ready and running one"
-        " batch of 8 through each / peak added (VmHWM), each mode in a fresh process.",
+        " input 3x32x32. Each cell, in MiB: resident memory added (VmRSS) after holding both tasks ready and"
+        " running one batch of 8 through each / the same after `malloc_trim(0)` (freed heap handed back: what is"
+        " held) / peak added (VmHWM). Each mode in a fresh process, warmed up on a tiny network of the same kind"
+        " first.",
         "",
     ]
-    results = {"memory": memory_table(network, tmp, checkpoint, args.threads, lines)}
+    results = {"memory": memory_table(network, warm_network, tmp, args.threads, lines)}
     if not args.skip_speed:
         lines += [
             "",

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.layers import LevelBatchNorm2d, UnitConv2d
 from ..core.plain import PlainNetwork, plain_config
 from ..core.units import BlockGrid
 from ..errors import BadConfig, UnknownTask, WrongFileFormat
@@ -43,6 +42,7 @@ CONV_MODES: tuple[str, ...] = ("assemble", "blockwise")
 """How a convolution's weight is formed from its blocks: one transient weight per layer, or one conv per block."""
 
 Pair = tuple[int, int]  # (task index, level)
+_NORM_KEYS = ("weight", "bias", "running_mean", "running_var")
 
 
 @dataclass(frozen=True, eq=False)  # equal only to itself: a strip is one held tensor
@@ -253,7 +253,7 @@ class SharedRuntime:
             raise BadConfig("a shared runtime needs at least one (task, level) to run")
         pairs = network.resolve_pairs(choices.items(), one_level_per_task=True)
         self.source.check_pairs(pairs)
-        grids = _grids(network)
+        grids = self.source.grids
         held = {
             key: (strip, grids[key[0]]) for conv, ss in old.strips.items() for strip in ss for key in strip.keys(conv)
         }
@@ -307,36 +307,35 @@ class SharedRuntime:
         """Refuse blocks and private parts whose shapes are not the ones the network's layers imply."""
         network = self.source.network
         for (conv, uo, ui), block in parts.blocks.items():
-            expected = network.features.get_submodule(conv).grid.block(_meta_weight(network, conv), uo, ui).shape
+            expected = self.source.grids[conv].block(_meta_weight(network, conv), uo, ui).shape
             if block.shape != expected:
                 raise WrongFileFormat(
                     f"{self.source.label} does not match its own metadata (block {conv} {uo},{ui} has shape "
                     f"{tuple(block.shape)}, expected {tuple(expected)})"
                 )
         for (t, level), state in parts.private.items():
-            plain = _meta_plain(network, t, level)
+            out_features, in_features = network.heads[t].active_shape(t, level)
+            expected = {"head.weight": (out_features, in_features), "head.bias": (out_features,)}
+            for name, module in self.source.norms.items():
+                channels = (module.norm(t, level).num_features,)
+                expected |= {f"features.{name}.{key}": channels for key in _NORM_KEYS}
             for name, tensor in state.items():
-                module, _, key = name.rpartition(".")
-                owner = plain.get_submodule(module)
-                expected = getattr(owner, key).shape
-                if tensor.shape != expected:
+                if tuple(tensor.shape) != expected.get(name):
                     raise WrongFileFormat(
                         f"{self.source.label} does not match its own metadata ({name} of "
                         f"{network.task_names[t]} level {level} has shape {tuple(tensor.shape)}, expected "
-                        f"{tuple(expected)})"
+                        f"{expected.get(name)})"
                     )
 
     def _fold(self, pair: Pair, state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
         """Batch norms as (scale, shift) under their plain names, and the head as (weight, bias)."""
-        network = self.source.network
         t, level = pair
         folded: dict[str, tuple[torch.Tensor, ...]] = {"head": (state["head.weight"], state["head.bias"])}
-        for name, module in network.features.named_modules():
-            if isinstance(module, LevelBatchNorm2d):
-                key = f"features.{name}"
-                eps = module.norm(t, level).eps
-                scale = state[f"{key}.weight"] / torch.sqrt(state[f"{key}.running_var"] + eps)
-                folded[key] = (scale, state[f"{key}.bias"] - state[f"{key}.running_mean"] * scale)
+        for name, module in self.source.norms.items():
+            key = f"features.{name}"
+            eps = module.norm(t, level).eps
+            scale = state[f"{key}.weight"] / torch.sqrt(state[f"{key}.running_var"] + eps)
+            folded[key] = (scale, state[f"{key}.bias"] - state[f"{key}.running_mean"] * scale)
         return folded
 
     def _strips(self, conv: str, grid: BlockGrid, pairs: Sequence[Pair], old: Sequence[_Strip], block) -> tuple:
@@ -377,7 +376,7 @@ class SharedRuntime:
         network = self.source.network
         plain = _meta_plain(network, t, level)
         units = tuple(sorted(network.layout.level_units(t, level)))
-        grids = _grids(network)
+        grids = self.source.grids
         for name, module in list(plain.named_modules()):
             if isinstance(module, nn.Conv2d):
                 conv = name.removeprefix("features.")
@@ -393,11 +392,6 @@ class SharedRuntime:
         if left:  # a plain builder with layers the runtime does not know: a bug, said plainly
             raise RuntimeError(f"plain {network.config.arch} has layers the shared runtime cannot run: {left[:3]}")
         return plain.eval()
-
-
-def _grids(network) -> dict[str, BlockGrid]:
-    """Block grid of every unit convolution, by its name under ``features``."""
-    return {name: m.grid for name, m in network.features.named_modules() if isinstance(m, UnitConv2d)}
 
 
 def _meta_weight(network, conv: str) -> torch.Tensor:

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from ..core.cost import LevelCost
     from ..core.network import DeepVirtualNetwork
     from ..core.plain import PlainNetwork
+    from ..core.units import BlockGrid
     from .compact import CompactSpec
 
 __all__ = [
@@ -272,6 +274,20 @@ class UnitSource(ABC):
         self.training = dict(training or {})
         self.fixed = None if fixed is None else dict(fixed)
 
+    @cached_property
+    def grids(self) -> dict[str, BlockGrid]:
+        """The block grid of every ``UnitConv2d``, by its name under ``features``."""
+        from ..core.layers import UnitConv2d
+
+        return {n: m.grid for n, m in self.network.features.named_modules() if isinstance(m, UnitConv2d)}
+
+    @cached_property
+    def norms(self) -> dict[str, Any]:
+        """Every ``LevelBatchNorm2d``, by its name under ``features``."""
+        from ..core.layers import LevelBatchNorm2d
+
+        return {n: m for n, m in self.network.features.named_modules() if isinstance(m, LevelBatchNorm2d)}
+
     @abstractmethod
     def block_tensor(self, conv: str, unit_out: int, unit_in: int | None) -> tuple[str, tuple[slice, ...] | None]:
         """The stored tensor that holds a block, and where in it (None: the whole tensor)."""
@@ -302,12 +318,8 @@ class UnitSource(ABC):
     ) -> UnitParts:
         """The blocks that ``pairs`` (task index, level) use and the private parts of each pair, except those in
         ``skip_blocks`` and ``skip_private`` (already held)."""
-        from ..core.layers import LevelBatchNorm2d, UnitConv2d
-
         self.check_pairs(pairs)
-        network, layout = self.network, self.network.layout
-        convs = [(n, m.grid) for n, m in network.features.named_modules() if isinstance(m, UnitConv2d)]
-        norms = [n for n, m in network.features.named_modules() if isinstance(m, LevelBatchNorm2d)]
+        layout, convs, norms = self.network.layout, self.grids.items(), self.norms
         blocks = {
             (conv, uo, ui): None
             for conv, grid in convs

@@ -145,7 +145,7 @@ class CheckpointSource(UnitSource):
     ``features.<norm>.norms.<t>.<level-1>.*``, heads ``heads.<t>.*`` with the level's input columns."""
 
     def block_tensor(self, conv: str, unit_out: int, unit_in: int | None) -> tuple[str, tuple[slice, ...]]:
-        return f"features.{conv}.weight", self.network.features.get_submodule(conv).grid.index(unit_out, unit_in)
+        return f"features.{conv}.weight", self.grids[conv].index(unit_out, unit_in)
 
     def norm_tensor(self, norm: str, task: int, level: int, key: str) -> str:
         return f"features.{norm}.norms.{task}.{level - 1}.{key}"
