@@ -174,3 +174,13 @@ def test_a_bundle_refuses_another_level_in_one_line(setup):
     result = invoke("predict", base / "images" / "red", "-c", bundle, "--task", "colours", "--budget", 4)
     assert result.exit_code == 1, result.output
     assert len(result.stderr.splitlines()) == 1 and "holds only colours level 2" in result.stderr
+
+
+def test_a_broken_model_file_is_one_line(setup, tmp_path):
+    base, *_ = setup
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    result = invoke("predict", base / "images" / "red", "-c", broken)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {broken} is not a safetensors file"), result.stderr

@@ -4,15 +4,17 @@ Running two tasks from two plain copies stores their shared units twice; a ``Sha
 plan counts (``planning.plan.shared_memory_params``, docs/design.md §3 "Shared runtime"):
 
 - one store of unit-pair blocks ``W[out(u_o), in(u_i)]`` (stem: row blocks ``W[out(u_o), :]``), the union over the
-  running (task, level)s, each a tensor of its own held once;
+  running (task, level)s, each held once. A layer's blocks are kept in STRIPS: output units that need the same
+  input units share one tensor (``_Strip``), so the strips hold exactly the union;
 - per running (task, level): its batch norms folded to a per-channel scale and shift (eval mode; as many numbers as
   the affine parameters a plan counts), and its task's head sliced to its level.
 
 Each running (task, level) is the backbone's PLAIN twin (``core.plain.PlainNetwork``) built on the meta device (no
-memory), whose convolutions read their weight from the store: the blocks a layer needs are copied into one
-transient weight just before the layer runs and freed right after it (``assemble``, the default), so the
-transient memory is one layer's weight, whatever the number of tasks. ``blockwise`` instead runs one small
-convolution per block and sums them (no weight is formed; measured slower, ``benchmarks/memory.py``).
+memory), whose convolutions read their weight from the store (``assemble``, the default): a VIEW of one strip when
+the (task, level)'s units lie in consecutive rows and columns of it (no copy), else the concatenation of the views
+of the strips it spans, formed just before the layer runs and freed right after it, so the transient memory is one
+layer's weight, whatever the number of tasks. ``blockwise`` instead runs one small convolution per block and sums
+them (no weight is formed; measured slower, ``benchmarks/memory.py``).
 
 The blocks come from a ``modelfile.base.UnitSource``: a checkpoint or a bundle, read lazily from its file, block by
 block. ``set_levels`` and ``set_budget`` (a joint plan, ``planning.plan.plan_levels``) switch the running levels:
