@@ -38,9 +38,7 @@ def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts[-1:])
-            )
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
             if not found:
                 raise BadConfig(f"{path} is a folder without image files")
             files += found
