@@ -428,7 +428,9 @@ def export(
 
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Image files, or folders of them.", show_default=False)],
+    images: Annotated[
+        list[Path], typer.Argument(help="Image files, or folders of them.", metavar="IMAGE", show_default=False)
+    ],
     checkpoint: CheckpointOption = DEFAULT_CHECKPOINT,
     task: Annotated[str | None, typer.Option(help="Comma-separated tasks (default: all).")] = None,
     budget: Annotated[
@@ -440,8 +442,8 @@ def predict(
 ) -> None:
     """Classify images: the top classes and their probabilities for each image and task.
 
-    -c takes a checkpoint (with --task and --budget), a bundle (its tasks run at once, shared units held once) or
-    a compact model. Unreadable files are named on stderr and skipped.
+    -c takes a checkpoint (with --task and --budget), a bundle (its tasks run at once, shared units held once)
+    or a compact model. Unreadable files are named on stderr and skipped.
     """
     from ..deploy.predict import predict_images
     from . import ui
