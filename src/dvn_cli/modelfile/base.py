@@ -221,7 +221,9 @@ class TensorReader:
 
             def read_memory(name: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
                 tensor = self.tensors[name]
-                return (tensor if index is None else tensor[index]).detach().contiguous().clone()
+                return (
+                    (tensor if index is None else tensor[index]).detach().clone(memory_format=torch.contiguous_format)
+                )
 
             try:
                 yield read_memory
