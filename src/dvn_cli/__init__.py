@@ -42,6 +42,8 @@ _PUBLIC = {
     "evaluate_rows": "evaluation.evaluate",
     "write_compact_level": "deploy.prune",
     "export_models": "deploy.export",
+    "SharedRuntime": "deploy.runtime",
+    "open_unit_source": "modelfile.base",
 }
 """Public name -> the module (under ``dvn_cli``) that defines it."""
 
