@@ -246,7 +246,9 @@ class TensorReader:
                 raise WrongFileFormat(f"{self.label} is damaged: {name} cannot be read ({first_line(exc)})") from None
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise WrongFileFormat(f"{self.label} holds non-finite values (NaN or infinity) in {name}")
-            return tensor.contiguous()
+            # a tensor from safetensors may be a view of the mapped file (a slice: of the whole tensor); a copy of
+            # its own lets the mapping go when the file is closed, so nothing of the file stays resident
+            return tensor.clone(memory_format=torch.contiguous_format)
 
         with handle:
             yield read_file
