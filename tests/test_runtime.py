@@ -264,3 +264,16 @@ def test_calls_are_checked(settled):
     with pytest.raises(BadConfig, match="unknown conv mode"):
         SharedRuntime(rt.source, {"task0": 2}, conv="views")
     assert rt(batch(), 0).shape == (5, 10)
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "bundle"])
+def test_every_held_tensor_owns_exactly_its_memory(settled, checkpoint_file, tmp_path, kind):
+    """Nothing held is a view of something larger (a safetensors tensor can be a view of the mapped file)."""
+    choices = {"task0": 3, "task1": 2, "task2": 1}
+    path = checkpoint_file if kind == "checkpoint" else save_bundle(settled, choices, tmp_path / "b.safetensors")
+    rt = SharedRuntime.open(path, choices)
+    held = [s.tensor for ss in rt._state.strips.values() for s in ss]
+    held += [t for parts in rt._state.private.values() for ts in parts.values() for t in ts]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
+    assert len(storages) == len(held)
+    assert sum(storages.values()) == sum(t.numel() * t.element_size() for t in held) == 4 * rt.held_params()
