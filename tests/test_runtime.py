@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -277,3 +279,7 @@ def test_every_held_tensor_owns_exactly_its_memory(settled, checkpoint_file, tmp
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
     assert len(storages) == len(held)
     assert sum(storages.values()) == sum(t.numel() * t.element_size() for t in held) == 4 * rt.held_params()
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: nothing keeps the file mapped (a tensor viewing the mapping would keep it resident)
+        gc.collect()
+        assert str(path) not in maps.read_text()
