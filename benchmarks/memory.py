@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -105,7 +106,11 @@ MODES = {
     "runtime_bundle_assemble": "**shared runtime** from the bundle",
     "runtime_checkpoint_blockwise": "shared runtime, blockwise convolutions",
     "runtime_from_model": "shared runtime via `open_model` (checkpoint loaded, then dropped)",
+    "compact+mmap": "two compact models, `MALLOC_MMAP_THRESHOLD_=131072`",
+    "runtime_checkpoint_assemble+mmap": "**shared runtime** from the checkpoint, `MALLOC_MMAP_THRESHOLD_=131072`",
 }
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+"""glibc then serves every block of 128 KiB or more by mmap and returns it when freed (no dynamic threshold)."""
 
 
 def cpu_model() -> str:
@@ -117,8 +122,10 @@ def cpu_model() -> str:
 
 
 def measure(mode: str, files: dict, warm: dict, choices: dict[str, int], threads: int) -> dict[str, float]:
+    mode, _, env = mode.partition("+")
     args = json.dumps([mode, files, warm, choices, threads])
-    out = subprocess.run([sys.executable, "-c", CHILD, args], capture_output=True, text=True, check=True)
+    env = {**os.environ, **(MMAP_ENV if env == "mmap" else {})}
+    out = subprocess.run([sys.executable, "-c", CHILD, args], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -142,6 +149,7 @@ def memory_table(network, warm_network, tmp: Path, threads: int, lines: list[str
     rows = {mode: f"| {label} |" for mode, label in MODES.items()}
     union_row, separate_row = "| float32 union of the weights (plan) |", "| sum of separate models (float32) |"
     ratio_row = "| shared runtime from the checkpoint / union |"
+    ratio_mmap = "| shared runtime from the checkpoint, `MALLOC_MMAP_THRESHOLD_`, / union |"
     for a, b in LEVELS:
         choices = dict(zip(TASKS, (a, b), strict=True))
         tag = f"{a}{b}"
@@ -159,8 +167,12 @@ def memory_table(network, warm_network, tmp: Path, threads: int, lines: list[str
         ratio_row += (
             f" {rt['rss'] / MIB / union:.3f} / {rt['held'] / MIB / union:.3f} / {rt['peak'] / MIB / union:.3f} |"
         )
+        rt = got["runtime_checkpoint_assemble+mmap"]
+        ratio_mmap += (
+            f" {rt['rss'] / MIB / union:.3f} / {rt['held'] / MIB / union:.3f} / {rt['peak'] / MIB / union:.3f} |"
+        )
         print(f"memory ({a},{b}) done", file=sys.stderr)
-    lines += [union_row, separate_row, *rows.values(), ratio_row]
+    lines += [union_row, separate_row, *rows.values(), ratio_row, ratio_mmap]
     return results
 
 

@@ -259,18 +259,27 @@ class SharedRuntime:
         held = {
             key: (strip, grids[key[0]]) for conv, ss in old.strips.items() for strip in ss for key in strip.keys(conv)
         }
-        parts = self.source.parts(pairs, skip_blocks=held.keys(), skip_private=old.private.keys())
+        strips: dict[str, tuple[_Strip, ...]] = {}
+        into: dict[BlockKey, torch.Tensor] = {}  # where each block to be read goes: a view of its new strip
+        for conv, grid in grids.items():
+            kept = {(strip.units_out, strip.units_in): strip for strip in old.strips.get(conv, ())}
+            layer = []
+            for units_out, units_in in _strip_layout(network.layout, grid, pairs):
+                strip = kept.get((units_out, units_in))
+                if strip is None:  # filled from held blocks now and from the source below
+                    strip = _Strip(
+                        units_out, units_in, torch.empty(_strip_shape(grid, network, conv, units_out, units_in))
+                    )
+                    for key in strip.keys(conv):
+                        view = strip.block(grid, *key[1:])
+                        if key in held:
+                            view.copy_(held[key][0].block(grid, *key[1:]))
+                        else:
+                            into[key] = view
+                layer.append(strip)
+            strips[conv] = tuple(layer)
+        parts = self.source.parts(pairs, skip_blocks=held.keys(), skip_private=old.private.keys(), into=into)
         self._check(parts)
-
-        def block(key: BlockKey) -> torch.Tensor:
-            if key in parts.blocks:
-                return parts.blocks[key]
-            strip, grid = held[key]
-            return strip.block(grid, *key[1:])
-
-        strips = {
-            conv: self._strips(conv, grid, pairs, old.strips.get(conv, ()), block) for conv, grid in grids.items()
-        }
         private = {pair: old.private.get(pair) or self._fold(pair, parts.private[pair]) for pair in pairs}
         old_pairs = {network.task_index(name): level for name, level in old.choices.items()}
         runners = {}
@@ -340,33 +349,6 @@ class SharedRuntime:
             folded[key] = (scale, state[f"{key}.bias"] - state[f"{key}.running_mean"] * scale)
         return folded
 
-    def _strips(self, conv: str, grid: BlockGrid, pairs: Sequence[Pair], old: Sequence[_Strip], block) -> tuple:
-        """The strips of one layer for ``pairs``: output units grouped by the input units they need; a strip that
-        is already held as it is stays the same tensor, others are filled from held and newly read blocks."""
-        layout = self.source.network.layout
-        needs: dict[int, set[int]] = {}
-        for t, level in pairs:
-            units = layout.level_units(t, level)
-            for uo in units:
-                needs.setdefault(uo, set()).update(units)
-        groups: dict[tuple[int, ...] | None, list[int]] = {}
-        for uo in sorted(needs):
-            groups.setdefault(tuple(sorted(needs[uo])) if grid.split_input else None, []).append(uo)
-        kept = {(strip.units_out, strip.units_in): strip for strip in old}
-        strips = []
-        for units_in, units_out in groups.items():
-            strip = kept.get((tuple(units_out), units_in))
-            if strip is None:
-                rows = [[block((conv, uo, ui)) for ui in (units_in or (None,))] for uo in units_out]
-                tensor = (
-                    torch.cat([torch.cat(row, dim=1) for row in rows])
-                    if len(rows[0]) > 1
-                    else torch.cat([row[0] for row in rows])
-                )
-                strip = _Strip(tuple(units_out), units_in, tensor.contiguous())
-            strips.append(strip)
-        return tuple(strips)
-
     def _runner(
         self,
         t: int,
@@ -394,6 +376,26 @@ class SharedRuntime:
         if left:  # a plain builder with layers the runtime does not know: a bug, said plainly
             raise RuntimeError(f"plain {network.config.arch} has layers the shared runtime cannot run: {left[:3]}")
         return plain.eval()
+
+
+def _strip_layout(layout, grid: BlockGrid, pairs: Sequence[Pair]) -> list[tuple[tuple[int, ...], tuple | None]]:
+    """The strips of one layer for ``pairs``: output units grouped by the input units they need (the union of the
+    units of every pair that uses the output unit); the stem, whose input is not split, is one strip."""
+    needs: dict[int, set[int]] = {}
+    for t, level in pairs:
+        units = layout.level_units(t, level)
+        for uo in units:
+            needs.setdefault(uo, set()).update(units)
+    groups: dict[tuple[int, ...] | None, list[int]] = {}
+    for uo in sorted(needs):
+        groups.setdefault(tuple(sorted(needs[uo])) if grid.split_input else None, []).append(uo)
+    return [(tuple(units_out), units_in) for units_in, units_out in groups.items()]
+
+
+def _strip_shape(grid: BlockGrid, network, conv: str, units_out, units_in) -> tuple[int, ...]:
+    rows = grid.out_channels // grid.units * len(units_out)
+    cols = grid.in_channels if units_in is None else grid.in_channels // grid.units * len(units_in)
+    return (rows, cols, *_meta_weight(network, conv).shape[2:])
 
 
 def _meta_weight(network, conv: str) -> torch.Tensor:

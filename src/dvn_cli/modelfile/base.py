@@ -214,16 +214,27 @@ class TensorReader:
             raise WrongFileFormat(f"{self.label} cannot be read any more ({exc.strerror})") from None
         return st.st_ino, st.st_size, st.st_mtime_ns
 
+    def _copy(self, name: str, tensor: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """``tensor`` as a tensor of its own, or copied into ``out`` (same shape)."""
+        if out is None:
+            return tensor.detach().clone(memory_format=torch.contiguous_format)
+        if tensor.shape != out.shape:
+            raise WrongFileFormat(
+                f"{self.label} does not match its own metadata ({name}: a block of shape {tuple(tensor.shape)}, "
+                f"expected {tuple(out.shape)})"
+            )
+        return out.copy_(tensor)
+
     @contextmanager
     def open(self) -> Iterator[Callable[..., torch.Tensor]]:
-        """``read(name, index=None)``: the tensor ``name`` (or ``name[index]``), a new contiguous tensor."""
+        """``read(name, index=None, out=None)``: the tensor ``name`` (or ``name[index]``) as a new contiguous
+        tensor, or copied into ``out``. Nothing returned refers to the file (a tensor from safetensors may be a
+        view of the mapped file: one held would keep the whole file resident)."""
         if self.path is None:
 
-            def read_memory(name: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
+            def read_memory(name: str, index: tuple[slice, ...] | None = None, out=None) -> torch.Tensor:
                 tensor = self.tensors[name]
-                return (
-                    (tensor if index is None else tensor[index]).detach().clone(memory_format=torch.contiguous_format)
-                )
+                return self._copy(name, tensor if index is None else tensor[index], out)
 
             try:
                 yield read_memory
@@ -239,16 +250,14 @@ class TensorReader:
         except Exception as exc:  # safetensors raises several types for broken files
             raise WrongFileFormat(f"{self.label} cannot be read ({first_line(exc)})") from None
 
-        def read_file(name: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
+        def read_file(name: str, index: tuple[slice, ...] | None = None, out=None) -> torch.Tensor:
             try:
                 tensor = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
             except Exception as exc:
                 raise WrongFileFormat(f"{self.label} is damaged: {name} cannot be read ({first_line(exc)})") from None
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise WrongFileFormat(f"{self.label} holds non-finite values (NaN or infinity) in {name}")
-            # a tensor from safetensors may be a view of the mapped file (a slice: of the whole tensor); a copy of
-            # its own lets the mapping go when the file is closed, so nothing of the file stays resident
-            return tensor.clone(memory_format=torch.contiguous_format)
+            return self._copy(name, tensor, out)
 
         with handle:
             yield read_file
@@ -319,9 +328,11 @@ class UnitSource(ABC):
         pairs: Sequence[tuple[int, int]],
         skip_blocks: Collection[BlockKey] = (),
         skip_private: Collection[tuple[int, int]] = (),
+        into: Mapping[BlockKey, torch.Tensor] | None = None,
     ) -> UnitParts:
         """The blocks that ``pairs`` (task index, level) use and the private parts of each pair, except those in
-        ``skip_blocks`` and ``skip_private`` (already held)."""
+        ``skip_blocks`` and ``skip_private`` (already held). A block in ``into`` is copied there (a view of where
+        it will be held: no copy in between) instead of returned."""
         self.check_pairs(pairs)
         layout, convs, norms = self.network.layout, self.grids.items(), self.norms
         blocks = {
@@ -336,7 +347,12 @@ class UnitSource(ABC):
         if not blocks and not private:
             return parts  # everything is held already: the source is not even opened
         with self.reader.open() as read:
-            parts.blocks = {key: read(*self.block_tensor(*key)) for key in blocks}
+            into = into or {}
+            for key in blocks:
+                if key in into:
+                    read(*self.block_tensor(*key), out=into[key])
+                else:
+                    parts.blocks[key] = read(*self.block_tensor(*key))
             for t, level in private:
                 state = {
                     f"features.{norm}.{key}": read(self.norm_tensor(norm, t, level, key))
