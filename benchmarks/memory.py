@@ -226,7 +226,7 @@ def speed_table(network, rounds: int, lines: list[str]) -> dict:
     return results
 
 
-def switch_table(tmp: Path, lines: list[str], repeats: int = 21) -> dict:
+def switch_table(tmp: Path, lines: list[str], repeats: int = 15) -> dict:
     config = BackboneConfig(depth=14, widths=(32, 64, 128), units=4, in_channels=1, input_size=28, stem_stride=2)
     torch.manual_seed(0)
     network = build_network(config, [TaskSpec(t, tuple("0123456789")) for t in TASKS])
@@ -236,26 +236,25 @@ def switch_table(tmp: Path, lines: list[str], repeats: int = 21) -> dict:
     x = torch.randn(1, 1, 28, 28)
     results = {}
     for label, switch in {
-        "set_budget 100% <-> 30%": lambda i: rt.set_budget("30%" if i % 2 else "100%"),
-        "set_levels (4,4) <-> (2,2)": lambda i: rt.set_levels(
+        "set_budget 30% -> 100%, 100% -> 30%": lambda i: rt.set_budget("30%" if i % 2 else "100%"),
+        "set_levels (2,2) -> (4,4), back": lambda i: rt.set_levels(
             {"alpha": 2, "beta": 2} if i % 2 else {"alpha": 4, "beta": 4}
         ),
-        "set_levels (4,4) <-> (4,1)": lambda i: rt.set_levels(
+        "set_levels (4,1) -> (4,4), back": lambda i: rt.set_levels(
             {"alpha": 4, "beta": 1} if i % 2 else {"alpha": 4, "beta": 4}
         ),
     }.items():
-        times, seen = [], set()
-        for i in range(repeats):
+        switch(1)  # start from the small choice; the first set_budget also counts every level once
+        times, seen = {0: [], 1: []}, set()
+        for i in range(2 * repeats):  # up, down, up, down, ...
             start = time.perf_counter()
             switch(i)
-            times.append(1000 * (time.perf_counter() - start))
+            times[i % 2].append(1000 * (time.perf_counter() - start))
             seen.add(tuple(rt.choices.values()))
             rt(x, "alpha")
-        results[label] = {"median_ms": statistics.median(times), "max_ms": max(times), "choices": sorted(seen)}
-        lines.append(
-            f"| {label} | {', '.join(str(c) for c in sorted(seen))} | {statistics.median(times):.1f} |"
-            f" {max(times):.1f} |"
-        )
+        up, down = (statistics.median(times[d]) for d in (0, 1))
+        results[label] = {"up_median_ms": up, "down_median_ms": down, "choices": sorted(seen)}
+        lines.append(f"| {label} | {', '.join(str(c) for c in sorted(seen))} | {up:.1f} | {down:.1f} |")
     return results
 
 
@@ -264,6 +263,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--widths", default="128,256,512", help="stage widths of the memory and speed network")
     parser.add_argument("--out", type=Path, default=None, help="write the results as Markdown here")
     args = parser.parse_args()
@@ -293,7 +293,9 @@ def main() -> None:
         " first.",
         "",
     ]
-    results = {"memory": memory_table(network, warm_network, tmp, args.threads, lines)}
+    results = {}
+    if not args.skip_memory:
+        results["memory"] = memory_table(network, warm_network, tmp, args.threads, lines)
     if not args.skip_speed:
         lines += [
             "",
@@ -305,7 +307,7 @@ def main() -> None:
         "",
         "## Budget switch (ResNet-14 32/64/128, 1x28x28, from the checkpoint file)",
         "",
-        "| switch | choices seen | median ms | max ms |",
+        "| switch | choices | median ms, small -> large | median ms, large -> small |",
         "|---|---|---|---|",
     ]
     results["switch"] = switch_table(tmp, lines)

@@ -339,14 +339,22 @@ class SharedRuntime:
                     )
 
     def _fold(self, pair: Pair, state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Batch norms as (scale, shift) under their plain names, and the head as (weight, bias)."""
+        """Batch norms as (scale, shift) under their plain names, and the head as (weight, bias).
+
+        All the batch norms of a pair are folded in one go (a few ops, not a few per layer): their scales are views
+        of one tensor, their shifts of another.
+        """
         t, level = pair
+        keys = [f"features.{name}" for name in self.source.norms]
+        sizes = [state[f"{key}.weight"].numel() for key in keys]
+        eps = torch.tensor([m.norm(t, level).eps for m in self.source.norms.values()]).repeat_interleave(
+            torch.tensor(sizes)
+        )
+        weight, bias, mean, var = (torch.cat([state[f"{key}.{k}"] for key in keys]) for k in _NORM_KEYS)
+        scale = weight / torch.sqrt(var + eps)
+        shift = bias - mean * scale
         folded: dict[str, tuple[torch.Tensor, ...]] = {"head": (state["head.weight"], state["head.bias"])}
-        for name, module in self.source.norms.items():
-            key = f"features.{name}"
-            eps = module.norm(t, level).eps
-            scale = state[f"{key}.weight"] / torch.sqrt(state[f"{key}.running_var"] + eps)
-            folded[key] = (scale, state[f"{key}.bias"] - state[f"{key}.running_mean"] * scale)
+        folded |= dict(zip(keys, zip(scale.split(sizes), shift.split(sizes), strict=True), strict=True))
         return folded
 
     def _runner(
