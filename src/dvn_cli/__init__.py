@@ -44,6 +44,8 @@ _PUBLIC = {
     "export_models": "deploy.export",
     "export_shared": "deploy.shared_export",
     "SharedOrtRuntime": "deploy.ort_runtime",
+    "SharedRuntime": "deploy.runtime",
+    "open_unit_source": "modelfile.base",
 }
 """Public name -> the module (under ``dvn_cli``) that defines it."""
 

@@ -440,3 +440,39 @@ def export(
         weights = manifest["weights"]
         params, size = weights["stored_params"], weights["bytes"]
         typer.echo(f"shared weights: {weights['file']}, {params} parameters, {size} bytes")
+
+
+# ------------------------------------------------------------------------------------------------- predict
+
+
+@app.command()
+def predict(
+    images: Annotated[
+        list[Path], typer.Argument(help="Image files, or folders of them.", metavar="IMAGE", show_default=False)
+    ],
+    checkpoint: CheckpointOption = DEFAULT_CHECKPOINT,
+    task: Annotated[str | None, typer.Option(help="Comma-separated tasks (default: all).")] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(help="A level (3), parameters (250k), a share (40%) or bytes (2MB); default: the largest level."),
+    ] = None,
+    top: Annotated[int, typer.Option(help="Classes shown per image and task.")] = 5,
+    json_output: JsonOption = False,
+) -> None:
+    """Classify images: the top classes and their probabilities for each image and task.
+
+    -c takes a checkpoint (with --task and --budget), a bundle (its tasks run at once, shared units held once)
+    or a compact model. Unreadable files are named on stderr and skipped.
+    """
+    from ..deploy.predict import predict_images
+    from . import ui
+
+    def unreadable(path: Path) -> None:
+        ui.print_warning(f"cannot read {path} as an image; skipped")
+
+    with user_errors():
+        result = predict_images(_open(checkpoint), images, _names(task), budget, top, on_unreadable=unreadable)
+    if json_output:
+        typer.echo(json.dumps({"rows": result.rows}))
+        return
+    ui.show_predictions(result.rows)

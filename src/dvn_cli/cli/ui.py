@@ -23,10 +23,12 @@ __all__ = [
     "print_error",
     "print_note",
     "print_table",
+    "print_warning",
     "show_checkpoint",
     "show_compact",
     "show_model_file",
     "show_plan",
+    "show_predictions",
     "visible",
 ]
 
@@ -54,6 +56,11 @@ def visible(value: Any) -> str:
 def print_error(message: str) -> None:
     """One red line on stderr: what went wrong and what to do."""
     _console(stderr=True).print(f"[bold red]error:[/] {visible(message)}", highlight=False, soft_wrap=True)
+
+
+def print_warning(message: str) -> None:
+    """One yellow line on stderr: something was skipped, the rest went on."""
+    _console(stderr=True).print(f"[yellow]warning:[/] {visible(message)}", highlight=False, soft_wrap=True)
 
 
 def print_note(message: str) -> None:
@@ -255,4 +262,22 @@ def show_compact(described: dict[str, Any]) -> None:
         f"x{bb['input_size']}; {format_count(described['params'])} weights, "
         f"{format_count(described['params_total'])} with batch norm and head, {format_count(described['macs'])} "
         f"MACs/image\nfrom checkpoint sha256 {described['source_sha256'][:16]}…"
+    )
+
+
+def show_predictions(rows: Sequence[dict[str, Any]]) -> None:
+    """``dvn predict``: one row per (image, task), its level and its top classes with probabilities."""
+    table_rows = [
+        {
+            "image": row["image"],
+            "task": row["task"],
+            "level": row["level"],
+            "top": "  ".join(f"{c['class']} {100 * c['probability']:.1f}%" for c in row["top"]),
+        }
+        for row in rows
+    ]
+    print_table(
+        table_rows,
+        [("image", "image"), ("task", "task"), ("level", "level"), ("top", "top classes (probability)")],
+        title="predictions",
     )

@@ -79,9 +79,12 @@ def level_cost(network: DeepVirtualNetwork, task: int | str, level: int) -> Leve
     """Cost of (task, level): its plain twin's, counted on the ``meta`` device."""
     t = network.task_index(task)
     network.layout.check(t, level)
-    with torch.device("meta"):
-        twin = PlainNetwork(plain_config(network.config, level), network.tasks[t].num_classes)
-    return count_cost(twin, network.config)
+    costs = network.__dict__.setdefault("_level_costs", {})  # a network's shapes never change: count once
+    if (t, level) not in costs:
+        with torch.device("meta"):
+            twin = PlainNetwork(plain_config(network.config, level), network.tasks[t].num_classes)
+        costs[t, level] = count_cost(twin, network.config)
+    return costs[t, level]
 
 
 def stored_params(network: DeepVirtualNetwork) -> int:

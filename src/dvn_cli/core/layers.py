@@ -67,7 +67,8 @@ class UnitConv2d(nn.Module):
         self.stride, self.padding, self.split_input = stride, padding, split_input
         self.layout = layout
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
-        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        if not self.weight.is_meta:  # a shape on the meta device has no values (and normal_ there imports dynamo)
+            nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
 
     def active_weight(self, task: int, level: int) -> torch.Tensor:
         """The weight block ``W[out(S), in(S)]`` of (task, level); the whole weight at the top level."""

@@ -207,11 +207,17 @@ class BlockGrid:
         cols = self.in_channels // self.units if self.split_input else self.in_channels
         return (self.out_channels // self.units) * cols * self.kernel_elements
 
+    def index(self, unit_out: int, unit_in: int | None) -> tuple[slice, ...]:
+        """Where the block ``(unit_out, unit_in)`` lies in the full weight: ``weight[index]`` is the block.
+
+        One indexing step, so it also slices a tensor still in a file (``safetensors`` ``get_slice``).
+        """
+        rows = unit_channels(self.out_channels, self.units, unit_out)
+        if unit_in is None:
+            return (slice(rows.start, rows.stop),)
+        cols = unit_channels(self.in_channels, self.units, unit_in)
+        return slice(rows.start, rows.stop), slice(cols.start, cols.stop)
+
     def block(self, weight: torch.Tensor, unit_out: int, unit_in: int | None) -> torch.Tensor:
         """The block ``(unit_out, unit_in)`` of the full weight ``(C_out, C_in, kh, kw)``, as a view."""
-        rows = unit_channels(self.out_channels, self.units, unit_out)
-        block = weight[rows.start : rows.stop]
-        if unit_in is not None:
-            cols = unit_channels(self.in_channels, self.units, unit_in)
-            block = block[:, cols.start : cols.stop]
-        return block
+        return weight[self.index(unit_out, unit_in)]

@@ -38,6 +38,7 @@ __all__ = [
     "convert_images",
     "default_data_root",
     "iterate_split",
+    "load_image",
     "load_task",
     "native_shape",
     "normalize_batch",
@@ -304,19 +305,38 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def _read_image(path: Path, mode: str, size: int) -> np.ndarray | None:
-    """One image as a uint8 array ``(size, size[, 3])``, or None when PIL cannot read it."""
+def _read_image(path: Path, mode: str, size: int | None) -> np.ndarray | None:
+    """One image as a uint8 array ``(size, size[, 3])`` (its own size when ``size`` is None), or None when PIL
+    cannot read it."""
     try:
         with Image.open(path) as im:
-            im.draft(mode, (size, size))  # JPEG: decode at a reduced scale, much faster for big photos
+            if size is not None:
+                im.draft(mode, (size, size))  # JPEG: decode at a reduced scale, much faster for big photos
             if im.mode == "P" and "transparency" in im.info:
                 im = im.convert("RGBA")
             im = im.convert(mode)
-            if im.size != (size, size):
+            if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
+
+
+def load_image(path: Path, channels: int, size: int, resize: str) -> torch.Tensor | None:
+    """One image file as a model input, uint8 ``(channels, size, size)``, converted as its task's training images
+    were; None when PIL cannot read it.
+
+    ``bilinear`` (folder tasks): read in the model's mode and resized by PIL, as folders are read for training.
+    ``pad`` (datasets of small images): read at its own size, then ``convert_images`` (zero-padded, centred, when
+    no larger than the input; else resized bilinearly).
+    """
+    mode = "L" if channels == 1 else "RGB"
+    array = _read_image(path, mode, size if resize == "bilinear" else None)
+    if array is None:
+        return None
+    image = torch.from_numpy(array.copy())
+    image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)
+    return convert_images(image.unsqueeze(0).contiguous(), channels, size)[0][0]
 
 
 def _read_images(files: list[Path], channels: int, size: int) -> tuple[list[np.ndarray], int]:

@@ -11,24 +11,40 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..errors import BadBudget, BadConfig, UnknownTask
-from ..fsutil import sha256_file
+from ..errors import BadBudget, BadConfig, UnknownTask, WrongFileFormat
+from ..fsutil import first_line, sha256_file
 from .container import read_metadata
 
 if TYPE_CHECKING:
     from ..config import TaskSpec
     from ..core.cost import LevelCost
+    from ..core.network import DeepVirtualNetwork
     from ..core.plain import PlainNetwork
+    from ..core.units import BlockGrid
     from .compact import CompactSpec
 
-__all__ = ["MODEL_FILES", "DataSplit", "ModelFile", "open_model", "register_model_file"]
+__all__ = [
+    "MODEL_FILES",
+    "UNIT_SOURCES",
+    "BlockKey",
+    "DataSplit",
+    "ModelFile",
+    "TensorReader",
+    "UnitParts",
+    "UnitSource",
+    "open_model",
+    "open_unit_source",
+    "register_model_file",
+]
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -75,6 +91,17 @@ class ModelFile(ABC):
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """What ``dvn info`` shows, as plain data."""
+
+    def unit_source(self) -> UnitSource:
+        """Where a shared runtime reads the unit-pair blocks, batch norms and heads of this file's (task, level)s.
+
+        A file that was written is read again lazily, block by block, so the source keeps none of this object's
+        tensors; one that never was is read from memory. Kinds that hold no unit blocks refuse.
+        """
+        raise BadConfig(
+            f"{self.label} is a {self.kind}: it holds plain networks, not shared unit blocks; "
+            "use a checkpoint or a bundle"
+        )
 
     # ------------------------------------------------------------------ shared behaviour
 
@@ -151,15 +178,213 @@ class ModelFile(ABC):
         return [(name, self.resolve_budget(name, budget)) for name in names]
 
 
+BlockKey = tuple[str, int, "int | None"]
+"""One unit-pair block of the physical network: (convolution name under ``features``, u_out, u_in); ``u_in`` is
+None for a convolution whose input is not split (the stem: a row block)."""
+
+
+@dataclass
+class UnitParts:
+    """What a set of (task, level)s needs to run from one store of unit-pair blocks.
+
+    Args:
+        blocks: the requested unit-pair blocks, each a contiguous tensor of its own.
+        private: (task index, level) -> its batch norms and head under the plain network's names
+            (``features.<norm>.{weight,bias,running_mean,running_var}``, ``head.{weight,bias}``).
+    """
+
+    blocks: dict[BlockKey, torch.Tensor] = field(default_factory=dict)
+    private: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+class TensorReader:
+    """Reads named tensors, or blocks of them, from a dict in memory or lazily from a safetensors file.
+
+    A file is opened for each read and closed after it, so nothing of it stays mapped; a file that changed since
+    the reader was made is refused (its blocks would not match the ones already held).
+    """
+
+    def __init__(self, label: str, path: Path | None = None, tensors: Mapping[str, torch.Tensor] | None = None):
+        self.label, self.path, self.tensors = label, path, tensors
+        self._stamp = self._file_stamp() if path is not None else None
+
+    def _file_stamp(self) -> tuple[int, int, int]:
+        try:
+            st = self.path.stat()
+        except OSError as exc:
+            raise WrongFileFormat(f"{self.label} cannot be read any more ({exc.strerror})") from None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _copy(self, name: str, tensor: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """``tensor`` as a tensor of its own, or copied into ``out`` (same shape)."""
+        if out is None:
+            return tensor.detach().clone(memory_format=torch.contiguous_format)
+        if tensor.shape != out.shape:
+            raise WrongFileFormat(
+                f"{self.label} does not match its own metadata ({name}: a block of shape {tuple(tensor.shape)}, "
+                f"expected {tuple(out.shape)})"
+            )
+        return out.copy_(tensor)
+
+    @contextmanager
+    def open(self) -> Iterator[Callable[..., torch.Tensor]]:
+        """``read(name, index=None, out=None)``: the tensor ``name`` (or ``name[index]``) as a new contiguous
+        tensor, or copied into ``out``. Nothing returned refers to the file (a tensor from safetensors may be a
+        view of the mapped file: one held would keep the whole file resident)."""
+        if self.path is None:
+
+            def read_memory(name: str, index: tuple[slice, ...] | None = None, out=None) -> torch.Tensor:
+                tensor = self.tensors[name]
+                return self._copy(name, tensor if index is None else tensor[index], out)
+
+            try:
+                yield read_memory
+            except KeyError as exc:
+                raise WrongFileFormat(f"{self.label} has no tensor {exc}") from None
+            return
+        if self._file_stamp() != self._stamp:
+            raise WrongFileFormat(f"{self.label} changed since it was opened; open it again")
+        from safetensors import safe_open
+
+        try:
+            handle = safe_open(str(self.path), framework="pt")
+        except Exception as exc:  # safetensors raises several types for broken files
+            raise WrongFileFormat(f"{self.label} cannot be read ({first_line(exc)})") from None
+
+        def read_file(name: str, index: tuple[slice, ...] | None = None, out=None) -> torch.Tensor:
+            try:
+                tensor = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
+            except Exception as exc:
+                raise WrongFileFormat(f"{self.label} is damaged: {name} cannot be read ({first_line(exc)})") from None
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise WrongFileFormat(f"{self.label} holds non-finite values (NaN or infinity) in {name}")
+            return self._copy(name, tensor, out)
+
+        with handle:
+            yield read_file
+
+
+class UnitSource(ABC):
+    """Where a shared runtime (``deploy.runtime.SharedRuntime``) reads the parts of (task, level)s, on demand.
+
+    Args:
+        network: the network's SHAPE on the meta device (no weights): task names and indices, orders, block grids
+            of its ``UnitConv2d`` layers, batch-norm layers; plans and budgets are computed on it.
+        reader: where the tensors are.
+        label: how messages name the source.
+        training: the training summary (validation accuracy for plans); empty when the file has none.
+        fixed: task name -> the only level the source holds (a bundle); None when it holds every level.
+    """
+
+    def __init__(
+        self,
+        network: DeepVirtualNetwork,
+        reader: TensorReader,
+        label: str,
+        training: Mapping[str, Any] | None = None,
+        fixed: Mapping[str, int] | None = None,
+    ) -> None:
+        self.network, self.reader, self.label = network, reader, label
+        self.training = dict(training or {})
+        self.fixed = None if fixed is None else dict(fixed)
+
+    @cached_property
+    def grids(self) -> dict[str, BlockGrid]:
+        """The block grid of every ``UnitConv2d``, by its name under ``features``."""
+        from ..core.layers import UnitConv2d
+
+        return {n: m.grid for n, m in self.network.features.named_modules() if isinstance(m, UnitConv2d)}
+
+    @cached_property
+    def norms(self) -> dict[str, Any]:
+        """Every ``LevelBatchNorm2d``, by its name under ``features``."""
+        from ..core.layers import LevelBatchNorm2d
+
+        return {n: m for n, m in self.network.features.named_modules() if isinstance(m, LevelBatchNorm2d)}
+
+    @abstractmethod
+    def block_tensor(self, conv: str, unit_out: int, unit_in: int | None) -> tuple[str, tuple[slice, ...] | None]:
+        """The stored tensor that holds a block, and where in it (None: the whole tensor)."""
+
+    @abstractmethod
+    def norm_tensor(self, norm: str, task: int, level: int, key: str) -> str:
+        """The stored tensor of one batch-norm entry (``weight``, ``bias``, ``running_mean``, ``running_var``)."""
+
+    @abstractmethod
+    def head_tensor(self, task: int, level: int, key: str) -> tuple[str, list[int] | None]:
+        """The stored tensor of the head's ``weight`` or ``bias``, and the input columns to keep (None: all)."""
+
+    def check_pairs(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Refuse a (task, level) the source does not hold, in one line."""
+        if self.fixed is None:
+            return
+        names = self.network.task_names
+        for t, level in pairs:
+            if self.fixed[names[t]] != level:
+                held = ", ".join(f"{name} level {lv}" for name, lv in self.fixed.items())
+                raise UnknownTask(f"{self.label} holds only {held}; {names[t]} level {level} needs the full checkpoint")
+
+    def parts(
+        self,
+        pairs: Sequence[tuple[int, int]],
+        skip_blocks: Collection[BlockKey] = (),
+        skip_private: Collection[tuple[int, int]] = (),
+        into: Mapping[BlockKey, torch.Tensor] | None = None,
+    ) -> UnitParts:
+        """The blocks that ``pairs`` (task index, level) use and the private parts of each pair, except those in
+        ``skip_blocks`` and ``skip_private`` (already held). A block in ``into`` is copied there (a view of where
+        it will be held: no copy in between) instead of returned."""
+        self.check_pairs(pairs)
+        layout, convs, norms = self.network.layout, self.grids.items(), self.norms
+        blocks = {
+            (conv, uo, ui): None
+            for conv, grid in convs
+            for t, level in pairs
+            for uo, ui in grid.blocks(layout.level_units(t, level))
+            if (conv, uo, ui) not in skip_blocks
+        }
+        private = [(t, level) for t, level in pairs if (t, level) not in skip_private]
+        parts = UnitParts()
+        if not blocks and not private:
+            return parts  # everything is held already: the source is not even opened
+        with self.reader.open() as read:
+            into = into or {}
+            for key in blocks:
+                if key in into:
+                    read(*self.block_tensor(*key), out=into[key])
+                else:
+                    parts.blocks[key] = read(*self.block_tensor(*key))
+            for t, level in private:
+                state = {
+                    f"features.{norm}.{key}": read(self.norm_tensor(norm, t, level, key))
+                    for norm in norms
+                    for key in ("weight", "bias", "running_mean", "running_var")
+                }
+                for key in ("weight", "bias"):
+                    name, columns = self.head_tensor(t, level, key)
+                    tensor = read(name)
+                    state[f"head.{key}"] = tensor if columns is None else tensor[:, columns].contiguous()
+                parts.private[t, level] = state
+        return parts
+
+
 MODEL_FILES: dict[str, Callable[[Path], ModelFile]] = {}
 """Format name -> reader of that kind of model file."""
 
+UNIT_SOURCES: dict[str, Callable[[Path], UnitSource]] = {}
+"""Format name -> a lazy unit source of a file of that kind, read from its header alone (kinds that have one)."""
 
-def register_model_file(fmt: str, reader: Callable[[Path], ModelFile]) -> None:
-    """Make ``open_model`` read files of format ``fmt`` with ``reader(path)``; names are unique."""
+
+def register_model_file(
+    fmt: str, reader: Callable[[Path], ModelFile], unit_source: Callable[[Path], UnitSource] | None = None
+) -> None:
+    """Make ``open_model`` read files of format ``fmt`` with ``reader(path)`` (and ``open_unit_source`` with
+    ``unit_source(path)``, for kinds that store unit blocks); names are unique."""
     if fmt in MODEL_FILES:
         raise ValueError(f"model file format {fmt!r} is already registered")
     MODEL_FILES[fmt] = reader
+    if unit_source is not None:
+        UNIT_SOURCES[fmt] = unit_source
 
 
 def open_model(path: str | os.PathLike, formats: Sequence[str] | None = None) -> ModelFile:
@@ -169,3 +394,17 @@ def open_model(path: str | os.PathLike, formats: Sequence[str] | None = None) ->
     path = Path(path)
     meta = read_metadata(path, tuple(formats) if formats else tuple(MODEL_FILES))
     return MODEL_FILES[meta["format"]](path)
+
+
+def open_unit_source(path: str | os.PathLike) -> UnitSource:
+    """A lazy unit source of a checkpoint or bundle, reading only the file's header now (no weights).
+
+    What ``open_model(path).unit_source()`` gives, without loading the file's tensors first.
+    """
+    from . import bundle, checkpoint, compact  # noqa: F401  (each registers its reader)
+
+    path = Path(path)
+    meta = read_metadata(path, tuple(MODEL_FILES))
+    if meta["format"] not in UNIT_SOURCES:
+        return MODEL_FILES[meta["format"]](path).unit_source()  # refuses in one line
+    return UNIT_SOURCES[meta["format"]](path)

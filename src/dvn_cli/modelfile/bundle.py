@@ -37,11 +37,20 @@ from ..core.plain import PlainNetwork, plain_config
 from ..core.units import BlockGrid
 from ..errors import BadConfig, UnknownTask, WrongFileFormat
 from ..fsutil import first_line
-from .base import DataSplit, ModelFile, register_model_file
+from .base import DataSplit, ModelFile, TensorReader, UnitSource, register_model_file
 from .compact import CompactSpec
-from .container import read_dvn_file, write_dvn_file
+from .container import read_dvn_file, read_metadata, write_dvn_file
 
-__all__ = ["BUNDLE_FORMAT", "Bundle", "bundle_tensors", "load_bundle", "save_bundle", "stored_params"]
+__all__ = [
+    "BUNDLE_FORMAT",
+    "Bundle",
+    "BundleSource",
+    "bundle_source",
+    "bundle_tensors",
+    "load_bundle",
+    "save_bundle",
+    "stored_params",
+]
 
 BUNDLE_FORMAT = "dvn-bundle"
 RUNNING_KEYS = ("running_mean", "running_var", "num_batches_tracked")
@@ -250,6 +259,12 @@ class Bundle(ModelFile):
             "training": {},
         }
 
+    def unit_source(self) -> BundleSource:
+        """The chosen levels' blocks, read lazily from the file (from memory for a bundle never written)."""
+        if self.path is not None:
+            return bundle_source(self.path)
+        return BundleSource(self, TensorReader(self.label, tensors=self.tensors))
+
     def units(self, task: str) -> tuple[int, ...]:
         """The units the chosen level of ``task`` uses, in the task's order."""
         self.check_task(task)
@@ -295,9 +310,8 @@ class Bundle(ModelFile):
         return plain.to(map_location).eval()
 
 
-def load_bundle(path: str | os.PathLike) -> Bundle:
-    """Read a ``dvn-bundle`` file, refusing other dvn files and bundles whose tensors contradict their metadata."""
-    tensors, meta = read_dvn_file(path, (BUNDLE_FORMAT,))
+def _bundle_of(meta: dict[str, Any], path: Path, tensors: dict[str, torch.Tensor], names: set[str]) -> Bundle:
+    """The bundle the metadata describes, refused when ``names`` (its tensors) differ from what it implies."""
     try:
         specs = [from_dict(TaskSpec, t) for t in meta["tasks"]]
         choices = {str(name): int(level) for name, level in meta["choices"].items()}
@@ -313,7 +327,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
             },
             tensors=tensors,
             source_sha256=str(meta.get("source_sha256", "")),
-            path=Path(path),
+            path=path,
             convs={str(name): dict(c) for name, c in meta["convs"].items()},
             norms=[str(n) for n in meta["norms"]],
             split=DataSplit.from_mapping(meta.get("split")),
@@ -324,12 +338,66 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
             if sorted(order) != list(range(bundle.k)) or not 1 <= choices[name] <= bundle.k:
                 raise BadConfig(f"task {name} has order {list(order)} and level {choices[name]} for k={bundle.k}")
         expected = bundle.expected_keys()
-        if expected != set(tensors):
-            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        if expected != names:
+            missing, extra = sorted(expected - names), sorted(names - expected)
             raise BadConfig(f"missing tensors {missing[:3]}, unexpected tensors {extra[:3]}")
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError, BadConfig) as exc:
         raise WrongFileFormat(f"{path} does not match its own metadata ({first_line(exc)})") from None
     return bundle
 
 
-register_model_file(BUNDLE_FORMAT, load_bundle)
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Read a ``dvn-bundle`` file, refusing other dvn files and bundles whose tensors contradict their metadata."""
+    tensors, meta = read_dvn_file(path, (BUNDLE_FORMAT,))
+    return _bundle_of(meta, Path(path), tensors, set(tensors))
+
+
+class BundleSource(UnitSource):
+    """A bundle as a unit source: only its chosen levels exist; blocks are its ``features.<conv>.weight.<uo>.<ui>``
+    tensors, batch norms ``features.<norm>.<task>.*``, heads ``head.<task>.*``.
+
+    Its network (on the meta device) has the bundle's tasks only, in the bundle's order.
+    """
+
+    def __init__(self, bundle: Bundle, reader: TensorReader) -> None:
+        tasks = [bundle.task_specs[name] for name in bundle.choices]
+        try:
+            with torch.device("meta"):
+                network = DeepVirtualNetwork(bundle.config, tasks, [bundle.orders[n] for n in bundle.choices], "table")
+        except BadConfig as exc:
+            raise WrongFileFormat(f"{bundle.label} does not match its own metadata ({exc})") from None
+        convs = {
+            name: {"in_channels": m.in_channels, "out_channels": m.out_channels, "split_input": m.split_input}
+            for name, m in network.features.named_modules()
+            if isinstance(m, UnitConv2d)
+        }
+        norms = [name for name, m in network.features.named_modules() if isinstance(m, LevelBatchNorm2d)]
+        if convs != bundle.convs or norms != bundle.norms:
+            raise WrongFileFormat(f"{bundle.label} holds layers that its {bundle.config.arch} backbone does not have")
+        super().__init__(network, reader, bundle.label, fixed=bundle.choices)
+
+    def block_tensor(self, conv: str, unit_out: int, unit_in: int | None) -> tuple[str, None]:
+        return _block_key(conv, unit_out, unit_in), None
+
+    def norm_tensor(self, norm: str, task: int, level: int, key: str) -> str:
+        return f"features.{norm}.{self.network.task_names[task]}.{key}"
+
+    def head_tensor(self, task: int, level: int, key: str) -> tuple[str, None]:
+        return f"head.{self.network.task_names[task]}.{key}", None
+
+
+def bundle_source(path: str | os.PathLike) -> BundleSource:
+    """A bundle file as a lazy unit source: only its header is read now."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta = read_metadata(path, (BUNDLE_FORMAT,))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+    except Exception as exc:  # safetensors raises its own type for broken files
+        raise WrongFileFormat(f"{path} is damaged: its tensors cannot be read ({first_line(exc)})") from None
+    return BundleSource(_bundle_of(meta, path, {}, names), TensorReader(str(path), path=path))
+
+
+register_model_file(BUNDLE_FORMAT, load_bundle, bundle_source)

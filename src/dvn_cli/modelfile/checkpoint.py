@@ -21,11 +21,19 @@ from ..core.network import DeepVirtualNetwork
 from ..core.plain import PlainNetwork, extract_plain
 from ..errors import BadConfig, WrongFileFormat
 from ..fsutil import first_line
-from .base import DataSplit, Forward, ModelFile, register_model_file
+from .base import DataSplit, Forward, ModelFile, TensorReader, UnitSource, register_model_file
 from .compact import CompactSpec, compact_spec
-from .container import read_dvn_file, write_dvn_file
+from .container import read_dvn_file, read_metadata, write_dvn_file
 
-__all__ = ["CHECKPOINT_FORMAT", "STATE_FORMAT", "Checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "STATE_FORMAT",
+    "Checkpoint",
+    "CheckpointSource",
+    "checkpoint_source",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 CHECKPOINT_FORMAT = "dvn-checkpoint"
 STATE_FORMAT = "dvn-train-state"
@@ -82,6 +90,13 @@ class Checkpoint(ModelFile):
 
         return resolve_budget(self.network, task, budget)
 
+    def unit_source(self) -> CheckpointSource:
+        """Every (task, level)'s blocks, read lazily from the file (from memory for a checkpoint never written)."""
+        if self.path is not None:
+            return checkpoint_source(self.path)
+        reader = TensorReader(self.label, tensors=self.network.state_dict())
+        return CheckpointSource(meta_copy(self.network), reader, self.label, self.training)
+
     def describe(self) -> dict[str, Any]:
         """Tasks, orders, per-level sizes and validation accuracy, training summary and format."""
         network, training = self.network, self.training
@@ -123,6 +138,48 @@ class Checkpoint(ModelFile):
             "levels": levels,
             "training": {k: v for k, v in training.items() if k not in ("val_accuracy", "data")},
         }
+
+
+class CheckpointSource(UnitSource):
+    """A checkpoint as a unit source: blocks are slices of ``features.<conv>.weight``, batch norms
+    ``features.<norm>.norms.<t>.<level-1>.*``, heads ``heads.<t>.*`` with the level's input columns."""
+
+    def block_tensor(self, conv: str, unit_out: int, unit_in: int | None) -> tuple[str, tuple[slice, ...]]:
+        return f"features.{conv}.weight", self.grids[conv].index(unit_out, unit_in)
+
+    def norm_tensor(self, norm: str, task: int, level: int, key: str) -> str:
+        return f"features.{norm}.norms.{task}.{level - 1}.{key}"
+
+    def head_tensor(self, task: int, level: int, key: str) -> tuple[str, list[int] | None]:
+        if key != "weight":
+            return f"heads.{task}.{key}", None
+        in_features = self.network.heads[task].in_features
+        return f"heads.{task}.weight", self.network.layout.channel_indices(in_features, task, level)
+
+
+def meta_copy(network: DeepVirtualNetwork) -> DeepVirtualNetwork:
+    """The same network on the meta device: its shape (layout, layers, sizes) without any weight."""
+    with torch.device("meta"):
+        return DeepVirtualNetwork(network.config, network.tasks, network.layout.orders, network.order_rule)
+
+
+def checkpoint_source(path: str | os.PathLike) -> CheckpointSource:
+    """A checkpoint file as a lazy unit source: only its header and task orders are read now."""
+    from safetensors import safe_open
+
+    meta = read_metadata(path, (CHECKPOINT_FORMAT,))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = [str(t["name"]) for t in meta["tasks"]]
+            orders = {f"orders.{n}": f.get_tensor(f"orders.{n}") for n in names if f"orders.{n}" in f.keys()}
+        with torch.device("meta"):
+            network = _network_from_meta(meta, orders)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError, BadConfig) as exc:
+        raise WrongFileFormat(f"{path} does not match its own metadata ({first_line(exc)})") from None
+    except Exception as exc:  # safetensors raises its own type for broken files
+        raise WrongFileFormat(f"{path} is damaged: its tensors cannot be read ({first_line(exc)})") from None
+    training = meta.get("training", {})
+    return CheckpointSource(network, TensorReader(str(path), path=Path(path)), str(path), training)
 
 
 def checkpoint_tensors(network: DeepVirtualNetwork) -> dict[str, torch.Tensor]:
@@ -173,4 +230,4 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return Checkpoint(network=network, path=Path(path), training=meta.get("training", {}), meta=meta)
 
 
-register_model_file(CHECKPOINT_FORMAT, load_checkpoint)
+register_model_file(CHECKPOINT_FORMAT, load_checkpoint, checkpoint_source)

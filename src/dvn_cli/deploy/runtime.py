@@ -1,0 +1,420 @@
+"""A shared runtime: several (task, level)s of one DVN ready at once, every unit-pair block held ONCE.
+
+Running two tasks from two plain copies stores their shared units twice; a ``SharedRuntime`` holds exactly what a
+plan counts (``planning.plan.shared_memory_params``, docs/design.md §3 "Shared runtime"):
+
+- one store of unit-pair blocks ``W[out(u_o), in(u_i)]`` (stem: row blocks ``W[out(u_o), :]``), the union over the
+  running (task, level)s, each held once. A layer's blocks are kept in STRIPS: output units that need the same
+  input units share one tensor (``_Strip``), so the strips hold exactly the union;
+- per running (task, level): its batch norms folded to a per-channel scale and shift (eval mode; as many numbers as
+  the affine parameters a plan counts), and its task's head sliced to its level.
+
+Each running (task, level) is the backbone's PLAIN twin (``core.plain.PlainNetwork``) built on the meta device (no
+memory), whose convolutions read their weight from the store (``assemble``, the default): a VIEW of one strip when
+the (task, level)'s units lie in consecutive rows and columns of it (no copy), else the concatenation of the views
+of the strips it spans, formed just before the layer runs and freed right after it, so the transient memory is one
+layer's weight, whatever the number of tasks. ``blockwise`` instead runs one small convolution per block and sums
+them (no weight is formed; measured slower, ``benchmarks/memory.py``).
+
+The blocks come from a ``modelfile.base.UnitSource``: a checkpoint or a bundle, read lazily from its file, block by
+block. ``set_levels`` and ``set_budget`` (a joint plan, ``planning.plan.plan_levels``) switch the running levels:
+they read only the blocks the new choice lacks, release those it no longer uses, and change nothing when they fail.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.plain import PlainNetwork, plain_config
+from ..core.units import BlockGrid
+from ..errors import BadConfig, UnknownTask, WrongFileFormat
+from ..modelfile.base import BlockKey, ModelFile, UnitParts, UnitSource, open_unit_source
+
+__all__ = ["CONV_MODES", "SharedRuntime"]
+
+ConvMode = Literal["assemble", "blockwise"]
+CONV_MODES: tuple[str, ...] = ("assemble", "blockwise")
+"""How a convolution's weight is formed from its blocks: one transient weight per layer, or one conv per block."""
+
+Pair = tuple[int, int]  # (task index, level)
+_NORM_KEYS = ("weight", "bias", "running_mean", "running_var")
+
+
+@dataclass(frozen=True, eq=False)  # equal only to itself: a strip is one held tensor
+class _Strip:
+    """Output units that use the same input units, held as ONE tensor ``W[out(units_out), in(units_in)]``.
+
+    A row of blocks ``(u_o, *)`` is used by every running (task, level) whose units contain ``u_o``; the input
+    units it needs are the union of those tasks' units, so rows with equal unions share a strip and the strips of
+    a layer hold exactly the union of the blocks the tasks use, each once. ``units_in`` is None for the stem.
+    """
+
+    units_out: tuple[int, ...]  # ascending
+    units_in: tuple[int, ...] | None  # ascending; None: the input is not split
+    tensor: torch.Tensor
+
+    def keys(self, conv: str) -> list[BlockKey]:
+        return [(conv, uo, ui) for uo in self.units_out for ui in (self.units_in or (None,))]
+
+    def block(self, grid: BlockGrid, unit_out: int, unit_in: int | None) -> torch.Tensor:
+        """One block, as a view."""
+        rows = grid.out_channels // grid.units
+        view = self.tensor.narrow(0, self.units_out.index(unit_out) * rows, rows)
+        if unit_in is None:
+            return view
+        cols = grid.in_channels // grid.units
+        return view.narrow(1, self.units_in.index(unit_in) * cols, cols)
+
+
+class _BlockConv(nn.Module):
+    """A convolution of one (task, level) whose weight lives in the shared strips (views, never a copy held).
+
+    ``assemble``: the weight is a view of one strip when the (task, level)'s units are contiguous in it, else the
+    concatenation of one view per strip, formed just before the convolution and freed right after it.
+    ``blockwise``: one convolution per unit-pair block, summed per output unit.
+    """
+
+    def __init__(self, conv: nn.Conv2d, grid: BlockGrid, strips: Mapping[int, _Strip], units, mode: ConvMode):
+        super().__init__()
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.mode = mode
+        rows, cols = grid.out_channels // grid.units, grid.in_channels // grid.units
+        runs: list[list] = []  # [strip, first row, end row]: output units in consecutive rows of one strip
+        for uo in units:
+            strip, r = strips[uo], strips[uo].units_out.index(uo)
+            if runs and runs[-1][0] is strip and runs[-1][2] == r:
+                runs[-1][2] = r + 1
+            else:
+                runs.append([strip, r, r + 1])
+        self.pieces: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (view, input channels to gather)
+        for strip, first, end in runs:
+            view = strip.tensor.narrow(0, first * rows, (end - first) * rows)
+            if strip.units_in is None:
+                self.pieces.append((view, None))
+                continue
+            at = [strip.units_in.index(u) for u in units]
+            if at == list(range(at[0], at[0] + len(at))):
+                self.pieces.append((view.narrow(1, at[0] * cols, len(at) * cols), None))
+            else:
+                channels = torch.tensor([p * cols + c for p in at for c in range(cols)], dtype=torch.int64)
+                self.pieces.append((view, channels.to(view.device)))
+        in_units = (None,) if grid.split_input is False else units
+        self.blocks = [[strips[uo].block(grid, uo, ui) for ui in in_units] for uo in units]  # views
+
+    def weight(self) -> torch.Tensor:
+        """The layer's weight: a view when it can be, else one transient tensor."""
+        parts = [view if channels is None else view.index_select(1, channels) for view, channels in self.pieces]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "assemble":  # (B, C_in*l/k, H, W) -> (B, C_out*l/k, H', W'); a formed weight dies here
+            return F.conv2d(x, self.weight(), None, self.stride, self.padding, self.dilation)
+        inputs = x.split(self.blocks[0][0].shape[1], dim=1)  # one chunk per input unit (the stem: the whole image)
+        outputs = []
+        for row in self.blocks:
+            out = None
+            for block, chunk in zip(row, inputs, strict=True):
+                y = F.conv2d(chunk, block, None, self.stride, self.padding, self.dilation)
+                out = y if out is None else out.add_(y)
+            outputs.append(out)
+        return torch.cat(outputs, dim=1)
+
+
+class _ScaleShift(nn.Module):
+    """Batch norm in eval mode as a per-channel ``x * scale + shift``."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.scale, self.shift = scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)  # views of the held tensors
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x, self.scale)
+
+
+class _Head(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass(frozen=True)
+class _State:
+    """Everything one choice runs from; replaced as a whole by a switch, so a call never sees half of one."""
+
+    choices: dict[str, int]  # task name -> level
+    strips: dict[str, tuple[_Strip, ...]]  # conv name under features -> the strips holding its blocks
+    private: dict[Pair, dict[str, tuple[torch.Tensor, ...]]]  # plain module name -> (scale, shift) / (weight, bias)
+    runners: dict[str, nn.Module]  # task name -> its plain twin reading from the store
+
+
+class SharedRuntime:
+    """Co-resident (task, level)s of one DVN running from one store of unit-pair blocks.
+
+    Args:
+        source: where blocks, batch norms and heads are read (``ModelFile.unit_source()``, ``open_unit_source``).
+        choices: task (name or index) -> level; the (task, level)s to hold ready.
+        conv: ``assemble`` (default) or ``blockwise``, how a convolution forms its weight (module docstring).
+
+    Example::
+
+        rt = SharedRuntime.from_model(open_model("model.safetensors"), {"mnist": 3, "fashion-mnist": 2})
+        logits = rt(x, "mnist")
+        rt.set_budget("3MB")
+
+    Raises:
+        UnknownTask, BadConfig: a task the source does not have, a level outside ``1..k`` or not in a bundle.
+        WrongFileFormat: the file is damaged, changed since it was opened, or contradicts its metadata.
+    """
+
+    def __init__(self, source: UnitSource, choices: Mapping[str | int, int], conv: ConvMode = "assemble") -> None:
+        if conv not in CONV_MODES:
+            raise BadConfig(f"unknown conv mode {conv!r}; use one of {', '.join(CONV_MODES)}")
+        self.source, self.conv = source, conv
+        self._state = _State({}, {}, {}, {})
+        self.set_levels(choices)
+
+    @classmethod
+    def from_model(
+        cls, model: ModelFile, choices: Mapping[str | int, int], conv: ConvMode = "assemble"
+    ) -> SharedRuntime:
+        """A runtime of a loaded checkpoint or bundle; one that was written is read again from its file, so the
+        runtime keeps none of ``model``'s tensors."""
+        return cls(model.unit_source(), choices, conv)
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike, choices: Mapping[str | int, int], conv: ConvMode = "assemble"
+    ) -> SharedRuntime:
+        """A runtime of a checkpoint or bundle file that reads nothing but the header and the blocks it needs."""
+        return cls(open_unit_source(path), choices, conv)
+
+    # ---------------------------------------------------------------------------------------------- running
+
+    @property
+    def choices(self) -> dict[str, int]:
+        """Task name -> the level it runs at."""
+        return dict(self._state.choices)
+
+    @property
+    def network(self):
+        """The network's shape on the meta device (task names, orders, layers); no weights."""
+        return self.source.network
+
+    def __call__(self, x: torch.Tensor, task: str | int) -> torch.Tensor:
+        """Logits ``(B, classes)`` of ``task`` at its running level for a preprocessed batch ``(B, C, H, W)``."""
+        state, network = self._state, self.source.network
+        name = network.task_names[network.task_index(task)]
+        if name not in state.runners:
+            raise UnknownTask(f"task {name!r} is not running; running: {', '.join(state.choices)}")
+        channels = network.config.in_channels
+        if x.dim() != 4 or x.shape[1] != channels:
+            raise BadConfig(f"input of shape {tuple(x.shape)} does not match the network's (B, {channels}, H, W)")
+        with torch.no_grad():
+            return state.runners[name](x)
+
+    def held_blocks(self) -> set[BlockKey]:
+        """The unit-pair blocks held now."""
+        return {key for conv, strips in self._state.strips.items() for strip in strips for key in strip.keys(conv)}
+
+    def held_block_params(self) -> int:
+        """Convolution weights held: every held block once."""
+        return sum(strip.tensor.numel() for strips in self._state.strips.values() for strip in strips)
+
+    def held_params(self) -> int:
+        """Everything held that a plan counts: the blocks, and each choice's batch-norm scale and shift and head.
+
+        Equal to ``plan.shared_memory_params`` of the running choices (batch-norm running statistics are folded,
+        so nothing else is held).
+        """
+        private = sum(t.numel() for parts in self._state.private.values() for ts in parts.values() for t in ts)
+        return self.held_block_params() + private
+
+    # -------------------------------------------------------------------------------------------- switching
+
+    def set_levels(self, choices: Mapping[str | int, int]) -> dict[str, int]:
+        """Run ``choices`` (task -> level) from now on: read the blocks they lack, release the ones they do not use.
+
+        Returns:
+            The new choices (task name -> level).
+
+        Raises:
+            BadConfig, UnknownTask, WrongFileFormat: nothing changed, the previous choice keeps running.
+        """
+        network, old = self.source.network, self._state
+        if not choices:
+            raise BadConfig("a shared runtime needs at least one (task, level) to run")
+        pairs = network.resolve_pairs(choices.items(), one_level_per_task=True)
+        self.source.check_pairs(pairs)
+        grids = self.source.grids
+        held = {
+            key: (strip, grids[key[0]]) for conv, ss in old.strips.items() for strip in ss for key in strip.keys(conv)
+        }
+        strips: dict[str, tuple[_Strip, ...]] = {}
+        into: dict[BlockKey, torch.Tensor] = {}  # where each block to be read goes: a view of its new strip
+        for conv, grid in grids.items():
+            kept = {(strip.units_out, strip.units_in): strip for strip in old.strips.get(conv, ())}
+            layer = []
+            for units_out, units_in in _strip_layout(network.layout, grid, pairs):
+                strip = kept.get((units_out, units_in))
+                if strip is None:  # filled from held blocks now and from the source below
+                    strip = _Strip(
+                        units_out, units_in, torch.empty(_strip_shape(grid, network, conv, units_out, units_in))
+                    )
+                    for key in strip.keys(conv):
+                        view = strip.block(grid, *key[1:])
+                        if key in held:
+                            view.copy_(held[key][0].block(grid, *key[1:]))
+                        else:
+                            into[key] = view
+                layer.append(strip)
+            strips[conv] = tuple(layer)
+        parts = self.source.parts(pairs, skip_blocks=held.keys(), skip_private=old.private.keys(), into=into)
+        self._check(parts)
+        private = {pair: old.private.get(pair) or self._fold(pair, parts.private[pair]) for pair in pairs}
+        old_pairs = {network.task_index(name): level for name, level in old.choices.items()}
+        runners = {}
+        for t, level in pairs:
+            name = network.task_names[t]
+            same = old_pairs.get(t) == level and all(strips[c] == old.strips.get(c) for c in grids)
+            runners[name] = old.runners[name] if same else self._runner(t, level, strips, private[t, level])
+        self._state = _State({network.task_names[t]: level for t, level in pairs}, strips, private, runners)
+        return self.choices
+
+    def set_budget(self, budget: str, tasks: Sequence[str] | None = None, weights: Mapping[str, float] | None = None):
+        """Re-plan the levels of ``tasks`` (default: those running) under one shared budget and switch to them.
+
+        The plan is ``planning.plan.plan_levels`` on the checkpoint's validation accuracy; a budget that no plan
+        fits raises ``BadBudget`` and changes nothing.
+
+        Returns:
+            The ``planning.plan.Plan`` now running.
+        """
+        from ..planning.plan import accuracy_from_training, plan_budget_params, plan_levels
+
+        network, label = self.source.network, self.source.label
+        if self.source.fixed is not None:
+            raise BadConfig(f"{label} holds fixed levels; a budget needs the full checkpoint to choose from")
+        accuracy = accuracy_from_training(self.source.training)
+        if not accuracy:
+            raise BadConfig(f"{label} has no validation accuracy to plan with; use set_levels or a trained checkpoint")
+        names = list(tasks) if tasks else list(self._state.choices)
+        plan = plan_levels(network, plan_budget_params(network, budget, names), names, accuracy, weights)
+        self.set_levels(plan.choices)
+        return plan
+
+    # ------------------------------------------------------------------------------------------------ parts
+
+    def _check(self, parts: UnitParts) -> None:
+        """Refuse blocks and private parts whose shapes are not the ones the network's layers imply."""
+        network = self.source.network
+        for (conv, uo, ui), block in parts.blocks.items():
+            expected = self.source.grids[conv].block(_meta_weight(network, conv), uo, ui).shape
+            if block.shape != expected:
+                raise WrongFileFormat(
+                    f"{self.source.label} does not match its own metadata (block {conv} {uo},{ui} has shape "
+                    f"{tuple(block.shape)}, expected {tuple(expected)})"
+                )
+        for (t, level), state in parts.private.items():
+            out_features, in_features = network.heads[t].active_shape(t, level)
+            expected = {"head.weight": (out_features, in_features), "head.bias": (out_features,)}
+            for name, module in self.source.norms.items():
+                channels = (module.norm(t, level).num_features,)
+                expected |= {f"features.{name}.{key}": channels for key in _NORM_KEYS}
+            for name, tensor in state.items():
+                if tuple(tensor.shape) != expected.get(name):
+                    raise WrongFileFormat(
+                        f"{self.source.label} does not match its own metadata ({name} of "
+                        f"{network.task_names[t]} level {level} has shape {tuple(tensor.shape)}, expected "
+                        f"{expected.get(name)})"
+                    )
+
+    def _fold(self, pair: Pair, state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Batch norms as (scale, shift) under their plain names, and the head as (weight, bias).
+
+        All the batch norms of a pair are folded in one go (a few ops, not a few per layer): their scales are views
+        of one tensor, their shifts of another.
+        """
+        t, level = pair
+        keys = [f"features.{name}" for name in self.source.norms]
+        sizes = [state[f"{key}.weight"].numel() for key in keys]
+        eps = torch.tensor([m.norm(t, level).eps for m in self.source.norms.values()]).repeat_interleave(
+            torch.tensor(sizes)
+        )
+        weight, bias, mean, var = (torch.cat([state[f"{key}.{k}"] for key in keys]) for k in _NORM_KEYS)
+        scale = weight / torch.sqrt(var + eps)
+        shift = bias - mean * scale
+        folded: dict[str, tuple[torch.Tensor, ...]] = {"head": (state["head.weight"], state["head.bias"])}
+        folded |= dict(zip(keys, zip(scale.split(sizes), shift.split(sizes), strict=True), strict=True))
+        return folded
+
+    def _runner(
+        self,
+        t: int,
+        level: int,
+        strips: Mapping[str, Sequence[_Strip]],
+        private: Mapping[str, tuple[torch.Tensor, ...]],
+    ) -> nn.Module:
+        """The plain twin of (t, level) on the meta device, every layer replaced by one reading the store."""
+        network = self.source.network
+        plain = _meta_plain(network, t, level)
+        units = tuple(sorted(network.layout.level_units(t, level)))
+        grids = self.source.grids
+        for name, module in list(plain.named_modules()):
+            if isinstance(module, nn.Conv2d):
+                conv = name.removeprefix("features.")
+                if conv not in grids or module.bias is not None or module.groups != 1:
+                    raise RuntimeError(f"plain {network.config.arch} layer {name} has no unit blocks to share")
+                by_unit = {uo: strip for strip in strips[conv] for uo in strip.units_out}
+                _replace(plain, name, _BlockConv(module, grids[conv], by_unit, units, self.conv))
+            elif isinstance(module, nn.BatchNorm2d):
+                _replace(plain, name, _ScaleShift(*private[name]))
+            elif isinstance(module, nn.Linear):
+                _replace(plain, name, _Head(*private[name]))
+        left = [n for n, _ in [*plain.named_parameters(), *plain.named_buffers()]]
+        if left:  # a plain builder with layers the runtime does not know: a bug, said plainly
+            raise RuntimeError(f"plain {network.config.arch} has layers the shared runtime cannot run: {left[:3]}")
+        return plain.eval()
+
+
+def _strip_layout(layout, grid: BlockGrid, pairs: Sequence[Pair]) -> list[tuple[tuple[int, ...], tuple | None]]:
+    """The strips of one layer for ``pairs``: output units grouped by the input units they need (the union of the
+    units of every pair that uses the output unit); the stem, whose input is not split, is one strip."""
+    needs: dict[int, set[int]] = {}
+    for t, level in pairs:
+        units = layout.level_units(t, level)
+        for uo in units:
+            needs.setdefault(uo, set()).update(units)
+    groups: dict[tuple[int, ...] | None, list[int]] = {}
+    for uo in sorted(needs):
+        groups.setdefault(tuple(sorted(needs[uo])) if grid.split_input else None, []).append(uo)
+    return [(tuple(units_out), units_in) for units_in, units_out in groups.items()]
+
+
+def _strip_shape(grid: BlockGrid, network, conv: str, units_out, units_in) -> tuple[int, ...]:
+    rows = grid.out_channels // grid.units * len(units_out)
+    cols = grid.in_channels if units_in is None else grid.in_channels // grid.units * len(units_in)
+    return (rows, cols, *_meta_weight(network, conv).shape[2:])
+
+
+def _meta_weight(network, conv: str) -> torch.Tensor:
+    return network.features.get_submodule(conv).weight
+
+
+def _meta_plain(network, t: int, level: int) -> PlainNetwork:
+    with torch.device("meta"):
+        return PlainNetwork(plain_config(network.config, level), network.tasks[t].num_classes)
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)

@@ -1,0 +1,186 @@
+"""``dvn predict``: top classes of image files with any model file, as a table or JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from dvn_cli.cli.app import app
+from dvn_cli.config import TaskSpec
+from dvn_cli.core.network import build_network
+from dvn_cli.core.plain import extract_plain
+from dvn_cli.data.datasets import load_image, normalize_batch
+from dvn_cli.modelfile.bundle import save_bundle
+from dvn_cli.modelfile.checkpoint import save_checkpoint
+from dvn_cli.modelfile.compact import compact_spec, save_compact
+
+from .conftest import make_image_folder, settle_batch_norm, tiny_config
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A checkpoint of a colour task (folder-style, bilinear) and a digit task (pad), its bundle and a compact."""
+    base = tmp_path_factory.mktemp("predict")
+    make_image_folder(base / "images", per_class=2, size=16)
+    Image.new("L", (8, 8), 200).save(base / "images" / "grey-small.png")  # grey and small: converted and padded
+    tasks = [
+        TaskSpec("colours", ("red", "green", "blue"), (0.3,) * 3, (0.2,) * 3, source="folder", resize="bilinear"),
+        TaskSpec("digits", tuple(str(i) for i in range(10)), (0.1,) * 3, (0.3,) * 3, source="mnist", resize="pad"),
+    ]
+    torch.manual_seed(0)
+    network = build_network(tiny_config(), tasks)
+    settle_batch_norm(network)
+    checkpoint = save_checkpoint(network, base / "model.safetensors")
+    bundle = save_bundle(network, {"colours": 2, "digits": 3}, base / "bundle.safetensors")
+    compact = save_compact(extract_plain(network, 0, 3), compact_spec(network, 0, 3), base / "compact.safetensors")
+    return base, network, checkpoint, bundle, compact
+
+
+def expected_top(network, path: Path, task: str, level: int, k: int) -> list[tuple[str, float]]:
+    spec = network.tasks[network.task_index(task)]
+    x = normalize_batch(load_image(path, 3, 12, spec.resize).unsqueeze(0), spec)
+    with torch.no_grad():
+        probs = torch.softmax(network.eval()(x, task, level), dim=1)[0]
+    values, indices = probs.topk(k)
+    return [(spec.classes[i], v) for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
+
+
+def check_rows(rows, network, files, choices, k):
+    assert [(r["image"], r["task"], r["level"]) for r in rows] == [
+        (str(f), task, level) for f in files for task, level in choices.items()
+    ]
+    for row in rows:
+        expected = expected_top(network, Path(row["image"]), row["task"], row["level"], k[row["task"]])
+        assert [c["class"] for c in row["top"]] == [c for c, _ in expected]
+        for got, (_, probability) in zip(row["top"], expected, strict=True):
+            assert got["probability"] == pytest.approx(probability, abs=1e-5)
+
+
+def test_checkpoint_json_at_a_budget_equals_the_virtual_network(setup):
+    base, network, checkpoint, _, _ = setup
+    result = invoke("predict", base / "images", "-c", checkpoint, "--task", "colours,digits", "--budget", 2, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    files = sorted(p for p in (base / "images").rglob("*") if p.is_file())
+    assert len(files) == 7
+    check_rows(rows, network, files, {"colours": 2, "digits": 2}, {"colours": 3, "digits": 5})
+
+
+def test_without_a_budget_each_task_runs_its_largest_level(setup):
+    base, network, checkpoint, _, _ = setup
+    one = base / "images" / "red" / "0.png"
+    result = invoke("predict", one, "-c", checkpoint, "--top", 2, "--json")
+    assert result.exit_code == 0, result.output
+    check_rows(
+        json.loads(result.stdout)["rows"], network, [one], {"colours": 4, "digits": 4}, {"colours": 2, "digits": 2}
+    )
+
+
+def test_a_bundle_runs_its_levels_and_a_compact_model_its_one(setup):
+    base, network, _, bundle, compact = setup
+    files = [base / "images" / "green" / "1.png", base / "images" / "grey-small.png"]
+    result = invoke("predict", *files, "-c", bundle, "--json", "--top", 10)
+    assert result.exit_code == 0, result.output
+    check_rows(
+        json.loads(result.stdout)["rows"], network, files, {"colours": 2, "digits": 3}, {"colours": 3, "digits": 10}
+    )
+    result = invoke("predict", *files, "-c", compact, "--json")
+    assert result.exit_code == 0, result.output
+    check_rows(json.loads(result.stdout)["rows"], network, files, {"colours": 3}, {"colours": 3})
+
+
+def test_table(setup):
+    base, _, checkpoint, _, _ = setup
+    result = invoke("predict", base / "images" / "blue", "-c", checkpoint, "--task", "colours", "--budget", "50%")
+    assert result.exit_code == 0, result.output
+    assert "predictions" in result.stdout and "top classes (probability)" in result.stdout
+    assert "blue/0.png" in result.stdout and "blue/1.png" in result.stdout and "colours" in result.stdout
+    assert "%" in result.stdout and result.stderr == ""
+
+
+def test_unreadable_images_are_named_and_the_rest_run(setup, tmp_path):
+    base, _, checkpoint, _, _ = setup
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(folder / "good.jpg")
+    result = invoke("predict", folder, "-c", checkpoint, "--task", "colours", "--json")
+    assert result.exit_code == 0, result.output
+    assert [r["image"] for r in json.loads(result.stdout)["rows"]] == [str(folder / "good.jpg")]
+    lines = result.stderr.splitlines()
+    assert lines == [
+        f"warning: cannot read {folder / 'broken.png'} as an image; skipped",
+        f"warning: cannot read {folder / 'notes.txt'} as an image; skipped",
+    ]
+
+
+def test_no_readable_image_is_an_error(setup, tmp_path):
+    _, _, checkpoint, _, _ = setup
+    (tmp_path / "a.txt").write_text("text")
+    result = invoke("predict", tmp_path / "a.txt", "-c", checkpoint)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == "error: none of the 1 file(s) could be read as an image"
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "nope.png", "error: no such file or folder: {}"),
+        (lambda d: (d / "empty").mkdir() or d / "empty", "error: {} is a folder without image files"),
+        (lambda d: os.mkfifo(d / "fifo") or d / "fifo", "error: {} is not a regular file or folder; name image"),
+        (lambda d: (d / "link").symlink_to(d / "gone") or d / "link", "error: {} is a broken link"),
+    ],
+    ids=["missing", "empty-folder", "fifo", "broken-link"],
+)
+def test_bad_paths_are_one_line(setup, tmp_path, make, message):
+    _, _, checkpoint, _, _ = setup
+    path = make(tmp_path)
+    result = invoke("predict", path, "-c", checkpoint)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines() == [result.stderr.splitlines()[0]]
+    assert result.stderr.startswith(message.format(path)), result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--top", 0), "error: --top must be at least 1"),
+        (("--task", "nope"), "error: unknown task 'nope'"),
+        (("--task", "colours", "--budget", "1k"), "error: "),
+    ],
+)
+def test_bad_options_are_one_line(setup, args, message):
+    base, _, checkpoint, _, _ = setup
+    result = invoke("predict", base / "images" / "red", "-c", checkpoint, *args)
+    assert result.exit_code == 1, result.output
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(message), result.stderr
+
+
+def test_a_bundle_refuses_another_level_in_one_line(setup):
+    base, _, _, bundle, _ = setup
+    result = invoke("predict", base / "images" / "red", "-c", bundle, "--task", "colours", "--budget", 4)
+    assert result.exit_code == 1, result.output
+    assert len(result.stderr.splitlines()) == 1 and "holds only colours level 2" in result.stderr
+
+
+def test_a_broken_model_file_is_one_line(setup, tmp_path):
+    base, *_ = setup
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    result = invoke("predict", base / "images" / "red", "-c", broken)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {broken} is not a safetensors file"), result.stderr
