@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -152,15 +153,33 @@ def _epoch_losses(run: Path) -> list[float]:
     return [sum(json.loads(line)["train_loss"].values()) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _run_torchrun(command: list[str], env: dict[str, str], out: Path) -> subprocess.CompletedProcess:
+    """Run torchrun; retry ONCE when a rank aborted in process-group teardown after the run had finished.
+
+    Why a retry: in 1 of 5 full-suite runs under heavy load, rank 1 aborted with "terminate called without an
+    active exception" after the finished checkpoint was written (gloo teardown), and 40 direct runs did not
+    reproduce it. ``shutdown_distributed`` now waits at a barrier first; any other failure, or the same one
+    twice, still fails the test.
+    """
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    checkpoint = out / "model.safetensors"
+    finished = checkpoint.is_file() and read_metadata(checkpoint)["training"].get("finished") is True
+    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr and finished:
+        shutil.rmtree(out)
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    return proc
+
+
 def test_torchrun_two_processes_match_one_process_within_tolerance(tmp_path):
     make_image_folder(tmp_path / "colours", ("red", "green", "blue"), per_class=16)
     make_image_folder(tmp_path / "bands", ("top", "middle"), per_class=12)
     one, two = tmp_path / "one", tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "dvn_cli"]
-    proc = subprocess.run(
-        [*torchrun, *_train_args(tmp_path, two)], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
-    )
+    proc = _run_torchrun([*torchrun, *_train_args(tmp_path, two)], env, two)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = CliRunner().invoke(app, _train_args(tmp_path, one))
     assert single.exit_code == 0, single.output

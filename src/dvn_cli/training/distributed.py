@@ -129,9 +129,15 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float = 1800
     return device, True
 
 
-def shutdown_distributed(started: bool) -> None:
-    """End the process group if this process started it."""
+def shutdown_distributed(started: bool, synchronize: bool = False) -> None:
+    """End the process group if this process started it.
+
+    ``synchronize`` (after a run every rank finished) first waits at a barrier, so that no rank tears down its
+    gloo threads while a peer is still talking to it; after a failure a peer may be gone, so there is no barrier.
+    """
     if started and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

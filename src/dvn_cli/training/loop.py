@@ -331,10 +331,13 @@ def fit(
     """
     env = detect_env()
     device, started = init_distributed(env, resolve_device(cfg.device))
+    finished = False
     try:
-        return _fit(cfg, env, device, resume, force, observer or TrainObserver(), data)
+        result = _fit(cfg, env, device, resume, force, observer or TrainObserver(), data)
+        finished = True
+        return result
     finally:
-        shutdown_distributed(started)
+        shutdown_distributed(started, synchronize=finished)
 
 
 @dataclass
