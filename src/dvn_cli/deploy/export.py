@@ -190,27 +190,30 @@ def preprocess_of(spec: CompactSpec) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ onnx
 
 
-def _onnx_bytes(plain: PlainNetwork, spec: CompactSpec, opset: int) -> bytes:
-    """Fold, export with a dynamic batch axis, stamp the spec into the model's metadata, check the graph."""
-    onnx = _import_optional("onnx")
-    folded = fold_batchnorm(plain).cpu()
+def trace_onnx(module: nn.Module, config, opset: int, constant_folding: bool) -> bytes:
+    """``module`` as ONNX bytes from PyTorch's TorchScript exporter: input ``input`` with a dynamic batch axis,
+    output ``logits``. The one place dvn calls the exporter (per-pair and shared exports)."""
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter announces its own deprecation
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            folded,
-            (_example_input(plain.config),),
+            module,
+            (_example_input(config),),
             buffer,
             dynamo=False,
             input_names=["input"],
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             opset_version=opset,
-            do_constant_folding=True,
+            do_constant_folding=constant_folding,
         )
-    model = onnx.load_from_string(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def stamp_onnx(model, spec: CompactSpec, producer: str, **extra: str) -> None:
+    """Write the spec (task, level, units, classes, preprocessing, source) into an ONNX model's metadata."""
     model.producer_name, model.producer_version = "dvn", __version__
-    model.doc_string = f"dvn: task {spec.task.name} level {spec.level} of {spec.k} (units {list(spec.units)})"
+    model.doc_string = f"{producer}: task {spec.task.name} level {spec.level} of {spec.k} (units {list(spec.units)})"
     props = {
         "dvn_task": spec.task.name,
         "dvn_level": str(spec.level),
@@ -218,10 +221,19 @@ def _onnx_bytes(plain: PlainNetwork, spec: CompactSpec, opset: int) -> bytes:
         "dvn_classes": json.dumps(list(spec.task.classes)),
         "dvn_preprocess": json.dumps(preprocess_of(spec)),
         "dvn_source_sha256": spec.source_sha256,
+        **extra,
     }
     for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
+
+
+def _onnx_bytes(plain: PlainNetwork, spec: CompactSpec, opset: int) -> bytes:
+    """Fold, export with a dynamic batch axis, stamp the spec into the model's metadata, check the graph."""
+    onnx = _import_optional("onnx")
+    folded = fold_batchnorm(plain).cpu()
+    model = onnx.load_from_string(trace_onnx(folded, plain.config, opset, constant_folding=True))
+    stamp_onnx(model, spec, "dvn")
     onnx.checker.check_model(model)
     return model.SerializeToString()
 

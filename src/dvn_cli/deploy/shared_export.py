@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,6 @@ from .export import (
     MANIFEST_VERSION,
     NonFiniteLogits,
     _check_replaceable,
-    _example_input,
     _import_optional,
     _logit_difference,
     _pair_names,
@@ -60,6 +58,8 @@ from .export import (
     _source_entry,
     _task_inputs,
     preprocess_of,
+    stamp_onnx,
+    trace_onnx,
 )
 from .ort_runtime import (
     ALIGNMENT,
@@ -304,21 +304,8 @@ def _graph_bytes(
     generator = torch.Generator().manual_seed(0)
     for param in module.parameters():
         param.data = torch.rand(param.shape, generator=generator)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():  # the TorchScript exporter announces its own deprecation
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (_example_input(plain.config),),
-            buffer,
-            dynamo=False,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=opset,
-            do_constant_folding=False,  # folding would bake the Concat of shared blocks into a private copy
-        )
-    model = onnx.load_from_string(buffer.getvalue())
+    # no constant folding: it would bake the Concat of shared blocks into a private copy
+    model = onnx.load_from_string(trace_onnx(module, plain.config, opset, constant_folding=False))
     used = []
     for init in model.graph.initializer:
         if init.name not in keys:
@@ -337,20 +324,7 @@ def _graph_bytes(
         raise RuntimeError(f"the ONNX exporter lost the names of {len(missing)} blocks, e.g. {sorted(missing)[0]}")
     for node in model.graph.node:  # inputs renamed above
         node.input[:] = [keys.get(name, name) for name in node.input]
-    model.producer_name, model.producer_version = "dvn", __version__
-    model.doc_string = f"dvn shared: task {spec.task.name} level {spec.level} of {spec.k} (units {list(spec.units)})"
-    props = {
-        "dvn_task": spec.task.name,
-        "dvn_level": str(spec.level),
-        "dvn_units": json.dumps(list(spec.units)),
-        "dvn_classes": json.dumps(list(spec.task.classes)),
-        "dvn_preprocess": json.dumps(preprocess_of(spec)),
-        "dvn_source_sha256": spec.source_sha256,
-        "dvn_weights": WEIGHTS_NAME,
-    }
-    for key, value in props.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
+    stamp_onnx(model, spec, "dvn shared", dvn_weights=WEIGHTS_NAME)
     return model.SerializeToString(), sorted(used)
 
 
