@@ -12,6 +12,7 @@ with the same shapes on the ``meta`` device (no memory, no weights copied).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -79,12 +80,15 @@ def level_cost(network: DeepVirtualNetwork, task: int | str, level: int) -> Leve
     """Cost of (task, level): its plain twin's, counted on the ``meta`` device."""
     t = network.task_index(task)
     network.layout.check(t, level)
-    costs = network.__dict__.setdefault("_level_costs", {})  # a network's shapes never change: count once
-    if (t, level) not in costs:
-        with torch.device("meta"):
-            twin = PlainNetwork(plain_config(network.config, level), network.tasks[t].num_classes)
-        costs[t, level] = count_cost(twin, network.config)
-    return costs[t, level]
+    return _plain_cost(network.config, network.tasks[t].num_classes, level)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plain_cost(config: BackboneConfig, num_classes: int, level: int) -> LevelCost:
+    """The cost depends on shapes only (a frozen config, classes, level), so each one is counted once."""
+    with torch.device("meta"):
+        twin = PlainNetwork(plain_config(config, level), num_classes)
+    return count_cost(twin, config)
 
 
 def stored_params(network: DeepVirtualNetwork) -> int:

@@ -15,6 +15,7 @@ lazily so that dvn works without them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib
@@ -24,7 +25,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,17 @@ def _reference_logits(plain: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class NonFiniteLogits(DvnError):
     """An exported model, or the PyTorch model it came from, gives NaN or infinite logits."""
+
+
+@contextlib.contextmanager
+def non_finite_stops_export(label: str, task: str, level: int) -> Iterator[None]:
+    """A check that meets non-finite logits ends the export with one line naming the source and the pair."""
+    try:
+        yield
+    except NonFiniteLogits:
+        raise NonFiniteLogits(
+            f"{label}: {task} level {level} gives non-finite logits (NaN or infinity); nothing exported"
+        ) from None
 
 
 def _logit_difference(path: Path | str, got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -474,12 +486,8 @@ def export_models(
             name = f"{safe_file_stem(task)}-level{level}{fmt.suffix}"
             data = fmt.to_bytes(plain, spec, opset)
             path = write_atomic(staging / name, data)
-            try:
+            with non_finite_stops_export(model.label, task, level):
                 diff = fmt.check(path, plain, _task_inputs(sample_inputs, task)) if check else None
-            except NonFiniteLogits:
-                raise NonFiniteLogits(
-                    f"{model.label}: {task} level {level} gives non-finite logits (NaN or infinity); nothing exported"
-                ) from None
             models.append(_model_entry(spec, name, data, format, diff))
         for entry in models:
             os.replace(staging / entry["file"], out / entry["file"])

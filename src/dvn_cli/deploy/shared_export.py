@@ -47,7 +47,6 @@ from ..modelfile.compact import CompactSpec
 from .export import (
     MANIFEST_NAME,
     MANIFEST_VERSION,
-    NonFiniteLogits,
     _check_replaceable,
     _import_optional,
     _logit_difference,
@@ -57,6 +56,7 @@ from .export import (
     _sample_batches,
     _source_entry,
     _task_inputs,
+    non_finite_stops_export,
     preprocess_of,
     stamp_onnx,
     trace_onnx,
@@ -330,14 +330,10 @@ def _graph_bytes(
 
 def _check_pair(runtime: SharedOrtRuntime, task: str, level: int, plain: nn.Module, inputs, label: str) -> float:
     worst = 0.0
-    for x in _sample_batches(plain, inputs):
-        got = torch.from_numpy(runtime.run(task, level, x.numpy()))
-        try:
+    with non_finite_stops_export(label, task, level):
+        for x in _sample_batches(plain, inputs):
+            got = torch.from_numpy(runtime.run(task, level, x.numpy()))
             worst = max(worst, _logit_difference(f"{task} level {level}", got, _reference_logits(plain, x)))
-        except NonFiniteLogits:
-            raise NonFiniteLogits(
-                f"{label}: {task} level {level} gives non-finite logits (NaN or infinity); nothing exported"
-            ) from None
     return worst
 
 
