@@ -18,7 +18,6 @@ import torch
 from ..data.datasets import load_image, normalize_batch
 from ..errors import BadConfig, MissingData
 from ..modelfile.base import ModelFile
-from ..modelfile.compact import COMPACT_FORMAT
 from .runtime import SharedRuntime
 
 __all__ = ["Predictions", "image_files", "predict_images"]
@@ -93,11 +92,11 @@ def predict_images(
     files = image_files(paths)
     specs = {task: model.spec_of(task, level) for task, level in choices.items()}
     backbone = next(iter(specs.values())).backbone
-    if model.format == COMPACT_FORMAT:
-        forwards = {task: model.forward(task, level) for task, level in choices.items()}
-    else:
+    if model.holds_unit_blocks:
         runtime = SharedRuntime.from_model(model, choices)
         forwards = {task: (lambda x, task=task: runtime(x, task)) for task in choices}
+    else:
+        forwards = {task: model.forward(task, level) for task, level in choices.items()}
 
     images: dict[str, dict[Path, torch.Tensor]] = {}  # resize method -> file -> uint8 (C, H, W)
     unreadable: set[Path] = set()

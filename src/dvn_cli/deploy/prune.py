@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import BadConfig
 from ..fsutil import refuse_non_regular, safe_file_stem
 from ..modelfile.base import ModelFile
-from ..modelfile.compact import COMPACT_FORMAT, CompactModel, save_compact
+from ..modelfile.compact import CompactModel, save_compact
 
 __all__ = ["default_compact_path", "write_compact_level"]
 
@@ -35,11 +35,10 @@ def write_compact_level(
 
     An existing file is kept unless ``force``, and then only a regular file is replaced.
     """
-    if source.format == COMPACT_FORMAT:
-        ((name, level),) = source.pairs()
+    if not source.holds_unit_blocks:
+        held = ", ".join(f"{name} level {level}" for name, level in source.pairs())
         raise BadConfig(
-            f"{source.label} is already a compact model ({name} level {level}); "
-            "prune-level needs a checkpoint or a bundle"
+            f"{source.label} is already a {source.kind} ({held}); prune-level needs a checkpoint or a bundle"
         )
     level = source.resolve_budget(task, budget)
     path = Path(out) if out is not None else default_compact_path(source, task, level)

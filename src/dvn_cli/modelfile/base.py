@@ -22,7 +22,7 @@ import torch
 
 from ..errors import BadBudget, BadConfig, UnknownTask, WrongFileFormat
 from ..fsutil import first_line, sha256_file
-from .container import read_metadata
+from .container import check_finite, read_metadata
 
 if TYPE_CHECKING:
     from ..config import TaskSpec
@@ -67,6 +67,7 @@ class ModelFile(ABC):
 
     format: ClassVar[str]  # the format name in the file's metadata
     kind: ClassVar[str]  # what messages call it: "checkpoint", "compact model", "bundle"
+    holds_unit_blocks: ClassVar[bool] = False  # shared unit blocks (runtime, prune-level), not plain networks
     path: Path | None
     split: DataSplit  # the training run's validation split settings
     training: dict[str, Any]  # the training run's summary (empty when the file does not carry it)
@@ -256,8 +257,7 @@ class TensorReader:
                 tensor = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
             except Exception as exc:
                 raise WrongFileFormat(f"{self.label} is damaged: {name} cannot be read ({first_line(exc)})") from None
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise WrongFileFormat(f"{self.label} holds non-finite values (NaN or infinity) in {name}")
+            check_finite(self.label, name, tensor)
             return self._copy(name, tensor, out)
 
         with handle:

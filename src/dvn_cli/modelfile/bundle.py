@@ -175,6 +175,7 @@ class Bundle(ModelFile):
 
     format: ClassVar[str] = BUNDLE_FORMAT
     kind: ClassVar[str] = "bundle"
+    holds_unit_blocks: ClassVar[bool] = True
 
     config: BackboneConfig
     k: int

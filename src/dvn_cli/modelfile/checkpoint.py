@@ -46,6 +46,7 @@ class Checkpoint(ModelFile):
 
     format: ClassVar[str] = CHECKPOINT_FORMAT
     kind: ClassVar[str] = "checkpoint"
+    holds_unit_blocks: ClassVar[bool] = True
 
     network: DeepVirtualNetwork
     path: Path | None = None

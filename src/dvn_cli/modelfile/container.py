@@ -77,6 +77,11 @@ def read_dvn_file(path: str | os.PathLike, formats: tuple[str, ...]) -> tuple[di
     except Exception as exc:
         raise WrongFileFormat(f"{path} is damaged: its tensors cannot be read ({first_line(exc)})") from None
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise WrongFileFormat(f"{path} holds non-finite values (NaN or infinity) in {name}; it cannot be used")
+        check_finite(path, name, tensor)
     return tensors, meta
+
+
+def check_finite(label: object, name: str, tensor: torch.Tensor) -> None:
+    """Refuse a floating-point tensor read from a file that holds NaN or infinity: no meaningful result follows."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise WrongFileFormat(f"{label} holds non-finite values (NaN or infinity) in {name}; it cannot be used")
