@@ -119,6 +119,7 @@ class TrainConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     order_rule: str = "nearest"
     order_table: tuple[tuple[int, ...], ...] | None = None
+    affinity_steps: int = 200
     epochs: float = 3.0
     batch_size: int = 128
     lr: float = 0.1
@@ -158,6 +159,10 @@ class TrainConfig:
             raise BadConfig("epochs, batch size and learning rate must be positive")
         if self.precision not in PRECISIONS:
             raise BadConfig(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
+        if self.affinity_steps < 1:
+            raise BadConfig(f"affinity steps {self.affinity_steps} must be at least 1")
+        if self.order_rule == "affinity" and len(self.tasks) < 2:
+            raise BadConfig("order rule 'affinity' places several tasks; with one task use nearest")
         if self.level_weights is not None and len(self.level_weights) != self.backbone.units:
             raise BadConfig(f"{len(self.level_weights)} level weights given for k={self.backbone.units} levels")
 

@@ -82,9 +82,14 @@ def train(
     input_size: Annotated[int | None, typer.Option(help="Input height and width (default: largest task's).")] = None,
     input_channels: Annotated[int | None, typer.Option(help="Input channels, 1 or 3 (default: from tasks).")] = None,
     stem_stride: Annotated[int | None, typer.Option(help="Stride of the first convolution.")] = None,
-    order_rule: Annotated[str | None, typer.Option(help="Unit order rule: nearest, cyclic or table.")] = None,
+    order_rule: Annotated[
+        str | None, typer.Option(help="Unit order rule: nearest, cyclic, table or affinity (measured).")
+    ] = None,
     orders: Annotated[
         str | None, typer.Option(help="Explicit orders for --order-rule table, e.g. '0,1,2,3;3,2,1,0'.")
+    ] = None,
+    affinity_steps: Annotated[
+        int | None, typer.Option(help="Warm-up steps of --order-rule affinity (counted in the run's steps).")
     ] = None,
     epochs: Annotated[float | None, typer.Option(help="Epochs over the largest task (may be fractional).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per task per step.")] = None,
@@ -126,6 +131,7 @@ def train(
         "tasks": tasks,
         "order_rule": order_rule,
         "order_table": [_int_list(row, "--orders") for row in orders.split(";")] if orders else None,
+        "affinity_steps": affinity_steps,
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,

@@ -222,6 +222,31 @@ def show_checkpoint(described: dict[str, Any]) -> None:
             f"({training.get('epochs')} epochs, {training.get('seconds')} s, "
             f"{training.get('images_per_second')} img/s); finished: {training.get('finished')}"
         )
+    if isinstance(training.get("affinity"), dict):
+        show_affinity(training["affinity"])
+
+
+def show_affinity(affinity: dict[str, Any]) -> None:
+    """The affinity rule's measured task x task matrix and the placement it chose (``dvn info``)."""
+    names = affinity["tasks"]
+    matrix = Table(
+        title=f"task affinity ({affinity['measure']}; {affinity['measured_steps']} of {affinity['warmup_steps']} "
+        "warm-up steps)",
+        title_justify="left",
+    )
+    matrix.add_column("task")
+    for name in names:
+        matrix.add_column(visible(name), justify="right")
+    for name, row in zip(names, affinity["matrix"], strict=True):
+        matrix.add_row(visible(name), *(f"{v:.3f}" for v in row))
+    _console().print(matrix)
+    if "line" in affinity:
+        _console().print(
+            f"placement ({affinity['search']} search): {' - '.join(visible(n) for n in affinity['line'])}; "
+            f"score {affinity['score']} against {affinity['given_score']} for the given order"
+        )
+    else:
+        _console().print("placement: not chosen yet (the warm-up has not ended)")
 
 
 def show_plan(plan: dict[str, Any], budget: str) -> None:

@@ -2,7 +2,8 @@
 
 Deep Virtual Networks (Kim et al., CVPR 2019) split every layer into ``k`` disjoint units. Each task takes the
 units in its own ORDER; level ``l`` of task ``t`` uses ``order_t[:l]``. Orders come from a pluggable rule
-(``nearest`` by default, ``cyclic``, or an explicit table) and are stored in the checkpoint.
+(``nearest`` by default, ``cyclic``, an explicit table, or ``affinity``, measured while training: see
+``core/affinity.py``) and are stored in the checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "make_orders",
     "nearest_orders",
     "register_order_rule",
+    "shared_orders",
     "table_orders",
     "unit_channels",
 ]
@@ -73,11 +75,24 @@ def table_orders(table: Sequence[Sequence[int]], num_tasks: int, units: int) -> 
     return orders
 
 
+def shared_orders(num_tasks: int, units: int) -> Orders:
+    """Every task takes ``0, 1, ..., k-1``: the orders of the ``affinity`` rule's warm-up.
+
+    With the same order every task uses the same units at every level, so the warm-up measures the tasks'
+    affinity without favouring any placement; training then switches to the placement it chose.
+    """
+    return [list(range(units)) for _ in range(num_tasks)]
+
+
 ORDER_RULES: dict[str, Callable[[int, int], Orders]] = {}
+RESERVED_RULES = ("table", "affinity")
+"""Rules ``make_orders`` handles itself: ``table`` needs the table, ``affinity`` a measurement (training)."""
 
 
 def register_order_rule(name: str, rule: Callable[[int, int], Orders]) -> None:
     """Add an order rule ``rule(num_tasks, units) -> orders``; names are unique."""
+    if name in RESERVED_RULES:
+        raise ValueError(f"order rule {name!r} is reserved")
     if name in ORDER_RULES:
         raise ValueError(f"order rule {name!r} is already registered")
     ORDER_RULES[name] = rule
@@ -88,13 +103,20 @@ register_order_rule("cyclic", cyclic_orders)
 
 
 def make_orders(rule: str, num_tasks: int, units: int, table: Sequence[Sequence[int]] | None = None) -> Orders:
-    """Orders from a named rule, or from ``table`` when ``rule == "table"``."""
+    """Orders from a named rule, or from ``table`` when ``rule == "table"``.
+
+    ``affinity`` gives the warm-up's ``shared_orders``; the training loop replaces them after the warm-up.
+    """
+    if rule == "affinity":
+        if num_tasks < 2:
+            raise BadConfig("order rule 'affinity' places several tasks; with one task use nearest")
+        return shared_orders(num_tasks, units)
     if rule == "table":
         if table is None:
             raise BadConfig("order rule 'table' needs a table of orders, one row per task")
         return table_orders(table, num_tasks, units)
     if rule not in ORDER_RULES:
-        known = ", ".join([*ORDER_RULES, "table"])
+        known = ", ".join([*ORDER_RULES, *RESERVED_RULES])
         raise BadConfig(f"unknown order rule {rule!r}; known: {known}")
     return ORDER_RULES[rule](num_tasks, units)
 

@@ -3,7 +3,8 @@
 Every task of a multi-task run is read ONCE into memory at the model's input shape (channels and size) as
 uint8 tensors ``(N, C, H, W)``; batches are then augmented and normalised as whole tensors, so the training
 loop never touches PIL or per-sample Python code (a 2-core CPU has none to spare). Tasks come from a registry
-of torchvision datasets (``mnist``, ``fashion-mnist``, ``kmnist``, ``cifar10``, ``cifar100``, ``svhn``) or
+of torchvision datasets (``mnist``, ``fashion-mnist``, ``kmnist``, ``cifar10``, ``cifar100``, ``svhn``), the UCI
+hand-written ``digits`` (``data/digits.py``), or
 from ``name=path/to/folder``: a folder of class sub-folders of images (torchvision ``ImageFolder`` layout).
 Each task keeps its own normalisation (per-channel mean/std of its training images) in its ``TaskSpec``.
 """
@@ -26,6 +27,7 @@ from PIL import Image
 
 from ..config import TaskSpec
 from ..errors import BadConfig, MissingData, UnknownTask
+from .digits import DIGITS_FOLDER, load_digits
 
 __all__ = [
     "AUGMENT_POLICIES",
@@ -276,6 +278,17 @@ for _name, _cls, _split, _channels, _size, _augment, _folder, _hint in (
         folder=_folder,
         hint=_hint or "pass --download to fetch it",
     )
+
+
+register_dataset(
+    "digits",
+    load_digits,
+    channels=1,
+    size=28,
+    augment="digits",
+    folder=DIGITS_FOLDER,
+    hint="run 'dvn data prepare --datasets digits' (it copies the file scikit-learn ships: pip install scikit-learn)",
+)
 
 
 def _one_line(error: BaseException) -> str:

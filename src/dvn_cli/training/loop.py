@@ -27,6 +27,7 @@ from ..evaluation.evaluate import accuracy
 from ..fsutil import first_line, write_atomic
 from ..modelfile.checkpoint import STATE_FORMAT, load_checkpoint, save_checkpoint
 from ..modelfile.container import read_dvn_file, write_dvn_file
+from .affinity import AffinityWarmup, relayout
 from .distributed import (
     DistEnv,
     ShardedBatches,
@@ -50,6 +51,7 @@ __all__ = [
     "lr_at",
     "multitask_loss",
     "resolve_precision",
+    "task_losses",
     "validate",
 ]
 
@@ -72,9 +74,24 @@ def multitask_loss(
         label_smoothing: passed to the cross-entropy.
         masked: run the full-width reference path (for benchmarks and tests).
     """
+    losses = task_losses(network, batches, level_weights, distill, label_smoothing, masked)
+    total = torch.zeros((), device=batches[0][0].device)
+    for task_loss in losses:
+        total = total + task_loss
+    return total, [float(task_loss.detach()) for task_loss in losses]
+
+
+def task_losses(
+    network: DeepVirtualNetwork,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    level_weights: Sequence[float] | None = None,
+    distill: float = 0.0,
+    label_smoothing: float = 0.0,
+    masked: bool = False,
+) -> list[torch.Tensor]:
+    """Each task's loss over its levels (arguments as ``multitask_loss``), whose sum that function returns."""
     k = network.units
     weights = level_weights or [1.0] * k
-    total = torch.zeros((), device=batches[0][0].device)
     per_task = []
     for task, (images, labels) in enumerate(batches):
         task_loss = torch.zeros((), device=images.device)
@@ -87,9 +104,8 @@ def multitask_loss(
             elif distill > 0:
                 loss = loss + distill * F.kl_div(logits.log_softmax(-1), top_probs, reduction="batchmean")
             task_loss = task_loss + loss
-        total = total + task_loss
-        per_task.append(float(task_loss.detach()))
-    return total, per_task
+        per_task.append(task_loss)
+    return per_task
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -356,6 +372,7 @@ class _Run:
     feeds: list[TaskBatches] | list[ShardedBatches]
     amp_dtype: torch.dtype | None
     memory_format: torch.memory_format
+    warmup: AffinityWarmup | None = None
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
@@ -426,7 +443,7 @@ def _new_run(
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     network = network.to(memory_format=memory_format)  # ~15% faster convolutions on CPU
     streams = [TaskBatches(d, cfg.batch_size, seed=cfg.seed, task_index=i) for i, d in enumerate(data)]
-    return _Run(
+    run = _Run(
         cfg=cfg,
         env=env,
         device=device,
@@ -440,6 +457,27 @@ def _new_run(
         amp_dtype=amp_dtype,
         memory_format=memory_format,
     )
+    if cfg.order_rule == "affinity":
+        if env.distributed:
+            raise BadConfig(
+                "order rule 'affinity' measures in one process; under torchrun pass --order-rule table with the "
+                "orders that an affinity run found (dvn info shows them)"
+            )
+        if cfg.affinity_steps >= run.total_steps:
+            raise BadConfig(
+                f"the affinity warm-up ({cfg.affinity_steps} steps) must end before training does "
+                f"({run.total_steps} steps); lower --affinity-steps or train longer"
+            )
+        run.warmup = AffinityWarmup(cfg.affinity_steps, run.names)
+    return run
+
+
+def _place(run: _Run, orders: list[list[int]]) -> None:
+    """Continue the run under ``orders``: the same weights and optimiser state, the network laid out anew."""
+    placed = relayout(run.network, orders)
+    optimizer = make_optimizer(placed, run.cfg)
+    optimizer.load_state_dict(run.optimizer.state_dict())  # parameters come in the same order
+    run.network, run.optimizer = placed, optimizer
 
 
 def _resume(run: _Run) -> None:
@@ -460,6 +498,11 @@ def _resume(run: _Run) -> None:
             raise WrongFileFormat(f"{paths.checkpoint} and {paths.state} are from different steps; cannot resume")
         weights = ckpt.network.state_dict()
     try:
+        if run.warmup is not None:
+            run.warmup.load_state(state_meta["affinity"])
+            orders = run.warmup.orders(run.network.units)
+            if orders is not None:
+                _place(run, orders)
         run.network.load_state_dict(weights)
         _load_state_tensors(state_tensors, run.optimizer, run.scaler, run.streams, run.names)
         run.step, run.history, run.seconds = state_meta["step"], state_meta["history"], state_meta["seconds"]
@@ -481,6 +524,7 @@ def _summary(run: _Run) -> dict[str, Any]:
         "finished": run.step >= run.total_steps,
         "world_size": run.env.world_size,
         "device": run.device.type,
+        **({"affinity": run.warmup.summary(run.network.units)} if run.warmup is not None else {}),
     }
 
 
@@ -490,6 +534,8 @@ def _save(run: _Run, interrupted: bool) -> TrainResult:
     if not run.main:
         return TrainResult(paths.checkpoint, paths.state, summary, interrupted)
     state_meta = {"step": run.step, "history": run.history, "seconds": run.seconds, "config": comparable(run.cfg)}
+    if run.warmup is not None:
+        state_meta["affinity"] = run.warmup.state()
     try:  # checkpoint, then state, then metrics: a kill between them leaves a state that resumes
         save_checkpoint(run.network, paths.checkpoint, summary)
         state_tensors = _state_tensors(run.network, run.optimizer, run.scaler, run.streams, run.names)
@@ -508,11 +554,10 @@ def _train_steps(run: _Run, observer: TrainObserver) -> TrainResult | None:
 
     Returns the last epoch end's result (None when there was no step left to take).
     """
-    cfg, env, device, network, optimizer, scaler = run.cfg, run.env, run.device, run.network, run.optimizer, run.scaler
+    cfg, env, device, scaler = run.cfg, run.env, run.device, run.scaler
     names, steps_per_epoch, total_steps = run.names, run.steps_per_epoch, run.total_steps
-    network.train()
+    run.network.train()
     weights = list(cfg.level_weights) if cfg.level_weights else None
-    params = list(network.parameters())
     result: TrainResult | None = None
     epoch_start, epoch_losses = time.perf_counter(), dict.fromkeys(names, 0.0)
     while run.step < total_steps:
@@ -521,24 +566,35 @@ def _train_steps(run: _Run, observer: TrainObserver) -> TrainResult | None:
             (x.to(device, memory_format=run.memory_format, non_blocking=True), y.to(device))
             for x, y in (next(f) for f in run.feeds)
         ]
+        network, optimizer = run.network, run.optimizer  # the affinity rule replaces them after its warm-up
         lr = lr_at(run.step, total_steps, cfg.lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
-            loss, task_losses = multitask_loss(network, batches, weights, cfg.distill, cfg.label_smoothing)
+            losses = task_losses(network, batches, weights, cfg.distill, cfg.label_smoothing)
+            loss = torch.zeros((), device=device)
+            for task_loss in losses:
+                loss = loss + task_loss
+        step_losses = [float(task_loss.detach()) for task_loss in losses]
         if not env.distributed:
             _check_finite(float(loss.detach()), run.step, run.paths)
-        scaler.scale(loss).backward()
+        warming_up = run.warmup is not None and run.step < run.warmup.steps
+        if warming_up:
+            run.warmup.backward(network, losses, scaler)  # one backward per task, to measure their affinity
+        else:
+            scaler.scale(loss).backward()
         if env.distributed:  # one flat all-reduce: averaged gradients and the global batch's task losses
-            task_losses = all_reduce_gradients(params, torch.tensor(task_losses)).tolist()
-            _check_finite(sum(task_losses), run.step, run.paths)
+            step_losses = all_reduce_gradients(list(network.parameters()), torch.tensor(step_losses)).tolist()
+            _check_finite(sum(step_losses), run.step, run.paths)
         scaler.step(optimizer)
         scaler.update()
         run.step += 1
+        if warming_up and run.step == run.warmup.steps:
+            _place(run, run.warmup.place(network.units))
         elapsed = time.perf_counter() - tick
         run.seconds += elapsed
-        for n, value in zip(names, task_losses, strict=True):
+        for n, value in zip(names, step_losses, strict=True):
             epoch_losses[n] += value
         if run.main:
             observer.on_step(
@@ -546,12 +602,13 @@ def _train_steps(run: _Run, observer: TrainObserver) -> TrainResult | None:
                     run.step,
                     total_steps,
                     run.step / steps_per_epoch,
-                    dict(zip(names, task_losses, strict=True)),
+                    dict(zip(names, step_losses, strict=True)),
                     env.world_size * sum(len(y) for _, y in batches) / max(elapsed, 1e-9),
                     lr,
                 )
             )
         if run.step % steps_per_epoch == 0 or run.step == total_steps:
+            network = run.network
             average_buffers(network)  # batch-norm statistics: per rank while training, averaged here
             done = run.step % steps_per_epoch or steps_per_epoch
             info = EpochInfo(
