@@ -11,7 +11,9 @@ Ways, all with the same backbone, steps, data and seeds (test split only for rep
     PYTHONPATH=src python benchmarks/order_rules.py --data-root /path/with/mnist+fashion+digits \\
         --out docs/order_rules.json
 
-Runs are interleaved seed by seed (every way of seed 0, then of seed 1, ...). Writes every run's numbers to --out.
+Runs are interleaved seed by seed (every way of seed 0, then of seed 1, ...). Writes every run's numbers to --out;
+``--ways`` splits the ways over several processes, and ``--report A.json B.json`` prints the tables of
+docs/results.md from their files.
 """
 
 from __future__ import annotations
@@ -32,7 +34,18 @@ from dvn_cli.config import BackboneConfig, TrainConfig
 from dvn_cli.core.affinity import placement_orders
 from dvn_cli.evaluation.evaluate import accuracy
 from dvn_cli.modelfile.checkpoint import load_checkpoint
-from dvn_cli.training.loop import fit, load_tasks
+from dvn_cli.training.loop import TrainObserver, fit, load_tasks
+
+
+class StepTimes(TrainObserver):
+    """Seconds of every optimiser step, from the images per second the loop reports for it."""
+
+    def __init__(self, images_per_step: int) -> None:
+        self.images_per_step = images_per_step
+        self.seconds: list[float] = []
+
+    def on_step(self, info) -> None:
+        self.seconds.append(self.images_per_step / info.images_per_second)
 
 
 def ways(num_tasks: int, units: int) -> dict[str, dict]:
@@ -65,6 +78,57 @@ def mean_over_pairs(acc: dict[str, list[float]]) -> float:
     return statistics.fmean(v for levels in acc.values() for v in levels)
 
 
+def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    mean = statistics.fmean(values) * scale
+    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def report(files: list[Path]) -> None:
+    """Markdown tables: per way, per (task, level) test accuracy, mean over them, time; the best placement chosen
+    on validation; how much of the gap affinity recovers; the measured matrices."""
+    runs = [r for f in files for r in json.loads(f.read_text())["runs"]]
+    by_way: dict[str, list[dict]] = {}
+    for r in runs:
+        by_way.setdefault(r["way"], []).append(r)
+    tasks = list(runs[0]["test_accuracy"])
+    k = len(runs[0]["test_accuracy"][tasks[0]])
+    placements = {w: rs for w, rs in by_way.items() if w == "nearest" or w.startswith("slots=")}
+    best = max(placements, key=lambda w: statistics.fmean(r["val_mean"] for r in placements[w]))
+    head = " | ".join(f"{t} L{lv}" for t in tasks for lv in range(1, k + 1))
+    print(f"| way | seeds | {head} | mean over (task, level) | train s |")
+    print("|---" * (4 + len(tasks) * k) + "|")
+    order = ["nearest", "cyclic", "affinity", *sorted(w for w in by_way if w.startswith("slots="))]
+    for way in (w for w in order if w in by_way):
+        rs = by_way[way]
+        cells = [_pm([r["test_accuracy"][t][lv] for r in rs]) for t in tasks for lv in range(k)]
+        name = f"**{way}** (best on val)" if way == best else way
+        print(
+            f"| {name} | {len(rs)} | {' | '.join(cells)} | {_pm([r['test_mean'] for r in rs])} | "
+            f"{_pm([r['train_seconds'] for r in rs], 1, 1)} |"
+        )
+    mean = {w: statistics.fmean(r["test_mean"] for r in rs) for w, rs in by_way.items()}
+    gap = mean[best] - mean["nearest"]
+    if "affinity" in mean:
+        recovered = (mean["affinity"] - mean["nearest"]) / gap if gap else float("nan")
+        print(
+            f"\nbest placement on validation: {best}; test mean: nearest {100 * mean['nearest']:.2f}, best "
+            f"{100 * mean[best]:.2f}, affinity {100 * mean['affinity']:.2f}; gap {100 * gap:+.2f} points, "
+            f"affinity recovers {recovered:.2f} of it"
+        )
+        aff, near = by_way["affinity"], by_way["nearest"]
+        ratio = statistics.fmean(r["train_seconds"] for r in aff) / statistics.fmean(r["train_seconds"] for r in near)
+        print(f"training time affinity / nearest (means over seeds): {ratio:.3f}")
+        for r in aff:
+            warm, rest = r["step_ms_warmup"], r["step_ms"]
+            share = r["affinity"]["warmup_steps"] / r["steps"]
+            print(
+                f"seed {r['seed']}: median step {warm} ms in the warm-up, {rest} ms after: the warm-up's measurement "
+                f"adds {100 * share * (warm / rest - 1):+.1f} % to the run; placed {' - '.join(r['affinity']['line'])}"
+                f" (slots {r['affinity']['slots']}); matrix {r['affinity']['matrix']}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="mnist,fashion-mnist,digits", help="the GIVEN order")
@@ -80,7 +144,11 @@ def main() -> None:
     parser.add_argument("--ways", default="", help="ways separated by ';' (default: all)")
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--out", type=Path, default=Path("docs/order_rules.json"))
+    parser.add_argument("--report", type=Path, nargs="+", help="print the tables of these result files and stop")
     args = parser.parse_args()
+    if args.report:
+        report(args.report)
+        return
     torch.set_num_threads(args.threads)
 
     tasks = tuple(args.tasks.split(","))
@@ -112,9 +180,11 @@ def main() -> None:
         data = load_tasks(base)
         for way in chosen:
             cfg = dataclasses.replace(base, **all_ways[way], out=tempfile.mkdtemp())
+            times = StepTimes(cfg.batch_size * len(tasks))
             start = time.perf_counter()
-            result = fit(cfg, data=data)
+            result = fit(cfg, data=data, observer=times)
             wall = time.perf_counter() - start
+            warm = cfg.affinity_steps if cfg.order_rule == "affinity" else 0
             summary = result.summary
             test = test_accuracies(result.checkpoint, data)
             row = {
@@ -123,6 +193,9 @@ def main() -> None:
                 "train_seconds": summary["seconds"],
                 "wall_seconds": round(wall, 1),
                 "steps": summary["steps"],
+                # medians of the step times in the warm-up and after it (the same run, so the same load)
+                "step_ms_warmup": round(1000 * statistics.median(times.seconds[:warm]), 2) if warm else None,
+                "step_ms": round(1000 * statistics.median(times.seconds[warm:]), 2),
                 "orders": [list(o) for o in load_checkpoint(result.checkpoint).network.layout.orders],
                 "val_accuracy": summary["val_accuracy"],
                 "test_accuracy": test,

@@ -102,12 +102,13 @@ def best_placement(affinity: np.ndarray, units: int) -> Placement:
     given = tuple(range(n))
     given_score = placement_score(a, sharing, given)
     if n <= EXACT_MAX_TASKS:
-        best, best_score = given, given_score
-        for perm in itertools.permutations(range(n)):  # starts with the given order
-            score = placement_score(a, sharing, perm)
-            if score > best_score + _TIE:
-                best, best_score = perm, score
-        return Placement(tuple(best), best_score, given_score, "exhaustive")
+        perms = np.array(list(itertools.permutations(range(n))))  # (T!, T), the given order first
+        scores = np.zeros(len(perms))
+        for i, j in itertools.combinations(range(n), 2):
+            scores += a[i, j] * sharing[perms[:, i], perms[:, j]]
+        first = int(np.flatnonzero(scores > scores.max() - _TIE)[0])
+        best = tuple(int(s) for s in perms[first])
+        return Placement(best, placement_score(a, sharing, best), given_score, "exhaustive")
     current, current_score = list(given), given_score
     while True:
         move, move_score = None, current_score
