@@ -224,7 +224,7 @@ def test_info_shows_the_affinity_matrix_and_the_placement(tmp_path):
     assert described["training"]["affinity"] == stored == json.loads(json.dumps(result.summary["affinity"]))
     text = runner.invoke(app, ["info", "-c", str(result.checkpoint)], env={"COLUMNS": "200"})
     assert text.exit_code == 0, text.output
-    assert "task affinity" in text.output and "placement (exhaustive search)" in text.output
+    assert "task affinity" in text.output and "placement on the anchors' line (exhaustive search)" in text.output
     assert " - ".join(stored["line"]) in text.output
     assert f"{stored['matrix'][0][2]:.3f}" in text.output
 

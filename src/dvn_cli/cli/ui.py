@@ -229,11 +229,11 @@ def show_checkpoint(described: dict[str, Any]) -> None:
 def show_affinity(affinity: dict[str, Any]) -> None:
     """The affinity rule's measured task x task matrix and the placement it chose (``dvn info``)."""
     names = affinity["tasks"]
-    matrix = Table(
-        title=f"task affinity ({affinity['measure']}; {affinity['measured_steps']} of {affinity['warmup_steps']} "
-        "warm-up steps)",
-        title_justify="left",
+    _console().print(
+        f"task affinity (gradient cosine on the shared weights, {affinity['measured_steps']} of "
+        f"{affinity['warmup_steps']} warm-up steps):"
     )
+    matrix = Table()
     matrix.add_column("task")
     for name in names:
         matrix.add_column(visible(name), justify="right")
@@ -242,7 +242,8 @@ def show_affinity(affinity: dict[str, Any]) -> None:
     _console().print(matrix)
     if "line" in affinity:
         _console().print(
-            f"placement ({affinity['search']} search): {' - '.join(visible(n) for n in affinity['line'])}; "
+            f"placement on the anchors' line ({affinity['search']} search): "
+            f"{' - '.join(visible(n) for n in affinity['line'])}; "
             f"score {affinity['score']} against {affinity['given_score']} for the given order"
         )
     else:
