@@ -253,3 +253,13 @@ def test_resume_during_or_after_the_warm_up_equals_an_uninterrupted_run(tmp_path
     sa, sb = a.network.state_dict(), b.network.state_dict()
     for name in sa:
         assert torch.equal(sa[name], sb[name]), name
+
+
+def test_affinity_is_refused_under_torchrun_naming_the_way_out(tmp_path):
+    from dvn_cli.training.distributed import DistEnv
+    from dvn_cli.training.loop import _new_run
+    from dvn_cli.training.run_folder import RunPaths
+
+    cfg = _affinity_config(tmp_path)
+    with pytest.raises(BadConfig, match="measures in one process; under torchrun pass --order-rule table"):
+        _new_run(cfg, DistEnv(rank=0, world_size=2), torch.device("cpu"), RunPaths(tmp_path), _three_tasks(), None)
