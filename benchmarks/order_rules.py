@@ -78,6 +78,52 @@ def mean_over_pairs(acc: dict[str, list[float]]) -> float:
     return statistics.fmean(v for levels in acc.values() for v in levels)
 
 
+def step_overhead(backbone: BackboneConfig, num_tasks: int, batch_size: int, rounds: int) -> dict:
+    """Median step time of a warm-up step (one backward per task + gradient cosines) against an ordinary step
+    (one backward of the summed loss), interleaved round by round on the same network and batches, and the time
+    of the placement (search + relayout) once."""
+    from dvn_cli.config import TaskSpec
+    from dvn_cli.core.network import build_network
+    from dvn_cli.training.affinity import AffinityWarmup, relayout
+    from dvn_cli.training.loop import task_losses
+
+    torch.manual_seed(0)
+    specs = [TaskSpec(f"t{i}", tuple("0123456789")) for i in range(num_tasks)]
+    network = build_network(backbone, specs, "affinity").to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    g = torch.Generator().manual_seed(0)
+    shape = (batch_size, backbone.in_channels, backbone.input_size, backbone.input_size)
+    batches = [
+        (torch.randn(shape, generator=g).to(memory_format=torch.channels_last), torch.randint(0, 10, (batch_size,)))
+        for _ in range(num_tasks)
+    ]
+    warmup = AffinityWarmup(rounds, [s.name for s in specs])
+    times: dict[str, list[float]] = {"ordinary": [], "warm-up": []}
+    for _ in range(rounds + 2):
+        for mode in times:
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            losses = task_losses(network, batches)
+            if mode == "warm-up":
+                warmup.backward(network, losses, scaler)
+            else:
+                sum(losses).backward()
+            optimizer.step()
+            times[mode].append(time.perf_counter() - start)
+    start = time.perf_counter()
+    relayout(network, warmup.place(backbone.units))
+    place = time.perf_counter() - start
+    med = {mode: statistics.median(t[2:]) for mode, t in times.items()}  # the first two rounds warm the caches
+    return {
+        "rounds": rounds,
+        "ordinary_ms": round(1000 * med["ordinary"], 2),
+        "warmup_ms": round(1000 * med["warm-up"], 2),
+        "ratio": round(med["warm-up"] / med["ordinary"], 4),
+        "place_ms": round(1000 * place, 2),
+    }
+
+
 def _pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     mean = statistics.fmean(values) * scale
     std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
@@ -145,6 +191,7 @@ def main() -> None:
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--out", type=Path, default=Path("docs/order_rules.json"))
     parser.add_argument("--report", type=Path, nargs="+", help="print the tables of these result files and stop")
+    parser.add_argument("--step-overhead", type=int, default=0, help="only time warm-up vs ordinary steps, N rounds")
     args = parser.parse_args()
     if args.report:
         report(args.report)
@@ -160,6 +207,9 @@ def main() -> None:
         input_size=28,
         stem_stride=2,
     )
+    if args.step_overhead:
+        print(json.dumps(step_overhead(backbone, len(tasks), args.batch_size, args.step_overhead)))
+        return
     all_ways = ways(len(tasks), args.units)
     chosen = args.ways.split(";") if args.ways else list(all_ways)
     runs = []
