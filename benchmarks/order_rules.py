@@ -135,8 +135,9 @@ def report(files: list[Path]) -> None:
     on validation; how much of the gap affinity recovers; the measured matrices."""
     runs = [r for f in files for r in json.loads(f.read_text())["runs"]]
     by_way: dict[str, list[dict]] = {}
-    for r in runs:
-        by_way.setdefault(r["way"], []).append(r)
+    for r in runs:  # affinity runs of several warm-up lengths are ways of their own
+        way = f"affinity-{r['affinity']['warmup_steps']}" if r["way"] == "affinity" else r["way"]
+        by_way.setdefault(way, []).append(r)
     tasks = list(runs[0]["test_accuracy"])
     k = len(runs[0]["test_accuracy"][tasks[0]])
     placements = {w: rs for w, rs in by_way.items() if w == "nearest" or w.startswith("slots=")}
@@ -144,7 +145,8 @@ def report(files: list[Path]) -> None:
     head = " | ".join(f"{t} L{lv}" for t in tasks for lv in range(1, k + 1))
     print(f"| way | seeds | {head} | mean over (task, level) | train s |")
     print("|---" * (4 + len(tasks) * k) + "|")
-    order = ["nearest", "cyclic", "affinity", *sorted(w for w in by_way if w.startswith("slots="))]
+    affinities = sorted((w for w in by_way if w.startswith("affinity-")), key=lambda w: -int(w.split("-")[1]))
+    order = ["nearest", "cyclic", *affinities, *sorted(w for w in by_way if w.startswith("slots="))]
     for way in (w for w in order if w in by_way):
         rs = by_way[way]
         cells = [_pm([r["test_accuracy"][t][lv] for r in rs]) for t in tasks for lv in range(k)]
@@ -155,16 +157,18 @@ def report(files: list[Path]) -> None:
         )
     mean = {w: statistics.fmean(r["test_mean"] for r in rs) for w, rs in by_way.items()}
     gap = mean[best] - mean["nearest"]
-    if "affinity" in mean:
-        recovered = (mean["affinity"] - mean["nearest"]) / gap if gap else float("nan")
-        print(
-            f"\nbest placement on validation: {best}; test mean: nearest {100 * mean['nearest']:.2f}, best "
-            f"{100 * mean[best]:.2f}, affinity {100 * mean['affinity']:.2f}; gap {100 * gap:+.2f} points, "
-            f"affinity recovers {recovered:.2f} of it"
-        )
-        aff, near = by_way["affinity"], by_way["nearest"]
+    print(
+        f"\nbest placement on validation: {best}; test mean: nearest {100 * mean['nearest']:.2f}, best "
+        f"{100 * mean[best]:.2f}; gap {100 * gap:+.2f} points"
+    )
+    for way in affinities:
+        recovered = (mean[way] - mean["nearest"]) / gap if gap else float("nan")
+        aff, near = by_way[way], by_way["nearest"]
         ratio = statistics.fmean(r["train_seconds"] for r in aff) / statistics.fmean(r["train_seconds"] for r in near)
-        print(f"training time affinity / nearest (means over seeds): {ratio:.3f}")
+        print(
+            f"\n{way}: test mean {100 * mean[way]:.2f}, recovers {recovered:.2f} of the gap; training time / "
+            f"nearest's (means over seeds, under the load of the moment): {ratio:.3f}"
+        )
         for r in aff:
             warm, rest = r["step_ms_warmup"], r["step_ms"]
             share = r["affinity"]["warmup_steps"] / r["steps"]
