@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadConfig, WrongFileFormat
-from ..fsutil import refuse_non_regular, write_atomic
+from ..fsutil import first_line, refuse_non_regular, write_atomic
 from .layers import LevelBatchNorm2d, UnitConv2d
 from .units import UnitLayout
 
@@ -117,7 +117,6 @@ def unit_permutation(scores: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
 
 def read_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors state dict, refusing a pickled ``.pth`` and other files in one line."""
-    from safetensors import SafetensorsError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -135,8 +134,8 @@ def read_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         )
     try:
         return load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as exc:
-        raise WrongFileFormat(f"{path} is not a safetensors state dict ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # safetensors raises its own types for files that are not safetensors
+        raise WrongFileFormat(f"{path} is not a safetensors state dict ({first_line(exc)})") from None
 
 
 def convert_torchvision(source: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> dict[str, int]:
@@ -162,7 +161,7 @@ def convert_torchvision(source: str | os.PathLike, out: str | os.PathLike, force
         raise BadConfig(f"{source} not found") from None
     except Exception as exc:  # torch raises several types for files that are not (safe) PyTorch pickles
         raise WrongFileFormat(
-            f"{source} cannot be read as a PyTorch state dict with weights_only=True ({str(exc).splitlines()[0]})"
+            f"{source} cannot be read as a PyTorch state dict with weights_only=True ({first_line(exc)})"
         ) from None
     if isinstance(loaded, dict):
         for key in ("state_dict", "model"):
