@@ -10,7 +10,7 @@ Which channels go into unit ``u`` matters: level 1 of task ``t`` sees only the u
 ``bn-scale`` mapping (default) ranks each space's channels by the summed ``|gamma|`` of its batch norms and deals
 the strongest to the units that tasks take first (a unit's priority is its earliest position in any task's order;
 units of equal priority take turns); ``identity`` keeps torchvision's channel order. Both are permutations of a
-space, so the top level computes exactly what the torchvision network computes (docs/design.md §8).
+space, so the top level computes exactly what the torchvision network computes (docs/design.md §6).
 
 Every (task, level)'s private batch norm starts from the pretrained statistics of its own channels; a task's head
 starts from the file's classifier when their class counts agree, else it keeps its random start.
