@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,10 @@ from ..core.units import BlockGrid
 from ..errors import BadConfig, UnknownTask, WrongFileFormat
 from ..modelfile.base import BlockKey, ModelFile, UnitParts, UnitSource, open_unit_source
 
-__all__ = ["CONV_MODES", "SharedRuntime"]
+if TYPE_CHECKING:
+    from ..planning.plan import Plan
+
+__all__ = ["CONV_MODES", "SharedRuntime", "plan_for_budget"]
 
 ConvMode = Literal["assemble", "blockwise"]
 CONV_MODES: tuple[str, ...] = ("assemble", "blockwise")
@@ -309,18 +312,18 @@ class SharedRuntime:
         Returns:
             The ``planning.plan.Plan`` now running.
         """
-        from ..planning.plan import accuracy_from_training, plan_budget_params, plan_levels
-
-        network, label = self.source.network, self.source.label
-        if self.source.fixed is not None:
-            raise BadConfig(f"{label} holds fixed levels; a budget needs the full checkpoint to choose from")
-        accuracy = accuracy_from_training(self.source.training)
-        if not accuracy:
-            raise BadConfig(f"{label} has no validation accuracy to plan with; use set_levels or a trained checkpoint")
-        names = list(tasks) if tasks else list(self._state.choices)
-        plan = plan_levels(network, plan_budget_params(network, budget, names), names, accuracy, weights)
+        plan = plan_for_budget(self.source, budget, list(tasks) if tasks else list(self._state.choices), weights)
         self.set_levels(plan.choices)
         return plan
+
+    @classmethod
+    def for_budget(
+        cls, model: ModelFile, budget: str, tasks: Sequence[str] | None = None, conv: ConvMode = "assemble"
+    ) -> tuple[SharedRuntime, Plan]:
+        """A runtime of a checkpoint whose tasks (default: all) start at the levels a shared budget plans."""
+        source = model.unit_source()
+        plan = plan_for_budget(source, budget, list(tasks) if tasks else source.network.task_names)
+        return cls(source, plan.choices, conv), plan
 
     # ------------------------------------------------------------------------------------------------ parts
 
@@ -395,6 +398,26 @@ class SharedRuntime:
         if left:  # a plain builder with layers the runtime does not know: a bug, said plainly
             raise RuntimeError(f"plain {network.config.arch} has layers the shared runtime cannot run: {left[:3]}")
         return plain.eval()
+
+
+def plan_for_budget(
+    source: UnitSource, budget: str, tasks: Sequence[str], weights: Mapping[str, float] | None = None
+) -> Plan:
+    """The levels of ``tasks`` that one shared budget plans (``planning.plan.plan_levels`` on validation accuracy).
+
+    Raises:
+        BadConfig: a file of fixed levels, or one without validation accuracy to plan with.
+        BadBudget: a budget no plan fits, or one that does not parse.
+    """
+    from ..planning.plan import accuracy_from_training, plan_budget_params, plan_levels
+
+    network, label = source.network, source.label
+    if source.fixed is not None:
+        raise BadConfig(f"{label} holds fixed levels; a budget needs the full checkpoint to choose from")
+    accuracy = accuracy_from_training(source.training)
+    if not accuracy:
+        raise BadConfig(f"{label} has no validation accuracy to plan with; use set_levels or a trained checkpoint")
+    return plan_levels(network, plan_budget_params(network, budget, tasks), tasks, accuracy, weights)
 
 
 def _strip_layout(layout, grid: BlockGrid, pairs: Sequence[Pair]) -> list[tuple[tuple[int, ...], tuple | None]]:
