@@ -76,12 +76,15 @@ def bench(arch: str, args) -> None:
 
         return run
 
-    train = interleaved_medians({"gather": step(False), "masked": step(True)}, args.rounds)
-    print(
-        f"training step (2 tasks x {k} levels, batch {args.batch}/task): gather {train['gather'] * 1000:.0f} ms, "
-        f"masked {train['masked'] * 1000:.0f} ms -> {train['masked'] / train['gather']:.2f}x "
-        f"(MAC limit {train_limit:.2f}x)"
-    )
+    if "train" in args.parts:
+        train = interleaved_medians({"gather": step(False), "masked": step(True)}, args.rounds)
+        print(
+            f"training step (2 tasks x {k} levels, batch {args.batch}/task): gather {train['gather'] * 1000:.0f} ms, "
+            f"masked {train['masked'] * 1000:.0f} ms -> {train['masked'] / train['gather']:.2f}x "
+            f"(MAC limit {train_limit:.2f}x)"
+        )
+    if "infer" not in args.parts:
+        return
 
     network.eval()
     folded = {
@@ -112,6 +115,7 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--batch", type=int, default=32, help="training images per task")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--parts", default="train,infer", help="train, infer or both")
     args = parser.parse_args()
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "

@@ -72,7 +72,7 @@ class TorchvisionLayout:
 
     Args:
         model: torchvision's name for it (``resnet18``, ``mobilenet_v2``).
-        names: torchvision module name -> module name under the DVN's ``features``.
+        names: torchvision module name -> module name under the DVN's ``features``, the stem convolution first.
         spaces: the channel spaces (every channel of every layer in exactly one).
         head: torchvision's name of the final linear layer (the DVN's per-task heads).
     """
@@ -254,12 +254,13 @@ def _check_names(state, modules, tv: TorchvisionLayout, label: str) -> None:
 def _fit_shapes(state, modules, tv: TorchvisionLayout, network, label: str) -> dict[str, torch.Tensor]:
     """The state with every shape checked; an RGB stem summed over its colours for a one-channel network."""
     widths = ",".join(str(w) for w in network.config.widths)
+    stem = f"{next(iter(tv.names))}.weight"  # layouts name the stem convolution first
     fitted = {}
     for key, shape in _expected(modules, tv.head).items():
         tensor = state[key].float()
         if not torch.isfinite(tensor).all():
             raise WrongFileFormat(f"{label}: {key} holds NaN or infinite values")
-        if shape is not None and tensor.dim() == 4 and tensor.shape[1] == 3 and shape[1] == 1:
+        if key == stem and tensor.shape[1] == 3 and shape[1] == 1:
             tensor = tensor.sum(1, keepdim=True)  # a grey image is an RGB image with three equal channels
         if shape is not None and tuple(tensor.shape) != shape:
             raise WrongFileFormat(
