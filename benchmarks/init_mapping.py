@@ -2,6 +2,7 @@
 the ``bn-scale`` mapping (channels ranked by batch-norm |gamma|) against ``identity`` (torchvision's order).
 
     .venv/bin/python benchmarks/init_mapping.py [--data-root data] [--pretrain-steps 300] [--finetune-steps 40]
+        [--stand-in stand_in.safetensors]
 
 No pretrained weights can be downloaded here, so a torchvision ``resnet18`` is first trained from random weights on
 Fashion-MNIST (3x32x32, grey repeated) and stands in for a pretrained model. Each mapping then starts a one-task,
@@ -13,11 +14,13 @@ short fine-tune of all levels. Same seed, data and steps for both mappings; one 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from dvn_cli import BackboneConfig, build_network
 from dvn_cli.core.backbones import backbone_defaults
@@ -69,6 +72,10 @@ def levels(network, data, limit: int) -> list[float]:
     return [accuracy(lambda x, lv=lv: network(x, 0, lv), data, limit) for lv in range(1, network.units + 1)]
 
 
+def show(mapping: str, what: str, accs: list[float]) -> None:
+    print(f"{mapping:9s} {what:28s} " + "  ".join(f"L{i + 1} {a:.4f}" for i, a in enumerate(accs)), flush=True)
+
+
 def main() -> None:
     import torchvision
 
@@ -77,6 +84,7 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--finetune-steps", type=int, default=40)
     parser.add_argument("--test-limit", type=int, default=2000)
+    parser.add_argument("--stand-in", default=None, help="safetensors file: reuse the stand-in model, or save it there")
     args = parser.parse_args()
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {torch.__version__}"
@@ -88,6 +96,9 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     start = time.perf_counter()
     model.train()
+    if args.stand_in and os.path.exists(args.stand_in):
+        model.load_state_dict(load_file(args.stand_in))
+        args.pretrain_steps = 0
     for step, (x, y) in enumerate(batches(data, args.pretrain_steps, 64, seed=1)):
         for group in optimizer.param_groups:
             group["lr"] = 0.05 * (1 - step / args.pretrain_steps)
@@ -95,6 +106,8 @@ def main() -> None:
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
     model.eval()
+    if args.stand_in and args.pretrain_steps:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.stand_in)
     print(
         f"stand-in pretrained torchvision resnet18: {args.pretrain_steps} steps of batch 64 in "
         f"{time.perf_counter() - start:.0f} s, test top-1 {accuracy(model, data, args.test_limit):.4f} "
@@ -107,9 +120,9 @@ def main() -> None:
         torch.manual_seed(0)
         network = build_network(config, [data.spec])
         init_from_torchvision(network, model.state_dict(), mapping)
-        rows = {"as initialised": levels(network, data, args.test_limit)}
+        show(mapping, "as initialised", levels(network, data, args.test_limit))
         recalibrate(network, data, steps=10)
-        rows["batch norm re-estimated"] = levels(network, data, args.test_limit)
+        show(mapping, "batch norm re-estimated", levels(network, data, args.test_limit))
         optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         network.train()
         for x, y in batches(data, args.finetune_steps, 64, seed=3):
@@ -117,9 +130,7 @@ def main() -> None:
             loss, _ = multitask_loss(network, [(x, y)])
             loss.backward()
             optimizer.step()
-        rows[f"after {args.finetune_steps} fine-tune steps"] = levels(network, data, args.test_limit)
-        for what, accs in rows.items():
-            print(f"{mapping:9s} {what:28s} " + "  ".join(f"L{i + 1} {a:.4f}" for i, a in enumerate(accs)))
+        show(mapping, f"after {args.finetune_steps} fine-tune steps", levels(network, data, args.test_limit))
 
 
 if __name__ == "__main__":
