@@ -23,6 +23,8 @@ they read only the blocks the new choice lacks, release those it no longer uses,
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import BackboneConfig
 from ..core.plain import PlainNetwork, plain_config
 from ..core.units import BlockGrid
 from ..errors import BadConfig, UnknownTask, WrongFileFormat
@@ -445,8 +448,24 @@ def _meta_weight(network, conv: str) -> torch.Tensor:
 
 
 def _meta_plain(network, t: int, level: int) -> PlainNetwork:
+    """A fresh plain twin of (t, level) on the meta device, to be rewired: a copy of the cached skeleton whose
+    modules are new objects (building one with its layers' initialisers took most of a switch's time)."""
+    return _copy_tree(_plain_skeleton(network.config, level, network.tasks[t].num_classes))
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_skeleton(config: BackboneConfig, level: int, num_classes: int) -> PlainNetwork:
+    """The plain twin's shape depends on (frozen config, level, classes) only; it is never changed, only copied."""
     with torch.device("meta"):
-        return PlainNetwork(plain_config(network.config, level), network.tasks[t].num_classes)
+        return PlainNetwork(plain_config(config, level), num_classes)
+
+
+def _copy_tree(module: nn.Module) -> nn.Module:
+    """A copy of every module of the tree (attributes shared, child maps new), so replacing a child of the copy
+    leaves the original as it was."""
+    copied = copy.copy(module)
+    copied._modules = {name: _copy_tree(child) for name, child in module._modules.items()}
+    return copied
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
