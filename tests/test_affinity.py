@@ -253,6 +253,8 @@ def test_resume_during_or_after_the_warm_up_equals_an_uninterrupted_run(tmp_path
     sa, sb = a.network.state_dict(), b.network.state_dict()
     for name in sa:
         assert torch.equal(sa[name], sb[name]), name
+    stem = "features.stem_conv.weight"
+    assert not torch.equal(saved.network.state_dict()[stem], sb[stem])  # training went on after the stop
 
 
 def test_affinity_is_refused_under_torchrun_naming_the_way_out(tmp_path):
