@@ -1,11 +1,14 @@
 """Resident memory and speed of two tasks served together: per-pair ONNX export vs the shared export.
 
 A random-weight DVN ResNet-14 of widths 128/256/512, k=4, two tasks (orders 0123 and 3210), 1x28x28 input. For
-each pair of levels, both exports are written, then each way of serving is measured in a FRESH subprocess:
-numpy, onnxruntime and dvn's runtime are imported first, VmRSS (/proc/self/status) is read, two sessions are
-made and each runs one batch of 8, and VmRSS is read again. The difference is set beside the float32 union of
-the two virtual networks' weights (``plan.shared_memory_params`` x 4 bytes). Speed (batch 1 and 64, both tasks
-one after the other) is measured in one process, ways interleaved round by round, medians reported.
+each pair of levels, both exports are written, then each way of serving is measured in a FRESH subprocess, the
+method of ``benchmarks/memory.py``: numpy, onnxruntime and dvn's runtime are imported and the same way is run once
+on a tiny export (onnxruntime's lazy set-up paid), VmRSS (/proc/self/status) is read as the baseline and the peak
+reset, two sessions are made and each runs one batch of 8. Reported in MiB: ``rss`` added after the batches,
+``peak`` added during them (VmHWM), ``held`` added once freed heap memory is handed back (``malloc_trim``), and
+``file`` (file-backed: the mapped weights). They are set beside the float32 union of the two virtual networks'
+weights (``plan.shared_memory_params`` x 4 bytes). Speed (batch 1 and 64, both tasks one after the other) is
+measured in one process, ways interleaved round by round, medians reported.
 
     PYTHONPATH=src .venv/bin/python benchmarks/memory_onnx.py [--rounds 5] [--threads 1] [--out FILE.json]
 """
@@ -21,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,33 +39,47 @@ from dvn_cli.planning.plan import shared_memory_params
 SCENARIOS = [(4, 4), (3, 3), (2, 2), (4, 2)]
 
 CHILD = r"""
-import json, sys
+import ctypes, gc, json, sys
 import numpy as np
 import onnxruntime as ort
 from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
 
-def rss_mib(key="VmRSS"):
+def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
 
-args = json.loads(sys.argv[1])
-x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
-before = {k: rss_mib(k) for k in ("VmRSS", "RssFile", "RssAnon")}
-if args["way"] == "per-pair":
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    if args.get("ext"):
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    sessions = [ort.InferenceSession(f, options, providers=["CPUExecutionProvider"]) for f in args["files"]]
-    for s in sessions:
-        s.run(["logits"], {"input": x})
-else:
-    rt = SharedOrtRuntime(args["folder"], threads=1, verify=False, **args["kwargs"])
-    for task, level in rt.pairs():
-        rt.run(task, level, x)
-added = {k: rss_mib(k) - before[k] for k in ("RssFile", "RssAnon")}
-print(json.dumps({"added_mib": rss_mib() - before["VmRSS"], **added}))
+def serve(args):
+    x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
+    if args["way"] == "per-pair":
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        if args.get("ext"):
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        held = [ort.InferenceSession(f, options, providers=["CPUExecutionProvider"]) for f in args["files"]]
+        for s in held:
+            s.run(["logits"], {"input": x})
+    else:
+        held = SharedOrtRuntime(args["folder"], threads=1, verify=False, **args["kwargs"])
+        for task, level in held.pairs():
+            held.run(task, level, x)
+    return held
+
+args, warm = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+# warm-up: the same way on a tiny export, so onnxruntime's lazy set-up (library pages, thread pool, kernels) is paid
+# before the baseline and what follows is the memory of the weights, the sessions and the run
+serve(warm)
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS
+before = {k: status(k) for k in ("VmRSS", "RssFile")}
+held = serve(args)
+gc.collect()
+rss, peak = status("VmRSS") - before["VmRSS"], status("VmHWM") - before["VmRSS"]
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap memory back: what is left is what is held
+print(json.dumps({"rss": rss, "peak": peak, "held": status("VmRSS") - before["VmRSS"],
+                  "file": status("RssFile") - before["RssFile"]}))
 """
 
 SHARED_WAYS = {  # name -> (graph mode, runtime keyword arguments); "shared" is the runtime's default
@@ -73,22 +91,21 @@ SHARED_WAYS = {  # name -> (graph mode, runtime keyword arguments); "shared" is 
 }
 
 
-def child_rss(args: dict, repeats: int) -> float:
-    """Median added VmRSS (MiB) over ``repeats`` fresh processes (file-backed RSS of the last in ``FILE_RSS``)."""
+def child_memory(args: dict, warm: dict, repeats: int) -> dict[str, float]:
+    """Median (over ``repeats`` fresh processes) of the MiB a way adds: ``rss`` after the run, ``peak`` during it,
+    ``held`` after freed heap memory is handed back, and ``file`` (file-backed: the mapped weights)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    values = []
+    results = []
     for _ in range(repeats):
         out = subprocess.run(
-            [sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, check=True, env=env
+            [sys.executable, "-c", CHILD, json.dumps(args), json.dumps(warm)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
         )
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        values.append(result["added_mib"])
-    FILE_RSS[json.dumps(args)] = result["RssFile"]  # noqa: F821 (defined below, read at call time)
-    return statistics.median(values)
-
-
-FILE_RSS: dict[str, float] = {}
-"""File-backed resident memory (MiB) each measured child added (last repeat): the mapped weights file."""
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {key: statistics.median(r[key] for r in results) for key in results[0]}
 
 
 def speed(per_pair: Path, shared: Path, pairs, rounds: int, threads: int) -> dict:
@@ -125,6 +142,19 @@ def speed(per_pair: Path, shared: Path, pairs, rounds: int, threads: int) -> dic
     return result
 
 
+def warm_exports(tmp: Path, config: BackboneConfig, tasks) -> dict[str, dict]:
+    """Tiny exports of every kind (widths 8/16/32, same input), for each child's warm-up before its baseline."""
+    tiny = build_network(replace(config, widths=(8, 16, 32)), tasks).eval()
+    source = load_checkpoint(save_checkpoint(tiny, tmp / "tiny.safetensors"))
+    pairs = [("task0", 4), ("task1", 4)]
+    export_models(source, tmp / "tiny-pp", pairs, check=False)
+    warm = {"per-pair": {"way": "per-pair", "files": [str(tmp / "tiny-pp" / f"task{t}-level4.onnx") for t in (0, 1)]}}
+    for mode in ("concat", "blockwise"):
+        export_shared(source, tmp / f"tiny-{mode}", pairs, check=False, mode=mode)
+        warm[mode] = {"way": "shared", "folder": str(tmp / f"tiny-{mode}")}
+    return warm
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
@@ -140,6 +170,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         checkpoint = load_checkpoint(save_checkpoint(network, tmp / "model.safetensors"))
+        warm = warm_exports(tmp, config, tasks)
         for a, b in SCENARIOS:
             pairs = [("task0", a), ("task1", b)]
             union = 4 * shared_memory_params(network, {"task0": a, "task1": b}) / 2**20
@@ -147,19 +178,17 @@ def main() -> None:
             export_models(checkpoint, per_pair, pairs, check=False)
             files = [str(per_pair / f"task{t}-level{lv}.onnx") for t, (_, lv) in enumerate(pairs)]
             row = {"levels": [a, b], "union_mib": union}
-            row["per-pair"] = child_rss({"way": "per-pair", "files": files}, args.repeats)
-            row["per-pair, extended level"] = child_rss({"way": "per-pair", "files": files, "ext": True}, args.repeats)
+            row["per-pair"] = child_memory({"way": "per-pair", "files": files}, warm["per-pair"], args.repeats)
+            row["per-pair, extended level"] = child_memory(
+                {"way": "per-pair", "files": files, "ext": True}, {**warm["per-pair"], "ext": True}, args.repeats
+            )
             folders = {}
             for name, (mode, kwargs) in SHARED_WAYS.items():
                 if mode not in folders:
                     folders[mode] = tmp / f"sh{a}{b}{mode}"
                     export_shared(checkpoint, folders[mode], pairs, check=False, mode=mode)
                 way = {"way": "shared", "folder": str(folders[mode]), "kwargs": kwargs}
-                row[name] = child_rss(way, args.repeats)
-                if name == "shared":
-                    row["shared_file_rss_mib"] = FILE_RSS[json.dumps(way)]
-                    base = {"way": "per-pair", "files": files}
-                    row["per_pair_file_rss_mib"] = FILE_RSS[json.dumps(base)]
+                row[name] = child_memory(way, {**warm[mode], "kwargs": kwargs}, args.repeats)
             row["weights_file_mib"] = (folders["concat"] / "weights.safetensors").stat().st_size / 2**20
             row["per_pair_files_mib"] = sum(Path(f).stat().st_size for f in files) / 2**20
             row["speed_ms"] = speed(per_pair, folders["concat"], pairs, args.rounds, args.threads)

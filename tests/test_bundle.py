@@ -55,6 +55,23 @@ def test_bundle_runs_each_choice_like_the_network(settled, tmp_path, case):
     assert read_metadata(path)["format"] == BUNDLE_FORMAT
 
 
+def test_bundle_forward_runs_all_tasks_from_one_shared_runtime(settled, tmp_path):
+    """The default run path (what eval and predict use) shares: one runtime for every task, held blocks = union."""
+    choices = CHOICE_SETS["overlapping"]
+    bundle = load_bundle(save_bundle(settled, choices, tmp_path / "b.safetensors"))
+    x = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    forwards = {task: bundle.forward(task, level) for task, level in choices.items()}
+    runtime = bundle._runtime
+    assert runtime is not None and runtime.choices == choices
+    assert runtime.held_params() == shared_memory_params(settled, choices)
+    for task, level in choices.items():
+        assert not isinstance(forwards[task], torch.nn.Module)
+        torch.testing.assert_close(forwards[task](x), settled(x, task, level), atol=1e-5, rtol=1e-5)
+    assert bundle._runtime is runtime  # made once
+    with pytest.raises(UnknownTask, match="holds only"):
+        bundle.forward("task0", 4)
+
+
 def test_shared_blocks_are_stored_once(settled, tmp_path):
     choices = CHOICE_SETS["overlapping"]
     separate = sum(level_cost(settled, t, lv).params_total for t, lv in choices.items())

@@ -184,3 +184,75 @@ def test_a_broken_model_file_is_one_line(setup, tmp_path):
     assert result.exit_code == 1, result.output
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {broken} is not a safetensors file"), result.stderr
+
+
+# ------------------------------------------------------------------ --budgets: one runtime switched between plans
+
+ACCURACY = {"colours": [0.5, 0.6, 0.7, 0.8], "digits": [0.3, 0.5, 0.6, 0.65]}
+
+
+@pytest.fixture(scope="module")
+def planned(setup):
+    """The setup's network as a trained checkpoint: validation accuracy to plan with."""
+    base, network, *_ = setup
+    return save_checkpoint(network, base / "trained.safetensors", training={"val_accuracy": ACCURACY})
+
+
+def test_budgets_switch_one_runtime_and_every_row_equals_its_level(setup, planned):
+    from dvn_cli.planning.plan import plan_levels, shared_memory_params
+
+    base, network, *_ = setup
+    folder = base / "images" / "red"
+    result = invoke("predict", folder, "-c", planned, "--budgets", "100%,1B,35%", "--top", 2, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    full, small = out["switches"][0], out["switches"][2]
+    assert full["choices"] == {"colours": 4, "digits": 4} and full["load_ms"] > 0
+    assert full["memory_bytes"] == 4 * shared_memory_params(network, {"colours": 4, "digits": 4})
+    assert out["switches"][1]["budget"] == "1B" and "fits no plan" in out["switches"][1]["error"]
+    budget = shared_memory_params(network, {"colours": 4, "digits": 4}) * 35 // 100
+    expected = plan_levels(
+        network,
+        budget,
+        ["colours", "digits"],
+        {(t, i + 1): a for t, accs in ACCURACY.items() for i, a in enumerate(accs)},
+    ).choices
+    assert small["choices"] == expected != full["choices"] and small["switch_ms"] > 0
+    files = sorted(folder.iterdir())
+    by_budget = {b: [r for r in out["rows"] if r["budget"] == b] for b in ("100%", "1B", "35%")}
+    k = {"colours": 2, "digits": 2}
+    check_rows(by_budget["100%"], network, files, full["choices"], k)
+    check_rows(by_budget["1B"], network, files, full["choices"], k)  # a failed switch keeps the previous levels
+    check_rows(by_budget["35%"], network, files, expected, k)
+    warning = [line for line in result.stderr.splitlines() if "1B" in line]
+    assert len(warning) == 1 and warning[0].endswith("the previous levels keep running")
+
+
+def test_budgets_table_names_each_switch(setup, planned):
+    base, *_ = setup
+    result = invoke("predict", base / "images" / "red", "-c", planned, "--budgets", "100%,35%")
+    assert result.exit_code == 0, result.output
+    notes = result.stderr.splitlines()
+    assert notes[0].startswith("budget 100%: colours level 4, digits level 4,") and "ms to load" in notes[0]
+    assert notes[1].startswith("budget 35%: colours level") and "ms to switch" in notes[1]
+    assert "budget" in result.stdout and "35%" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "model, args, message",
+    [
+        ("planned", ("--budgets", "1B"), "fits no plan"),  # the first budget: nothing runs to keep serving
+        ("planned", ("--budgets", "100%,3"), "is a level"),  # refused before anything runs
+        ("planned", ("--budgets", "100%,lots"), "bad budget 'lots'"),
+        ("planned", ("--budgets", "100%", "--budget", "2"), "not both"),
+        ("checkpoint", ("--budgets", "100%"), "no validation accuracy to plan with"),
+        ("bundle", ("--budgets", "100%"), "holds fixed levels"),
+        ("compact", ("--budgets", "100%"), "holds plain networks"),
+    ],
+)
+def test_budgets_bad_input_is_one_line(setup, planned, model, args, message):
+    base, _, checkpoint, bundle, compact = setup
+    path = {"planned": planned, "checkpoint": checkpoint, "bundle": bundle, "compact": compact}[model]
+    result = invoke("predict", base / "images" / "red", "-c", path, *args)
+    assert result.exit_code == 1, result.output
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr

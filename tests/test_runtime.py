@@ -282,3 +282,23 @@ def test_every_held_tensor_owns_exactly_its_memory(settled, checkpoint_file, tmp
     if maps.exists():  # Linux: nothing keeps the file mapped (a tensor viewing the mapping would keep it resident)
         gc.collect()
         assert str(path) not in maps.read_text()
+
+
+def test_a_third_task_on_held_blocks_adds_only_its_batch_norm_and_head(checkpoint_file, settled, monkeypatch):
+    """Issue 12: a co-resident task at a level whose blocks are already held reads and holds no block."""
+    from dvn_cli.core.cost import level_cost
+
+    rt = SharedRuntime.open(checkpoint_file, {"task0": 4, "task1": 4})  # every block of every layer
+    blocks, params = rt.held_block_params(), rt.held_params()
+    read = []
+    parts = rt.source.parts
+    monkeypatch.setattr(rt.source, "parts", lambda *a, **kw: read.append(result := parts(*a, **kw)) or result)
+    rt.set_levels({"task0": 4, "task1": 4, "task2": 3})
+    assert [len(p.blocks) for p in read] == [0] and list(read[0].private) == [(2, 3)]
+    assert rt.held_block_params() == blocks
+    cost = level_cost(settled, "task2", 3)
+    out_features, in_features = settled.heads[2].active_shape(2, 3)
+    private = cost.params_total - cost.params + out_features * in_features  # batch-norm affine, head bias + weight
+    assert rt.held_params() - params == private
+    x = batch()
+    torch.testing.assert_close(rt(x, "task2"), settled.eval()(x, "task2", 3), atol=1e-5, rtol=1e-5)

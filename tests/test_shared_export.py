@@ -283,3 +283,88 @@ def test_the_deploy_example_runs_a_shared_graph(shared_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     path, answer = result.stdout.strip().split(": ")
     assert path == str(image) and answer.split()[0] in ("cat", "dog", "fox")
+
+
+# ------------------------------------------------------------------ the folder as a model file
+
+
+def test_a_shared_export_folder_opens_as_a_model_file(checkpoint, shared_dir):
+    import torch
+
+    from dvn_cli.modelfile.base import open_model
+    from dvn_cli.modelfile.shared import SharedExport
+
+    model = open_model(shared_dir)
+    assert isinstance(model, SharedExport) and model.pairs() == [("task0", 2), ("task1", 3)]
+    assert model.spec_of("task1", 3) == checkpoint.spec_of("task1", 3)
+    assert model.task_spec("task0") == checkpoint.task_spec("task0") and model.split == checkpoint.split
+    x = torch.from_numpy(_batch(4))
+    for task, level in model.pairs():
+        got = model.forward(task, level)(x)
+        torch.testing.assert_close(got, checkpoint.forward(task, level)(x), atol=1e-4, rtol=0)
+    with pytest.raises(UnknownTask, match="holds only task0 level 2, task1 level 3"):
+        model.forward("task0", 4)
+    with pytest.raises(BadConfig, match="holds ONNX graphs"):
+        model.plain_of("task0", 2)
+    with pytest.raises(BadConfig, match=r"does not match the \(B, C, H, W\)"):
+        model.forward("task0", 2)(torch.zeros(2, 3, 10, 10))
+
+
+def test_a_budget_picks_the_largest_held_level_that_meets_it(checkpoint, tmp_path):
+    from dvn_cli.errors import BadBudget
+    from dvn_cli.modelfile.base import open_model
+
+    export_shared(checkpoint, tmp_path / "levels", [("task0", 1), ("task0", 3), ("task0", 4)], check=False)
+    model = open_model(tmp_path / "levels")
+    level3 = checkpoint.cost_of("task0", 3).params_total
+    assert model.resolve_budget("task0", "3") == 3  # a held level, as a level budget
+    assert model.resolve_budget("task0", f"{level3 / 1000}k") == 3
+    assert model.resolve_budget("task0", f"{(level3 - 1) / 1000}k") == 1
+    with pytest.raises(BadBudget, match="holds only task0 levels 1, 3, 4, which do not meet"):
+        model.resolve_budget("task0", "2")
+    with pytest.raises(BadBudget, match="do not meet budget 1B"):
+        model.resolve_budget("task0", "1B")
+
+
+def test_cli_eval_info_and_predict_take_the_folder(checkpoint, shared_dir, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (12, 12), (200, 30, 30)).save(tmp_path / "red.png")
+    result = runner.invoke(app, ["predict", str(tmp_path / "red.png"), "-c", str(shared_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    expected = runner.invoke(
+        app, ["predict", str(tmp_path / "red.png"), "-c", str(checkpoint.path), "--json", "--budget", "2"]
+    )
+    assert [(r["task"], r["level"]) for r in rows] == [("task0", 2), ("task1", 3)]
+    first = json.loads(expected.stdout)["rows"][0]
+    assert rows[0]["top"][0]["class"] == first["top"][0]["class"]
+    assert rows[0]["top"][0]["probability"] == pytest.approx(first["top"][0]["probability"], abs=1e-4)
+    info = runner.invoke(app, ["info", "-c", str(shared_dir), "--json"])
+    assert info.exit_code == 0, info.output
+    described = json.loads(info.stdout)
+    assert described["format"] == "dvn-shared-export"
+    assert [(lv["task"], lv["level"]) for lv in described["levels"]] == [("task0", 2), ("task1", 3)]
+    table = runner.invoke(app, ["info", "-c", str(shared_dir)])
+    assert table.exit_code == 0 and "shared export" in table.stdout and "task1-level3.onnx" in table.stdout
+
+
+def test_cli_refuses_damaged_or_foreign_folders_in_one_line(checkpoint, shared_dir, tmp_path):
+    export_models(checkpoint, tmp_path / "per-pair", [("task0", 2)], check=False)
+    (tmp_path / "plain").mkdir()
+    weights = shared_dir / WEIGHTS_NAME
+    cases = {
+        tmp_path / "per-pair": "is not the manifest of a shared export",
+        tmp_path / "plain": "",  # a folder without a manifest: not a model file
+    }
+    for folder, message in cases.items():
+        result = runner.invoke(app, ["info", "-c", str(folder)])
+        assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.output
+        assert message in result.stderr
+    result = runner.invoke(app, ["prune-level", "-c", str(shared_dir), "--task", "task0", "--budget", "2"])
+    assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.output
+    assert "prune-level needs a checkpoint or a bundle" in result.stderr
+    weights.write_bytes(weights.read_bytes()[:-10])
+    result = runner.invoke(app, ["eval", "-c", str(shared_dir)])
+    assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.output
+    assert "is truncated" in result.stderr

@@ -228,7 +228,10 @@ def data_prepare(
 # ------------------------------------------------------------------------------------------- eval / info
 
 CheckpointOption = Annotated[
-    Path, typer.Option("--checkpoint", "-c", help="A dvn model file: checkpoint, compact model or bundle.")
+    Path,
+    typer.Option(
+        "--checkpoint", "-c", help="A dvn model file: checkpoint, compact model, bundle, or a shared export folder."
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
 
@@ -464,23 +467,39 @@ def predict(
         str | None,
         typer.Option(help="A level (3), parameters (250k), a share (40%) or bytes (2MB); default: the largest level."),
     ] = None,
+    budgets: Annotated[
+        str | None,
+        typer.Option(
+            help="Shared budgets applied in turn (e.g. 100%,30%,2MB): one runtime re-plans the tasks' levels "
+            "for each (as dvn plan) and classifies the images again. Checkpoint only."
+        ),
+    ] = None,
     top: Annotated[int, typer.Option(help="Classes shown per image and task.")] = 5,
     json_output: JsonOption = False,
 ) -> None:
     """Classify images: the top classes and their probabilities for each image and task.
 
-    -c takes a checkpoint (with --task and --budget), a bundle (its tasks run at once, shared units held once)
-    or a compact model. Unreadable files are named on stderr and skipped.
+    -c takes a checkpoint (with --task and --budget or --budgets), a bundle (its tasks run at once, shared units
+    held once), a compact model, or a folder of dvn export --shared (run by onnxruntime). Unreadable files are
+    named on stderr and skipped.
     """
-    from ..deploy.predict import predict_images
+    from ..deploy.predict import predict_images, predict_under_budgets
     from . import ui
 
     def unreadable(path: Path) -> None:
         ui.print_warning(f"cannot read {path} as an image; skipped")
 
     with user_errors():
-        result = predict_images(_open(checkpoint), images, _names(task), budget, top, on_unreadable=unreadable)
+        model = _open(checkpoint)
+        if budgets is None:
+            result = predict_images(model, images, _names(task), budget, top, on_unreadable=unreadable)
+        else:
+            if budget is not None:
+                raise BadConfig("give --budget (one level per task) or --budgets (shared budgets in turn), not both")
+            result = predict_under_budgets(
+                model, images, _names(budgets) or (), _names(task), top, unreadable, on_switch=ui.show_switch
+            )
     if json_output:
-        typer.echo(json.dumps({"rows": result.rows}))
+        typer.echo(json.dumps({"rows": result.rows} | ({"switches": result.switches} if budgets else {})))
         return
     ui.show_predictions(result.rows)

@@ -168,7 +168,8 @@ class TrainProgress(TrainObserver):
 
 def show_model_file(described: dict[str, Any]) -> None:
     """``dvn info`` of any model file: one (task, level) in detail, or the task x unit grid and levels table."""
-    (show_compact if described["format"] == "dvn-compact" else show_checkpoint)(described)
+    shows = {"dvn-compact": show_compact, "dvn-shared-export": show_shared_export}
+    shows.get(described["format"], show_checkpoint)(described)
 
 
 def show_checkpoint(described: dict[str, Any]) -> None:
@@ -267,6 +268,32 @@ def show_compact(described: dict[str, Any]) -> None:
     )
 
 
+def show_shared_export(described: dict[str, Any]) -> None:
+    """``dvn info`` of a shared export folder: its weights file and the (task, level) graphs that share it."""
+    from ..planning.budgets import format_bytes, format_count
+
+    weights, source = described["weights"], described["source"]
+    _console().print(
+        f"[bold]{visible(described['file'])}[/]  shared export ({described['graph_mode']} graphs, dvn "
+        f"{visible(str(described['dvn_version']))}): {visible(str(weights['file']))} "
+        f"{format_bytes(weights['bytes'])}, {format_count(weights['stored_params'])} parameters stored once, "
+        f"sha256 {str(weights['sha256'])[:16]}…\nfrom {visible(str(source.get('format')))} sha256 "
+        f"{str(source.get('sha256'))[:16]}…"
+    )
+    print_table(
+        described["levels"],
+        [
+            ("task", "task"),
+            ("level", "level"),
+            ("units", "units"),
+            ("params_total", "params"),
+            ("macs", "MACs/image"),
+            ("file", "graph"),
+        ],
+        title="(task, level) graphs",
+    )
+
+
 def show_predictions(rows: Sequence[dict[str, Any]]) -> None:
     """``dvn predict``: one row per (image, task), its level and its top classes with probabilities."""
     table_rows = [
@@ -275,11 +302,29 @@ def show_predictions(rows: Sequence[dict[str, Any]]) -> None:
             "task": row["task"],
             "level": row["level"],
             "top": "  ".join(f"{c['class']} {100 * c['probability']:.1f}%" for c in row["top"]),
+            "budget": row.get("budget"),
         }
         for row in rows
     ]
-    print_table(
-        table_rows,
-        [("image", "image"), ("task", "task"), ("level", "level"), ("top", "top classes (probability)")],
-        title="predictions",
+    columns = [("image", "image"), ("task", "task"), ("level", "level"), ("top", "top classes (probability)")]
+    if any("budget" in row for row in rows):
+        columns.insert(0, ("budget", "budget"))
+    print_table(table_rows, columns, title="predictions")
+
+
+def show_switch(switch: dict[str, Any]) -> None:
+    """``dvn predict --budgets``: what one budget switched the runtime to (or why it kept the previous levels)."""
+    from ..planning.budgets import format_bytes
+
+    if "error" in switch:
+        print_warning(f"budget {switch['budget']}: {switch['error']}; the previous levels keep running")
+        return
+    levels = ", ".join(f"{task} level {level}" for task, level in switch["choices"].items())
+    print_note(
+        f"budget {switch['budget']}: {levels}, {format_bytes(switch['memory_bytes'])} shared "
+        + (
+            f"({switch['switch_ms']:.1f} ms to switch)"
+            if "switch_ms" in switch
+            else f"({switch['load_ms']:.0f} ms to load)"
+        )
     )

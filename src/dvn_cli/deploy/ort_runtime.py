@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..errors import DvnError, MissingData, UnknownTask, WrongFileFormat
+from ..errors import BadConfig, DvnError, MissingData, UnknownTask, WrongFileFormat
 from ..fsutil import sha256_file
 
 __all__ = [
@@ -203,6 +203,13 @@ class SharedOrtRuntime:
         """Logits ``(B, classes)`` of (task, level) for a preprocessed float32 batch ``(B, C, H, W)``."""
         entry = self.model(task, level)
         x = np.ascontiguousarray(batch, dtype=np.float32)
+        pre = entry["preprocess"]
+        expected = (pre["channels"], pre["height"], pre["width"])
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise BadConfig(
+                f"input of shape {tuple(x.shape)} does not match the (B, C, H, W) of {task} level {level}: "
+                f"(B, {', '.join(map(str, expected))})"
+            )
         (logits,) = self.session(task, level).run([entry["output"]], {entry["input"]: x})
         return logits
 

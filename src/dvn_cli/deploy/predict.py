@@ -2,12 +2,15 @@
 
 Images are converted and normalised per task as that task's training images were (``data.datasets.load_image``,
 ``normalize_batch``). A checkpoint or a bundle runs every chosen (task, level) at once from one store of unit
-blocks (``deploy.runtime.SharedRuntime``); a compact model runs its plain network.
+blocks (``deploy.runtime.SharedRuntime``); a compact model runs its plain network, a shared export its onnxruntime
+sessions. ``predict_under_budgets`` runs the images under several shared budgets in turn, switching one runtime's
+levels between them, as a device whose free memory changes would.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,7 @@ from ..errors import BadConfig, MissingData
 from ..modelfile.base import ModelFile
 from .runtime import SharedRuntime
 
-__all__ = ["Predictions", "image_files", "predict_images"]
+__all__ = ["Predictions", "image_files", "predict_images", "predict_under_budgets"]
 
 BATCH_SIZE = 64
 
@@ -53,10 +56,12 @@ def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 @dataclass
 class Predictions:
-    """What ``predict_images`` found: one row per (readable image, task), and the files it could not read."""
+    """What ``predict_images`` found: one row per (readable image, task[, budget]), the files it could not read,
+    and, under several budgets, one entry per switch of the runtime."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     unreadable: list[Path] = field(default_factory=list)
+    switches: list[dict[str, Any]] = field(default_factory=list)
 
 
 def predict_images(
@@ -84,53 +89,138 @@ def predict_images(
     Raises:
         MissingData, BadConfig: a missing or unusable path, ``top < 1``, or no readable image at all.
     """
-    if top < 1:
-        raise BadConfig(f"--top must be at least 1, got {top}")
+    _check_top(top)
     choices: dict[str, int] = {}
     for task, level in model.select(tasks, budget):
         choices[task] = max(level, choices.get(task, 0))
-    files = image_files(paths)
     specs = {task: model.spec_of(task, level) for task, level in choices.items()}
-    backbone = next(iter(specs.values())).backbone
+    images = _ImageSet.read(paths, specs, on_unreadable)
     if model.holds_unit_blocks:
         runtime = SharedRuntime.from_model(model, choices)
         forwards = {task: (lambda x, task=task: runtime(x, task)) for task in choices}
     else:
         forwards = {task: model.forward(task, level) for task, level in choices.items()}
+    return Predictions(_classify(images, specs, forwards, choices, top), images.unreadable)
 
-    images: dict[str, dict[Path, torch.Tensor]] = {}  # resize method -> file -> uint8 (C, H, W)
-    unreadable: set[Path] = set()
-    channels, size = backbone.in_channels, backbone.input_size
-    for resize in dict.fromkeys(spec.task.resize for spec in specs.values()):
-        images[resize] = {}
-        for path in files:
-            image = None if path in unreadable else load_image(path, channels, size, resize)
-            if image is not None:
-                images[resize][path] = image
-            elif path not in unreadable:
-                unreadable.add(path)
-                if on_unreadable is not None:
-                    on_unreadable(path)
-    result = Predictions(unreadable=[path for path in files if path in unreadable])
-    readable = [path for path in files if path not in unreadable]
-    if not readable:
-        raise BadConfig(f"none of the {len(files)} file(s) could be read as an image")
 
+def predict_under_budgets(
+    model: ModelFile,
+    paths: Sequence[str | os.PathLike],
+    budgets: Sequence[str],
+    tasks: Sequence[str] | None = None,
+    top: int = 5,
+    on_unreadable: Callable[[Path], None] | None = None,
+    on_switch: Callable[[dict[str, Any]], None] | None = None,
+) -> Predictions:
+    """Every image under each shared budget in turn, from ONE runtime that re-plans and switches between them.
+
+    The memory a device grants changes while it runs: each budget re-plans the levels of the tasks running at once
+    (``SharedRuntime.set_budget``, the plan of ``dvn plan``), reads only the blocks the new levels lack and
+    releases the rest. A budget no plan fits is reported (``on_switch`` gets its ``error``) and the images run
+    under the levels already running, as the runtime keeps serving its previous choice.
+
+    Returns:
+        Rows as ``predict_images`` gives, each with its ``budget``; ``switches``: per budget the ``choices``, the
+        shared ``memory_bytes``, the time ``load_ms`` (the first) or ``switch_ms`` (the others), or the ``error``.
+
+    Raises:
+        BadConfig, BadBudget: a file without unit blocks or validation accuracy, no budget, a budget that does not
+            parse or is a level, or a FIRST budget no plan fits (nothing runs yet to keep serving).
+    """
+    from ..errors import BadBudget
+    from ..planning.plan import plan_budget_params
+
+    _check_top(top)
+    if not budgets:
+        raise BadConfig("name at least one budget")
+    start = time.perf_counter()
+    runtime, plan = SharedRuntime.for_budget(model, budgets[0], tasks)
+    switch_ms = 1000 * (time.perf_counter() - start)
+    names = list(plan.choices)
+    for later in budgets[1:]:  # a budget that does not parse, or a level, is refused before anything runs
+        plan_budget_params(runtime.network, later, names)
+    specs = {task: model.spec_of(task, model.levels(task)[-1]) for task in names}  # input shape and preprocessing
+    images = _ImageSet.read(paths, specs, on_unreadable)
+    forwards = {task: (lambda x, task=task: runtime(x, task)) for task in names}
+    result = Predictions(unreadable=images.unreadable)
+    for i, budget in enumerate(budgets):
+        switch: dict[str, Any] = {"budget": budget}
+        if i > 0:
+            start = time.perf_counter()
+            try:
+                plan = runtime.set_budget(budget, names)
+                switch_ms = 1000 * (time.perf_counter() - start)
+            except BadBudget as exc:
+                switch["error"] = str(exc)
+        if "error" not in switch:
+            timing = "switch_ms" if i > 0 else "load_ms"  # the first budget opens the runtime
+            switch |= {"choices": dict(plan.choices), "memory_bytes": plan.memory_bytes, timing: switch_ms}
+        result.switches.append(switch)
+        if on_switch is not None:
+            on_switch(switch)
+        rows = _classify(images, specs, forwards, runtime.choices, top)
+        result.rows += [{**row, "budget": budget} for row in rows]
+    return result
+
+
+def _check_top(top: int) -> None:
+    if top < 1:
+        raise BadConfig(f"--top must be at least 1, got {top}")
+
+
+@dataclass
+class _ImageSet:
+    """The readable images as uint8 ``(C, H, W)`` per resize method, read once whatever runs on them."""
+
+    files: list[Path]
+    readable: list[Path]
+    unreadable: list[Path]
+    by_resize: dict[str, dict[Path, torch.Tensor]]
+
+    @classmethod
+    def read(
+        cls, paths: Sequence[str | os.PathLike], specs: dict, on_unreadable: Callable[[Path], None] | None
+    ) -> _ImageSet:
+        files = image_files(paths)
+        backbone = next(iter(specs.values())).backbone
+        channels, size = backbone.in_channels, backbone.input_size
+        by_resize: dict[str, dict[Path, torch.Tensor]] = {}
+        unreadable: set[Path] = set()
+        for resize in dict.fromkeys(spec.task.resize for spec in specs.values()):
+            by_resize[resize] = {}
+            for path in files:
+                image = None if path in unreadable else load_image(path, channels, size, resize)
+                if image is not None:
+                    by_resize[resize][path] = image
+                elif path not in unreadable:
+                    unreadable.add(path)
+                    if on_unreadable is not None:
+                        on_unreadable(path)
+        readable = [path for path in files if path not in unreadable]
+        if not readable:
+            raise BadConfig(f"none of the {len(files)} file(s) could be read as an image")
+        return cls(files, readable, [path for path in files if path in unreadable], by_resize)
+
+
+def _classify(
+    images: _ImageSet, specs: dict, forwards: dict[str, Callable], choices: dict[str, int], top: int
+) -> list[dict[str, Any]]:
+    """Rows ``{"image", "task", "level", "top"}`` of every readable image for every task, image by image."""
     tops: dict[tuple[Path, str], list[dict[str, Any]]] = {}
-    for task, spec in specs.items():
+    for task in choices:
+        spec = specs[task]
         classes = spec.task.classes
         k = min(top, len(classes))
-        for start in range(0, len(readable), BATCH_SIZE):
-            chunk = readable[start : start + BATCH_SIZE]
-            x = normalize_batch(torch.stack([images[spec.task.resize][p] for p in chunk]), spec.task)
+        for start in range(0, len(images.readable), BATCH_SIZE):
+            chunk = images.readable[start : start + BATCH_SIZE]
+            x = normalize_batch(torch.stack([images.by_resize[spec.task.resize][p] for p in chunk]), spec.task)
             with torch.no_grad():
                 probs = torch.softmax(forwards[task](x).float(), dim=1)
             values, indices = probs.topk(k, dim=1)
             for path, vs, ix in zip(chunk, values.tolist(), indices.tolist(), strict=True):
                 tops[path, task] = [{"class": classes[i], "probability": v} for v, i in zip(vs, ix, strict=True)]
-    result.rows = [
+    return [
         {"image": str(path), "task": task, "level": level, "top": tops[path, task]}
-        for path in readable
+        for path in images.readable
         for task, level in choices.items()
     ]
-    return result

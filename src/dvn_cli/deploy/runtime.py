@@ -23,21 +23,27 @@ they read only the blocks the new choice lacks, release those it no longer uses,
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import BackboneConfig
 from ..core.plain import PlainNetwork, plain_config
 from ..core.units import BlockGrid
 from ..errors import BadConfig, UnknownTask, WrongFileFormat
 from ..modelfile.base import BlockKey, ModelFile, UnitParts, UnitSource, open_unit_source
 
-__all__ = ["CONV_MODES", "SharedRuntime"]
+if TYPE_CHECKING:
+    from ..planning.plan import Plan
+
+__all__ = ["CONV_MODES", "SharedRuntime", "plan_for_budget"]
 
 ConvMode = Literal["assemble", "blockwise"]
 CONV_MODES: tuple[str, ...] = ("assemble", "blockwise")
@@ -299,18 +305,18 @@ class SharedRuntime:
         Returns:
             The ``planning.plan.Plan`` now running.
         """
-        from ..planning.plan import accuracy_from_training, plan_budget_params, plan_levels
-
-        network, label = self.source.network, self.source.label
-        if self.source.fixed is not None:
-            raise BadConfig(f"{label} holds fixed levels; a budget needs the full checkpoint to choose from")
-        accuracy = accuracy_from_training(self.source.training)
-        if not accuracy:
-            raise BadConfig(f"{label} has no validation accuracy to plan with; use set_levels or a trained checkpoint")
-        names = list(tasks) if tasks else list(self._state.choices)
-        plan = plan_levels(network, plan_budget_params(network, budget, names), names, accuracy, weights)
+        plan = plan_for_budget(self.source, budget, list(tasks) if tasks else list(self._state.choices), weights)
         self.set_levels(plan.choices)
         return plan
+
+    @classmethod
+    def for_budget(
+        cls, model: ModelFile, budget: str, tasks: Sequence[str] | None = None, conv: ConvMode = "assemble"
+    ) -> tuple[SharedRuntime, Plan]:
+        """A runtime of a checkpoint whose tasks (default: all) start at the levels a shared budget plans."""
+        source = model.unit_source()
+        plan = plan_for_budget(source, budget, list(tasks) if tasks else source.network.task_names)
+        return cls(source, plan.choices, conv), plan
 
     # ------------------------------------------------------------------------------------------------ parts
 
@@ -386,6 +392,26 @@ class SharedRuntime:
         return plain.eval()
 
 
+def plan_for_budget(
+    source: UnitSource, budget: str, tasks: Sequence[str], weights: Mapping[str, float] | None = None
+) -> Plan:
+    """The levels of ``tasks`` that one shared budget plans (``planning.plan.plan_levels`` on validation accuracy).
+
+    Raises:
+        BadConfig: a file of fixed levels, or one without validation accuracy to plan with.
+        BadBudget: a budget no plan fits, or one that does not parse.
+    """
+    from ..planning.plan import accuracy_from_training, plan_budget_params, plan_levels
+
+    network, label = source.network, source.label
+    if source.fixed is not None:
+        raise BadConfig(f"{label} holds fixed levels; a budget needs the full checkpoint to choose from")
+    accuracy = accuracy_from_training(source.training)
+    if not accuracy:
+        raise BadConfig(f"{label} has no validation accuracy to plan with; use set_levels or a trained checkpoint")
+    return plan_levels(network, plan_budget_params(network, budget, tasks), tasks, accuracy, weights)
+
+
 def _strip_layout(layout, grid: BlockGrid, pairs: Sequence[Pair]) -> list[tuple[tuple[int, ...], tuple | None]]:
     """The strips of one layer for ``pairs``: output units grouped by the input units they need (the union of the
     units of every pair that uses the output unit); the stem, whose input is not split, is one strip."""
@@ -411,8 +437,24 @@ def _meta_weight(network, conv: str) -> torch.Tensor:
 
 
 def _meta_plain(network, t: int, level: int) -> PlainNetwork:
+    """A fresh plain twin of (t, level) on the meta device, to be rewired: a copy of the cached skeleton whose
+    modules are new objects (building one with its layers' initialisers took most of a switch's time)."""
+    return _copy_tree(_plain_skeleton(network.config, level, network.tasks[t].num_classes))
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_skeleton(config: BackboneConfig, level: int, num_classes: int) -> PlainNetwork:
+    """The plain twin's shape depends on (frozen config, level, classes) only; it is never changed, only copied."""
     with torch.device("meta"):
-        return PlainNetwork(plain_config(network.config, level), network.tasks[t].num_classes)
+        return PlainNetwork(plain_config(config, level), num_classes)
+
+
+def _copy_tree(module: nn.Module) -> nn.Module:
+    """A copy of every module of the tree (attributes shared, child maps new), so replacing a child of the copy
+    leaves the original as it was."""
+    copied = copy.copy(module)
+    copied._modules = {name: _copy_tree(child) for name, child in module._modules.items()}
+    return copied
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:

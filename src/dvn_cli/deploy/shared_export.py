@@ -15,7 +15,9 @@ keeps what a DVN shares shared at inference (docs/design.md §5, "Shared export"
   they name a range of ``weights.safetensors``. Each convolution's weight is assembled from its blocks with
   ``Concat`` at run time (measured faster than summing one convolution per block: docs/results_memory_onnx.md).
 - ``manifest.json``: ``"layout": "shared"``, the format version, the weights file's sha256, and per graph the
-  usual entry of the per-pair manifest plus ``tensors``, the names it takes from the weights file.
+  usual entry of the per-pair manifest plus ``tensors``, the names it takes from the weights file, and ``spec``, the
+  compact spec of the pair (backbone, task, units, cost), so that the folder opens as a model file
+  (``modelfile.shared.SharedExport``: ``dvn predict``, ``eval`` and ``info`` take it).
 
 ``deploy.ort_runtime.SharedOrtRuntime`` (numpy + onnxruntime, no torch) maps the weights file once and hands the
 same ``OrtValue`` of each block to every session, so no block is copied per session. Plain onnxruntime can also
@@ -469,4 +471,5 @@ def _model_entry(spec: CompactSpec, name: str, data: bytes, used: list[str]) -> 
         "output": "logits",
         "check_max_abs_diff": None,
         "tensors": used,
+        "spec": spec.to_dict(),  # what ``modelfile.shared.SharedExport`` reads back (predict, eval, info)
     }

@@ -141,7 +141,8 @@ def evaluate_rows(model: ModelFile, options: EvalOptions | None = None) -> list[
     """One row per evaluated (task, level): units, sizes, MACs, top-1 on the split and, on request, latency.
 
     Every (task, level) the file holds, or under ``options.budget`` one level per task (``ModelFile.select``);
-    a checkpoint runs its virtual networks, other files their plain networks (``ModelFile.forward``).
+    a checkpoint runs its virtual networks, a bundle its shared runtime, a compact model its plain network
+    (``ModelFile.forward``).
     """
     options = options or EvalOptions()
     pairs = model.select(options.tasks, options.budget)

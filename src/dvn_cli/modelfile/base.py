@@ -146,25 +146,33 @@ class ModelFile(ABC):
             raise UnknownTask(f"{self.label} holds only {held}; {verb} the full checkpoint for other levels")
 
     def resolve_budget(self, task: str, budget: str) -> int:
-        """The level of ``task`` a budget selects; a file of fixed levels keeps its level if it meets the budget."""
+        """The level of ``task`` a budget selects in a file of fixed levels: the largest held level that meets it."""
         from ..planning.budgets import describe_budget, parse_budget
 
         self.check_task(task)
         parsed = parse_budget(budget)
-        (level,) = self.levels(task)
-        cost = self.cost_of(task, level)
-        too_big = {
-            "level": parsed.value != level,
-            "params": cost.params_total > parsed.value,
-            "bytes": cost.bytes > parsed.value,
-            "share": False,  # a share of the full network, which this file does not hold: nothing to compare
-        }[parsed.kind]
-        if too_big:
-            raise BadBudget(
-                f"{self.label} holds only {task} level {level}, which does not meet budget {describe_budget(parsed)}; "
-                f"a {self.format} file holds fixed levels: use the full checkpoint for other levels"
+        held = self.levels(task)
+
+        def meets(level: int) -> bool:
+            cost = self.cost_of(task, level)
+            return {
+                "level": parsed.value == level,
+                "params": cost.params_total <= parsed.value,
+                "bytes": cost.bytes <= parsed.value,
+                "share": True,  # a share of the full network, which this file does not hold: nothing to compare
+            }[parsed.kind]
+
+        fitting = [level for level in held if meets(level)]
+        if not fitting:
+            levels = (
+                f"level {held[0]}, which does" if len(held) == 1 else f"levels {', '.join(map(str, held))}, which do"
             )
-        return level
+            raise BadBudget(
+                f"{self.label} holds only {task} {levels} not meet budget "
+                f"{describe_budget(parsed)}; a {self.format} file holds fixed levels: use the full checkpoint for "
+                "other levels"
+            )
+        return max(fitting)
 
     def select(self, tasks: Sequence[str] | None = None, budget: str | None = None) -> list[tuple[str, int]]:
         """The (task, level)s that ``--task`` and ``--budget`` pick: every held level, or one level per task."""
@@ -389,10 +397,15 @@ def register_model_file(
 
 def open_model(path: str | os.PathLike, formats: Sequence[str] | None = None) -> ModelFile:
     """Read any dvn model file (or only those of ``formats``), refusing other files in one line."""
-    from . import bundle, checkpoint, compact  # noqa: F401  (each registers its reader)
+    from . import bundle, checkpoint, compact, shared  # noqa: F401  (each registers its reader)
 
     path = Path(path)
-    meta = read_metadata(path, tuple(formats) if formats else tuple(MODEL_FILES))
+    wanted = tuple(formats) if formats else tuple(MODEL_FILES)
+    if path.is_dir() and (path / "manifest.json").is_file():  # a folder model: a shared export
+        if shared.SHARED_EXPORT_FORMAT not in wanted:
+            raise WrongFileFormat(f"{path} is an export folder; expected a {' or '.join(wanted)} file")
+        return MODEL_FILES[shared.SHARED_EXPORT_FORMAT](path)
+    meta = read_metadata(path, wanted)
     return MODEL_FILES[meta["format"]](path)
 
 

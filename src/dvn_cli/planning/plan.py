@@ -33,12 +33,16 @@ each listed task's top-level batch norms and head). For one task this is the sam
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+import torch
+
+from ..config import BackboneConfig, TaskSpec
 from ..core.cost import BYTES_PER_PARAM, level_cost
 from ..core.layers import LevelBatchNorm2d, UnitConv2d
 from ..core.network import DeepVirtualNetwork
@@ -87,7 +91,21 @@ class _MemoryModel:
 
 
 def _memory_model(network: DeepVirtualNetwork) -> _MemoryModel:
-    """Walk the unit layers once: per-layer block sizes and the blocks of every (task, level), plus extras."""
+    """The memory model of ``network``'s shape (each shape is walked once; a runtime re-plans on every switch)."""
+    return _shape_memory_model(network.config, network.tasks, network.layout.orders)
+
+
+@functools.lru_cache(maxsize=64)
+def _shape_memory_model(
+    config: BackboneConfig, tasks: tuple[TaskSpec, ...], orders: tuple[tuple[int, ...], ...]
+) -> _MemoryModel:
+    """Walk the unit layers once: per-layer block sizes and the blocks of every (task, level), plus extras.
+
+    The model depends on shapes only (a frozen config, the tasks' classes, the orders), so it is counted on a
+    network built on the ``meta`` device.
+    """
+    with torch.device("meta"):
+        network = DeepVirtualNetwork(config, tasks, orders)
     layout, k = network.layout, network.units
     task_levels = [(t, level) for t in range(layout.num_tasks) for level in range(1, k + 1)]
     groups: dict[tuple[int, ...], int] = {}

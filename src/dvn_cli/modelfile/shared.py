@@ -1,0 +1,108 @@
+"""A shared export folder (``dvn export --shared``) as a model file, run by onnxruntime with every block held once.
+
+``open_model`` opens a folder holding a shared export's ``manifest.json`` as a ``SharedExport``: its (task, level)s
+and their compact specs come from the manifest, and ``forward`` runs them through ONE
+``deploy.ort_runtime.SharedOrtRuntime`` (the weights file mapped once, sessions made on first use), so ``dvn
+predict``, ``eval`` and ``info`` take the folder like any file. The folder is checked as the runtime checks it (every
+file's size and sha256 against the manifest, every tensor a graph names present) before anything runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..config import TaskSpec
+from ..errors import BadConfig, WrongFileFormat
+from .base import Forward, ModelFile, register_model_file
+from .compact import CompactSpec
+
+__all__ = ["SHARED_EXPORT_FORMAT", "SharedExport"]
+
+SHARED_EXPORT_FORMAT = "dvn-shared-export"
+
+
+class SharedExport(ModelFile):
+    """The (task, level)s of a shared export folder; ``forward`` runs them with onnxruntime.
+
+    Raises:
+        MissingData, WrongFileFormat: what ``SharedOrtRuntime`` refuses (a missing, truncated or changed file, a
+            manifest of another layout or from a newer dvn), or a manifest entry without a spec.
+    """
+
+    format: ClassVar[str] = SHARED_EXPORT_FORMAT
+    kind: ClassVar[str] = "shared export"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from ..deploy.ort_runtime import SharedOrtRuntime
+
+        self.path = Path(path)
+        self.runtime = SharedOrtRuntime(self.path)
+        self.specs: dict[tuple[str, int], CompactSpec] = {}
+        for (task, level), entry in self.runtime.models.items():
+            try:
+                self.specs[task, level] = CompactSpec.from_dict(entry["spec"])
+            except (KeyError, TypeError, ValueError, AttributeError, BadConfig):
+                raise WrongFileFormat(
+                    f"{self.path}: the manifest has no readable spec for {task} level {level}; export again"
+                ) from None
+        first = next(iter(self.specs.values()), None)
+        if first is None:
+            raise WrongFileFormat(f"{self.path}: the manifest lists no models")
+        self.split = first.split
+        self.training: dict[str, Any] = {}
+
+    def pairs(self) -> list[tuple[str, int]]:
+        return list(self.specs)
+
+    def task_spec(self, task: str) -> TaskSpec:
+        self.check_task(task)
+        return next(spec.task for (name, _), spec in self.specs.items() if name == task)
+
+    def spec_of(self, task: str, level: int) -> CompactSpec:
+        self.check_pair(task, level)
+        return self.specs[task, level]
+
+    def plain_of(self, task: str, level: int):
+        raise BadConfig(
+            f"{self.label} is a shared export: it holds ONNX graphs, not a PyTorch network; use the checkpoint or "
+            "bundle it was exported from"
+        )
+
+    def forward(self, task: str, level: int) -> Forward:
+        """(task, level) run by the folder's one ``SharedOrtRuntime``: a preprocessed batch in, logits out."""
+        self.check_pair(task, level)
+        runtime = self.runtime
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(runtime.run(task, level, x.detach().cpu().float().numpy()))
+
+        return run
+
+    def describe(self) -> dict[str, Any]:
+        manifest = self.runtime.manifest
+        weights = manifest["weights"]
+        return {
+            "file": str(self.path),
+            "format": self.format,
+            "dvn_version": manifest.get("dvn_version"),
+            "graph_mode": manifest.get("graph_mode"),
+            "source": manifest.get("source", {}),
+            "weights": {key: weights.get(key) for key in ("file", "bytes", "sha256", "stored_params", "tensors")},
+            "levels": [
+                {
+                    "task": task,
+                    "level": level,
+                    "units": list(spec.units),
+                    "file": self.runtime.models[task, level]["file"],
+                    **spec.cost.to_dict(),
+                }
+                for (task, level), spec in self.specs.items()
+            ],
+        }
+
+
+register_model_file(SHARED_EXPORT_FORMAT, SharedExport)
