@@ -487,7 +487,8 @@ def carve_folder(layout: FolderLayout, read: Callable[[list[Path]], list[Any]]) 
         return kept
 
     def flatten(per_class: dict[int, list[Any]]) -> Items:
-        return [a for c in sorted(per_class) for a in per_class[c]], [c for c in sorted(per_class) for _ in per_class[c]]
+        order = sorted(per_class)
+        return [a for c in order for a in per_class[c]], [c for c in order for _ in per_class[c]]
 
     train_pc = keep(layout.train, require_all=True)
     val = flatten(keep(layout.val, require_all=False)) if layout.val is not None else None
@@ -712,8 +713,9 @@ def load_task(
         source, augment = str(folder), "natural"
 
     train_x, train_y = splits.train
+    own_val = splits.val is not None
     val_idx, train_idx = carve_validation(
-        len(train_y), val_fraction=val_fraction, seed=seed, limit=limit, val_limit=val_limit, own_val=splits.val is not None
+        len(train_y), val_fraction=val_fraction, seed=seed, limit=limit, val_limit=val_limit, own_val=own_val
     )
     if val_idx is not None:
         val_x, val_y = train_x[val_idx], train_y[val_idx]
