@@ -50,9 +50,10 @@ class BackboneConfig:
     """Shape of the physical network.
 
     Args:
-        arch: registered backbone name (see ``backbones.BACKBONES``).
-        depth: ResNet depth ``6n + 2`` (n basic blocks per stage, three stages).
-        widths: channels of the three stages; each must be divisible by ``units``.
+        arch: registered backbone name (see ``backbones.BACKBONES``): ``resnet`` (CIFAR-style), ``resnet18``,
+            ``mobilenetv2``; ``backbones.backbone_defaults`` gives the fields each family sets.
+        depth: ResNet depth ``6n + 2`` (n basic blocks per stage, three stages); fixed for the other families.
+        widths: channels of the stages (the family says how many); each must be divisible by ``units``.
         units: k, the number of units per layer and so the number of levels.
         in_channels: channels of the input image (never split into units).
         input_size: height and width of the input image every task is brought to.
@@ -146,6 +147,7 @@ class TrainConfig:
     device: str = "cpu"
     precision: str = "fp32"
     out: str = "runs/dvn"
+    init: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -307,13 +309,25 @@ def load_train_config(
     if isinstance(values.get("tasks"), str):
         values["tasks"] = [t.strip() for t in values["tasks"].split(",") if t.strip()]
     check_types(TrainConfig, {"backbone": backbone, **values})
+    if isinstance(backbone, Mapping) and not _matches(float | None, backbone.get("width")):
+        raise BadConfig(f"backbone.width must be a number, got {_show(backbone['width'])}")
     check_types(BackboneConfig, backbone, "backbone.")
     given = {**values, **{k: v for k, v in flags.items() if v is not None}}
     given_backbone = {**backbone, **{k: v for k, v in backbone_flags.items() if v is not None}}
     if isinstance(given.get("tasks"), str):
         given["tasks"] = [t.strip() for t in given["tasks"].split(",") if t.strip()]
+    width = given_backbone.pop("width", None)
     if resume:
+        if width is not None:
+            raise BadConfig("--resume takes the run's stored widths; drop --width")
         return resumed_config(given, given_backbone, flags.get("data_root"))
+    if width is not None and "widths" in given_backbone:
+        raise BadConfig("give a width multiplier (--width) or the widths themselves (--widths), not both")
+    if given_backbone.get("arch", BackboneConfig.arch) != BackboneConfig.arch or width is not None:
+        from .core.backbones import backbone_defaults  # torch: only for a family other than the default
+
+        for key, value in backbone_defaults(given_backbone.get("arch", BackboneConfig.arch), width).items():
+            given_backbone.setdefault(key, value)
     given["data_root"] = _data_root(flags.get("data_root"), given.get("data_root"))
     if "in_channels" not in given_backbone or "input_size" not in given_backbone:
         from .data.datasets import native_shape  # torch: only when the data has to be looked at

@@ -76,9 +76,15 @@ def train(
         str | None, typer.Option(help="Comma-separated tasks: dataset names or name=path/to/folder.")
     ] = None,
     units: Annotated[int | None, typer.Option("--units", "-k", help="k: units per layer = number of levels.")] = None,
-    arch: Annotated[str | None, typer.Option(help="Backbone family.")] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="Backbone family: resnet (CIFAR-style, default), resnet18, mobilenetv2.")
+    ] = None,
     depth: Annotated[int | None, typer.Option(help="ResNet depth 6n+2.")] = None,
     widths: Annotated[str | None, typer.Option(help="Stage widths, e.g. 32,64,128.")] = None,
+    width: Annotated[float | None, typer.Option(help="Width multiplier of the family's widths, e.g. 0.5.")] = None,
+    init: Annotated[
+        str | None, typer.Option(help="Start from a torchvision state dict in safetensors (see dvn convert).")
+    ] = None,
     input_size: Annotated[int | None, typer.Option(help="Input height and width (default: largest task's).")] = None,
     input_channels: Annotated[int | None, typer.Option(help="Input channels, 1 or 3 (default: from tasks).")] = None,
     stem_stride: Annotated[int | None, typer.Option(help="Stride of the first convolution.")] = None,
@@ -151,11 +157,13 @@ def train(
         "out": out,
         "device": device,
         "precision": precision,
+        "init": init,
     }
     backbone_flags = {
         "arch": arch,
         "depth": depth,
         "widths": _int_list(widths, "--widths") if widths else None,
+        "width": width,
         "units": units,
         "in_channels": input_channels,
         "input_size": input_size,
@@ -200,6 +208,21 @@ def _quiet_errors() -> Iterator[None]:
         yield
     except DvnError:
         raise typer.Exit(1) from None
+
+
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(help="A torchvision .pth state dict (resnet18, mobilenet_v2).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The safetensors file to write.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+) -> None:
+    """Turn a torchvision .pth state dict into the safetensors file that dvn train --init reads (weights_only)."""
+    from ..core.pretrained import convert_torchvision
+    from . import ui
+
+    with user_errors():
+        written = convert_torchvision(source, out, force=force)
+    ui.print_note(f"wrote {out}: {written['tensors']} tensors, {written['params']:,} numbers")
 
 
 # -------------------------------------------------------------------------------------------------- data

@@ -166,6 +166,11 @@ class TrainProgress(TrainObserver):
             self.started = False
 
 
+def _arch(backbone: dict) -> str:
+    """``resnet-14``: the CIFAR-style ResNet's depth is a setting; the other families name theirs (``resnet18``)."""
+    return f"{backbone['arch']}-{backbone['depth']}" if backbone["arch"] == "resnet" else backbone["arch"]
+
+
 def show_model_file(described: dict[str, Any]) -> None:
     """``dvn info`` of any model file: one (task, level) in detail, or the task x unit grid and levels table."""
     shows = {"dvn-compact": show_compact, "dvn-shared-export": show_shared_export}
@@ -182,7 +187,7 @@ def show_checkpoint(described: dict[str, Any]) -> None:
         f"{format_bytes(described['bytes'])}, sha256 {described['sha256'][:16]}…"
     )
     _console().print(
-        f"backbone {bb['arch']}-{bb['depth']} widths {bb['widths']} k={described['units']} "
+        f"backbone {_arch(bb)} widths {bb['widths']} k={described['units']} "
         f"input {bb['in_channels']}x{bb['input_size']}x{bb['input_size']} stem stride {bb['stem_stride']}; "
         f"{format_count(described['stored_params'])} parameters stored for all tasks and levels"
     )
@@ -261,7 +266,7 @@ def show_compact(described: dict[str, Any]) -> None:
         f"task {visible(task['name'])} ({len(task['classes'])} classes), "
         f"level {described['level']} of {described['k']}, "
         f"units {described['units']}\n"
-        f"plain {bb['arch']}-{bb['depth']} widths {bb['widths']}, input {bb['in_channels']}x{bb['input_size']}"
+        f"plain {_arch(bb)} widths {bb['widths']}, input {bb['in_channels']}x{bb['input_size']}"
         f"x{bb['input_size']}; {format_count(described['params'])} weights, "
         f"{format_count(described['params_total'])} with batch norm and head, {format_count(described['macs'])} "
         f"MACs/image\nfrom checkpoint sha256 {described['source_sha256'][:16]}…"

@@ -1,4 +1,8 @@
-"""Backbones: a CIFAR-style residual network (He et al., 2016, §4.2) built from unit layers, and its plain twin.
+"""Backbones: the registry of backbone families, and a CIFAR-style residual network (He et al., 2016, §4.2).
+
+Every family registers a unit-split builder and a plain builder (``register_backbone``); the ImageNet-style
+``resnet18`` (``core/resnet18.py``) and ``mobilenetv2`` (``core/mobilenet.py``) live in their own modules and
+register when this module is imported.
 
 ``UnitResNet`` is the physical network of a DVN: every layer is split into k units and runs any (task, level)
 on compact activations. ``PlainResNet`` is the same architecture made of ordinary ``Conv2d``/``BatchNorm2d``
@@ -12,8 +16,10 @@ stem (B, 32l/k, 14, 14) -> stage 1 (B, 32l/k, 14, 14) -> stage 2 (B, 64l/k, 7, 7
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +35,11 @@ __all__ = [
     "Backbone",
     "PlainResNet",
     "UnitResNet",
+    "backbone_defaults",
     "build_features",
     "check_input_shape",
     "register_backbone",
+    "total_stride_check",
 ]
 
 
@@ -146,48 +154,13 @@ class PlainResNet(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # (B, w_last)
 
 
-@dataclass(frozen=True)
-class Backbone:
-    """A registered backbone family: its unit-split builder and its plain builder."""
-
-    unit: Callable[[BackboneConfig, UnitLayout], nn.Module]
-    plain: Callable[[BackboneConfig], nn.Module]
-
-
-BACKBONES: dict[str, Backbone] = {}
-
-
-def register_backbone(name: str, backbone: Backbone) -> None:
-    if name in BACKBONES:
-        raise ValueError(f"backbone {name!r} is already registered")
-    BACKBONES[name] = backbone
-
-
-register_backbone("resnet", Backbone(unit=UnitResNet, plain=PlainResNet))
-
-
-def get_backbone(arch: str) -> Backbone:
-    if arch not in BACKBONES:
-        raise BadConfig(f"unknown arch {arch!r}; known: {', '.join(sorted(BACKBONES))}")
-    return BACKBONES[arch]
-
-
-def build_features(config: BackboneConfig, layout: UnitLayout) -> nn.Module:
-    """The unit-split feature extractor named by ``config.arch``."""
-    if layout.units != config.units:
-        raise BadConfig(f"layout has k={layout.units} units but the backbone config says k={config.units}")
-    return get_backbone(config.arch).unit(config, layout)
-
-
-def check_input_shape(config: BackboneConfig) -> None:
-    """Refuse an input size and stem stride that leave the network nothing to look at.
+def _check_resnet_input(config: BackboneConfig) -> None:
+    """Refuse an input size and stem stride that leave the CIFAR-style ResNet nothing to look at.
 
     The stem convolution divides the input size by ``stem_stride`` (rounding up) and every stage after the first
     halves it. Each halving needs a feature map of at least 2x2, so the map after the stem must be at least
     ``2 ** (stages - 1)`` wide (4 for three stages), which needs an input of ``stem_stride * (4 - 1) + 1``.
     """
-    if config.arch != "resnet":
-        return
     halvings = sum(1 for s in stage_strides(len(config.widths)) if s > 1)
     need = 2**halvings  # the smallest feature map after the stem
     size, stride = config.input_size, config.stem_stride
@@ -207,3 +180,99 @@ def check_input_shape(config: BackboneConfig) -> None:
             f"before the last stage; the smallest input_size that works is {stride * (need - 1) + 1} "
             f"(or use a stem_stride of at most {largest})"
         )
+
+
+def total_stride_check(total_stride: Callable[[BackboneConfig], int]) -> Callable[[BackboneConfig], None]:
+    """An input check for a backbone whose strides divide the input by ``total_stride(config)``.
+
+    The input must be at least that large, so that the last stage still sees a whole pixel of every stride.
+    """
+
+    def check(config: BackboneConfig) -> None:
+        need = total_stride(config)
+        if config.input_size >= need:
+            return
+        hint = ""
+        if config.stem_stride > 1:
+            hint = f" (or --stem-stride 1, which needs {need // config.stem_stride})"
+        raise BadConfig(
+            f"input_size {config.input_size} is too small for {config.arch} with stem_stride {config.stem_stride}: "
+            f"its strides divide the input by {need}; use an input_size of at least {need}{hint}"
+        )
+
+    return check
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A registered backbone family.
+
+    Args:
+        unit: builds the unit-split feature extractor ``(config, layout) -> module``.
+        plain: builds the plain twin at the config's widths, with the same attribute names.
+        check_input: refuses an input size the family's strides cannot take (one line, ``BadConfig``).
+        defaults: ``BackboneConfig`` fields this family sets when the user does not (its widths at width 1.0).
+        widths_at: the widths at a width multiplier; None scales ``defaults["widths"]`` and rounds.
+    """
+
+    unit: Callable[[BackboneConfig, UnitLayout], nn.Module]
+    plain: Callable[[BackboneConfig], nn.Module]
+    check_input: Callable[[BackboneConfig], None]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    widths_at: Callable[[float], tuple[int, ...]] | None = None
+
+
+BACKBONES: dict[str, Backbone] = {}
+
+
+def register_backbone(name: str, backbone: Backbone) -> None:
+    if name in BACKBONES:
+        raise ValueError(f"backbone {name!r} is already registered")
+    BACKBONES[name] = backbone
+
+
+register_backbone(
+    "resnet",
+    Backbone(unit=UnitResNet, plain=PlainResNet, check_input=_check_resnet_input, defaults={"widths": (32, 64, 128)}),
+)
+
+
+def get_backbone(arch: str) -> Backbone:
+    if arch not in BACKBONES:
+        raise BadConfig(f"unknown arch {arch!r}; known: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[arch]
+
+
+def backbone_defaults(arch: str, width: float | None = None) -> dict[str, Any]:
+    """The ``BackboneConfig`` fields family ``arch`` sets when they are not given, its widths at ``width``.
+
+    A width multiplier scales every width of the family and rounds it (``mobilenetv2``: to a multiple of 8, as
+    torchvision does); a width that does not split into ``k`` units is refused by ``BackboneConfig``.
+    """
+    backbone = get_backbone(arch)
+    values = dict(backbone.defaults)
+    if width is None:
+        return values
+    if not (math.isfinite(width) and width > 0):
+        raise BadConfig(f"width multiplier must be a positive number, got {width}")
+    if backbone.widths_at is not None:
+        values["widths"] = backbone.widths_at(width)
+    else:
+        values["widths"] = tuple(max(1, round(w * width)) for w in values["widths"])
+    return values
+
+
+def build_features(config: BackboneConfig, layout: UnitLayout) -> nn.Module:
+    """The unit-split feature extractor named by ``config.arch``."""
+    if layout.units != config.units:
+        raise BadConfig(f"layout has k={layout.units} units but the backbone config says k={config.units}")
+    return get_backbone(config.arch).unit(config, layout)
+
+
+def check_input_shape(config: BackboneConfig) -> None:
+    """Refuse an input size and stem stride that the backbone's strides cannot take (one line)."""
+    get_backbone(config.arch).check_input(config)
+
+
+# The other built-in families register themselves on import, each from its own module.
+from . import mobilenet, resnet18  # noqa: E402, F401

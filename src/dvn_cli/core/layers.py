@@ -15,7 +15,7 @@ from torch import nn
 
 from .units import BlockGrid, ChannelSelection, UnitLayout
 
-__all__ = ["LevelBatchNorm2d", "UnitConv2d", "UnitLinear", "take_channels"]
+__all__ = ["LevelBatchNorm2d", "UnitConv2d", "UnitDepthwiseConv2d", "UnitLinear", "take_channels"]
 
 
 def take_channels(tensor: torch.Tensor, dim: int, selection: ChannelSelection) -> torch.Tensor:
@@ -25,7 +25,7 @@ def take_channels(tensor: torch.Tensor, dim: int, selection: ChannelSelection) -
     return tensor.index_select(dim, selection)
 
 
-def _conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+def _conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, groups: int = 1) -> torch.Tensor:
     """``F.conv2d`` without bias, routing around a oneDNN defect (docs/design.md §2, "A native crash").
 
     oneDNN's 1x1 backward-weights kernel for a strided convolution writes past its workspace when the input has
@@ -35,8 +35,8 @@ def _conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) ->
     routed (+1.2 % per training step where measured; every strided 1x1 would cost +8 %).
     """
     if stride > 1 and padding == 0 and weight.shape[-2:] == (1, 1) and x.shape[1] < 16:
-        return F.conv2d(x[:, :, ::stride, ::stride], weight)
-    return F.conv2d(x, weight, None, stride, padding)
+        return F.conv2d(x[:, :, ::stride, ::stride], weight, groups=groups)
+    return F.conv2d(x, weight, None, stride, padding, 1, groups)
 
 
 class UnitConv2d(nn.Module):
@@ -107,6 +107,42 @@ class UnitConv2d(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.weight.shape[2:])}, "
             f"stride={self.stride}, padding={self.padding}, units={self.layout.units}, "
             f"split_input={self.split_input}"
+        )
+
+
+class UnitDepthwiseConv2d(UnitConv2d):
+    """A bias-free depthwise convolution (one filter per channel) whose channels are split into units.
+
+    Output channel ``c`` reads input channel ``c`` only, so the unit block of unit ``u`` is its own channels'
+    filters ``W[out(u)]`` and there are no cross-unit blocks: the weight ``(C, 1, kh, kw)`` is split by rows like
+    the stem's (``split_input=False`` in the block grid), and (task, level) runs the depthwise convolution of its
+    ``C*l/k`` channels. ``in_channels`` is 1, the input channels of each filter, as in the weight's shape.
+
+    Args:
+        channels: channels of the physical layer (input = output).
+        kernel_size: square kernel size.
+        layout: the network's (task, level) -> units map.
+        stride: convolution stride.
+        padding: convolution padding.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, layout: UnitLayout, stride: int = 1, padding: int = 0) -> None:
+        super().__init__(1, channels, kernel_size, layout, stride=stride, padding=padding, split_input=False)
+
+    def active_shape(self, task: int, level: int) -> tuple[int, int]:
+        return self.layout.active_channels(self.out_channels, level), 1
+
+    def forward(self, x: torch.Tensor, task: int, level: int, masked: bool = False) -> torch.Tensor:
+        if masked:  # (B, C, H, W) zero outside S -> (B, C, H', W') zero outside S
+            out = _conv2d(x, self.weight, self.stride, self.padding, self.out_channels)
+            return out * self.layout.mask(self.out_channels, task, level, out.device).view(1, -1, 1, 1)
+        weight = self.active_weight(task, level)  # (C*l/k, 1, kh, kw)
+        return _conv2d(x, weight, self.stride, self.padding, weight.shape[0])  # (B, C*l/k, H, W) -> (B, C*l/k, H', W')
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.out_channels}, kernel_size={tuple(self.weight.shape[2:])}, stride={self.stride}, "
+            f"padding={self.padding}, units={self.layout.units}, depthwise"
         )
 
 

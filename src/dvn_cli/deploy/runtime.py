@@ -90,6 +90,7 @@ class _BlockConv(nn.Module):
     def __init__(self, conv: nn.Conv2d, grid: BlockGrid, strips: Mapping[int, _Strip], units, mode: ConvMode):
         super().__init__()
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.groups = conv.groups  # a depthwise layer: one group per channel, its blocks are its rows
         self.mode = mode
         rows, cols = grid.out_channels // grid.units, grid.in_channels // grid.units
         runs: list[list] = []  # [strip, first row, end row]: output units in consecutive rows of one strip
@@ -121,7 +122,16 @@ class _BlockConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "assemble":  # (B, C_in*l/k, H, W) -> (B, C_out*l/k, H', W'); a formed weight dies here
-            return F.conv2d(x, self.weight(), None, self.stride, self.padding, self.dilation)
+            return F.conv2d(x, self.weight(), None, self.stride, self.padding, self.dilation, self.groups)
+        if self.groups > 1:  # depthwise: each unit's filters read that unit's own channels
+            chunks = x.split(self.blocks[0][0].shape[0], dim=1)
+            return torch.cat(
+                [
+                    F.conv2d(chunk, row[0], None, self.stride, self.padding, self.dilation, row[0].shape[0])
+                    for chunk, row in zip(chunks, self.blocks, strict=True)
+                ],
+                dim=1,
+            )
         inputs = x.split(self.blocks[0][0].shape[1], dim=1)  # one chunk per input unit (the stem: the whole image)
         outputs = []
         for row in self.blocks:
@@ -378,7 +388,8 @@ class SharedRuntime:
         for name, module in list(plain.named_modules()):
             if isinstance(module, nn.Conv2d):
                 conv = name.removeprefix("features.")
-                if conv not in grids or module.bias is not None or module.groups != 1:
+                depthwise = module.groups == module.in_channels == module.out_channels
+                if conv not in grids or module.bias is not None or module.groups != 1 and not depthwise:
                     raise RuntimeError(f"plain {network.config.arch} layer {name} has no unit blocks to share")
                 by_unit = {uo: strip for strip in strips[conv] for uo in strip.units_out}
                 _replace(plain, name, _BlockConv(module, grids[conv], by_unit, units, self.conv))

@@ -133,9 +133,11 @@ class _BlockConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, rows: list[list[nn.Parameter]], mode: str) -> None:
         super().__init__()
-        if conv.bias is not None or conv.groups != 1:
-            raise DvnError("a shared export needs bias-free, ungrouped convolutions")
+        depthwise = conv.groups == conv.in_channels == conv.out_channels
+        if conv.bias is not None or conv.groups != 1 and not depthwise:
+            raise DvnError("a shared export needs bias-free convolutions, ungrouped or depthwise")
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.groups = conv.groups  # a depthwise layer: one group per channel, its blocks are its rows
         self.shape = [len(row) for row in rows]
         self.blocks = nn.ParameterList([b for row in rows for b in row])
         self.mode = mode
@@ -151,7 +153,14 @@ class _BlockConv2d(nn.Module):
         rows = self._rows()
         if self.mode == "concat":
             weight = torch.cat([torch.cat(row, 1) if len(row) > 1 else row[0] for row in rows], 0)
-            return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation)
+            return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+        if self.groups > 1:  # depthwise: each unit's filters read that unit's own channels
+            pieces = torch.split(x, x.shape[1] // len(rows), dim=1) if len(rows) > 1 else (x,)
+            outs = [
+                F.conv2d(piece, row[0], None, self.stride, self.padding, self.dilation, row[0].shape[0])
+                for piece, row in zip(pieces, rows, strict=True)
+            ]
+            return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
         pieces = torch.split(x, x.shape[1] // len(rows[0]), dim=1) if len(rows[0]) > 1 else (x,)
         outs = []
         for row in rows:

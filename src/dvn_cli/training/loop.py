@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..config import PRECISIONS, TrainConfig, comparable, config_differences
 from ..core.backbones import check_input_shape
 from ..core.network import DeepVirtualNetwork, build_network
+from ..core.pretrained import init_from_file
 from ..data.datasets import TaskBatches
 from ..data.streaming import StreamBatches, Task, open_task
 from ..errors import BadConfig, DvnError, WrongFileFormat
@@ -399,6 +400,8 @@ def _fit(
         run = _new_run(cfg, env, device, paths, data, amp_dtype)
         if resume:
             _together(env, device, lambda: _resume(run))
+        elif cfg.init is not None:  # pretrained weights, channels mapped into units (docs/design.md §6)
+            _together(env, device, lambda: init_from_file(run.network, cfg.init))
         broadcast_module(run.network)  # every rank starts from rank 0's weights, as DDP does
         if run.main:  # a replaced run's other files stay until this run's first epoch end rewrites them
             write_atomic(paths.config, json.dumps(cfg.to_dict(), indent=2).encode())

@@ -1,0 +1,1 @@
+"""Datasets: the registry of tasks held in memory, batches and augmentation, offline preparation."""

@@ -1,0 +1,190 @@
+"""--init from torchvision state dicts (channels mapped into units) and dvn convert."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from typer.testing import CliRunner
+
+from dvn_cli.cli.app import app
+from dvn_cli.config import BackboneConfig, TaskSpec
+from dvn_cli.core.backbones import backbone_defaults
+from dvn_cli.core.network import build_network
+from dvn_cli.core.pretrained import (
+    convert_torchvision,
+    init_from_file,
+    init_from_torchvision,
+    read_state_file,
+    unit_permutation,
+)
+from dvn_cli.core.units import UnitLayout
+from dvn_cli.errors import BadConfig, WrongFileFormat
+
+from .conftest import make_image_folder
+
+torchvision = pytest.importorskip("torchvision")
+runner = CliRunner()
+SIZE = 32
+TASKS = [
+    TaskSpec("ten", tuple("0123456789"), (0.5,) * 3, (0.5,) * 3),
+    TaskSpec("three", ("a", "b", "c"), (0.5,) * 3, (0.5,) * 3),
+]
+MODELS = {"resnet18": torchvision.models.resnet18, "mobilenetv2": torchvision.models.mobilenet_v2}
+
+
+def random_torchvision(arch: str, seed: int = 0, **kwargs) -> nn.Module:
+    """A torchvision model with random weights and batch norms whose statistics and scales are not trivial."""
+    torch.manual_seed(seed)
+    model = MODELS[arch](num_classes=10, **kwargs)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.2, 1.5)
+                m.bias.normal_(0, 0.2)
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def network_for(arch: str, k: int = 4, width: float | None = None, in_channels: int = 3):
+    values = {**backbone_defaults(arch, width), "units": k, "in_channels": in_channels, "input_size": SIZE}
+    return build_network(BackboneConfig(arch=arch, **values), TASKS).eval()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2"])
+@pytest.mark.parametrize("mapping", ["identity", "bn-scale"])
+def test_init_reproduces_torchvision_at_the_top_level(arch, mapping, tmp_path):
+    model = random_torchvision(arch)
+    path = tmp_path / "init.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    network = network_for(arch)
+    report = init_from_file(network, path, mapping)
+    assert report.heads == ("ten",) and report.mapping == mapping  # "three" keeps its random head
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(network(x, "ten", 4), expected, atol=1e-4, rtol=1e-4)
+        features = network.features(x, 1, 4)  # the other task's top level has the same features
+        torch.testing.assert_close(network.heads[0](features, 1, 4), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_torchvision_width_multiplier_and_a_grey_input():
+    model = random_torchvision("mobilenetv2", width_mult=0.5)
+    network = network_for("mobilenetv2", width=0.5, in_channels=1)
+    init_from_torchvision(network, model.state_dict())
+    grey = torch.rand(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(network(grey, "ten", 4), model(grey.expand(-1, 3, -1, -1)), atol=1e-4, rtol=1e-4)
+
+
+def test_bn_scale_puts_the_strongest_channels_in_the_units_used_first():
+    model = random_torchvision("resnet18")
+    network = network_for("resnet18")  # two tasks, k = 4: orders 0 1 2 3 and 3 2 1 0
+    init_from_torchvision(network, model.state_dict(), "bn-scale")
+    gamma = model.layer2[0].bn1.weight.detach().abs()
+    ours = network.features.stages[1][0].bn1.norm(0, 4).weight.detach().abs()
+    assert sorted(ours.tolist()) == sorted(gamma.tolist())
+    quarter = ours.numel() // 4
+    first, middle = torch.cat([ours[:quarter], ours[-quarter:]]), ours[quarter:-quarter]
+    assert first.min() >= middle.max()  # units 0 and 3 (each task's level 1) hold the strongest half
+    level1 = network.features.stages[1][0].bn1.norm(0, 1).weight.detach()
+    torch.testing.assert_close(level1, network.features.stages[1][0].bn1.norm(0, 4).weight.detach()[:quarter])
+
+
+def test_unit_permutation_deals_ranked_channels_by_priority():
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.3, 0.2, 0.8, 0.4])
+    one_task = unit_permutation(scores, UnitLayout([[2, 0, 3, 1]], 4))
+    # ranked: 1 6 3 2 7 4 5 0; unit 2 takes the two best, then unit 0, unit 3, unit 1
+    assert one_task.tolist() == [3, 2, 5, 0, 1, 6, 7, 4]
+    two_tasks = unit_permutation(scores, UnitLayout([[0, 1, 2, 3], [3, 2, 1, 0]], 4))
+    assert two_tasks.tolist() == [1, 3, 7, 5, 4, 0, 6, 2]  # units 0 and 3 take turns, then units 1 and 2
+    assert sorted(two_tasks.tolist()) == list(range(8))
+
+
+def test_convert_round_trip_and_cli(tmp_path):
+    model = random_torchvision("resnet18")
+    pth, out = tmp_path / "resnet18.pth", tmp_path / "resnet18.safetensors"
+    torch.save(model.state_dict(), pth)
+    result = runner.invoke(app, ["convert", str(pth), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "122 tensors" in result.output
+    loaded = read_state_file(out)
+    assert loaded.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded[key], value), key
+    result = runner.invoke(app, ["convert", str(pth), "-o", str(out)])
+    assert result.exit_code == 1 and "already exists; pass --force" in result.output
+    torch.save({"state_dict": model.state_dict()}, pth)  # a checkpoint that wraps the state dict
+    assert convert_torchvision(pth, out, force=True)["tensors"] == 122
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_a_pickled_model_is_refused_by_convert(tmp_path):
+    pth = tmp_path / "model.pth"
+    torch.save(random_torchvision("resnet18"), pth)  # a whole pickled module: weights_only refuses it
+    with pytest.raises(WrongFileFormat, match="cannot be read as a PyTorch state dict with weights_only=True"):
+        convert_torchvision(pth, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_init_refuses_a_pth_another_architecture_and_wrong_shapes(tmp_path):
+    network = network_for("resnet18")
+    pth = tmp_path / "r.pth"
+    torch.save(random_torchvision("resnet18").state_dict(), pth)
+    with pytest.raises(WrongFileFormat, match=r"r.pth is a pickled PyTorch file; convert it once with 'dvn convert"):
+        init_from_file(network, pth)
+    mobile = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in random_torchvision("mobilenetv2").state_dict().items()}, mobile)
+    with pytest.raises(WrongFileFormat, match=r"m.safetensors is not a torchvision resnet18 state dict: it lacks"):
+        init_from_file(network, mobile)
+    with pytest.raises(WrongFileFormat, match=r"has shape \(16, 3, 3, 3\), this mobilenetv2 \(widths 32,16,"):
+        init_from_torchvision(
+            network_for("mobilenetv2"), random_torchvision("mobilenetv2", width_mult=0.5).state_dict(), label="h"
+        )
+    with pytest.raises(BadConfig, match="--init needs a backbone with a torchvision counterpart"):
+        init_from_torchvision(build_network(BackboneConfig(in_channels=3), TASKS), {})
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not a tensor file")
+    with pytest.raises(WrongFileFormat, match="is not a safetensors state dict"):
+        init_from_file(network, text)
+    with pytest.raises(BadConfig, match="--init file .* not found"):
+        init_from_file(network, tmp_path / "missing.safetensors")
+
+
+@pytest.fixture(scope="module")
+def small_mobilenet(tmp_path_factory):
+    base = tmp_path_factory.mktemp("init")
+    model = random_torchvision("mobilenetv2", width_mult=0.25)
+    path = base / "mobilenet.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return base, path, make_image_folder(base / "colours", per_class=8, size=SIZE)
+
+
+def _train(base, folder, *args):
+    out = base / "run"
+    argv = [
+        "train", "--tasks", f"colours={folder}", "--arch", "mobilenetv2", "--width", "0.25", "--epochs", "0.5",
+        "--batch-size", "8", "--input-size", str(SIZE), "--out", str(out), "--force", *args,
+    ]  # fmt: skip
+    return runner.invoke(app, argv), out
+
+
+def test_train_refuses_a_pth_given_to_init_in_one_line(small_mobilenet, tmp_path):
+    base, _, folder = small_mobilenet
+    pth = tmp_path / "m.pth"
+    torch.save({"w": torch.zeros(1)}, pth)
+    result, out = _train(base, folder, "--init", str(pth))
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("error: ") and "is a pickled PyTorch file" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_train_starts_from_the_init_file(small_mobilenet):
+    base, path, folder = small_mobilenet
+    result, out = _train(base, folder, "--init", str(path))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["init"] == str(path)
