@@ -1,8 +1,9 @@
 """Classify images with a model from ``dvn export``, using only onnxruntime, numpy and PIL (no dvn, no torch).
 
 The manifest beside the ONNX files says how to turn a raw image into the model's input: convert it to grey or
-RGB, zero-pad it centred (``pad``, images no larger than the input) or resize it bilinearly to height x width,
-scale pixels to 0..1, then normalise each channel with the task's mean and std.
+RGB, zero-pad it centred (``pad``, images no larger than the input) or resize it bilinearly to height x width
+(``bilinear``: a JPEG is first decoded at a reduced scale, PIL's ``draft``, as dvn reads folder images), scale
+pixels to 0..1, then normalise each channel with the task's mean and std.
 
 Usage::
 
@@ -49,10 +50,13 @@ def pick_model(manifest: dict, task: str | None, level: int | None) -> dict:
 def preprocess(path: Path, pre: dict) -> np.ndarray:
     """One image file -> float32 (C, H, W), exactly as the manifest's ``preprocess`` says."""
     height, width = pre["height"], pre["width"]
+    mode = "L" if pre["channels"] == 1 else "RGB"
     with Image.open(path) as image:
+        if pre["resize"] == "bilinear":  # a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale >= the input
+            image.draft(mode, (width, height))
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
-        image = image.convert("L" if pre["channels"] == 1 else "RGB")
+        image = image.convert(mode)
         w, h = image.size
         if pre["resize"] == "pad" and w <= width and h <= height:
             canvas = Image.new(image.mode, (width, height), 0)

@@ -19,6 +19,7 @@ from .errors import BadConfig
 
 __all__ = [
     "NOT_COMPARED",
+    "DATA_MODES",
     "PRECISIONS",
     "BackboneConfig",
     "TaskSpec",
@@ -37,6 +38,11 @@ PRECISIONS: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "fl
 ``fp32`` is plain float32 (no autocast); ``fp16`` adds gradient scaling. The one list of precision names: the
 training loop derives its dtypes from it.
 """
+
+
+DATA_MODES = ("auto", "memory", "stream")
+"""How folder tasks are read (``--data-mode``): ``auto`` streams those above ``data.streaming.STREAM_ABOVE_BYTES``
+at the input shape and holds the others in memory; ``memory`` and ``stream`` force one way for every folder task."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,8 @@ class TrainConfig:
     val_fraction: float = 0.1
     data_root: str = "data"
     download: bool = False
+    data_mode: str = "auto"
+    workers: int = 2
     augment: bool = True
     channels_last: bool = True
     device: str = "cpu"
@@ -159,6 +167,10 @@ class TrainConfig:
             raise BadConfig(f"task listed twice: {', '.join(dupes)}")
         if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
             raise BadConfig("epochs, batch size and learning rate must be positive")
+        if self.data_mode not in DATA_MODES:
+            raise BadConfig(f"unknown data mode {self.data_mode!r}; use {', '.join(DATA_MODES)}")
+        if self.workers < 0:
+            raise BadConfig(f"workers {self.workers} must be 0 or more")
         if self.precision not in PRECISIONS:
             raise BadConfig(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
         if self.affinity_steps < 1:
@@ -388,8 +400,9 @@ def _plain(value: Any) -> str:
 
 # --------------------------------------------------------------------------------- what --resume compares
 
-NOT_COMPARED = ("out", "device", "data_root", "precision")
-"""Config fields that may change on ``--resume``: where files live and how (not what) the run computes."""
+NOT_COMPARED = ("out", "device", "data_root", "precision", "workers")
+"""Config fields that may change on ``--resume``: where files live and how (not what) the run computes (a streamed
+task's batches do not depend on its number of workers)."""
 
 
 def comparable(cfg: TrainConfig) -> dict[str, Any]:

@@ -112,6 +112,11 @@ def train(
     augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="Data augmentation.")] = None,
     data_root: Annotated[str | None, typer.Option(help="Dataset folder (default ./data or $DVN_DATA_ROOT).")] = None,
     download: Annotated[bool | None, typer.Option("--download", help="Let torchvision download data.")] = None,
+    data_mode: Annotated[
+        str | None,
+        typer.Option(help="Folder tasks: auto (stream those over 256 MiB at the input shape), memory or stream."),
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Processes decoding each streamed task (default 2).")] = None,
     out: Annotated[str | None, typer.Option(help="Run folder (default runs/dvn).")] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out with its stored settings.")
@@ -153,6 +158,8 @@ def train(
         "augment": augment,
         "data_root": data_root,
         "download": download,
+        "data_mode": data_mode,
+        "workers": workers,
         "out": out,
         "device": device,
         "precision": precision,
@@ -292,6 +299,7 @@ def eval_(
     limit: Annotated[int | None, typer.Option(help="At most N images per task.")] = None,
     data_root: Annotated[str | None, typer.Option(help="Dataset folder (default ./data or $DVN_DATA_ROOT).")] = None,
     latency: Annotated[bool, typer.Option("--latency", help="Also time ms/image at batch 1 and 64.")] = False,
+    workers: Annotated[int, typer.Option(help="Processes decoding a streamed folder task.")] = 2,
     json_output: JsonOption = False,
     csv: Annotated[Path | None, typer.Option("--csv", help="Also write the rows to this CSV file.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Also plot accuracy against parameters (PNG).")] = None,
@@ -304,7 +312,7 @@ def eval_(
     from . import ui
 
     with user_errors():
-        options = EvalOptions(_names(task), budget, split, data_root, limit, latency)
+        options = EvalOptions(_names(task), budget, split, data_root, limit, latency, workers)
         model = _open(checkpoint)
         rows = evaluate_rows(model, options)
         if csv is not None:

@@ -134,7 +134,9 @@ class TrainProgress(TrainObserver):
             print_note(
                 f"{s['task']}: {s['train']} train / {s['val']} val / {s['test']} test images, "
                 f"{s['classes']} classes, input {'x'.join(map(str, s['shape']))} ({s['resize']}), "
-                f"augment {s['augment']}" + (f", {s['skipped']} unreadable files skipped" if s["skipped"] else "")
+                f"augment {s['augment']}, "
+                + (f"streamed from disk by {s['workers']} workers" if s["storage"] == "stream" else "in memory")
+                + (f", {s['skipped']} unreadable files skipped" if s["skipped"] else "")
             )
         self.progress.start()
         self.started = True

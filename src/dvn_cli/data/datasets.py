@@ -15,7 +15,7 @@ import contextlib
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,16 +120,38 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
         images: uint8 tensor ``(N, C, H, W)``.
 
     Returns:
+        ``stats_from_sums`` of the images' pixel sums.
+    """
+    values = torch.arange(256, dtype=torch.int64)
+    sums, squares = [], []
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256)
+        sums.append(int((counts * values).sum()))
+        squares.append(int((counts * values * values).sum()))
+    return stats_from_sums(sums, squares, images[:, 0].numel())
+
+
+def stats_from_sums(
+    sums: Sequence[int], squares: Sequence[int], pixels: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (pixel values scaled to 0..1) from exact integer sums of uint8 pixel values.
+
+    The one formula of a task's normalisation, whether its images are in memory or streamed (then the sums are
+    gathered image by image). Integer arithmetic until the last division, so both give the same numbers.
+
+    Args:
+        sums: per channel, the sum of the pixel values (0..255).
+        squares: per channel, the sum of their squares.
+        pixels: pixels per channel (images x height x width).
+
+    Returns:
         ``(mean, std)`` rounded to 4 decimals; a constant channel gets std 1 (no scaling).
     """
-    values = torch.arange(256, dtype=torch.float64) / 255.0
+    n = max(int(pixels), 1)
     means, stds = [], []
-    for c in range(images.shape[1]):
-        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).to(torch.float64)
-        total = counts.sum().clamp_min(1.0)
-        mean = float((counts * values).sum() / total)
-        var = float((counts * (values - mean) ** 2).sum() / total)
-        std = var**0.5
+    for total, total_sq in zip(sums, squares, strict=True):
+        mean = int(total) / (255 * n)
+        std = ((int(total_sq) * n - int(total) ** 2) / (255 * n) ** 2) ** 0.5
         means.append(round(mean, 4))
         stds.append(round(std, 4) if std >= 1.0 / 255.0 else 1.0)
     return tuple(means), tuple(stds)
@@ -175,10 +197,15 @@ def convert_images(images: torch.Tensor, channels: int, size: int) -> tuple[torc
     return out, "bilinear"
 
 
-def _seeded_generator(*entropy: int) -> torch.Generator:
-    """A CPU generator seeded from several integers, well mixed (numpy SeedSequence)."""
+def mixed_seed(*entropy: int) -> int:
+    """One 63-bit seed from several integers, well mixed (numpy SeedSequence)."""
     state = np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+    return int(state) & ((1 << 63) - 1)
+
+
+def _seeded_generator(*entropy: int) -> torch.Generator:
+    """A CPU generator seeded from several integers (``mixed_seed``)."""
+    return torch.Generator().manual_seed(mixed_seed(*entropy))
 
 
 # -------------------------------------------------------------------------------------- torchvision datasets
@@ -318,9 +345,14 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def _read_image(path: Path, mode: str, size: int | None) -> np.ndarray | None:
+def read_image(path: Path, mode: str, size: int | None) -> np.ndarray | None:
     """One image as a uint8 array ``(size, size[, 3])`` (its own size when ``size`` is None), or None when PIL
-    cannot read it."""
+    cannot read it.
+
+    The one decoder of folder images: training in memory, streaming workers, ``dvn eval`` and ``dvn predict`` all
+    read through it, so all see the same pixels. The resize is PIL's bilinear filter (what
+    ``torchvision.transforms.v2.Resize`` runs on a PIL image), as the export manifest documents.
+    """
     try:
         with Image.open(path) as im:
             if size is not None:
@@ -335,6 +367,11 @@ def _read_image(path: Path, mode: str, size: int | None) -> np.ndarray | None:
         return None
 
 
+def image_mode(channels: int) -> str:
+    """The PIL mode folder images are read in for a model of ``channels`` input channels."""
+    return "L" if channels == 1 else "RGB"
+
+
 def load_image(path: Path, channels: int, size: int, resize: str) -> torch.Tensor | None:
     """One image file as a model input, uint8 ``(channels, size, size)``, converted as its task's training images
     were; None when PIL cannot read it.
@@ -343,20 +380,12 @@ def load_image(path: Path, channels: int, size: int, resize: str) -> torch.Tenso
     ``pad`` (datasets of small images): read at its own size, then ``convert_images`` (zero-padded, centred, when
     no larger than the input; else resized bilinearly).
     """
-    mode = "L" if channels == 1 else "RGB"
-    array = _read_image(path, mode, size if resize == "bilinear" else None)
+    array = read_image(path, image_mode(channels), size if resize == "bilinear" else None)
     if array is None:
         return None
     image = torch.from_numpy(array.copy())
     image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)
     return convert_images(image.unsqueeze(0).contiguous(), channels, size)[0][0]
-
-
-def _read_images(files: list[Path], channels: int, size: int) -> tuple[list[np.ndarray], int]:
-    mode = "L" if channels == 1 else "RGB"
-    arrays = [_read_image(f, mode, size) for f in files]
-    good = [a for a in arrays if a is not None]
-    return good, len(arrays) - len(good)
 
 
 def _stack(arrays: list[np.ndarray], labels: list[int], channels: int, size: int):
@@ -378,11 +407,29 @@ class _Splits:
     skipped: int = 0
 
 
-def _load_folder(name: str, folder: Path, channels: int, size: int) -> _Splits:
-    """Read ``folder`` at the input shape: class sub-folders, or ``train/`` (+ ``test/``, ``val/``) of them.
+PerClass = dict[int, list[Path]]
 
-    Without a ``test/`` folder, a stratified 20% of each class becomes the test split (fixed seed).
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """The image files of a folder task by split and class (label -> files), before any file is read.
+
+    ``val`` and ``test`` are None where the folder has no such sub-folder (``test`` is then carved).
     """
+
+    train_root: Path
+    classes: tuple[str, ...]
+    train: PerClass
+    val: PerClass | None
+    test: PerClass | None
+
+    def files(self) -> list[Path]:
+        """Every file, train then val then test, class by class."""
+        return [f for split in (self.train, self.val, self.test) if split for files in split.values() for f in files]
+
+
+def folder_layout(name: str, folder: Path) -> FolderLayout:
+    """List ``folder``: class sub-folders, or ``train/`` (+ ``test/``, ``val/``) of them; refuses bad layouts."""
     if not folder.is_dir():
         raise MissingData(f"folder {folder} for task {name!r} not found; pass {name}=path/to/an/existing/folder")
     has_splits = (folder / "train").is_dir()
@@ -399,55 +446,87 @@ def _load_folder(name: str, folder: Path, channels: int, size: int) -> _Splits:
         )
     classes = tuple(d.name for d in class_dirs)
     index = {c: i for i, c in enumerate(classes)}
-    skipped = 0
 
-    def read_split(root: Path, *, require_all: bool) -> tuple[dict[int, list[np.ndarray]], int]:
+    def list_split(root: Path) -> PerClass:
         found = _class_dirs(root)
         extra = sorted({d.name for d in found} - set(classes))
         if extra:
             raise BadConfig(f"{root} has classes not in {train_root}: {', '.join(extra)}")
-        per_class: dict[int, list[np.ndarray]] = {}
-        bad = 0
-        for d in found:
-            arrays, unreadable = _read_images(_image_files(d), channels, size)
-            bad += unreadable
-            if require_all and not arrays:
-                raise MissingData(f"class folder {d} has no readable images; add images or remove the folder")
-            per_class[index[d.name]] = arrays
-        return per_class, bad
+        return {index[d.name]: _image_files(d) for d in found}
 
-    def flatten(per_class: dict[int, list[np.ndarray]]):
-        arrays = [a for c in sorted(per_class) for a in per_class[c]]
-        labels = [c for c in sorted(per_class) for _ in per_class[c]]
-        return _stack(arrays, labels, channels, size)
-
-    train_pc, bad = read_split(train_root, require_all=True)
-    skipped += bad
-    val = None
+    train = list_split(train_root)
+    val = test = None
     if has_splits:
-        for val_name in ("val", "valid", "validation"):
-            if (folder / val_name).is_dir():
-                val_pc, bad = read_split(folder / val_name, require_all=False)
-                skipped += bad
-                val = flatten(val_pc)
-                break
-        if (folder / "test").is_dir():
-            test_pc, bad = read_split(folder / "test", require_all=False)
-            skipped += bad
-            return _Splits(flatten(train_pc), flatten(test_pc), val, classes, skipped)
+        val_dir = next((folder / v for v in ("val", "valid", "validation") if (folder / v).is_dir()), None)
+        val = list_split(val_dir) if val_dir is not None else None
+        test = list_split(folder / "test") if (folder / "test").is_dir() else None
+    return FolderLayout(train_root, classes, train, val, test)
 
-    # No test folder: carve a stratified test split with a fixed seed (independent of --seed).
+
+Items = tuple[list[Any], list[int]]
+
+
+@dataclass
+class FolderSplits:
+    """The readable items of a folder task's splits, each as ``(items, labels)`` in class order."""
+
+    train: Items
+    val: Items | None
+    test: Items
+    skipped: int
+
+
+def carve_folder(layout: FolderLayout, read: Callable[[list[Path]], list[Any]]) -> FolderSplits:
+    """Keep the readable files of every split and, without a ``test/`` folder, carve the test split.
+
+    ``read(files)`` gives one item per file (an image, or where a streamed task keeps it), None where the file
+    cannot be read; unreadable files are skipped and counted. Without ``test/``, a stratified 20% of each class
+    becomes the test split (fixed seed, independent of ``--seed``). In memory or streamed, a folder task gets
+    the same files in every split.
+    """
+    skipped = 0
+
+    def keep(per_class: PerClass, *, require_all: bool) -> dict[int, list[Any]]:
+        nonlocal skipped
+        kept = {}
+        for c, files in per_class.items():
+            items = read(files)
+            good = [item for item in items if item is not None]
+            skipped += len(items) - len(good)
+            if require_all and not good:
+                folder = layout.train_root / layout.classes[c]
+                raise MissingData(f"class folder {folder} has no readable images; add images or remove the folder")
+            kept[c] = good
+        return kept
+
+    def flatten(per_class: dict[int, list[Any]]) -> Items:
+        order = sorted(per_class)
+        return [a for c in order for a in per_class[c]], [c for c in order for _ in per_class[c]]
+
+    train_pc = keep(layout.train, require_all=True)
+    val = flatten(keep(layout.val, require_all=False)) if layout.val is not None else None
+    if layout.test is not None:
+        test = flatten(keep(layout.test, require_all=False))
+        return FolderSplits(flatten(train_pc), val, test, skipped)
     generator = torch.Generator().manual_seed(FOLDER_TEST_SEED)
-    test_pc: dict[int, list[np.ndarray]] = {}
-    for c, arrays in train_pc.items():
-        n = len(arrays)
+    test_pc: dict[int, list[Any]] = {}
+    for c, items in train_pc.items():
+        n = len(items)
         n_test = min(n - 1, max(1, round(n * FOLDER_TEST_FRACTION))) if n >= 2 else 0
         perm = torch.randperm(n, generator=generator).tolist()
-        test_idx = sorted(perm[:n_test])
-        train_idx = sorted(perm[n_test:])
-        test_pc[c] = [arrays[i] for i in test_idx]
-        train_pc[c] = [arrays[i] for i in train_idx]
-    return _Splits(flatten(train_pc), flatten(test_pc), val, classes, skipped)
+        test_pc[c] = [items[i] for i in sorted(perm[:n_test])]
+        train_pc[c] = [items[i] for i in sorted(perm[n_test:])]
+    return FolderSplits(flatten(train_pc), val, flatten(test_pc), skipped)
+
+
+def _load_folder(name: str, folder: Path, channels: int, size: int) -> _Splits:
+    """Read a folder task into memory at the input shape (``folder_layout``, ``carve_folder``)."""
+    layout = folder_layout(name, folder)
+    mode = image_mode(channels)
+    parts = carve_folder(layout, lambda files: [read_image(f, mode, size) for f in files])
+    val = _stack(*parts.val, channels, size) if parts.val is not None else None
+    train, test = _stack(*parts.train, channels, size), _stack(*parts.test, channels, size)
+    return _Splits(train, test, val, layout.classes, parts.skipped)
 
 
 def _first_image_size(folder: Path) -> int | None:
@@ -525,6 +604,26 @@ class TaskData:
             raise BadConfig(f"unknown split {name!r}; use train, val or test")
         return getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
 
+    def split_size(self, name: str) -> int:
+        """Images in split ``name``."""
+        return len(self.split(name)[1])
+
+    def batches(
+        self, name: str, batch_size: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """uint8 ``(images, labels)`` batches of images ``[start, stop)`` of split ``name``, in order (for
+        evaluation; a streamed task answers the same, reading from disk)."""
+        if batch_size < 1:
+            raise BadConfig(f"batch size {batch_size} must be at least 1")
+        images, labels = self.split(name)
+        images, labels = images[start:stop], labels[start:stop]
+        for i in range(0, len(labels), batch_size):
+            yield images[i : i + batch_size], labels[i : i + batch_size]
+
+    def train_batches(self, batch_size: int, *, seed: int, task_index: int) -> TaskBatches:
+        """The task's seeded, resumable stream of training batches."""
+        return TaskBatches(self, batch_size, seed=seed, task_index=task_index)
+
     def summary(self) -> dict[str, Any]:
         """A row for tables and JSON: sizes of the splits, classes, shape, normalisation."""
         return {
@@ -540,7 +639,43 @@ class TaskData:
             "std": list(self.spec.std),
             "augment": self.augment,
             "skipped": self.skipped,
+            "storage": "memory",
         }
+
+
+def check_load_arguments(
+    channels: int, size: int, val_fraction: float, limit: int | None, val_limit: int | None
+) -> None:
+    """Refuse load settings no task can be read with (``load_task`` and streamed tasks alike)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise BadConfig(f"val fraction {val_fraction} must be in [0, 1)")
+    for label, value in (("limit", limit), ("val limit", val_limit)):
+        if value is not None and value < 1:
+            raise BadConfig(f"{label} {value} must be at least 1")
+    if channels not in (1, 3):
+        raise BadConfig(f"input channels {channels} not supported; use 1 or 3")
+    if size < 1:
+        raise BadConfig(f"input size {size} must be positive")
+
+
+def carve_validation(
+    n: int, *, val_fraction: float, seed: int, limit: int | None, val_limit: int | None, own_val: bool
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Which of ``n`` training images become validation images and which stay for training (sorted indices).
+
+    A seeded random ``val_fraction`` is held out unless the task has its own validation split (``own_val``;
+    then the first index is None); ``limit`` keeps the first ``limit`` of the rest in the same seeded
+    permutation, ``val_limit`` the first of the held-out ones.
+    """
+    perm = torch.randperm(n, generator=_seeded_generator(seed, 0x5EED))
+    val_idx = None
+    if not own_val:
+        n_val = round(n * val_fraction)
+        if val_fraction > 0 and n >= 2:
+            n_val = min(max(n_val, 1), n - 1)
+        val_idx = perm[:n_val][:val_limit].sort().values
+        perm = perm[n_val:]
+    return val_idx, perm[:limit].sort().values
 
 
 def load_task(
@@ -575,15 +710,7 @@ def load_task(
     Returns:
         The task's ``TaskData``.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise BadConfig(f"val fraction {val_fraction} must be in [0, 1)")
-    for label, value in (("limit", limit), ("val limit", val_limit)):
-        if value is not None and value < 1:
-            raise BadConfig(f"{label} {value} must be at least 1")
-    if channels not in (1, 3):
-        raise BadConfig(f"input channels {channels} not supported; use 1 or 3")
-    if size < 1:
-        raise BadConfig(f"input size {size} must be positive")
+    check_load_arguments(channels, size, val_fraction, limit, val_limit)
     name, folder = parse_task(task)
     root = Path(data_root if data_root is not None else default_data_root()).expanduser()
     if folder is None:
@@ -599,18 +726,14 @@ def load_task(
         source, augment = str(folder), "natural"
 
     train_x, train_y = splits.train
-    perm = torch.randperm(len(train_y), generator=_seeded_generator(seed, 0x5EED))
-    if splits.val is None:  # carve the validation split from the training split
-        n = len(train_y)
-        n_val = round(n * val_fraction)
-        if val_fraction > 0 and n >= 2:
-            n_val = min(max(n_val, 1), n - 1)
-        val_idx = perm[:n_val][:val_limit].sort().values
+    own_val = splits.val is not None
+    val_idx, train_idx = carve_validation(
+        len(train_y), val_fraction=val_fraction, seed=seed, limit=limit, val_limit=val_limit, own_val=own_val
+    )
+    if val_idx is not None:
         val_x, val_y = train_x[val_idx], train_y[val_idx]
-        perm = perm[n_val:]
     else:  # the folder's own val/
         val_x, val_y = splits.val[0][:val_limit], splits.val[1][:val_limit]
-    train_idx = perm[:limit].sort().values
     train_x, train_y = train_x[train_idx], train_y[train_idx]
     if len(train_y) == 0:
         raise MissingData(f"task {name!r} has no training images left after the validation split")

@@ -183,7 +183,9 @@ def preprocess_of(spec: CompactSpec) -> dict[str, Any]:
 
     Grey images are repeated to 3 channels, RGB goes to grey with the ITU-R 601-2 luma weights (PIL ``L``).
     ``pad``: images no larger than height × width are zero-padded, centred; larger ones are resized bilinearly.
-    ``bilinear``: every image is resized bilinearly. Then ``(x - mean) / std`` per channel.
+    ``bilinear``: every image is resized bilinearly, a JPEG after decoding at the smallest of 1/2, 1/4, 1/8 of its
+    size still at least height × width (PIL ``draft``, as ``data.read_image`` reads it; libjpeg's scaled
+    decoding elsewhere). Then ``(x - mean) / std`` per channel.
     """
     channels = spec.backbone.in_channels
     mean, std = list(spec.task.mean), list(spec.task.std)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..config import BackboneConfig, TaskSpec
-from ..data.datasets import iterate_split, load_task, task_string
+from ..data.datasets import iterate_split, load_task, normalize_batch, task_string
+from ..data.streaming import open_task
 from ..errors import BadConfig, MissingData
 from ..modelfile.base import DataSplit, ModelFile
 from ..modelfile.compact import CompactSpec
@@ -23,6 +24,7 @@ from ..modelfile.compact import CompactSpec
 __all__ = [
     "EvalOptions",
     "accuracy",
+    "count_correct",
     "evaluate_rows",
     "latency_ms",
     "load_split",
@@ -56,6 +58,24 @@ def accuracy(
         return float("nan")
     preds = predictions(forward, images, spec, batch_size, device)
     return float((preds == labels).float().mean())
+
+
+@torch.no_grad()
+def count_correct(
+    forwards: Sequence[Forward],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    spec: TaskSpec,
+    device: str | torch.device = "cpu",
+) -> tuple[list[int], int]:
+    """Correct top-1 predictions of each of ``forwards`` over uint8 ``(images, labels)`` batches, and the number
+    of images: one pass over the data for several models (a streamed split is read once for every level)."""
+    correct, seen = [0] * len(forwards), 0
+    for images, labels in batches:
+        x = normalize_batch(images, spec).to(device)
+        for i, forward in enumerate(forwards):
+            correct[i] += int((forward(x).argmax(1).cpu() == labels).sum())
+        seen += len(labels)
+    return correct, seen
 
 
 @torch.no_grad()
@@ -100,7 +120,7 @@ def load_split(
 @dataclass(frozen=True)
 class EvalOptions:
     """What to evaluate: tasks (default all), a budget (default every level), the split, a cap on images per
-    task, and whether to time latency."""
+    task, whether to time latency, and the worker processes that read a streamed folder task."""
 
     tasks: tuple[str, ...] | None = None
     budget: str | None = None
@@ -108,6 +128,7 @@ class EvalOptions:
     data_root: str | None = None
     limit: int | None = None
     latency: bool = False
+    workers: int = 2
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -130,26 +151,35 @@ def evaluate_rows(model: ModelFile, options: EvalOptions | None = None) -> list[
         levels = [level for name, level in pairs if name == task]
         specs = {level: model.spec_of(task, level) for level in levels}
         backbone = specs[levels[0]].backbone  # every level shares the input shape
-        images, labels = load_split(
-            model.task_spec(task), backbone, options.split, options.data_root, options.limit, data_split=model.split
-        )
-        if len(labels) == 0:
+        data = open_task(
+            task_string(model.task_spec(task)),
+            data_root=options.data_root,
+            channels=backbone.in_channels,
+            size=backbone.input_size,
+            val_fraction=model.split.val_fraction,
+            seed=model.split.seed,
+            workers=options.workers,
+        )  # a large folder task streams: its split is read batch by batch, once for all levels
+        forwards = [model.forward(task, level) for level in levels]
+        batches = data.batches(options.split, 500, stop=options.limit)
+        correct, samples = count_correct(forwards, batches, specs[levels[0]].task)
+        if samples == 0:
             raise MissingData(f"{task} has no {options.split} images: nothing to evaluate")
-        for level in levels:
-            rows.append(_row(model.forward(task, level), specs[level], images, labels, options))
+        for level, forward, right in zip(levels, forwards, correct, strict=True):
+            rows.append(_row(forward, specs[level], right, samples, options))
     return rows
 
 
-def _row(forward: Forward, spec: CompactSpec, images: torch.Tensor, labels: torch.Tensor, options: EvalOptions) -> dict:
+def _row(forward: Forward, spec: CompactSpec, correct: int, samples: int, options: EvalOptions) -> dict:
     """One evaluation row (docs/design.md §4 schema); latency columns when ``options.latency``."""
     row = {
         "task": spec.task.name,
         "level": spec.level,
         "units": list(spec.units),
         **spec.cost.to_dict(),
-        "accuracy": round(accuracy(forward, images, labels, spec.task), 5),
+        "accuracy": round(correct / samples, 5),
         "split": options.split,
-        "samples": len(labels),
+        "samples": samples,
     }
     if options.latency:
         row |= latency_row(forward, spec.backbone)

@@ -22,9 +22,10 @@ from ..config import PRECISIONS, TrainConfig, comparable, config_differences
 from ..core.backbones import check_input_shape
 from ..core.network import DeepVirtualNetwork, build_network
 from ..core.pretrained import init_from_file
-from ..data.datasets import TaskBatches, TaskData, load_task
+from ..data.datasets import TaskBatches
+from ..data.streaming import StreamBatches, Task, open_task
 from ..errors import BadConfig, DvnError, WrongFileFormat
-from ..evaluation.evaluate import accuracy
+from ..evaluation.evaluate import count_correct
 from ..fsutil import first_line, write_atomic
 from ..modelfile.checkpoint import STATE_FORMAT, load_checkpoint, save_checkpoint
 from ..modelfile.container import read_dvn_file, write_dvn_file
@@ -169,7 +170,7 @@ class EpochInfo:
 class TrainObserver:
     """Hooks the CLI implements to show progress; the library itself never prints."""
 
-    def on_start(self, total_steps: int, start_step: int, data: list[TaskData]) -> None: ...
+    def on_start(self, total_steps: int, start_step: int, data: list[Task]) -> None: ...
 
     def on_step(self, info: StepInfo) -> None: ...
 
@@ -189,11 +190,11 @@ class TrainResult:
     interrupted: bool = False
 
 
-def load_tasks(cfg: TrainConfig) -> list[TaskData]:
-    """Every task of ``cfg`` in memory at the backbone's input shape."""
+def load_tasks(cfg: TrainConfig) -> list[Task]:
+    """Every task of ``cfg`` at the backbone's input shape, in memory or streamed (``cfg.data_mode``)."""
     bb = cfg.backbone
     return [
-        load_task(
+        open_task(
             task,
             data_root=cfg.data_root,
             channels=bb.in_channels,
@@ -202,13 +203,15 @@ def load_tasks(cfg: TrainConfig) -> list[TaskData]:
             seed=cfg.seed,
             limit=cfg.limit,
             download=cfg.download,
+            mode=cfg.data_mode,
+            workers=cfg.workers,
         )
         for task in cfg.tasks
     ]
 
 
 def validate(
-    network: DeepVirtualNetwork, data: list[TaskData], device: torch.device, env: DistEnv | None = None
+    network: DeepVirtualNetwork, data: list[Task], device: torch.device, env: DistEnv | None = None
 ) -> dict[str, list[float]]:
     """Validation accuracy of every (task, level).
 
@@ -220,15 +223,11 @@ def validate(
     network.eval()
     correct, sizes = [], []
     for t, task_data in enumerate(data):
-        images, labels = task_data.split("val")
-        n = len(labels)
-        part = slice(rank * n // world, (rank + 1) * n // world)
-        shard_x, shard_y = images[part], labels[part]
-        for lv in range(1, network.units + 1):
-            forward = partial(network, task=t, level=lv)
-            acc = accuracy(forward, shard_x, shard_y, task_data.spec, device=device) if len(shard_y) else 0.0
-            correct.append(round(acc * len(shard_y)))
-            sizes.append(n)
+        n = task_data.split_size("val")
+        shard = task_data.batches("val", 500, rank * n // world, (rank + 1) * n // world)
+        forwards = [partial(network, task=t, level=lv) for lv in range(1, network.units + 1)]
+        correct += count_correct(forwards, shard, task_data.spec, device=device)[0]
+        sizes += [n] * network.units
     total = torch.tensor(correct, dtype=torch.float64, device=device)
     if world > 1:
         torch.distributed.all_reduce(total)
@@ -241,7 +240,7 @@ def validate(
 
 
 def _state_tensors(
-    network: DeepVirtualNetwork, optimizer, scaler, streams: list[TaskBatches], names: list[str]
+    network: DeepVirtualNetwork, optimizer, scaler, streams: list[TaskBatches | StreamBatches], names: list[str]
 ) -> dict[str, torch.Tensor]:
     """Everything resume needs, the weights included (so the state file alone restarts the run)."""
     tensors = {"rng.torch": torch.get_rng_state()}
@@ -261,7 +260,9 @@ def _state_tensors(
     return tensors
 
 
-def _load_state_tensors(tensors, optimizer, scaler, streams: list[TaskBatches], names: list[str]) -> None:
+def _load_state_tensors(
+    tensors, optimizer, scaler, streams: list[TaskBatches | StreamBatches], names: list[str]
+) -> None:
     torch.set_rng_state(tensors["rng.torch"])
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -324,7 +325,7 @@ def fit(
     resume: bool = False,
     force: bool = False,
     observer: TrainObserver | None = None,
-    data: list[TaskData] | None = None,
+    data: list[Task] | None = None,
 ) -> TrainResult:
     """Train a DVN on ``cfg.tasks`` and write its checkpoint, training state and metrics into ``cfg.out``.
 
@@ -365,12 +366,12 @@ class _Run:
     env: DistEnv
     device: torch.device
     paths: RunPaths
-    data: list[TaskData]
+    data: list[Task]
     network: DeepVirtualNetwork
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    streams: list[TaskBatches]
-    feeds: list[TaskBatches] | list[ShardedBatches]
+    streams: list[TaskBatches | StreamBatches]
+    feeds: list[TaskBatches | StreamBatches] | list[ShardedBatches]
     amp_dtype: torch.dtype | None
     memory_format: torch.memory_format
     warmup: AffinityWarmup | None = None
@@ -402,7 +403,7 @@ def _fit(
     resume: bool,
     force: bool,
     observer: TrainObserver,
-    data: list[TaskData] | None,
+    data: list[Task] | None,
 ) -> TrainResult:
     check_input_shape(cfg.backbone)
     paths = RunPaths(Path(cfg.out))
@@ -437,7 +438,7 @@ def _new_run(
     env: DistEnv,
     device: torch.device,
     paths: RunPaths,
-    data: list[TaskData],
+    data: list[Task],
     amp_dtype: torch.dtype | None,
 ) -> _Run:
     """A fresh run at step 0: the seeded network, its optimizer and gradient scaler, and the batch streams."""
@@ -445,7 +446,7 @@ def _new_run(
     network = build_network(cfg.backbone, [d.spec for d in data], cfg.order_rule, cfg.order_table).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     network = network.to(memory_format=memory_format)  # ~15% faster convolutions on CPU
-    streams = [TaskBatches(d, cfg.batch_size, seed=cfg.seed, task_index=i) for i, d in enumerate(data)]
+    streams = [d.train_batches(cfg.batch_size, seed=cfg.seed, task_index=i) for i, d in enumerate(data)]
     run = _Run(
         cfg=cfg,
         env=env,
