@@ -14,6 +14,7 @@ from torch import nn
 from dvn_cli.config import BackboneConfig, TaskSpec
 from dvn_cli.core.network import DeepVirtualNetwork, build_network
 from dvn_cli.data.prepare import offline_data_status, prepare_offline_data
+from dvn_cli.training.loop import TrainObserver
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,3 +153,14 @@ def tiny_train_config(tmp_path, **overrides):
 
 def two_synthetic_tasks():
     return [synthetic_task("alpha", 3, seed=1), synthetic_task("beta", 4, seed=2)]
+
+
+class StopAt(TrainObserver):
+    """Presses Ctrl-C after a given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, info) -> None:
+        if info.step == self.step:
+            raise KeyboardInterrupt

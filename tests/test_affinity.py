@@ -23,9 +23,9 @@ from dvn_cli.core.units import make_orders, nearest_orders, register_order_rule
 from dvn_cli.errors import BadConfig
 from dvn_cli.modelfile.checkpoint import load_checkpoint
 from dvn_cli.training.affinity import AffinityWarmup, shared_parameters
-from dvn_cli.training.loop import TrainObserver, fit, multitask_loss, task_losses
+from dvn_cli.training.loop import fit, multitask_loss, task_losses
 
-from .conftest import synthetic_task, tiny_config, tiny_tasks, tiny_train_config
+from .conftest import StopAt, synthetic_task, tiny_config, tiny_tasks, tiny_train_config
 
 # ------------------------------------------------------------------------------------------- slot sharing
 
@@ -227,15 +227,6 @@ def test_info_shows_the_affinity_matrix_and_the_placement(tmp_path):
     assert "task affinity" in text.output and "placement on the anchors' line (exhaustive search)" in text.output
     assert " - ".join(stored["line"]) in text.output
     assert f"{stored['matrix'][0][2]:.3f}" in text.output
-
-
-class StopAt(TrainObserver):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, info) -> None:
-        if info.step == self.step:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("stop", [3, 4, 6, 9])  # in the warm-up (mid-epoch, epoch end), at its end, after it

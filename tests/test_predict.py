@@ -199,7 +199,7 @@ def planned(setup):
 
 
 def test_budgets_switch_one_runtime_and_every_row_equals_its_level(setup, planned):
-    from dvn_cli.planning.plan import plan_levels, shared_memory_params
+    from dvn_cli.planning.plan import accuracy_from_training, plan_budget_params, plan_levels, shared_memory_params
 
     base, network, *_ = setup
     folder = base / "images" / "red"
@@ -210,13 +210,9 @@ def test_budgets_switch_one_runtime_and_every_row_equals_its_level(setup, planne
     assert full["choices"] == {"colours": 4, "digits": 4} and full["load_ms"] > 0
     assert full["memory_bytes"] == 4 * shared_memory_params(network, {"colours": 4, "digits": 4})
     assert out["switches"][1]["budget"] == "1B" and "fits no plan" in out["switches"][1]["error"]
-    budget = shared_memory_params(network, {"colours": 4, "digits": 4}) * 35 // 100
-    expected = plan_levels(
-        network,
-        budget,
-        ["colours", "digits"],
-        {(t, i + 1): a for t, accs in ACCURACY.items() for i, a in enumerate(accs)},
-    ).choices
+    tasks = ["colours", "digits"]
+    budget = plan_budget_params(network, "35%", tasks)
+    expected = plan_levels(network, budget, tasks, accuracy_from_training({"val_accuracy": ACCURACY})).choices
     assert small["choices"] == expected != full["choices"] and small["switch_ms"] > 0
     files = sorted(folder.iterdir())
     by_budget = {b: [r for r in out["rows"] if r["budget"] == b] for b in ("100%", "1B", "35%")}

@@ -1,6 +1,10 @@
 """--init from torchvision state dicts (channels mapped into units) and dvn convert."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +192,17 @@ def test_train_starts_from_the_init_file(small_mobilenet):
     result, out = _train(base, folder, "--init", str(path))
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["init"] == str(path)
+
+
+def test_a_fifo_given_to_init_is_refused_not_waited_on(tmp_path):
+    """Reading a FIFO would block for ever: it is refused in one line (in a subprocess, with a time limit)."""
+    fifo = tmp_path / "weights.safetensors"
+    os.mkfifo(fifo)
+    script = (
+        "from dvn_cli.core.pretrained import read_state_file\n"
+        "from dvn_cli.errors import DvnError\n"
+        f"try:\n    read_state_file({str(fifo)!r})\nexcept DvnError as exc:\n    print(exc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == f"{fifo} is not a regular file", result.stderr

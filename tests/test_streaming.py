@@ -21,13 +21,13 @@ from dvn_cli.data import streaming
 from dvn_cli.data.datasets import DATASETS, load_task, normalize_batch, register_dataset
 from dvn_cli.data.streaming import StreamedTask, open_task
 from dvn_cli.errors import DvnError, MissingData
+from dvn_cli.evaluation import evaluate as evaluate_module
 from dvn_cli.evaluation.evaluate import EvalOptions, evaluate_rows
 from dvn_cli.modelfile.base import open_model
 from dvn_cli.modelfile.checkpoint import load_checkpoint
 from dvn_cli.training.loop import fit
 
-from .conftest import REPO, make_image_folder, tiny_config, tiny_train_config
-from .test_train import StopAt
+from .conftest import REPO, StopAt, make_image_folder, tiny_config, tiny_train_config
 
 SRC = REPO / "src"
 
@@ -227,7 +227,11 @@ def test_eval_of_a_streamed_task_equals_eval_in_memory(tmp_path: Path, folder: P
     model = open_model(fit(cfg).checkpoint)
     in_memory = evaluate_rows(model, EvalOptions(limit=8))
     monkeypatch.setattr(streaming, "STREAM_ABOVE_BYTES", 0)
+    opened = []  # the storage of every task eval opens: the second evaluation must really stream
+    real_open = evaluate_module.open_task
+    monkeypatch.setattr(evaluate_module, "open_task", lambda *a, **kw: opened.append(real_open(*a, **kw)) or opened[-1])
     streamed = evaluate_rows(model, EvalOptions(limit=8, workers=2))
+    assert [task.summary()["storage"] for task in opened] == ["stream"]
     assert streamed == in_memory and in_memory[0]["samples"] == 8
 
 

@@ -11,18 +11,7 @@ from dvn_cli.modelfile.checkpoint import load_checkpoint
 from dvn_cli.modelfile.container import read_metadata
 from dvn_cli.training.loop import TrainObserver, fit, lr_at, multitask_loss
 
-from .conftest import tiny_train_config, two_synthetic_tasks
-
-
-class StopAt(TrainObserver):
-    """Presses Ctrl-C after a given step."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, info) -> None:
-        if info.step == self.step:
-            raise KeyboardInterrupt
+from .conftest import StopAt, tiny_train_config, two_synthetic_tasks
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import BadConfig, WrongFileFormat
 from ..fsutil import first_line, refuse_non_regular, write_atomic
+from ..modelfile.container import check_finite, check_regular_file
 from .layers import LevelBatchNorm2d, UnitConv2d
 from .units import UnitLayout
 
@@ -120,6 +121,8 @@ def read_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.exists():
+        check_regular_file(path)  # a FIFO would block the read below; a folder or device is refused in one line
     try:
         with path.open("rb") as f:
             head = f.read(8)
@@ -205,8 +208,9 @@ def init_from_torchvision(
     tv = features.torchvision_layout()
     modules = {name: features.get_submodule(ours) for name, ours in tv.names.items()}
     state = {k: v for k, v in state.items() if not k.endswith(_IGNORED)}
-    _check_names(state, modules, tv, label)
-    state = _fit_shapes(state, modules, tv, network, label)
+    expected = _expected(modules, tv.head)
+    _check_names(state, expected, tv, label)
+    state = _fit_shapes(state, expected, tv, network, label)
     layout = network.layout
     for space in tv.spaces if mapping == "bn-scale" else ():
         order = unit_permutation(sum(state[f"{n}.weight"].abs() for n in space.norms), layout)
@@ -239,9 +243,8 @@ def _expected(modules, head: str) -> dict[str, tuple[int, ...] | None]:
     return expected
 
 
-def _check_names(state, modules, tv: TorchvisionLayout, label: str) -> None:
-    expected = set(_expected(modules, tv.head))
-    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+def _check_names(state, expected: dict, tv: TorchvisionLayout, label: str) -> None:
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
         detail = []
         if missing:
@@ -251,15 +254,14 @@ def _check_names(state, modules, tv: TorchvisionLayout, label: str) -> None:
         raise WrongFileFormat(f"{label} is not a torchvision {tv.model} state dict: {' and '.join(detail)}")
 
 
-def _fit_shapes(state, modules, tv: TorchvisionLayout, network, label: str) -> dict[str, torch.Tensor]:
+def _fit_shapes(state, expected: dict, tv: TorchvisionLayout, network, label: str) -> dict[str, torch.Tensor]:
     """The state with every shape checked; an RGB stem summed over its colours for a one-channel network."""
     widths = ",".join(str(w) for w in network.config.widths)
     stem = f"{next(iter(tv.names))}.weight"  # layouts name the stem convolution first
     fitted = {}
-    for key, shape in _expected(modules, tv.head).items():
+    for key, shape in expected.items():
         tensor = state[key].float()
-        if not torch.isfinite(tensor).all():
-            raise WrongFileFormat(f"{label}: {key} holds NaN or infinite values")
+        check_finite(label, key, tensor)
         if key == stem and tensor.shape[1] == 3 and shape[1] == 1:
             tensor = tensor.sum(1, keepdim=True)  # a grey image is an RGB image with three equal channels
         if shape is not None and tuple(tensor.shape) != shape:

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from ..data.datasets import load_image, normalize_batch
-from ..errors import BadConfig, MissingData
+from ..errors import BadBudget, BadConfig, MissingData
 from ..modelfile.base import ModelFile
+from ..planning.plan import plan_budget_params
 from .runtime import SharedRuntime
 
 __all__ = ["Predictions", "image_files", "predict_images", "predict_under_budgets"]
@@ -127,9 +128,6 @@ def predict_under_budgets(
         BadConfig, BadBudget: a file without unit blocks or validation accuracy, no budget, a budget that does not
             parse or is a level, or a FIRST budget no plan fits (nothing runs yet to keep serving).
     """
-    from ..errors import BadBudget
-    from ..planning.plan import plan_budget_params
-
     _check_top(top)
     if not budgets:
         raise BadConfig("name at least one budget")
@@ -172,7 +170,6 @@ def _check_top(top: int) -> None:
 class _ImageSet:
     """The readable images as uint8 ``(C, H, W)`` per resize method, read once whatever runs on them."""
 
-    files: list[Path]
     readable: list[Path]
     unreadable: list[Path]
     by_resize: dict[str, dict[Path, torch.Tensor]]
@@ -199,7 +196,7 @@ class _ImageSet:
         readable = [path for path in files if path not in unreadable]
         if not readable:
             raise BadConfig(f"none of the {len(files)} file(s) could be read as an image")
-        return cls(files, readable, [path for path in files if path in unreadable], by_resize)
+        return cls(readable, [path for path in files if path in unreadable], by_resize)
 
 
 def _classify(

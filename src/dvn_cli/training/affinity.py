@@ -89,10 +89,10 @@ class AffinityWarmup:
                     flat.append(p.grad.detach().reshape(-1).to(torch.float64))
                 totals[i] = p.grad if totals[i] is None else totals[i] + p.grad
                 p.grad = None
-            per_task.append(torch.cat(flat) if flat else torch.zeros(1, dtype=torch.float64))
+            per_task.append(torch.cat(flat))  # every task uses the stem: never empty
         for p, total in zip(params, totals, strict=True):
             p.grad = total
-        grads = torch.stack([g.to(per_task[0].device) for g in per_task])  # (T, shared weights)
+        grads = torch.stack(per_task)  # (T, shared weights)
         unit = grads / grads.norm(dim=1, keepdim=True).clamp_min(1e-30)
         self.sums = self.sums + (unit @ unit.T).cpu().numpy()
         self.measured += 1

@@ -77,10 +77,15 @@ def multitask_loss(
         masked: run the full-width reference path (for benchmarks and tests).
     """
     losses = task_losses(network, batches, level_weights, distill, label_smoothing, masked)
-    total = torch.zeros((), device=batches[0][0].device)
+    return summed(losses), [float(task_loss.detach()) for task_loss in losses]
+
+
+def summed(losses: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The step's loss: the tasks' losses added in task order (the one place they are added)."""
+    total = torch.zeros((), device=losses[0].device)
     for task_loss in losses:
         total = total + task_loss
-    return total, [float(task_loss.detach()) for task_loss in losses]
+    return total
 
 
 def task_losses(
@@ -577,9 +582,7 @@ def _train_steps(run: _Run, observer: TrainObserver) -> TrainResult | None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
             losses = task_losses(network, batches, weights, cfg.distill, cfg.label_smoothing)
-            loss = torch.zeros((), device=device)
-            for task_loss in losses:
-                loss = loss + task_loss
+            loss = summed(losses)
         step_losses = [float(task_loss.detach()) for task_loss in losses]
         if not env.distributed:
             _check_finite(float(loss.detach()), run.step, run.paths)
