@@ -27,7 +27,7 @@ import torch
 from ..errors import BadConfig, WrongFileFormat
 from ..fsutil import first_line, refuse_non_regular, write_atomic
 from ..modelfile.container import check_finite, check_regular_file
-from .layers import LevelBatchNorm2d, UnitConv2d
+from .layers import LevelBatchNorm2d, UnitConv2d, take_channels
 from .units import UnitLayout
 
 __all__ = [
@@ -283,7 +283,7 @@ def _load_norm(module: LevelBatchNorm2d, state: dict[str, torch.Tensor], layout:
     """Each (task, level)'s private batch norm takes the pretrained entries of its own channels."""
     for t in range(layout.num_tasks):
         for level in range(1, layout.units + 1):
-            channels = torch.tensor(layout.channel_indices(module.num_channels, t, level), dtype=torch.int64)
+            channels = layout.selection(module.num_channels, t, level)
             norm = module.norm(t, level)
             for key, tensor in state.items():
-                getattr(norm, key).copy_(tensor[channels])
+                getattr(norm, key).copy_(take_channels(tensor, 0, channels))

@@ -18,6 +18,7 @@ there may be any number of them; the stream's state is ``(epoch, position)``, so
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -272,7 +273,9 @@ class StreamBatches:
             self.epoch, self.position = self.epoch + 1, 0
         if self._batches is None:
             dataset = _TrainBatches(self.data, self.batch_size, self.seed, self.task_index)
-            keys = _Keys(self.epoch, self.position, self.batches_per_epoch)
+            per_epoch = self.batches_per_epoch  # work items (epoch, position) from where the stream stands, no end
+            steps = itertools.count(self.epoch * per_epoch + self.position)
+            keys = ((step // per_epoch, step % per_epoch) for step in steps)
             self._batches = _guarded(_loader(dataset, keys, self.data.workers), self.data)
         images, labels, unreadable = next(self._batches)
         _refuse_unreadable(unreadable, self.data)
@@ -384,21 +387,6 @@ def _scan(root: Path, names: np.ndarray, channels: int, size: int, workers: int)
         part = slice(i * SCAN_CHUNK, i * SCAN_CHUNK + len(chunk_ok))
         ok[part], sums[part], squares[part] = chunk_ok.numpy(), chunk_sums.numpy(), chunk_squares.numpy()
     return ok, sums, squares
-
-
-class _Keys:
-    """Work items ``(epoch, position)`` of a training stream from where it stands, without end."""
-
-    def __init__(self, epoch: int, position: int, batches_per_epoch: int) -> None:
-        self.epoch, self.position, self.batches_per_epoch = epoch, position, batches_per_epoch
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, position = self.epoch, self.position
-        while True:
-            if position >= self.batches_per_epoch:
-                epoch, position = epoch + 1, 0
-            yield epoch, position
-            position += 1
 
 
 def _one_thread(worker_id: int) -> None:

@@ -53,11 +53,12 @@ def accuracy(
     batch_size: int = 500,
     device: str = "cpu",
 ) -> float:
-    """Top-1 accuracy (0..1) of ``forward`` on ``(images, labels)``."""
-    if len(labels) == 0:
-        return float("nan")
-    preds = predictions(forward, images, spec, batch_size, device)
-    return float((preds == labels).float().mean())
+    """Top-1 accuracy (0..1) of ``forward`` on ``(images, labels)`` (``count_correct`` over batches of them)."""
+    if batch_size < 1:
+        raise BadConfig(f"batch size {batch_size} must be at least 1")
+    batches = zip(images.split(batch_size), labels.split(batch_size), strict=True)
+    (correct,), seen = count_correct([forward], batches, spec, device)
+    return correct / seen if seen else float("nan")
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ reproduces an uninterrupted run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -100,7 +100,7 @@ class AffinityWarmup:
     def place(self, units: int) -> list[list[int]]:
         """Choose the placement from the measured affinity; the orders the network continues with."""
         self.placement = best_placement(self.matrix, units)
-        return placement_orders(self.placement.slots, units)
+        return self.orders(units)
 
     def orders(self, units: int) -> list[list[int]] | None:
         """The placement's orders, or None while warming up."""
@@ -108,10 +108,7 @@ class AffinityWarmup:
 
     def state(self) -> dict[str, Any]:
         """What ``--resume`` needs (JSON: floats round-trip exactly)."""
-        placement = None
-        if self.placement is not None:
-            p = self.placement
-            placement = {"slots": list(p.slots), "score": p.score, "given_score": p.given_score, "search": p.search}
+        placement = None if self.placement is None else asdict(self.placement)
         return {"steps": self.steps, "measured": self.measured, "sums": self.sums.tolist(), "placement": placement}
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -121,16 +118,7 @@ class AffinityWarmup:
             raise ValueError("the affinity warm-up in the state is not this run's")
         self.sums, self.measured = sums, int(state["measured"])
         placed = state.get("placement")
-        self.placement = (
-            None
-            if placed is None
-            else Placement(
-                tuple(int(s) for s in placed["slots"]),
-                float(placed["score"]),
-                float(placed["given_score"]),
-                str(placed["search"]),
-            )
-        )
+        self.placement = None if placed is None else Placement(**{**placed, "slots": tuple(placed["slots"])})
 
     def summary(self, units: int) -> dict[str, Any]:
         """What the checkpoint's training summary and ``dvn info`` show."""
