@@ -45,7 +45,7 @@ def peak_memory_mb(model_file: Path, batch: int, shape: tuple[int, ...]) -> floa
     """Peak resident memory (MB) added by loading ``model_file`` and running one batch, in a fresh process (Linux)."""
     code = f"""
 import torch
-from dvn_cli.modelfile.base import open_model
+from dvn_cli.modelfile.registry import open_model
 torch.set_num_threads({torch.get_num_threads()})
 x = torch.randn({batch}, *{shape})
 

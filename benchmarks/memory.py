@@ -46,7 +46,7 @@ CHILD = r"""
 import ctypes, gc, json, sys
 import torch
 from dvn_cli.deploy.runtime import SharedRuntime
-from dvn_cli.modelfile.base import open_model
+from dvn_cli.modelfile.registry import open_model
 import dvn_cli.modelfile.bundle, dvn_cli.modelfile.checkpoint, dvn_cli.modelfile.compact, dvn_cli.core.plain
 
 mode, files, warm_files, choices, threads = json.loads(sys.argv[1])

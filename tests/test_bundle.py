@@ -7,6 +7,7 @@ import torch
 
 from dvn_cli.core.cost import level_cost
 from dvn_cli.core.plain import PlainNetwork
+from dvn_cli.deploy.run import ModelRunner
 from dvn_cli.errors import BadConfig, UnknownTask, WrongFileFormat
 from dvn_cli.modelfile.bundle import BUNDLE_FORMAT, RUNNING_KEYS, load_bundle, save_bundle, stored_params
 from dvn_cli.modelfile.checkpoint import save_checkpoint
@@ -60,16 +61,17 @@ def test_bundle_forward_runs_all_tasks_from_one_shared_runtime(settled, tmp_path
     choices = CHOICE_SETS["overlapping"]
     bundle = load_bundle(save_bundle(settled, choices, tmp_path / "b.safetensors"))
     x = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(3))
-    forwards = {task: bundle.forward(task, level) for task, level in choices.items()}
-    runtime = bundle._runtime
+    runner = ModelRunner(bundle)
+    forwards = {task: runner.forward(task, level) for task, level in choices.items()}
+    runtime = runner.runtime
     assert runtime is not None and runtime.choices == choices
     assert runtime.held_params() == shared_memory_params(settled, choices)
     for task, level in choices.items():
         assert not isinstance(forwards[task], torch.nn.Module)
         torch.testing.assert_close(forwards[task](x), settled(x, task, level), atol=1e-5, rtol=1e-5)
-    assert bundle._runtime is runtime  # made once
+    assert runner.runtime is runtime  # made once
     with pytest.raises(UnknownTask, match="holds only"):
-        bundle.forward("task0", 4)
+        runner.forward("task0", 4)
 
 
 def test_shared_blocks_are_stored_once(settled, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dvn_cli import settings
 from dvn_cli.config import TaskSpec
 from dvn_cli.data.datasets import (
     DATASETS,
@@ -16,7 +17,6 @@ from dvn_cli.data.datasets import (
     augment_batch,
     channel_stats,
     convert_images,
-    default_data_root,
     iterate_split,
     load_task,
     native_shape,
@@ -232,11 +232,14 @@ def test_native_shape(image_folder: Path, tmp_path: Path):
         native_shape("nope")
 
 
-def test_default_data_root(monkeypatch):
+def test_data_root_comes_from_flag_then_env_then_fallback(monkeypatch):
     monkeypatch.delenv("DVN_DATA_ROOT", raising=False)
-    assert default_data_root() == "data"
+    assert settings.data_root() == "data"
+    assert settings.data_root(fallback="stored") == "stored"
     monkeypatch.setenv("DVN_DATA_ROOT", "/srv/datasets")
-    assert default_data_root() == "/srv/datasets"
+    assert settings.data_root() == "/srv/datasets"
+    assert settings.data_root(fallback="stored") == "/srv/datasets"
+    assert settings.data_root("flag", "stored") == "flag"
 
 
 MISSING_FOLDERS = {

@@ -24,9 +24,9 @@ from dvn_cli.deploy.export import MANIFEST_NAME, NonFiniteLogits, export_models
 from dvn_cli.deploy.prune import write_compact_level
 from dvn_cli.errors import CannotWrite, WrongFileFormat
 from dvn_cli.fsutil import safe_file_stem, write_atomic
-from dvn_cli.modelfile.base import open_model
 from dvn_cli.modelfile.checkpoint import save_checkpoint
 from dvn_cli.modelfile.container import METADATA_KEY
+from dvn_cli.modelfile.registry import open_model
 
 from .conftest import make_image_folder, tiny_config
 

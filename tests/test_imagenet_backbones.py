@@ -9,7 +9,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from dvn_cli.cli.app import app
-from dvn_cli.config import BackboneConfig, load_train_config
+from dvn_cli.config import BackboneConfig
 from dvn_cli.core.backbones import backbone_defaults, check_input_shape
 from dvn_cli.core.cost import level_cost
 from dvn_cli.core.layers import UnitDepthwiseConv2d
@@ -19,10 +19,11 @@ from dvn_cli.core.plain import extract_plain
 from dvn_cli.deploy.prune import write_compact_level
 from dvn_cli.deploy.runtime import CONV_MODES, SharedRuntime
 from dvn_cli.errors import BadConfig
-from dvn_cli.modelfile.base import open_model
 from dvn_cli.modelfile.bundle import save_bundle
 from dvn_cli.modelfile.checkpoint import Checkpoint, save_checkpoint
+from dvn_cli.modelfile.registry import open_model
 from dvn_cli.planning.plan import shared_memory_params
+from dvn_cli.training.train_config import load_train_config
 
 from .conftest import all_task_levels, tiny_tasks
 

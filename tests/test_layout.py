@@ -8,10 +8,11 @@ import sys
 import pytest
 
 from dvn_cli.core.plain import extract_plain
-from dvn_cli.modelfile.base import MODEL_FILES, ModelFile, open_model
+from dvn_cli.modelfile.base import ModelFile
 from dvn_cli.modelfile.bundle import save_bundle
 from dvn_cli.modelfile.checkpoint import save_checkpoint
 from dvn_cli.modelfile.compact import compact_spec, save_compact
+from dvn_cli.modelfile.registry import MODEL_FILES, open_model
 
 
 def test_file_helpers_reports_and_data_preparation_do_not_load_torch():

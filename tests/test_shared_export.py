@@ -291,39 +291,42 @@ def test_the_deploy_example_runs_a_shared_graph(shared_dir, tmp_path):
 def test_a_shared_export_folder_opens_as_a_model_file(checkpoint, shared_dir):
     import torch
 
-    from dvn_cli.modelfile.base import open_model
+    from dvn_cli.deploy.run import ModelRunner
+    from dvn_cli.modelfile.registry import open_model
     from dvn_cli.modelfile.shared import SharedExport
 
     model = open_model(shared_dir)
+    runner, reference = ModelRunner(model), ModelRunner(checkpoint)
     assert isinstance(model, SharedExport) and model.pairs() == [("task0", 2), ("task1", 3)]
     assert model.spec_of("task1", 3) == checkpoint.spec_of("task1", 3)
     assert model.task_spec("task0") == checkpoint.task_spec("task0") and model.split == checkpoint.split
     x = torch.from_numpy(_batch(4))
     for task, level in model.pairs():
-        got = model.forward(task, level)(x)
-        torch.testing.assert_close(got, checkpoint.forward(task, level)(x), atol=1e-4, rtol=0)
+        got = runner.forward(task, level)(x)
+        torch.testing.assert_close(got, reference.forward(task, level)(x), atol=1e-4, rtol=0)
     with pytest.raises(UnknownTask, match="holds only task0 level 2, task1 level 3"):
-        model.forward("task0", 4)
+        runner.forward("task0", 4)
     with pytest.raises(BadConfig, match="holds ONNX graphs"):
         model.plain_of("task0", 2)
     with pytest.raises(BadConfig, match=r"does not match the \(B, C, H, W\)"):
-        model.forward("task0", 2)(torch.zeros(2, 3, 10, 10))
+        runner.forward("task0", 2)(torch.zeros(2, 3, 10, 10))
 
 
 def test_a_budget_picks_the_largest_held_level_that_meets_it(checkpoint, tmp_path):
     from dvn_cli.errors import BadBudget
-    from dvn_cli.modelfile.base import open_model
+    from dvn_cli.modelfile.registry import open_model
+    from dvn_cli.planning.select import file_level
 
     export_shared(checkpoint, tmp_path / "levels", [("task0", 1), ("task0", 3), ("task0", 4)], check=False)
     model = open_model(tmp_path / "levels")
     level3 = checkpoint.cost_of("task0", 3).params_total
-    assert model.resolve_budget("task0", "3") == 3  # a held level, as a level budget
-    assert model.resolve_budget("task0", f"{level3 / 1000}k") == 3
-    assert model.resolve_budget("task0", f"{(level3 - 1) / 1000}k") == 1
+    assert file_level(model, "task0", "3") == 3  # a held level, as a level budget
+    assert file_level(model, "task0", f"{level3 / 1000}k") == 3
+    assert file_level(model, "task0", f"{(level3 - 1) / 1000}k") == 1
     with pytest.raises(BadBudget, match="holds only task0 levels 1, 3, 4, which do not meet"):
-        model.resolve_budget("task0", "2")
+        file_level(model, "task0", "2")
     with pytest.raises(BadBudget, match="do not meet budget 1B"):
-        model.resolve_budget("task0", "1B")
+        file_level(model, "task0", "1B")
 
 
 def test_cli_eval_info_and_predict_take_the_folder(checkpoint, shared_dir, tmp_path):

@@ -23,8 +23,8 @@ from dvn_cli.data.streaming import StreamedTask, open_task
 from dvn_cli.errors import DvnError, MissingData
 from dvn_cli.evaluation import evaluate as evaluate_module
 from dvn_cli.evaluation.evaluate import EvalOptions, evaluate_rows
-from dvn_cli.modelfile.base import open_model
 from dvn_cli.modelfile.checkpoint import load_checkpoint
+from dvn_cli.modelfile.registry import open_model
 from dvn_cli.training.loop import fit
 
 from .conftest import REPO, StopAt, make_image_folder, tiny_config, tiny_train_config

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dvn_cli.config import PRECISIONS, BackboneConfig, TrainConfig, check_types, load_train_config
+from dvn_cli.config import PRECISIONS, BackboneConfig, TrainConfig, check_types
 from dvn_cli.core.backbones import check_input_shape
 from dvn_cli.core.network import build_network
 from dvn_cli.errors import BadConfig
 from dvn_cli.modelfile.checkpoint import load_checkpoint
 from dvn_cli.modelfile.container import read_metadata
 from dvn_cli.training.loop import AUTOCAST_DTYPES
+from dvn_cli.training.train_config import load_train_config
 
 from .conftest import make_image_folder, tiny_tasks
 from .test_faults import _tiny_train_args, invoke, one_error_line, sha256

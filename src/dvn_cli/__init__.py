@@ -26,7 +26,7 @@ _PUBLIC = {
     "level_cost": "core.cost",
     "DataSplit": "modelfile.base",
     "ModelFile": "modelfile.base",
-    "open_model": "modelfile.base",
+    "open_model": "modelfile.registry",
     "Checkpoint": "modelfile.checkpoint",
     "load_checkpoint": "modelfile.checkpoint",
     "save_checkpoint": "modelfile.checkpoint",
@@ -37,6 +37,8 @@ _PUBLIC = {
     "save_bundle": "modelfile.bundle",
     "resolve_budget": "planning.budgets",
     "plan_levels": "planning.plan",
+    "select_pairs": "planning.select",
+    "ModelRunner": "deploy.run",
     "fit": "training.loop",
     "EvalOptions": "evaluation.evaluate",
     "evaluate_rows": "evaluation.evaluate",
@@ -45,7 +47,7 @@ _PUBLIC = {
     "export_shared": "deploy.shared_export",
     "SharedOrtRuntime": "deploy.ort_runtime",
     "SharedRuntime": "deploy.runtime",
-    "open_unit_source": "modelfile.base",
+    "open_unit_source": "modelfile.registry",
 }
 """Public name -> the module (under ``dvn_cli``) that defines it."""
 

@@ -28,7 +28,9 @@ __all__ = [
     "comparable",
     "config_differences",
     "from_dict",
-    "load_train_config",
+    "GivenSettings",
+    "build_train_config",
+    "given_settings",
     "read_config_file",
 ]
 
@@ -289,26 +291,25 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise BadConfig(f"config file {path} is not valid TOML: {exc}") from None
 
 
-def load_train_config(
-    file: str | os.PathLike[str] | None,
-    flags: Mapping[str, Any],
-    backbone_flags: Mapping[str, Any],
-    *,
-    resume: bool = False,
-) -> TrainConfig:
-    """The configuration of ``dvn train``: config file values, overridden by the flags the user gave.
+@dataclass(frozen=True)
+class GivenSettings:
+    """What the user gave ``dvn train``: config file values overridden by flags, type-checked, not yet resolved.
 
-    A new run takes the backbone's ``in_channels`` and ``input_size`` from its tasks' data when neither gives
-    them. With ``resume`` the run in ``out`` supplies every setting (see ``resumed_config``): what the file and
-    flags give must equal it, except the settings of ``NOT_COMPARED``. The data root is the flag, else
-    ``$DVN_DATA_ROOT``, else the file's (or the stored run's), else ``data``.
-
-    Args:
-        file: a TOML file of ``TrainConfig`` fields with an optional ``[backbone]`` table, or None.
-        flags: ``TrainConfig`` field -> flag value (None: not given).
-        backbone_flags: ``BackboneConfig`` field -> flag value (None: not given).
-        resume: continue the run in ``out`` with its stored configuration.
+    ``train`` holds ``TrainConfig`` fields, ``backbone`` ``BackboneConfig`` fields, ``width`` the ``--width``
+    multiplier (None: not given), ``data_root_flag`` the ``--data-root`` flag alone (it outranks the environment,
+    which outranks the file's). ``training.train_config.load_train_config`` resolves them into a ``TrainConfig``.
     """
+
+    train: dict[str, Any]
+    backbone: dict[str, Any]
+    width: float | None
+    data_root_flag: str | None
+
+
+def given_settings(
+    file: str | os.PathLike[str] | None, flags: Mapping[str, Any], backbone_flags: Mapping[str, Any]
+) -> GivenSettings:
+    """The settings of a TOML file (optional ``[backbone]`` table), overridden by the flags that are not None."""
     values = read_config_file(file) if file is not None else {}
     backbone = values.pop("backbone", {})
     if isinstance(values.get("tasks"), str):
@@ -322,80 +323,16 @@ def load_train_config(
     if isinstance(given.get("tasks"), str):
         given["tasks"] = [t.strip() for t in given["tasks"].split(",") if t.strip()]
     width = given_backbone.pop("width", None)
-    if resume:
-        if width is not None:
-            raise BadConfig("--resume takes the run's stored widths; drop --width")
-        return resumed_config(given, given_backbone, flags.get("data_root"))
-    if width is not None and "widths" in given_backbone:
-        raise BadConfig("give a width multiplier (--width) or the widths themselves (--widths), not both")
-    if given_backbone.get("arch", BackboneConfig.arch) != BackboneConfig.arch or width is not None:
-        from .core.backbones import backbone_defaults  # torch: only for a family other than the default
-
-        for key, value in backbone_defaults(given_backbone.get("arch", BackboneConfig.arch), width).items():
-            given_backbone.setdefault(key, value)
-    given["data_root"] = _data_root(flags.get("data_root"), given.get("data_root"))
-    if "in_channels" not in given_backbone or "input_size" not in given_backbone:
-        from .data.datasets import native_shape  # torch: only when the data has to be looked at
-
-        tasks = given.get("tasks") or list(TrainConfig.tasks)
-        shapes = [native_shape(t, given["data_root"]) for t in tasks]
-        given_backbone.setdefault("in_channels", max(c for c, _ in shapes))
-        given_backbone.setdefault("input_size", max(s for _, s in shapes))
-    return _build(given, given_backbone)
+    return GivenSettings(given, given_backbone, width, flags.get("data_root"))
 
 
-def _data_root(flag: str | None, other: str | None) -> str:
-    """``--data-root``, else ``$DVN_DATA_ROOT``, else ``other`` (the file's or the stored run's), else ``data``."""
-    from .data.datasets import DATA_ROOT_ENV
-
-    return flag or os.environ.get(DATA_ROOT_ENV) or other or "data"
-
-
-def _build(values: dict[str, Any], backbone: dict[str, Any]) -> TrainConfig:
-    values = {**values, "backbone": from_dict(BackboneConfig, backbone)}
+def build_train_config(values: Mapping[str, Any], backbone: Mapping[str, Any]) -> TrainConfig:
+    """A ``TrainConfig`` from field values, refusing unknown or ill-typed ones in one line."""
+    values = {**values, "backbone": from_dict(BackboneConfig, dict(backbone))}
     try:
         return from_dict(TrainConfig, values)
     except TypeError as exc:
         raise BadConfig(f"bad configuration: {exc}") from None
-
-
-def resumed_config(
-    given: Mapping[str, Any], given_backbone: Mapping[str, Any], data_root_flag: str | None = None
-) -> TrainConfig:
-    """The stored configuration of the run in ``given["out"]`` (default ``runs/dvn``), with the settings given.
-
-    A given setting that differs from the stored one is refused, naming it, unless it is one of
-    ``NOT_COMPARED`` (where the files live and how the run computes), which the given value replaces.
-    """
-    from .training.run_folder import RunPaths, stored_config  # torch: reads the training state
-
-    out = str(given.get("out") or TrainConfig.out)
-    stored = stored_config(RunPaths(Path(out)))
-    stored_backbone = dict(stored.pop("backbone", {}))
-    data_root = _data_root(data_root_flag, given.get("data_root") or stored.get("data_root"))
-    stored.update(out=out, data_root=data_root)
-    before = _build(stored, stored_backbone)
-    after = _build({**stored, **given, "data_root": data_root}, {**stored_backbone, **given_backbone})
-    differences = config_differences(comparable(before), after)
-    if len(differences) == 1:
-        name, old, new = differences[0]
-        raise BadConfig(
-            f"--resume: {name} differs from the run in {out} ({_plain(old)} stored, {_plain(new)} given); "
-            "drop the flag or train a new run"
-        )
-    if differences:
-        names = ", ".join(name for name, _, _ in differences)
-        detail = "; ".join(f"{name} {_plain(old)} stored, {_plain(new)} given" for name, old, new in differences)
-        raise BadConfig(
-            f"--resume: {names} differ from the run in {out} ({detail}); drop those flags or train a new run"
-        )
-    return after
-
-
-def _plain(value: Any) -> str:
-    if isinstance(value, list) and all(not isinstance(v, list) for v in value):
-        return ",".join(str(v) for v in value)
-    return json.dumps(value) if not isinstance(value, str) else value
 
 
 # --------------------------------------------------------------------------------- what --resume compares

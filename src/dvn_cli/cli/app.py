@@ -133,9 +133,9 @@ def train(
     Under torchrun (torchrun --nproc_per_node N -m dvn_cli train ...) it trains data-parallel: --batch-size
     stays the global batch per task, each process takes its share, and only rank 0 writes and prints.
     """
-    from ..config import load_train_config
     from ..training.distributed import detect_env
     from ..training.loop import TrainObserver, fit, resolve_device
+    from ..training.train_config import load_train_config
     from . import ui
 
     flags = {
@@ -281,7 +281,7 @@ EVAL_COLUMNS = [
 def _open(path: Path, formats: tuple[str, ...] | None = None):
     """The model file at ``path`` (any kind, or one of ``formats``); the default one missing says how to get it."""
     from ..errors import MissingData
-    from ..modelfile.base import open_model
+    from ..modelfile.registry import open_model
 
     if path == DEFAULT_CHECKPOINT and not path.exists():
         raise MissingData(f"no checkpoint at {path}; train one with 'dvn train' or pass -c FILE")
@@ -449,6 +449,7 @@ def export(
 ) -> None:
     """Deployable models of every (task, level), or of one (task, budget), with manifest.json."""
     from ..deploy.export import EXPORT_FORMATS, export_models
+    from ..planning.select import select_pairs
     from . import ui
 
     if format not in EXPORT_FORMATS:
@@ -457,7 +458,7 @@ def export(
         raise typer.BadParameter("--shared writes ONNX graphs; leave --format out", param_hint="--format")
     with user_errors():
         model = _open(checkpoint)
-        pairs = model.select(_names(task), budget)
+        pairs = select_pairs(model, _names(task), budget)
         if shared:
             from ..deploy.shared_export import export_shared
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .. import settings
 from ..config import TaskSpec
 from ..errors import BadConfig, MissingData, UnknownTask
 from .digits import DIGITS_FOLDER, load_digits
@@ -38,7 +39,6 @@ __all__ = [
     "augment_batch",
     "channel_stats",
     "convert_images",
-    "default_data_root",
     "iterate_split",
     "load_image",
     "load_task",
@@ -49,7 +49,6 @@ __all__ = [
     "task_string",
 ]
 
-DATA_ROOT_ENV = "DVN_DATA_ROOT"
 FOLDER_TEST_FRACTION = 0.2
 FOLDER_TEST_SEED = 0  # fixed, independent of --seed, so every run of a folder task sees the same test split
 FOLDER_SIZE_RANGE = (32, 64)
@@ -72,11 +71,6 @@ Loader = Callable[[Path, bool, bool], tuple[torch.Tensor, torch.Tensor, tuple[st
 
 TASK_NAME = re.compile(r"^[^\W_][\w.-]{0,63}$")
 """Task names ``dvn train`` accepts: letters of any script, digits, ``.``, ``_``, ``-``; never a path."""
-
-
-def default_data_root() -> str:
-    """The data root: ``$DVN_DATA_ROOT`` when set, else ``data``."""
-    return os.environ.get(DATA_ROOT_ENV) or "data"
 
 
 def parse_task(task: str) -> tuple[str, Path | None]:
@@ -712,7 +706,7 @@ def load_task(
     """
     check_load_arguments(channels, size, val_fraction, limit, val_limit)
     name, folder = parse_task(task)
-    root = Path(data_root if data_root is not None else default_data_root()).expanduser()
+    root = Path(data_root if data_root is not None else settings.data_root()).expanduser()
     if folder is None:
         if name not in DATASETS:
             raise _unknown_task(name)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from .. import settings
 from ..errors import BadConfig
 from ..fsutil import sha256_file, write_atomic
 from .digits import DIGITS_FILE, DIGITS_FOLDER, DIGITS_SHA256, sklearn_digits_file
@@ -325,9 +326,7 @@ def prepare_offline_data(
     Returns:
         Rows ``{"dataset", "status": "ready" | "prepared" | "missing", "path", "detail"}``.
     """
-    from .datasets import default_data_root
-
-    root = Path(data_root if data_root is not None else default_data_root())
+    root = Path(data_root if data_root is not None else settings.data_root())
     names = list(datasets)
     unknown = [name for name in names if name not in PREPARERS]
     if unknown:
@@ -349,9 +348,7 @@ def offline_data_status(
     verify: bool = True,
 ) -> list[dict[str, str]]:
     """Rows like ``prepare_offline_data``'s, status ``ready`` or ``missing``, without writing anything."""
-    from .datasets import default_data_root
-
-    root = Path(data_root if data_root is not None else default_data_root())
+    root = Path(data_root if data_root is not None else settings.data_root())
     rows = []
     for name in datasets:
         if name not in PREPARERS:

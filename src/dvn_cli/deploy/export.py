@@ -37,8 +37,9 @@ from .. import __version__
 from ..core.plain import PlainNetwork
 from ..errors import BadConfig, CannotWrite, DvnError, UnknownTask
 from ..fsutil import safe_file_stem, sha256_file, write_atomic
-from ..modelfile.base import ModelFile, open_model
+from ..modelfile.base import ModelFile
 from ..modelfile.compact import CompactSpec
+from ..modelfile.registry import open_model
 
 __all__ = [
     "CHECK_TOLERANCE",

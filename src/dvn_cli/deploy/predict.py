@@ -22,6 +22,8 @@ from ..data.datasets import load_image, normalize_batch
 from ..errors import BadBudget, BadConfig, MissingData
 from ..modelfile.base import ModelFile
 from ..planning.plan import plan_budget_params
+from ..planning.select import select_pairs
+from .run import ModelRunner
 from .runtime import SharedRuntime
 
 __all__ = ["Predictions", "image_files", "predict_images", "predict_under_budgets"]
@@ -79,7 +81,7 @@ def predict_images(
         model: any model file.
         paths: image files and folders of them.
         tasks: the tasks to run (default: all the file holds).
-        budget: what ``--budget`` picks per task (``ModelFile.select``); without one, each task's largest level.
+        budget: what ``--budget`` picks per task (``planning.select``); without one, each task's largest level.
         top: how many classes per image and task (fewer when the task has fewer).
         on_unreadable: called with each file that cannot be read as an image (it is skipped).
 
@@ -92,15 +94,11 @@ def predict_images(
     """
     _check_top(top)
     choices: dict[str, int] = {}
-    for task, level in model.select(tasks, budget):
+    for task, level in select_pairs(model, tasks, budget):
         choices[task] = max(level, choices.get(task, 0))
     specs = {task: model.spec_of(task, level) for task, level in choices.items()}
     images = _ImageSet.read(paths, specs, on_unreadable)
-    if model.holds_unit_blocks:
-        runtime = SharedRuntime.from_model(model, choices)
-        forwards = {task: (lambda x, task=task: runtime(x, task)) for task in choices}
-    else:
-        forwards = {task: model.forward(task, level) for task, level in choices.items()}
+    forwards = ModelRunner(model).forwards(choices)
     return Predictions(_classify(images, specs, forwards, choices, top), images.unreadable)
 
 

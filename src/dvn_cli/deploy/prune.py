@@ -14,6 +14,7 @@ from ..errors import BadConfig
 from ..fsutil import refuse_non_regular, safe_file_stem
 from ..modelfile.base import ModelFile
 from ..modelfile.compact import CompactModel, save_compact
+from ..planning.select import file_level
 
 __all__ = ["default_compact_path", "write_compact_level"]
 
@@ -40,7 +41,7 @@ def write_compact_level(
         raise BadConfig(
             f"{source.label} is already a {source.kind} ({held}); prune-level needs a checkpoint or a bundle"
         )
-    level = source.resolve_budget(task, budget)
+    level = file_level(source, task, budget)
     path = Path(out) if out is not None else default_compact_path(source, task, level)
     refuse_non_regular(path)
     if path.exists() and not force:

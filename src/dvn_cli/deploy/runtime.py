@@ -38,7 +38,8 @@ from ..config import BackboneConfig
 from ..core.plain import PlainNetwork, plain_config
 from ..core.units import BlockGrid
 from ..errors import BadConfig, UnknownTask, WrongFileFormat
-from ..modelfile.base import BlockKey, ModelFile, UnitParts, UnitSource, open_unit_source
+from ..modelfile.base import BlockKey, ModelFile, UnitParts, UnitSource
+from ..modelfile.registry import open_unit_source
 
 if TYPE_CHECKING:
     from ..planning.plan import Plan

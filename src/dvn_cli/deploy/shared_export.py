@@ -44,8 +44,9 @@ from torch import nn
 from .. import __version__
 from ..errors import BadConfig, DvnError
 from ..fsutil import safe_file_stem, sha256_file, write_atomic
-from ..modelfile.base import ModelFile, open_model
+from ..modelfile.base import ModelFile
 from ..modelfile.compact import CompactSpec
+from ..modelfile.registry import open_model
 from .export import (
     MANIFEST_NAME,
     MANIFEST_VERSION,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +17,11 @@ import torch
 from ..config import BackboneConfig, TaskSpec
 from ..data.datasets import iterate_split, load_task, normalize_batch, task_string
 from ..data.streaming import open_task
+from ..deploy.run import Forward, ModelRunner
 from ..errors import BadConfig, MissingData
 from ..modelfile.base import DataSplit, ModelFile
 from ..modelfile.compact import CompactSpec
+from ..planning.select import select_pairs
 
 __all__ = [
     "EvalOptions",
@@ -31,7 +33,6 @@ __all__ = [
     "predictions",
 ]
 
-Forward = Callable[[torch.Tensor], torch.Tensor]
 SPLITS = ("test", "val")
 
 
@@ -141,12 +142,13 @@ class EvalOptions:
 def evaluate_rows(model: ModelFile, options: EvalOptions | None = None) -> list[dict]:
     """One row per evaluated (task, level): units, sizes, MACs, top-1 on the split and, on request, latency.
 
-    Every (task, level) the file holds, or under ``options.budget`` one level per task (``ModelFile.select``);
+    Every (task, level) the file holds, or under ``options.budget`` one level per task (``planning.select``);
     a checkpoint runs its virtual networks, a bundle its shared runtime, a compact model its plain network
-    (``ModelFile.forward``).
+    (``deploy.run.ModelRunner``).
     """
     options = options or EvalOptions()
-    pairs = model.select(options.tasks, options.budget)
+    pairs = select_pairs(model, options.tasks, options.budget)
+    runner = ModelRunner(model)
     rows = []
     for task in dict.fromkeys(name for name, _ in pairs):
         levels = [level for name, level in pairs if name == task]
@@ -161,7 +163,7 @@ def evaluate_rows(model: ModelFile, options: EvalOptions | None = None) -> list[
             seed=model.split.seed,
             workers=options.workers,
         )  # a large folder task streams: its split is read batch by batch, once for all levels
-        forwards = [model.forward(task, level) for level in levels]
+        forwards = [runner.forward(task, level) for level in levels]
         batches = data.batches(options.split, 500, stop=options.limit)
         correct, samples = count_correct(forwards, batches, specs[levels[0]].task)
         if samples == 0:

@@ -1,15 +1,15 @@
-"""One reader for every dvn model file: ``open_model(path)`` and the ``ModelFile`` interface.
+"""The ``ModelFile`` interface every dvn model file answers, and the unit sources that shared runtimes read.
 
 A checkpoint (``dvn-checkpoint``: every task at every level), a compact model (``dvn-compact``: one (task, level)
 as a plain network) and a bundle (``dvn-bundle``: one level per task, shared unit blocks stored once) answer the
 same questions: which (task, level)s they hold, the plain network, spec and cost of one of them, how the
 training run split its data, and what the run reported. Commands ask these questions and never ask which kind
-of file they hold. A new kind registers its reader under its format name with ``register_model_file``.
+of file they hold. ``modelfile.registry.open_model`` reads any of them; which level a budget picks is planning's
+(``planning.select``) and how a kind runs is deployment's (``deploy.run``).
 """
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..errors import BadBudget, BadConfig, UnknownTask, WrongFileFormat
+from ..errors import BadConfig, UnknownTask, WrongFileFormat
 from ..fsutil import first_line, sha256_file
-from .container import check_finite, read_metadata
+from .container import check_finite
 
 if TYPE_CHECKING:
     from ..config import TaskSpec
@@ -33,20 +33,13 @@ if TYPE_CHECKING:
     from .compact import CompactSpec
 
 __all__ = [
-    "MODEL_FILES",
-    "UNIT_SOURCES",
     "BlockKey",
     "DataSplit",
     "ModelFile",
     "TensorReader",
     "UnitParts",
     "UnitSource",
-    "open_model",
-    "open_unit_source",
-    "register_model_file",
 ]
-
-Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -131,10 +124,6 @@ class ModelFile(ABC):
     def cost_of(self, task: str, level: int) -> LevelCost:
         return self.spec_of(task, level).cost
 
-    def forward(self, task: str, level: int) -> Forward:
-        """A function from a preprocessed batch to logits of (task, level)."""
-        return self.plain_of(task, level)
-
     def check_task(self, task: str) -> None:
         if task not in self.task_names():
             raise UnknownTask(f"unknown task {task!r}; {self.label} has: {', '.join(self.task_names())}")
@@ -144,47 +133,6 @@ class ModelFile(ABC):
         if (task, level) not in self.pairs():
             held = ", ".join(f"{name} level {lv}" for name, lv in self.pairs())
             raise UnknownTask(f"{self.label} holds only {held}; {verb} the full checkpoint for other levels")
-
-    def resolve_budget(self, task: str, budget: str) -> int:
-        """The level of ``task`` a budget selects in a file of fixed levels: the largest held level that meets it."""
-        from ..planning.budgets import describe_budget, parse_budget
-
-        self.check_task(task)
-        parsed = parse_budget(budget)
-        held = self.levels(task)
-
-        def meets(level: int) -> bool:
-            cost = self.cost_of(task, level)
-            return {
-                "level": parsed.value == level,
-                "params": cost.params_total <= parsed.value,
-                "bytes": cost.bytes <= parsed.value,
-                "share": True,  # a share of the full network, which this file does not hold: nothing to compare
-            }[parsed.kind]
-
-        fitting = [level for level in held if meets(level)]
-        if not fitting:
-            levels = (
-                f"level {held[0]}, which does" if len(held) == 1 else f"levels {', '.join(map(str, held))}, which do"
-            )
-            raise BadBudget(
-                f"{self.label} holds only {task} {levels} not meet budget "
-                f"{describe_budget(parsed)}; a {self.format} file holds fixed levels: use the full checkpoint for "
-                "other levels"
-            )
-        return max(fitting)
-
-    def select(self, tasks: Sequence[str] | None = None, budget: str | None = None) -> list[tuple[str, int]]:
-        """The (task, level)s that ``--task`` and ``--budget`` pick: every held level, or one level per task."""
-        names = list(tasks) if tasks else self.task_names()
-        twice = sorted({name for name in names if names.count(name) > 1})
-        if twice:
-            raise BadConfig(f"task(s) listed more than once: {', '.join(twice)}")
-        for name in names:
-            self.check_task(name)
-        if budget is None:
-            return [(name, level) for name in names for level in self.levels(name)]
-        return [(name, self.resolve_budget(name, budget)) for name in names]
 
 
 BlockKey = tuple[str, int, "int | None"]
@@ -374,50 +322,3 @@ class UnitSource(ABC):
                     state[f"head.{key}"] = tensor if columns is None else tensor[:, columns].contiguous()
                 parts.private[t, level] = state
         return parts
-
-
-MODEL_FILES: dict[str, Callable[[Path], ModelFile]] = {}
-"""Format name -> reader of that kind of model file."""
-
-UNIT_SOURCES: dict[str, Callable[[Path], UnitSource]] = {}
-"""Format name -> a lazy unit source of a file of that kind, read from its header alone (kinds that have one)."""
-
-
-def register_model_file(
-    fmt: str, reader: Callable[[Path], ModelFile], unit_source: Callable[[Path], UnitSource] | None = None
-) -> None:
-    """Make ``open_model`` read files of format ``fmt`` with ``reader(path)`` (and ``open_unit_source`` with
-    ``unit_source(path)``, for kinds that store unit blocks); names are unique."""
-    if fmt in MODEL_FILES:
-        raise ValueError(f"model file format {fmt!r} is already registered")
-    MODEL_FILES[fmt] = reader
-    if unit_source is not None:
-        UNIT_SOURCES[fmt] = unit_source
-
-
-def open_model(path: str | os.PathLike, formats: Sequence[str] | None = None) -> ModelFile:
-    """Read any dvn model file (or only those of ``formats``), refusing other files in one line."""
-    from . import bundle, checkpoint, compact, shared  # noqa: F401  (each registers its reader)
-
-    path = Path(path)
-    wanted = tuple(formats) if formats else tuple(MODEL_FILES)
-    if path.is_dir() and (path / "manifest.json").is_file():  # a folder model: a shared export
-        if shared.SHARED_EXPORT_FORMAT not in wanted:
-            raise WrongFileFormat(f"{path} is an export folder; expected a {' or '.join(wanted)} file")
-        return MODEL_FILES[shared.SHARED_EXPORT_FORMAT](path)
-    meta = read_metadata(path, wanted)
-    return MODEL_FILES[meta["format"]](path)
-
-
-def open_unit_source(path: str | os.PathLike) -> UnitSource:
-    """A lazy unit source of a checkpoint or bundle, reading only the file's header now (no weights).
-
-    What ``open_model(path).unit_source()`` gives, without loading the file's tensors first.
-    """
-    from . import bundle, checkpoint, compact  # noqa: F401  (each registers its reader)
-
-    path = Path(path)
-    meta = read_metadata(path, tuple(MODEL_FILES))
-    if meta["format"] not in UNIT_SOURCES:
-        return MODEL_FILES[meta["format"]](path).unit_source()  # refuses in one line
-    return UNIT_SOURCES[meta["format"]](path)

@@ -37,7 +37,7 @@ from ..core.plain import PlainNetwork, plain_config
 from ..core.units import BlockGrid
 from ..errors import BadConfig, UnknownTask, WrongFileFormat
 from ..fsutil import first_line
-from .base import DataSplit, Forward, ModelFile, TensorReader, UnitSource, register_model_file
+from .base import DataSplit, ModelFile, TensorReader, UnitSource
 from .compact import CompactSpec
 from .container import read_dvn_file, read_metadata, write_dvn_file
 
@@ -189,26 +189,10 @@ class Bundle(ModelFile):
     convs: dict[str, dict[str, Any]] = field(default_factory=dict)
     norms: list[str] = field(default_factory=list)
     split: DataSplit = field(default_factory=DataSplit)
-    _runtime: Any = field(default=None, init=False, repr=False, compare=False)  # made by the first ``forward``
 
     @property
     def training(self) -> dict[str, Any]:
         return {}
-
-    def forward(self, task: str, level: int) -> Forward:
-        """(task, level) run from ONE store of the bundle's blocks, shared by all its tasks.
-
-        The bundle exists to share: its default run path is a ``deploy.runtime.SharedRuntime`` of every task it
-        holds, made on first use, so evaluating or serving them all holds each block once. ``plain`` stays for an
-        ordinary module.
-        """
-        self.check_pair(task, level)
-        if self._runtime is None:
-            from ..deploy.runtime import SharedRuntime
-
-            self._runtime = SharedRuntime.from_model(self, self.choices)
-        runtime = self._runtime
-        return lambda x: runtime(x, task)
 
     def pairs(self) -> list[tuple[str, int]]:
         return list(self.choices.items())
@@ -415,6 +399,3 @@ def bundle_source(path: str | os.PathLike) -> BundleSource:
     except Exception as exc:  # safetensors raises its own type for broken files
         raise WrongFileFormat(f"{path} is damaged: its tensors cannot be read ({first_line(exc)})") from None
     return BundleSource(_bundle_of(meta, path, {}, names), TensorReader(str(path), path=path))
-
-
-register_model_file(BUNDLE_FORMAT, load_bundle, bundle_source)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,7 +20,7 @@ from ..core.network import DeepVirtualNetwork
 from ..core.plain import PlainNetwork, extract_plain
 from ..errors import BadConfig, WrongFileFormat
 from ..fsutil import first_line
-from .base import DataSplit, Forward, ModelFile, TensorReader, UnitSource, register_model_file
+from .base import DataSplit, ModelFile, TensorReader, UnitSource
 from .compact import CompactSpec, compact_spec
 from .container import read_dvn_file, read_metadata, write_dvn_file
 
@@ -75,21 +74,11 @@ class Checkpoint(ModelFile):
         self.check_pair(task, level)
         return level_cost(self.network, task, level)
 
-    def forward(self, task: str, level: int) -> Forward:
-        """The virtual network itself (gather path, eval mode): no copy of any weight."""
-        self.check_pair(task, level)
-        return partial(self.network.eval(), task=task, level=level)
-
     def check_task(self, task: str) -> None:
         self.network.task_index(task)
 
     def check_pair(self, task: str, level: int, verb: str = "use") -> None:
         self.network.resolve_pairs([(task, level)])
-
-    def resolve_budget(self, task: str, budget: str) -> int:
-        from ..planning.budgets import resolve_budget
-
-        return resolve_budget(self.network, task, budget)
 
     def unit_source(self) -> CheckpointSource:
         """Every (task, level)'s blocks, read lazily from the file (from memory for a checkpoint never written)."""
@@ -229,6 +218,3 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise WrongFileFormat(f"{path} does not match its own metadata ({first_line(exc)})") from None
     network.to(map_location)
     return Checkpoint(network=network, path=Path(path), training=meta.get("training", {}), meta=meta)
-
-
-register_model_file(CHECKPOINT_FORMAT, load_checkpoint, checkpoint_source)

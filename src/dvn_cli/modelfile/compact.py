@@ -22,7 +22,7 @@ from ..core.network import DeepVirtualNetwork
 from ..core.plain import PlainNetwork, plain_config
 from ..errors import BadConfig, WrongFileFormat
 from ..fsutil import first_line
-from .base import DataSplit, ModelFile, register_model_file
+from .base import DataSplit, ModelFile
 from .container import read_dvn_file, write_dvn_file
 
 __all__ = ["COMPACT_FORMAT", "CompactModel", "CompactSpec", "compact_spec", "load_compact", "save_compact"]
@@ -186,6 +186,3 @@ def load_compact(path: str | os.PathLike, map_location: str | torch.device = "cp
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError) as exc:
         raise WrongFileFormat(f"{path} does not match its own metadata ({first_line(exc)})") from None
     return CompactModel(plain=plain.to(map_location).eval(), spec=spec, path=Path(path))
-
-
-register_model_file(COMPACT_FORMAT, load_compact)

@@ -13,11 +13,9 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-
 from ..config import TaskSpec
 from ..errors import BadConfig, WrongFileFormat
-from .base import Forward, ModelFile, register_model_file
+from .base import ModelFile
 from .compact import CompactSpec
 
 __all__ = ["SHARED_EXPORT_FORMAT", "SharedExport"]
@@ -72,16 +70,6 @@ class SharedExport(ModelFile):
             "bundle it was exported from"
         )
 
-    def forward(self, task: str, level: int) -> Forward:
-        """(task, level) run by the folder's one ``SharedOrtRuntime``: a preprocessed batch in, logits out."""
-        self.check_pair(task, level)
-        runtime = self.runtime
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(runtime.run(task, level, x.detach().cpu().float().numpy()))
-
-        return run
-
     def describe(self) -> dict[str, Any]:
         manifest = self.runtime.manifest
         weights = manifest["weights"]
@@ -103,6 +91,3 @@ class SharedExport(ModelFile):
                 for (task, level), spec in self.specs.items()
             ],
         }
-
-
-register_model_file(SHARED_EXPORT_FORMAT, SharedExport)

@@ -1,0 +1,58 @@
+"""Running a model file's (task, level)s the way its kind is meant to run (docs/design.md §5).
+
+One dispatcher for ``dvn eval``, ``info`` and ``predict``: a checkpoint runs its virtual networks (no copy of a
+weight), a bundle runs every task it holds from ONE ``SharedRuntime`` (it exists to share), a shared export folder
+from its one ``SharedOrtRuntime``, a compact model as its plain network. Tasks that run at once (``forwards``) share
+one runtime for every file that holds unit blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import partial
+
+import torch
+
+from ..modelfile.base import ModelFile
+from ..modelfile.bundle import Bundle
+from ..modelfile.checkpoint import Checkpoint
+from ..modelfile.shared import SharedExport
+from .runtime import SharedRuntime
+
+__all__ = ["Forward", "ModelRunner"]
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+"""A preprocessed batch ``(B, C, H, W)`` in, logits ``(B, classes)`` out."""
+
+
+class ModelRunner:
+    """Forwards of one model file's (task, level)s; a runtime it makes is made once and kept here, not in the file."""
+
+    def __init__(self, model: ModelFile) -> None:
+        self.model = model
+        self.runtime: SharedRuntime | None = None  # a bundle's, made by the first ``forward``
+
+    def forward(self, task: str, level: int) -> Forward:
+        """A function from a preprocessed batch to logits of (task, level)."""
+        model = self.model
+        model.check_pair(task, level)
+        if isinstance(model, Checkpoint):
+            return partial(model.network.eval(), task=task, level=level)
+        if isinstance(model, Bundle):
+            if self.runtime is None:
+                self.runtime = SharedRuntime.from_model(model, model.choices)
+            return partial(self.runtime, task=task)
+        if isinstance(model, SharedExport):
+            return partial(_run_onnx, model.runtime, task, level)
+        return model.plain_of(task, level)
+
+    def forwards(self, choices: Mapping[str, int]) -> dict[str, Forward]:
+        """Forwards of tasks that run at once, one level each: a file of unit blocks runs them from one runtime."""
+        if self.model.holds_unit_blocks:
+            runtime = SharedRuntime.from_model(self.model, choices)
+            return {task: partial(runtime, task=task) for task in choices}
+        return {task: self.forward(task, level) for task, level in choices.items()}
+
+
+def _run_onnx(runtime, task: str, level: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(runtime.run(task, level, x.detach().cpu().float().numpy()))

@@ -1,0 +1,58 @@
+"""Which (task, level)s of a model file ``--task`` and ``--budget`` pick, for every kind of file.
+
+A checkpoint holds every level, so a budget resolves against the network's own level costs (``budgets.
+resolve_budget``); the other kinds hold fixed levels, and a budget picks the largest held level that meets it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..errors import BadBudget, BadConfig
+from ..modelfile.base import ModelFile
+from ..modelfile.checkpoint import Checkpoint
+from .budgets import describe_budget, parse_budget, resolve_budget
+
+__all__ = ["file_level", "select_pairs"]
+
+
+def file_level(model: ModelFile, task: str, budget: str) -> int:
+    """The level of ``task`` that ``budget`` selects in ``model``."""
+    if isinstance(model, Checkpoint):
+        return resolve_budget(model.network, task, budget)
+    model.check_task(task)
+    parsed = parse_budget(budget)
+    held = model.levels(task)
+
+    def meets(level: int) -> bool:
+        cost = model.cost_of(task, level)
+        return {
+            "level": parsed.value == level,
+            "params": cost.params_total <= parsed.value,
+            "bytes": cost.bytes <= parsed.value,
+            "share": True,  # a share of the full network, which this file does not hold: nothing to compare
+        }[parsed.kind]
+
+    fitting = [level for level in held if meets(level)]
+    if not fitting:
+        levels = f"level {held[0]}, which does" if len(held) == 1 else f"levels {', '.join(map(str, held))}, which do"
+        raise BadBudget(
+            f"{model.label} holds only {task} {levels} not meet budget {describe_budget(parsed)}; a {model.format} "
+            "file holds fixed levels: use the full checkpoint for other levels"
+        )
+    return max(fitting)
+
+
+def select_pairs(
+    model: ModelFile, tasks: Sequence[str] | None = None, budget: str | None = None
+) -> list[tuple[str, int]]:
+    """The (task, level)s that ``--task`` and ``--budget`` pick: every held level, or one level per task."""
+    names = list(tasks) if tasks else model.task_names()
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise BadConfig(f"task(s) listed more than once: {', '.join(twice)}")
+    for name in names:
+        model.check_task(name)
+    if budget is None:
+        return [(name, level) for name in names for level in model.levels(name)]
+    return [(name, file_level(model, name, budget)) for name in names]
