@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from dvn_cli import BackboneConfig, build_network
 from dvn_cli.core.backbones import backbone_defaults
 from dvn_cli.core.pretrained import init_from_torchvision
-from dvn_cli.data.datasets import load_task, normalize_batch
+from dvn_cli.data.batches import normalize_batch
+from dvn_cli.data.datasets import load_task
 from dvn_cli.training.loop import multitask_loss
 
 SIZE = 32

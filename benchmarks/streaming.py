@@ -42,7 +42,7 @@ def prepare(data_root: Path, out: Path, sizes: list[int]) -> None:
     import numpy as np
     from PIL import Image
 
-    from dvn_cli.data.datasets import DATASETS
+    from dvn_cli.data.registry import DATASETS
 
     for task, registered in zip(TASKS, ("mnist", "fashion-mnist"), strict=True):
         full = out / f"{task}-60000"

@@ -11,20 +11,10 @@ from PIL import Image
 
 from dvn_cli import settings
 from dvn_cli.config import TaskSpec
-from dvn_cli.data.datasets import (
-    DATASETS,
-    TaskBatches,
-    augment_batch,
-    channel_stats,
-    convert_images,
-    iterate_split,
-    load_task,
-    native_shape,
-    normalize_batch,
-    parse_task,
-    register_dataset,
-    task_string,
-)
+from dvn_cli.data.batches import TaskBatches, augment_batch, iterate_split, normalize_batch
+from dvn_cli.data.datasets import load_task, native_shape
+from dvn_cli.data.pixels import channel_stats, convert_images
+from dvn_cli.data.registry import DATASETS, parse_task, register_dataset, task_string
 from dvn_cli.errors import BadConfig, DvnError, MissingData, UnknownTask
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -11,9 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 from dvn_cli.cli.app import app
-from dvn_cli.data.datasets import DATASETS, load_task
+from dvn_cli.data.datasets import load_task
 from dvn_cli.data.digits import DIGITS_FILE, DIGITS_SHA256, DIGITS_TEST_FRACTION, load_digits, sklearn_digits_file
 from dvn_cli.data.prepare import offline_data_status, prepare_digits, prepare_offline_data
+from dvn_cli.data.registry import DATASETS
 from dvn_cli.errors import MissingData
 
 

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from dvn_cli.cli.app import app
 from dvn_cli.config import TrainConfig
-from dvn_cli.data.datasets import TaskBatches
+from dvn_cli.data.batches import TaskBatches
 from dvn_cli.errors import BadConfig, DvnError
 from dvn_cli.modelfile.checkpoint import STATE_FORMAT, load_checkpoint
 from dvn_cli.modelfile.container import read_dvn_file, read_metadata, write_dvn_file

@@ -18,7 +18,8 @@ from torch import nn
 from dvn_cli.core.cost import level_cost
 from dvn_cli.core.network import build_network
 from dvn_cli.core.plain import extract_plain
-from dvn_cli.data.datasets import convert_images, normalize_batch
+from dvn_cli.data.batches import normalize_batch
+from dvn_cli.data.pixels import convert_images
 from dvn_cli.deploy.export import (
     CHECK_TOLERANCE,
     check_onnx,

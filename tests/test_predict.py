@@ -15,7 +15,8 @@ from dvn_cli.cli.app import app
 from dvn_cli.config import TaskSpec
 from dvn_cli.core.network import build_network
 from dvn_cli.core.plain import extract_plain
-from dvn_cli.data.datasets import load_image, normalize_batch
+from dvn_cli.data.batches import normalize_batch
+from dvn_cli.data.pixels import load_image
 from dvn_cli.modelfile.bundle import save_bundle
 from dvn_cli.modelfile.checkpoint import save_checkpoint
 from dvn_cli.modelfile.compact import compact_spec, save_compact

@@ -18,7 +18,9 @@ from PIL import Image
 
 from dvn_cli.cli.app import app
 from dvn_cli.data import streaming
-from dvn_cli.data.datasets import DATASETS, load_task, normalize_batch, register_dataset
+from dvn_cli.data.batches import normalize_batch
+from dvn_cli.data.datasets import load_task
+from dvn_cli.data.registry import DATASETS, register_dataset
 from dvn_cli.data.streaming import StreamedTask, open_task
 from dvn_cli.errors import DvnError, MissingData
 from dvn_cli.evaluation import evaluate as evaluate_module

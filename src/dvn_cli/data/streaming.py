@@ -32,22 +32,11 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import DATA_MODES, TaskSpec
 from ..errors import BadConfig, DvnError, MissingData
 from ..fsutil import first_line
-from .datasets import (
-    AUGMENT_POLICIES,
-    TaskData,
-    _seeded_generator,
-    carve_folder,
-    carve_validation,
-    check_load_arguments,
-    folder_layout,
-    image_mode,
-    load_task,
-    mixed_seed,
-    normalize_batch,
-    parse_task,
-    read_image,
-    stats_from_sums,
-)
+from .batches import AUGMENT_POLICIES, mixed_seed, normalize_batch, seeded_generator
+from .datasets import TaskData, carve_validation, check_load_arguments, load_task
+from .folders import carve_folder, folder_layout
+from .pixels import image_mode, read_image, stats_from_sums
+from .registry import parse_task
 
 __all__ = [
     "STREAM_ABOVE_BYTES",
@@ -309,7 +298,7 @@ Task = TaskData | StreamedTask
 @functools.lru_cache(maxsize=2)
 def epoch_order(seed: int, task_index: int, epoch: int, n: int) -> torch.Tensor:
     """The order of a streamed task's ``n`` training images in ``epoch``: a permutation seeded by the arguments."""
-    return torch.randperm(n, generator=_seeded_generator(seed, task_index, epoch))
+    return torch.randperm(n, generator=seeded_generator(seed, task_index, epoch))
 
 
 def _augmenter(policy: str, size: int):

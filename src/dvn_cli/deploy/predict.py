@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..data.datasets import load_image, normalize_batch
+from ..data.batches import normalize_batch
+from ..data.pixels import load_image
 from ..errors import BadBudget, BadConfig, MissingData
 from ..modelfile.base import ModelFile
 from ..planning.plan import plan_budget_params

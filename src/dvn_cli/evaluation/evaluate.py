@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from ..config import BackboneConfig, TaskSpec
-from ..data.datasets import iterate_split, load_task, normalize_batch, task_string
+from ..data.batches import iterate_split, normalize_batch
+from ..data.datasets import load_task
+from ..data.registry import task_string
 from ..data.streaming import open_task
 from ..deploy.run import Forward, ModelRunner
 from ..errors import BadConfig, MissingData

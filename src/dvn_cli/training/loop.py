@@ -22,7 +22,7 @@ from ..config import PRECISIONS, TrainConfig, comparable, config_differences
 from ..core.backbones import check_input_shape
 from ..core.network import DeepVirtualNetwork, build_network
 from ..core.pretrained import init_from_file
-from ..data.datasets import TaskBatches
+from ..data.batches import TaskBatches
 from ..data.streaming import StreamBatches, Task, open_task
 from ..errors import BadConfig, DvnError, WrongFileFormat
 from ..evaluation.evaluate import count_correct
