@@ -359,7 +359,7 @@ def plan(
     """Choose a level per task for tasks that run AT ONCE under one shared memory budget."""
     from ..modelfile.bundle import save_bundle
     from ..modelfile.checkpoint import CHECKPOINT_FORMAT
-    from ..planning.plan import accuracy_from_training, plan_budget_params, plan_levels
+    from ..planning.plan import plan_for_budget
     from . import ui
 
     with user_errors():
@@ -367,10 +367,7 @@ def plan(
         network = ckpt.network
         names = list(_names(tasks) or network.task_names)
         task_weights = _parse_weights(weights) if weights else None
-        accuracy = accuracy_from_training(ckpt.training)
-        if not accuracy:
-            raise BadConfig(f"{checkpoint} has no validation accuracy to plan with; train it with dvn train")
-        chosen = plan_levels(network, plan_budget_params(network, budget, names), names, accuracy, task_weights)
+        chosen = plan_for_budget(network, ckpt.training, budget, names, task_weights, str(checkpoint))
         if bundle is not None:
             save_bundle(network, chosen.choices, bundle, ckpt.file_sha256, ckpt.training)
     result = chosen.to_dict()

@@ -28,7 +28,7 @@ import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +40,9 @@ from ..core.units import BlockGrid
 from ..errors import BadConfig, UnknownTask, WrongFileFormat
 from ..modelfile.base import BlockKey, ModelFile, UnitParts, UnitSource
 from ..modelfile.registry import open_unit_source
+from ..planning.plan import Plan, plan_for_budget
 
-if TYPE_CHECKING:
-    from ..planning.plan import Plan
-
-__all__ = ["CONV_MODES", "SharedRuntime", "plan_for_budget"]
+__all__ = ["CONV_MODES", "SharedRuntime"]
 
 ConvMode = Literal["assemble", "blockwise"]
 CONV_MODES: tuple[str, ...] = ("assemble", "blockwise")
@@ -316,7 +314,7 @@ class SharedRuntime:
         Returns:
             The ``planning.plan.Plan`` now running.
         """
-        plan = plan_for_budget(self.source, budget, list(tasks) if tasks else list(self._state.choices), weights)
+        plan = _plan(self.source, budget, list(tasks) if tasks else list(self._state.choices), weights)
         self.set_levels(plan.choices)
         return plan
 
@@ -326,7 +324,7 @@ class SharedRuntime:
     ) -> tuple[SharedRuntime, Plan]:
         """A runtime of a checkpoint whose tasks (default: all) start at the levels a shared budget plans."""
         source = model.unit_source()
-        plan = plan_for_budget(source, budget, list(tasks) if tasks else source.network.task_names)
+        plan = _plan(source, budget, list(tasks) if tasks else source.network.task_names)
         return cls(source, plan.choices, conv), plan
 
     # ------------------------------------------------------------------------------------------------ parts
@@ -404,24 +402,11 @@ class SharedRuntime:
         return plain.eval()
 
 
-def plan_for_budget(
-    source: UnitSource, budget: str, tasks: Sequence[str], weights: Mapping[str, float] | None = None
-) -> Plan:
-    """The levels of ``tasks`` that one shared budget plans (``planning.plan.plan_levels`` on validation accuracy).
-
-    Raises:
-        BadConfig: a file of fixed levels, or one without validation accuracy to plan with.
-        BadBudget: a budget no plan fits, or one that does not parse.
-    """
-    from ..planning.plan import accuracy_from_training, plan_budget_params, plan_levels
-
-    network, label = source.network, source.label
+def _plan(source: UnitSource, budget: str, tasks: Sequence[str], weights: Mapping[str, float] | None = None) -> Plan:
+    """``planning.plan.plan_for_budget`` on a unit source, refusing a file of fixed levels."""
     if source.fixed is not None:
-        raise BadConfig(f"{label} holds fixed levels; a budget needs the full checkpoint to choose from")
-    accuracy = accuracy_from_training(source.training)
-    if not accuracy:
-        raise BadConfig(f"{label} has no validation accuracy to plan with; use set_levels or a trained checkpoint")
-    return plan_levels(network, plan_budget_params(network, budget, tasks), tasks, accuracy, weights)
+        raise BadConfig(f"{source.label} holds fixed levels; a budget needs the full checkpoint to choose from")
+    return plan_for_budget(source.network, source.training, budget, tasks, weights, source.label)
 
 
 def _strip_layout(layout, grid: BlockGrid, pairs: Sequence[Pair]) -> list[tuple[tuple[int, ...], tuple | None]]:

@@ -54,6 +54,7 @@ __all__ = [
     "Plan",
     "accuracy_from_training",
     "plan_budget_params",
+    "plan_for_budget",
     "plan_levels",
     "separate_params",
     "shared_memory_params",
@@ -389,3 +390,26 @@ def plan_levels(
         units={network.task_names[t]: list(network.layout.level_units(t, lv)) for t, lv in choices.items()},
         left_out=[network.task_names[t] for t in indices if t not in choices],
     )
+
+
+def plan_for_budget(
+    network: DeepVirtualNetwork,
+    training: Mapping[str, Any],
+    budget: Budget | str,
+    tasks: Sequence[str],
+    weights: Mapping[str, float] | None = None,
+    label: str = "the checkpoint",
+) -> Plan:
+    """The levels of ``tasks`` that one shared budget plans, on the validation accuracy of a training summary.
+
+    The one orchestration of a shared budget: ``dvn plan``, ``SharedRuntime.set_budget``/``for_budget`` and
+    ``dvn predict --budgets`` all plan through it.
+
+    Raises:
+        BadConfig: ``training`` holds no validation accuracy to plan with.
+        BadBudget: a budget no plan fits, or one that does not parse.
+    """
+    accuracy = accuracy_from_training(training)
+    if not accuracy:
+        raise BadConfig(f"{label} has no validation accuracy to plan with; train it with dvn train")
+    return plan_levels(network, plan_budget_params(network, budget, tasks), tasks, accuracy, weights)
