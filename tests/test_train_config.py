@@ -261,3 +261,21 @@ def test_resume_refuses_flags_that_differ_from_the_stored_run(tasks, tmp_path):
     same = invoke(*args, "--resume", "--device", "cpu", "--precision", "bf16", "--data-root", tmp_path / "elsewhere")
     assert same.exit_code == 0, same.output
     assert load_checkpoint(run / "model.safetensors").training["config"]["precision"] == "bf16"
+
+
+def test_every_config_setting_is_a_train_option_with_the_help_it_declares():
+    """One place per setting: the options of ``dvn train`` are built from the config dataclasses' fields."""
+    import dataclasses
+
+    import typer
+
+    from dvn_cli.cli.app import app
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
+    fields = [f for cls in (BackboneConfig, TrainConfig) for f in dataclasses.fields(cls) if f.name != "backbone"]
+    for f in fields:
+        assert params[f.name].help == f.metadata["help"], f.name
+    assert set(params) == {f.name for f in fields} | {"width", "resume", "force", "config"}
+    assert params["units"].opts == ["--units", "-k"] and params["in_channels"].opts == ["--input-channels"]
+    assert params["channels_last"].secondary_opts == ["--no-channels-last"]  # a bool field gets both flags
+    assert params["download"].secondary_opts == []  # unless it declares its own

@@ -47,6 +47,17 @@ DATA_MODES = ("auto", "memory", "stream")
 at the input shape and holds the others in memory; ``memory`` and ``stream`` force one way for every folder task."""
 
 
+def setting(default: Any, help: str, *, flags: tuple[str, ...] = ()) -> Any:
+    """A config field and its command-line option in one place: ``dvn train`` builds its options from these.
+
+    Args:
+        default: the field's default.
+        help: the option's help text.
+        flags: the option's names when they are not ``--field-name`` (``--field-name/--no-field-name`` for a bool).
+    """
+    return field(default=default, metadata={"help": help, "flags": flags})
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """Shape of the physical network.
@@ -62,13 +73,13 @@ class BackboneConfig:
         stem_stride: stride of the first convolution (2 halves the cost on 28x28 digits).
     """
 
-    arch: str = "resnet"
-    depth: int = 14
-    widths: tuple[int, ...] = (32, 64, 128)
-    units: int = 4
-    in_channels: int = 1
-    input_size: int = 28
-    stem_stride: int = 1
+    arch: str = setting("resnet", "Backbone family: resnet (CIFAR-style, default), resnet18, mobilenetv2.")
+    depth: int = setting(14, "ResNet depth 6n+2.")
+    widths: tuple[int, ...] = setting((32, 64, 128), "Stage widths, e.g. 32,64,128.")
+    units: int = setting(4, "k: units per layer = number of levels.", flags=("--units", "-k"))
+    in_channels: int = setting(1, "Input channels, 1 or 3 (default: from tasks).", flags=("--input-channels",))
+    input_size: int = setting(28, "Input height and width (default: largest task's).")
+    stem_stride: int = setting(1, "Stride of the first convolution.")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -124,33 +135,39 @@ class TaskSpec:
 class TrainConfig:
     """Everything ``dvn train`` needs; saved in the checkpoint so a run can be read back and resumed."""
 
-    tasks: tuple[str, ...] = ("mnist", "fashion-mnist")
+    tasks: tuple[str, ...] = setting(
+        ("mnist", "fashion-mnist"), "Comma-separated tasks: dataset names or name=path/to/folder."
+    )
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    order_rule: str = "nearest"
-    order_table: tuple[tuple[int, ...], ...] | None = None
-    affinity_steps: int = 200
-    epochs: float = 3.0
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_steps: int = 100
-    label_smoothing: float = 0.0
-    level_weights: tuple[float, ...] | None = None
-    distill: float = 0.0
-    seed: int = 0
-    limit: int | None = None
-    val_fraction: float = 0.1
-    data_root: str = "data"
-    download: bool = False
-    data_mode: str = "auto"
-    workers: int = 2
-    augment: bool = True
-    channels_last: bool = True
-    device: str = "cpu"
-    precision: str = "fp32"
-    out: str = "runs/dvn"
-    init: str | None = None
+    order_rule: str = setting("nearest", "Unit order rule: nearest, cyclic, table or affinity (measured).")
+    order_table: tuple[tuple[int, ...], ...] | None = setting(
+        None, "Explicit orders for --order-rule table, e.g. '0,1,2,3;3,2,1,0'.", flags=("--orders",)
+    )
+    affinity_steps: int = setting(200, "Warm-up steps of --order-rule affinity (counted in the run's steps).")
+    epochs: float = setting(3.0, "Epochs over the largest task (may be fractional).")
+    batch_size: int = setting(128, "Images per task per step.")
+    lr: float = setting(0.1, "Peak learning rate (SGD, Nesterov, cosine).")
+    momentum: float = setting(0.9, "SGD momentum.")
+    weight_decay: float = setting(5e-4, "Weight decay of conv/linear weights.")
+    warmup_steps: int = setting(100, "Linear warm-up steps.")
+    label_smoothing: float = setting(0.0, "Label smoothing of the cross-entropy.")
+    level_weights: tuple[float, ...] | None = setting(None, "Loss weight per level, e.g. 1,1,1,1.")
+    distill: float = setting(0.0, "Distillation weight from the top level (0 = off).")
+    seed: int = setting(0, "Seed for a repeatable run.")
+    limit: int | None = setting(None, "At most N training images per task (quick runs).")
+    val_fraction: float = setting(0.1, "Share of training images held out.")
+    data_root: str = setting("data", "Dataset folder (default ./data or $DVN_DATA_ROOT).")
+    download: bool = setting(False, "Let torchvision download data.", flags=("--download",))
+    data_mode: str = setting(
+        "auto", "Folder tasks: auto (stream those over 256 MiB at the input shape), memory or stream."
+    )
+    workers: int = setting(2, "Processes decoding each streamed task (default 2).")
+    augment: bool = setting(True, "Data augmentation.")
+    channels_last: bool = setting(True, "Channels-last memory format for the training step.")
+    device: str = setting("cpu", "cpu, cuda or auto.")
+    precision: str = setting("fp32", "fp32, bf16 or fp16: autocast the training forward (fp16 scales gradients).")
+    out: str = setting("runs/dvn", "Run folder (default runs/dvn).")
+    init: str | None = setting(None, "Start from a torchvision state dict in safetensors (see dvn convert).")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import json
+import types
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +15,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
+from ..config import BackboneConfig, TrainConfig
 from ..errors import BadConfig, DvnError
 
 app = typer.Typer(
@@ -56,125 +61,75 @@ def main(
 # ------------------------------------------------------------------------------------------------- train
 
 
-def _int_list(text: str, what: str) -> list[int]:
+_HINTS = {**typing.get_type_hints(BackboneConfig), **typing.get_type_hints(TrainConfig)}
+_BACKBONE = {f.name for f in dataclasses.fields(BackboneConfig)}
+_SETTINGS = [f for f in (*dataclasses.fields(BackboneConfig), *dataclasses.fields(TrainConfig)) if f.name != "backbone"]
+"""The fields of the training configuration that are ``dvn train`` options, backbone first (``config.setting``)."""
+
+
+def _flags(f: dataclasses.Field) -> tuple[str, ...]:
+    name = f"--{f.name.replace('_', '-')}"
+    return f.metadata["flags"] or ((f"{name}/--no-{name[2:]}",) if _HINTS[f.name] is bool else (name,))
+
+
+def _option(f: dataclasses.Field) -> inspect.Parameter:
+    """The option of a config field, its help and flags from the field; None means not given, so the config file
+    and a resumed run's settings fill it. A list field is one string (``32,64,128``), parsed by ``_parse``."""
+    hint = _HINTS[f.name]
+    scalar = next((t for t in (bool, int, float, str) if hint in (t, t | None)), str)
+    option = typer.Option(*_flags(f), help=f.metadata["help"])
+    return inspect.Parameter(
+        f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[scalar | None, option]
+    )
+
+
+def _item(hint: object) -> object | None:
+    """``X`` for ``tuple[X, ...]`` or its optional, else None."""
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    hint = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    return typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else None
+
+
+def _parse(f: dataclasses.Field, value: object) -> object:
+    """A list option's string as its field's list: ``,`` between items, ``;`` between rows (``--orders``)."""
+    item = _item(_HINTS[f.name])
+    if item is None or value is None:
+        return value
+    row_item = _item(item)  # --orders: rows of integers
+    kind, rows = (row_item, value.split(";")) if row_item else (item, [value])
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        parsed = [[kind(v.strip()) for v in row.split(",") if v.strip()] for row in rows]
     except ValueError:
-        raise typer.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from None
+        words = {int: "integers", float: "numbers"}.get(kind, "values")
+        raise typer.BadParameter(f"must be comma-separated {words}, got {value!r}", param_hint=_flags(f)[0]) from None
+    return parsed if row_item else parsed[0]
 
 
-def _float_list(text: str, what: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
-
-
-@app.command()
 def train(
-    tasks: Annotated[
-        str | None, typer.Option(help="Comma-separated tasks: dataset names or name=path/to/folder.")
-    ] = None,
-    units: Annotated[int | None, typer.Option("--units", "-k", help="k: units per layer = number of levels.")] = None,
-    arch: Annotated[
-        str | None, typer.Option(help="Backbone family: resnet (CIFAR-style, default), resnet18, mobilenetv2.")
-    ] = None,
-    depth: Annotated[int | None, typer.Option(help="ResNet depth 6n+2.")] = None,
-    widths: Annotated[str | None, typer.Option(help="Stage widths, e.g. 32,64,128.")] = None,
+    *,
     width: Annotated[float | None, typer.Option(help="Width multiplier of the family's widths, e.g. 0.5.")] = None,
-    init: Annotated[
-        str | None, typer.Option(help="Start from a torchvision state dict in safetensors (see dvn convert).")
-    ] = None,
-    input_size: Annotated[int | None, typer.Option(help="Input height and width (default: largest task's).")] = None,
-    input_channels: Annotated[int | None, typer.Option(help="Input channels, 1 or 3 (default: from tasks).")] = None,
-    stem_stride: Annotated[int | None, typer.Option(help="Stride of the first convolution.")] = None,
-    order_rule: Annotated[
-        str | None, typer.Option(help="Unit order rule: nearest, cyclic, table or affinity (measured).")
-    ] = None,
-    orders: Annotated[
-        str | None, typer.Option(help="Explicit orders for --order-rule table, e.g. '0,1,2,3;3,2,1,0'.")
-    ] = None,
-    affinity_steps: Annotated[
-        int | None, typer.Option(help="Warm-up steps of --order-rule affinity (counted in the run's steps).")
-    ] = None,
-    epochs: Annotated[float | None, typer.Option(help="Epochs over the largest task (may be fractional).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per task per step.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (SGD, Nesterov, cosine).")] = None,
-    momentum: Annotated[float | None, typer.Option(help="SGD momentum.")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Weight decay of conv/linear weights.")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps.")] = None,
-    level_weights: Annotated[str | None, typer.Option(help="Loss weight per level, e.g. 1,1,1,1.")] = None,
-    distill: Annotated[float | None, typer.Option(help="Distillation weight from the top level (0 = off).")] = None,
-    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing of the cross-entropy.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for a repeatable run.")] = None,
-    limit: Annotated[int | None, typer.Option(help="At most N training images per task (quick runs).")] = None,
-    val_fraction: Annotated[float | None, typer.Option(help="Share of training images held out.")] = None,
-    augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="Data augmentation.")] = None,
-    data_root: Annotated[str | None, typer.Option(help="Dataset folder (default ./data or $DVN_DATA_ROOT).")] = None,
-    download: Annotated[bool | None, typer.Option("--download", help="Let torchvision download data.")] = None,
-    data_mode: Annotated[
-        str | None,
-        typer.Option(help="Folder tasks: auto (stream those over 256 MiB at the input shape), memory or stream."),
-    ] = None,
-    workers: Annotated[int | None, typer.Option(help="Processes decoding each streamed task (default 2).")] = None,
-    out: Annotated[str | None, typer.Option(help="Run folder (default runs/dvn).")] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out with its stored settings.")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a run already in --out.")] = False,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
-    precision: Annotated[
-        str | None, typer.Option(help="fp32, bf16 or fp16: autocast the training forward (fp16 scales gradients).")
-    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML file of these settings.")] = None,
+    **settings: object,
 ) -> None:
     """Train one DVN on several tasks; writes the checkpoint, training state and metrics into --out.
 
     Under torchrun (torchrun --nproc_per_node N -m dvn_cli train ...) it trains data-parallel: --batch-size
     stays the global batch per task, each process takes its share, and only rank 0 writes and prints.
     """
+    # Every option but --width, --resume, --force and --config is a field of config.TrainConfig or
+    # config.BackboneConfig, where its flag and help live (config.setting); the signature below is built from them.
     from ..training.distributed import detect_env
     from ..training.loop import TrainObserver, fit, resolve_device
     from ..training.train_config import load_train_config
     from . import ui
 
-    flags = {
-        "tasks": tasks,
-        "order_rule": order_rule,
-        "order_table": [_int_list(row, "--orders") for row in orders.split(";")] if orders else None,
-        "affinity_steps": affinity_steps,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "momentum": momentum,
-        "weight_decay": weight_decay,
-        "warmup_steps": warmup_steps,
-        "level_weights": _float_list(level_weights, "--level-weights") if level_weights else None,
-        "distill": distill,
-        "label_smoothing": label_smoothing,
-        "seed": seed,
-        "limit": limit,
-        "val_fraction": val_fraction,
-        "augment": augment,
-        "data_root": data_root,
-        "download": download,
-        "data_mode": data_mode,
-        "workers": workers,
-        "out": out,
-        "device": device,
-        "precision": precision,
-        "init": init,
-    }
-    backbone_flags = {
-        "arch": arch,
-        "depth": depth,
-        "widths": _int_list(widths, "--widths") if widths else None,
-        "width": width,
-        "units": units,
-        "in_channels": input_channels,
-        "input_size": input_size,
-        "stem_stride": stem_stride,
-    }
+    given = {f.name: _parse(f, settings[f.name]) for f in _SETTINGS}
+    flags = {name: value for name, value in given.items() if name not in _BACKBONE}
+    backbone_flags = {**{name: given[name] for name in _BACKBONE}, "width": width}
     with user_errors():
         main_rank = detect_env().is_main
     # Under torchrun every rank does the same work; only rank 0 shows progress, results and errors.
@@ -205,6 +160,14 @@ def train(
         f"{summary['images_per_second']:,.0f} img/s)",
     )
     ui.print_note(f"checkpoint: {result.checkpoint}")
+
+
+_OWN = [
+    p for p in inspect.signature(train, eval_str=True).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+]
+train.__signature__ = inspect.Signature([*map(_option, _SETTINGS), *_OWN])
+train.__annotations__ = {p.name: p.annotation for p in train.__signature__.parameters.values()}
+app.command()(train)
 
 
 @contextlib.contextmanager
