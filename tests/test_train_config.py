@@ -279,3 +279,19 @@ def test_every_config_setting_is_a_train_option_with_the_help_it_declares():
     assert params["units"].opts == ["--units", "-k"] and params["in_channels"].opts == ["--input-channels"]
     assert params["channels_last"].secondary_opts == ["--no-channels-last"]  # a bool field gets both flags
     assert params["download"].secondary_opts == []  # unless it declares its own
+
+
+def test_list_options_are_parsed_into_their_fields(tmp_path):
+    """``--orders`` rows, ``--widths`` and ``--level-weights`` lists reach the stored config as their fields."""
+    make_image_folder(tmp_path / "colours")
+    make_image_folder(tmp_path / "bands", ("top", "middle"), per_class=10)
+    tasks = f"colours={tmp_path / 'colours'},bands={tmp_path / 'bands'}"
+    args = _tiny_train_args(tasks, tmp_path / "run", tmp_path / "data", "--epochs", 0.2, "-k", 2)
+    extra = ["--order-rule", "table", "--orders", "0,1; 1,0", "--level-weights", "1,0.5", "--no-channels-last"]
+    result = invoke(*args, *extra)
+    assert result.exit_code == 0, result.output
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert stored["order_table"] == [[0, 1], [1, 0]] and stored["level_weights"] == [1.0, 0.5]
+    assert stored["backbone"]["widths"] == [8, 16, 32] and stored["channels_last"] is False
+    bad = invoke(*args, "--order-rule", "table", "--orders", "0,x")
+    assert bad.exit_code != 0 and "--orders" in bad.output and "comma-separated integers" in bad.output
