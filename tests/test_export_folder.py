@@ -94,6 +94,19 @@ def test_only_unchanged_plain_names_the_old_manifest_listed_are_removed(checkpoi
     ]  # fmt: skip
 
 
+def test_a_merge_skips_entries_that_are_not_what_dvn_writes(checkpoint, tmp_path):
+    out = tmp_path / "out"
+    export_models(checkpoint, out, [("task0", 1), ("task0", 2)], check=False)
+    (out / "task0-level2.onnx").unlink()
+    (out / "task0-level2.onnx").symlink_to(out / "task0-level1.onnx")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["models"][1]["sha256"] = manifest["models"][0]["sha256"]  # the link's target holds what it says
+    manifest["models"].append({"task": ["x"], "level": {}, "file": "task0-level1.onnx"})  # values that do not hash
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    merged = export_models(checkpoint, out, [("task1", 1)], check=False)
+    assert [m["file"] for m in merged["models"]] == ["task0-level1.onnx", "task1-level1.onnx"]  # the link is dropped
+
+
 def test_cli_names_the_files_it_left(checkpoint, tmp_path):
     out = tmp_path / "out"
     export_models(checkpoint, out, [("task0", 1)], check=False)

@@ -5,7 +5,8 @@ feeds its batch norm is fused with it (eval-mode statistics become a bias) and t
 registered export format. ``onnx`` is checked against PyTorch with onnxruntime; ``torch-export`` writes a
 ``torch.export`` program (``.pt2``). ``manifest.json`` beside the files says, per model, everything a deployer
 without dvn needs: file and sha256, classes in output order, cost, and the preprocessing of a raw image whose
-pixel values are scaled to 0..1 (docs/design.md §5).
+pixel values are scaled to 0..1 (docs/design.md §5). File names, the manifest and the staged swap that replaces
+an earlier export are ``export_folder``'s, shared with ``shared_export``; the checks here are shared too.
 
 ONNX uses PyTorch's TorchScript-based exporter (``dynamo=False``): it needs only ``onnx`` and ``onnxruntime``
 (the ``export`` extra), runs offline, and writes one self-contained file. The dynamo exporter would add
@@ -355,13 +356,13 @@ def _kept_models(out_dir: Path, old: dict[str, Any] | None, models: list[dict[st
     """Entries of an earlier manifest of the same source whose files still hold what it says; ours replace."""
     if old is None or old.get("layout") is not None:  # a shared export's graphs need its weights file: not kept
         return []
-    ours = {(m["task"], m["level"]) for m in models} | {m["file"] for m in models}
+    ours = [(m["task"], m["level"]) for m in models] + [m["file"] for m in models]  # a list: old values may not hash
     kept = []
     for m in old["models"]:
-        if (m.get("task"), m.get("level")) in ours or m.get("file") in ours or not is_export_file_name(m.get("file")):
+        if not is_export_file_name(m.get("file")) or (m.get("task"), m.get("level")) in ours or m["file"] in ours:
             continue
         file = out_dir / m["file"]
-        if file.is_file() and sha256_file(file) == m.get("sha256"):
+        if file.is_file() and not file.is_symlink() and sha256_file(file) == m.get("sha256"):
             kept.append(m)
     return kept
 
