@@ -245,15 +245,17 @@ class ExportStage:
         new manifest does not list. A failure before the manifest is in place puts the previous export back."""
         written = self.write_manifest(manifest)
         aside = self.staging / _REPLACED
-        aside.mkdir()
         for name in [*self.staged, MANIFEST_NAME]:
             target = self.out / name
             refuse_non_regular(target)
             replaced = target.exists()
             self.swapped.append((name, replaced))
-            if replaced:
-                os.replace(target, aside / name)
-            os.replace(self.staging / name, target)
+            try:
+                if replaced:
+                    os.replace(target, aside / name)
+                os.replace(self.staging / name, target)
+            except OSError as exc:
+                raise CannotWrite(target, exc.strerror or str(exc)) from None
         self.swapped.clear()  # the manifest is in place: the new export is the export
         self.committed = True
         return WrittenManifest(written, *self._remove_stale(written))
@@ -296,7 +298,9 @@ def _open_staging(out: Path) -> tuple[bool, Path]:
             raise CannotWrite(out, "it is a file, not a folder")
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
-        return created, Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out))
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out))
+        (staging / _REPLACED).mkdir()
+        return created, staging
     except CannotWrite:
         raise
     except OSError as exc:
