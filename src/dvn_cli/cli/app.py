@@ -425,6 +425,12 @@ def export(
             manifest = export_shared(model, out, pairs, check=check, force=force)
         else:
             manifest = export_models(model, out, pairs, check=check, format=format, force=force)
+    if manifest.removed:
+        ui.print_note(f"removed {len(manifest.removed)} files of the previous export: {', '.join(manifest.removed)}")
+    if manifest.left:
+        ui.print_warning(
+            f"left {len(manifest.left)} files the previous manifest listed, changed since: {', '.join(manifest.left)}"
+        )
     if json_output:
         typer.echo(json.dumps(manifest))
         return

@@ -5,7 +5,8 @@ feeds its batch norm is fused with it (eval-mode statistics become a bias) and t
 registered export format. ``onnx`` is checked against PyTorch with onnxruntime; ``torch-export`` writes a
 ``torch.export`` program (``.pt2``). ``manifest.json`` beside the files says, per model, everything a deployer
 without dvn needs: file and sha256, classes in output order, cost, and the preprocessing of a raw image whose
-pixel values are scaled to 0..1 (docs/design.md §5).
+pixel values are scaled to 0..1 (docs/design.md §5). File names, the manifest and the staged swap that replaces
+an earlier export are ``export_folder``'s, shared with ``shared_export``; the checks here are shared too.
 
 ONNX uses PyTorch's TorchScript-based exporter (``dynamo=False``): it needs only ``onnx`` and ``onnxruntime``
 (the ``export`` extra), runs offline, and writes one self-contained file. The dynamo exporter would add
@@ -17,13 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import importlib
 import io
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,29 +33,46 @@ from torch import nn
 
 from .. import __version__
 from ..core.plain import PlainNetwork
-from ..errors import BadConfig, CannotWrite, DvnError, UnknownTask
-from ..fsutil import safe_file_stem, sha256_file, write_atomic
+from ..errors import DvnError
+from ..fsutil import sha256_file, write_atomic
 from ..modelfile.base import ModelFile
 from ..modelfile.compact import CompactSpec
 from ..modelfile.registry import open_model
+from .export_folder import (
+    MANIFEST_NAME,
+    WrittenManifest,
+    build_manifest,
+    is_export_file_name,
+    model_entry,
+    pair_file_name,
+    preprocess_of,
+    requested_pairs,
+    source_entry,
+    staged_export,
+)
 
 __all__ = [
     "CHECK_TOLERANCE",
     "EXPORT_FORMATS",
     "MANIFEST_NAME",
     "ExportFormat",
+    "NonFiniteLogits",
     "check_onnx",
     "check_torch_program",
     "export_models",
     "export_onnx",
     "export_torch_program",
     "fold_batchnorm",
+    "import_optional",
+    "max_logit_difference",
+    "non_finite_stops_export",
     "preprocess_of",
     "register_export_format",
+    "stamp_onnx",
+    "task_inputs",
+    "trace_onnx",
 ]
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
 CHECK_TOLERANCE = 1e-4
 """Largest |exported - PyTorch| logit difference that callers should accept without a warning."""
 INSTALL_HINT = "pip install 'dvn-cli[export]'"
@@ -159,14 +174,39 @@ def non_finite_stops_export(label: str, task: str, level: int) -> Iterator[None]
         ) from None
 
 
-def _logit_difference(path: Path | str, got: torch.Tensor, expected: torch.Tensor) -> float:
-    """Largest |got - expected|; a non-finite logit on either side is an error naming the file."""
+def _logit_difference(label: Path | str, got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest |got - expected|; a non-finite logit on either side is an error naming ``label``."""
     if not (bool(torch.isfinite(got).all()) and bool(torch.isfinite(expected).all())):
-        raise NonFiniteLogits(f"{path} gives non-finite logits (NaN or infinity)")
+        raise NonFiniteLogits(f"{label} gives non-finite logits (NaN or infinity)")
     return float((got - expected).abs().max())
 
 
-def _import_optional(name: str):
+def max_logit_difference(
+    run: Callable[[torch.Tensor], torch.Tensor], plain: nn.Module, inputs: Inputs, label: Path | str
+) -> float:
+    """Largest |run(x) - plain(x)| over the sample batches of ``inputs``: how every export is checked.
+
+    Args:
+        run: the exported model as a batch -> logits function.
+        plain: the PyTorch model it was made from (compared in eval mode).
+        inputs: preprocessed image batches ``(B, C, H, W)``; the first image is also run alone. Default: seeded
+            noise of batch 1 and 4.
+        label: what a non-finite logit is blamed on.
+    """
+    worst = 0.0
+    for x in _sample_batches(plain, inputs):
+        worst = max(worst, _logit_difference(label, run(x), _reference_logits(plain, x)))
+    return worst
+
+
+def task_inputs(sample_inputs: torch.Tensor | Mapping[str, torch.Tensor] | None, task: str) -> Inputs:
+    """The sample batches of ``task``: one tensor for every task, or one per task name."""
+    if isinstance(sample_inputs, Mapping):
+        return sample_inputs.get(task)
+    return sample_inputs
+
+
+def import_optional(name: str):
     """Import ``name`` lazily, or say how to install the ``export`` extra."""
     try:
         return importlib.import_module(name)
@@ -175,31 +215,8 @@ def _import_optional(name: str):
 
 
 def _require_onnx() -> None:
-    _import_optional("onnx")
-    _import_optional("onnxruntime")
-
-
-def preprocess_of(spec: CompactSpec) -> dict[str, Any]:
-    """What turns a raw image (pixels scaled to 0..1) into this model's input, as in ``data.convert_images``.
-
-    Grey images are repeated to 3 channels, RGB goes to grey with the ITU-R 601-2 luma weights (PIL ``L``).
-    ``pad``: images no larger than height × width are zero-padded, centred; larger ones are resized bilinearly.
-    ``bilinear``: every image is resized bilinearly, a JPEG after decoding at the smallest of 1/2, 1/4, 1/8 of its
-    size still at least height × width (PIL ``draft``, as ``data.read_image`` reads it; libjpeg's scaled
-    decoding elsewhere). Then ``(x - mean) / std`` per channel.
-    """
-    channels = spec.backbone.in_channels
-    mean, std = list(spec.task.mean), list(spec.task.std)
-    if len(mean) == 1 and channels > 1:
-        mean, std = mean * channels, std * channels
-    return {
-        "channels": channels,
-        "height": spec.backbone.input_size,
-        "width": spec.backbone.input_size,
-        "resize": spec.task.resize,
-        "mean": mean,
-        "std": std,
-    }
+    import_optional("onnx")
+    import_optional("onnxruntime")
 
 
 # ------------------------------------------------------------------------------------------------ onnx
@@ -245,7 +262,7 @@ def stamp_onnx(model, spec: CompactSpec, producer: str, **extra: str) -> None:
 
 def _onnx_bytes(plain: PlainNetwork, spec: CompactSpec, opset: int) -> bytes:
     """Fold, export with a dynamic batch axis, stamp the spec into the model's metadata, check the graph."""
-    onnx = _import_optional("onnx")
+    onnx = import_optional("onnx")
     folded = fold_batchnorm(plain).cpu()
     model = onnx.load_from_string(trace_onnx(folded, plain.config, opset, constant_folding=True))
     stamp_onnx(model, spec, "dvn")
@@ -271,13 +288,11 @@ def check_onnx(path: str | os.PathLike, plain: nn.Module, inputs: Inputs = None)
         inputs: preprocessed image batches ``(B, C, H, W)``; the first image is also run alone. Default: seeded
             noise of batch 1 and 4.
     """
-    ort = _import_optional("onnxruntime")
+    ort = import_optional("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst = 0.0
-    for x in _sample_batches(plain, inputs):
-        (got,) = session.run(["logits"], {"input": x.numpy()})
-        worst = max(worst, _logit_difference(path, torch.from_numpy(got), _reference_logits(plain, x)))
-    return worst
+    return max_logit_difference(
+        lambda x: torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0]), plain, inputs, path
+    )
 
 
 # ------------------------------------------------------------------------------------------------ torch.export
@@ -305,11 +320,8 @@ def export_torch_program(plain: PlainNetwork, spec: CompactSpec, path: str | os.
 def check_torch_program(path: str | os.PathLike, plain: nn.Module, inputs: Inputs = None) -> float:
     """Largest absolute difference between the loaded ``.pt2`` program and PyTorch logits on sample batches."""
     program = torch.export.load(str(path)).module()
-    worst = 0.0
     with torch.no_grad():
-        for x in _sample_batches(plain, inputs):
-            worst = max(worst, _logit_difference(path, program(x), _reference_logits(plain, x)))
-    return worst
+        return max_logit_difference(program, plain, inputs, path)
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -341,104 +353,17 @@ register_export_format("torch-export", ExportFormat(".pt2", _torch_program_bytes
 # ------------------------------------------------------------------------------------------------ models
 
 
-def _pair_names(model: ModelFile, pairs: Sequence[tuple[int | str, int]] | None) -> list[tuple[str, int]]:
-    """(task name, level) of each requested pair (a task may be given by index), checked before anything is written."""
-    if pairs is None:
-        return model.pairs()
-    names = model.task_names()
-    resolved = []
-    for task, level in pairs:
-        if not isinstance(task, str):
-            if not 0 <= task < len(names):
-                raise UnknownTask(f"task index {task} out of range 0..{len(names) - 1}")
-            task = names[task]
-        model.check_pair(task, level, verb="export")
-        resolved.append((task, level))
-    twice = list(dict.fromkeys(p for p in resolved if resolved.count(p) > 1))
-    if twice:
-        raise BadConfig(f"(task, level) listed more than once: {', '.join(f'{t} level {lv}' for t, lv in twice)}")
-    return resolved
-
-
-def _source_entry(model: ModelFile, first_pair: tuple[str, int]) -> dict[str, Any]:
-    """What the manifest says about the file the models came from."""
-    spec = model.spec_of(*first_pair)
-    return {
-        "format": model.format,
-        "file": None if model.path is None else str(model.path),
-        "sha256": model.file_sha256 or None,
-        "checkpoint_sha256": spec.source_sha256 or None,
-        "k": spec.k,
-    }
-
-
-def _task_inputs(sample_inputs: torch.Tensor | Mapping[str, torch.Tensor] | None, task: str) -> Inputs:
-    if isinstance(sample_inputs, Mapping):
-        return sample_inputs.get(task)
-    return sample_inputs
-
-
-def read_manifest(out_dir: Path) -> dict[str, Any] | None:
-    """The manifest in ``out_dir`` (None when there is none), refusing one that dvn did not write."""
-    path = out_dir / MANIFEST_NAME
-    if not path.exists() and not path.is_symlink():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-        ok = isinstance(manifest, dict) and isinstance(manifest.get("source"), dict)
-        ok = ok and isinstance(manifest.get("models"), list) and all(isinstance(m, dict) for m in manifest["models"])
-    except (OSError, ValueError, RecursionError):
-        ok = False
-    if not ok:
-        raise DvnError(
-            f"{path} is not a dvn export manifest (damaged, or written by something else); "
-            "pass --force to replace it or -o for another folder"
-        )
-    return manifest
-
-
-def _check_replaceable(out_dir: Path, source: dict[str, Any]) -> dict[str, Any] | None:
-    """The earlier manifest of the same source in ``out_dir``; an export of another file is never replaced."""
-    old = read_manifest(out_dir)
-    if old is not None and old["source"].get("sha256") != source.get("sha256"):
-        raise DvnError(
-            f"{out_dir} holds an export of another file ({old['source'].get('file')}, "
-            f"sha256 {str(old['source'].get('sha256'))[:12]}); pass --force to replace it or -o for another folder"
-        )
-    return old
-
-
-def _prepare_dir(out_dir: Path) -> bool:
-    """Create ``out_dir`` (True when this call created it) and prove it takes a file, or say why not."""
-    try:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise CannotWrite(out_dir, "it is a file, not a folder")
-        created = not out_dir.exists()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except CannotWrite:
-        raise
-    except OSError as exc:
-        raise CannotWrite(out_dir, exc.strerror or str(exc)) from None
-    return created
-
-
 def _kept_models(out_dir: Path, old: dict[str, Any] | None, models: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Entries of an earlier manifest of the same source whose files still hold what it says; ours replace."""
     if old is None or old.get("layout") is not None:  # a shared export's graphs need its weights file: not kept
         return []
-    ours = {(m["task"], m["level"]) for m in models} | {m["file"] for m in models}
+    ours = [(m["task"], m["level"]) for m in models] + [m["file"] for m in models]  # a list: old values may not hash
     kept = []
     for m in old["models"]:
-        file = out_dir / str(m.get("file"))
-        if (
-            (m.get("task"), m.get("level")) in ours
-            or m.get("file") in ours
-            or Path(str(m.get("file"))).name != m.get("file")
-        ):
+        if not is_export_file_name(m.get("file")) or (m.get("task"), m.get("level")) in ours or m["file"] in ours:
             continue
-        if file.is_file() and sha256_file(file) == m.get("sha256"):
+        file = out_dir / m["file"]
+        if file.is_file() and not file.is_symlink() and sha256_file(file) == m.get("sha256"):
             kept.append(m)
     return kept
 
@@ -452,11 +377,11 @@ def export_models(
     format: str = "onnx",
     opset: int = 17,
     force: bool = False,
-) -> dict[str, Any]:
+) -> WrittenManifest:
     """Write one deployable file per (task, level) and ``manifest.json`` into ``out_dir``; never prints.
 
-    Every file is built and checked in a staging folder first; only when all succeed do they move into
-    ``out_dir``, so a failed export leaves the folder as it was.
+    Every file is built and checked in a staging folder first and swapped into place only when all succeed
+    (``export_folder.staged_export``), so a failed export leaves the folder as it was.
 
     Args:
         source: any dvn model file (``modelfile.open_model``), loaded or its path.
@@ -469,63 +394,25 @@ def export_models(
         force: replace an export of ANOTHER source, or a manifest dvn did not write, in ``out_dir``.
 
     Returns:
-        The manifest written (``models`` also keeps earlier entries of the same source file).
+        The manifest written (``models`` also keeps earlier entries of the same source file), with the files of
+        the previous export it no longer lists (``removed``, ``left``).
     """
     if format not in EXPORT_FORMATS:
         raise DvnError(f"unknown export format {format!r}; known: {', '.join(EXPORT_FORMATS)}")
     fmt = EXPORT_FORMATS[format]
     fmt.requires()
     model = source if isinstance(source, ModelFile) else open_model(source)
-    selected = _pair_names(model, pairs)
-    out = Path(out_dir)
-    source_entry = _source_entry(model, selected[0])
-    old = None if force else _check_replaceable(out, source_entry)
-    created = _prepare_dir(out)
-    staging = Path(tempfile.mkdtemp(prefix=".dvn-export-", dir=out))
-    try:
+    selected = requested_pairs(model, pairs)
+    source_info = source_entry(model, selected[0])
+    with staged_export(out_dir, source_info, force) as stage:
         models = []
         for task, level in selected:
             plain, spec = model.plain_of(task, level), model.spec_of(task, level)
-            name = f"{safe_file_stem(task)}-level{level}{fmt.suffix}"
+            name = pair_file_name(task, level, fmt.suffix)
             data = fmt.to_bytes(plain, spec, opset)
-            path = write_atomic(staging / name, data)
+            path = write_atomic(stage.file(name), data)
             with non_finite_stops_export(model.label, task, level):
-                diff = fmt.check(path, plain, _task_inputs(sample_inputs, task)) if check else None
-            models.append(_model_entry(spec, name, data, format, diff))
-        for entry in models:
-            os.replace(staging / entry["file"], out / entry["file"])
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    shutil.rmtree(staging, ignore_errors=True)
-    manifest = {
-        "dvn_version": __version__,
-        "manifest_version": MANIFEST_VERSION,
-        "source": source_entry,
-        "models": _kept_models(out, old, models) + models,
-    }
-    text = json.dumps(manifest, indent=2) + "\n"
-    write_atomic(out / MANIFEST_NAME, text.encode())
-    return json.loads(text)  # exactly what the file holds (tuples as lists)
-
-
-def _model_entry(spec: CompactSpec, name: str, data: bytes, format: str, diff: float | None) -> dict[str, Any]:
-    return {
-        "task": spec.task.name,
-        "level": spec.level,
-        "units": list(spec.units),
-        "file": name,
-        "format": format,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "bytes": len(data),
-        "params": spec.params,
-        "params_total": spec.params_total,
-        "macs": spec.macs,
-        "classes": list(spec.task.classes),
-        "preprocess": preprocess_of(spec),
-        "input": "input",
-        "output": "logits",
-        "check_max_abs_diff": diff,
-    }
+                diff = fmt.check(path, plain, task_inputs(sample_inputs, task)) if check else None
+            models.append(model_entry(spec, name, data, format, diff))
+        kept = [] if force else _kept_models(stage.out, stage.previous, models)
+        return stage.commit(build_manifest(source_info, kept + models))

@@ -11,18 +11,19 @@ import os
 from pathlib import Path
 
 from ..errors import BadConfig
-from ..fsutil import refuse_non_regular, safe_file_stem
+from ..fsutil import refuse_non_regular
 from ..modelfile.base import ModelFile
 from ..modelfile.compact import CompactModel, save_compact
 from ..planning.select import file_level
+from .export_folder import pair_file_name
 
 __all__ = ["default_compact_path", "write_compact_level"]
 
 
 def default_compact_path(source: ModelFile, task: str, level: int) -> Path:
-    """``<task>-level<l>.safetensors`` beside the source file, the task name made safe as a file name."""
+    """``<task>-level<l>.safetensors`` (``export_folder.pair_file_name``) beside the source file."""
     folder = source.path.parent if source.path is not None else Path.cwd()
-    return folder / f"{safe_file_stem(task)}-level{level}.safetensors"
+    return folder / pair_file_name(task, level, ".safetensors")
 
 
 def write_compact_level(

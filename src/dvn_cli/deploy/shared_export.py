@@ -26,12 +26,9 @@ open a graph on its own (it reads the external data itself), without the sharing
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,28 +38,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import __version__
 from ..errors import BadConfig, DvnError
-from ..fsutil import safe_file_stem, sha256_file, write_atomic
+from ..fsutil import sha256_file, write_atomic
 from ..modelfile.base import ModelFile
 from ..modelfile.compact import CompactSpec
 from ..modelfile.registry import open_model
 from .export import (
-    MANIFEST_NAME,
-    MANIFEST_VERSION,
-    _check_replaceable,
-    _import_optional,
-    _logit_difference,
-    _pair_names,
-    _prepare_dir,
-    _reference_logits,
-    _sample_batches,
-    _source_entry,
-    _task_inputs,
+    Inputs,
+    import_optional,
+    max_logit_difference,
     non_finite_stops_export,
-    preprocess_of,
     stamp_onnx,
+    task_inputs,
     trace_onnx,
+)
+from .export_folder import (
+    WrittenManifest,
+    build_manifest,
+    model_entry,
+    pair_file_name,
+    requested_pairs,
+    source_entry,
+    staged_export,
 )
 from .ort_runtime import (
     ALIGNMENT,
@@ -246,7 +243,7 @@ def shared_tensors(
 ) -> dict[str, np.ndarray]:
     """Every tensor the shared weights file of ``pairs`` holds (blocks once, private parts per pair), float32."""
     model = source if isinstance(source, ModelFile) else open_model(source)
-    selected = _pair_names(model, pairs)
+    selected = requested_pairs(model, pairs)
     split, names = _split_inputs(model), model.task_names()
     store = _Collector(model.label)
     for task, level in selected:
@@ -309,7 +306,7 @@ def _graph_bytes(
     opset: int,
 ) -> tuple[bytes, list[str]]:
     """ONNX bytes of one (task, level) whose weights are external ranges of the weights file; and their names."""
-    onnx = _import_optional("onnx")
+    onnx = import_optional("onnx")
     # The exporter merges initializers of equal value (e.g. the batch norms of an untrained network), which would
     # lose block names. The values written here are dropped below (the data is the weights file's), so every
     # parameter gets distinct noise for the export; the weights file's arrays are not touched.
@@ -340,13 +337,14 @@ def _graph_bytes(
     return model.SerializeToString(), sorted(used)
 
 
-def _check_pair(runtime: SharedOrtRuntime, task: str, level: int, plain: nn.Module, inputs, label: str) -> float:
-    worst = 0.0
+def _check_pair(
+    runtime: SharedOrtRuntime, task: str, level: int, plain: nn.Module, inputs: Inputs, label: str
+) -> float:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(runtime.run(task, level, x.numpy()))
+
     with non_finite_stops_export(label, task, level):
-        for x in _sample_batches(plain, inputs):
-            got = torch.from_numpy(runtime.run(task, level, x.numpy()))
-            worst = max(worst, _logit_difference(f"{task} level {level}", got, _reference_logits(plain, x)))
-    return worst
+        return max_logit_difference(run, plain, inputs, f"{task} level {level}")
 
 
 def export_shared(
@@ -358,13 +356,14 @@ def export_shared(
     opset: int = 17,
     force: bool = False,
     mode: str = "concat",
-) -> dict[str, Any]:
+) -> WrittenManifest:
     """Write the shared export of ``pairs`` into ``out_dir``: one weights file, one graph per pair, a manifest.
 
     Everything is built (and, with ``check``, run with ``SharedOrtRuntime`` against PyTorch) in a staging folder
-    inside ``out_dir`` and moved into place only when all succeeded; ``manifest.json`` moves last. The manifest
-    lists exactly this export (entries of an earlier export in the folder are not kept: its graphs may name
-    blocks the new weights file lacks).
+    inside ``out_dir`` and swapped into place only when all succeeded, ``manifest.json`` last
+    (``export_folder.staged_export``): a file in use is replaced, never rewritten. The manifest lists exactly this
+    export (entries of an earlier export in the folder are not kept: its graphs may name blocks the new weights
+    file lacks), and the earlier export's files it does not list are removed.
 
     Args:
         source: a checkpoint or a bundle (a compact model holds one pair: nothing to share), loaded or its path.
@@ -377,19 +376,15 @@ def export_shared(
         mode: ``concat`` (default) or ``blockwise``: see ``GRAPH_MODES``.
 
     Returns:
-        The manifest written.
+        The manifest written, with the files of the previous export it no longer lists (``removed``, ``left``).
     """
     if mode not in GRAPH_MODES:
         raise BadConfig(f"unknown graph mode {mode!r}; known: {', '.join(GRAPH_MODES)}")
-    onnx = _import_optional("onnx")
-    _import_optional("onnxruntime")
+    onnx = import_optional("onnx")
+    import_optional("onnxruntime")
     model = source if isinstance(source, ModelFile) else open_model(source)
-    selected = _pair_names(model, pairs)
+    selected = requested_pairs(model, pairs)
     split, names = _split_inputs(model), model.task_names()
-    out = Path(out_dir)
-    source_entry = _source_entry(model, selected[0])
-    if not force:
-        _check_replaceable(out, source_entry)
     store = _Collector(model.label)
     built = []
     for task, level in selected:
@@ -397,45 +392,26 @@ def export_shared(
         params = {id(p): n for n, p in module.named_parameters()}
         keys = {params[id(store_param)]: key for key, store_param in _params_by_key(module, store).items()}
         built.append((task, level, module, plain, spec, keys))
-    created = _prepare_dir(out)
-    staging = Path(tempfile.mkdtemp(prefix=".dvn-export-", dir=out))
-    try:
-        offsets = write_weights_file(staging / WEIGHTS_NAME, store.tensors)
+    source_info = source_entry(model, selected[0])
+    with staged_export(out_dir, source_info, force) as stage:
+        weights = stage.file(WEIGHTS_NAME)
+        offsets = write_weights_file(weights, store.tensors)
         models = []
         for task, level, module, plain, spec, keys in built:
             data, used = _graph_bytes(module, plain, spec, keys, store.tensors, offsets, opset)
-            name = f"{safe_file_stem(task)}-level{level}.onnx"
-            write_atomic(staging / name, data)
-            onnx.checker.check_model(str(staging / name))  # beside the weights file its external data names
-            models.append(_model_entry(spec, name, data, used))
-        manifest = {
-            "dvn_version": __version__,
-            "manifest_version": MANIFEST_VERSION,
-            "layout": SHARED_LAYOUT,
-            "shared_format_version": SHARED_FORMAT_VERSION,
-            "graph_mode": mode,
-            "source": source_entry,
-            "weights": _weights_entry(staging / WEIGHTS_NAME, store.tensors),
-            "models": models,
-        }
-        write_atomic(staging / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+            graph = write_atomic(stage.file(pair_file_name(task, level, ".onnx")), data)
+            onnx.checker.check_model(str(graph))  # beside the weights file its external data names
+            models.append(model_entry(spec, graph.name, data, SHARED_MODEL_FORMAT, tensors=used, spec=spec.to_dict()))
+        layout = {"layout": SHARED_LAYOUT, "shared_format_version": SHARED_FORMAT_VERSION, "graph_mode": mode}
+        manifest = build_manifest(source_info, models, **layout, weights=_weights_entry(weights, store.tensors))
         if check:
-            runtime = SharedOrtRuntime(staging)
+            stage.write_manifest(manifest)  # the runtime opens the staged folder
+            runtime = SharedOrtRuntime(stage.staging)
             for entry, (task, level, _, plain, _, _) in zip(models, built, strict=True):
-                inputs = _task_inputs(sample_inputs, task)
+                inputs = task_inputs(sample_inputs, task)
                 entry["check_max_abs_diff"] = _check_pair(runtime, task, level, plain, inputs, model.label)
             del runtime
-        text = json.dumps(manifest, indent=2) + "\n"
-        write_atomic(staging / MANIFEST_NAME, text.encode())
-        for file in [WEIGHTS_NAME, *(m["file"] for m in models), MANIFEST_NAME]:
-            os.replace(staging / file, out / file)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    shutil.rmtree(staging, ignore_errors=True)
-    return json.loads(text)
+        return stage.commit(manifest)
 
 
 def _params_by_key(module: nn.Module, store: _Collector) -> dict[str, nn.Parameter]:
@@ -460,26 +436,4 @@ def _weights_entry(path: Path, tensors: Mapping[str, np.ndarray]) -> dict[str, A
         "tensors": len(tensors),
         "data_bytes": sum(a.nbytes for a in tensors.values()),
         "stored_params": sum(a.size for a in tensors.values()),
-    }
-
-
-def _model_entry(spec: CompactSpec, name: str, data: bytes, used: list[str]) -> dict[str, Any]:
-    return {
-        "task": spec.task.name,
-        "level": spec.level,
-        "units": list(spec.units),
-        "file": name,
-        "format": SHARED_MODEL_FORMAT,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "bytes": len(data),
-        "params": spec.params,
-        "params_total": spec.params_total,
-        "macs": spec.macs,
-        "classes": list(spec.task.classes),
-        "preprocess": preprocess_of(spec),
-        "input": "input",
-        "output": "logits",
-        "check_max_abs_diff": None,
-        "tensors": used,
-        "spec": spec.to_dict(),  # what ``modelfile.shared.SharedExport`` reads back (predict, eval, info)
     }
