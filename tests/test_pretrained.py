@@ -26,9 +26,9 @@ from dvn_cli.core.pretrained import (
 from dvn_cli.core.units import UnitLayout
 from dvn_cli.errors import BadConfig, WrongFileFormat
 
-from .conftest import make_image_folder
+from .conftest import make_image_folder, require_module
 
-torchvision = pytest.importorskip("torchvision")
+torchvision = require_module("torchvision")
 runner = CliRunner()
 SIZE = 32
 TASKS = [
