@@ -143,9 +143,8 @@ def _make_stages(
     """
     stages, in_channels = [], widths[0]
     for width, stride, n in zip(widths, stage_strides(len(widths)), blocks, strict=True):
-        stages.append(
-            nn.ModuleList([block(in_channels, width, stride)] + [block(width, width, 1) for _ in range(n - 1)])
-        )
+        first = block(in_channels, width, stride)  # a projection shortcut where width or stride changes
+        stages.append(nn.ModuleList([first, *(block(width, width, 1) for _ in range(n - 1))]))
         in_channels = width
     return nn.ModuleList(stages)
 
