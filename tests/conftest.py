@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import random
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 import torch
@@ -96,11 +99,23 @@ def real_data_root(tmp_path_factory) -> Path:
     rows = prepare_offline_data(root)
     missing = [f"{r['dataset']}: {r['detail']}" for r in rows if r["status"] == "missing"]
     if missing:
-        message = "real data unavailable: " + "; ".join(missing)
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("real data unavailable: " + "; ".join(missing))
     return root
+
+
+def unavailable(message: str) -> NoReturn:
+    """Skip a test whose data or dependency this machine lacks; fail it under ``CI``, which must have everything."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_module(name: str) -> ModuleType:
+    """``pytest.importorskip`` that fails under ``CI``: a dependency the tests need must not skip silently there."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        unavailable(f"{name} is not installed ({exc})")
 
 
 def settle_batch_norm(network, steps: int = 3):

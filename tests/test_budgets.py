@@ -8,6 +8,8 @@ pair), batch-norm affine ``84 l`` (168 channels, 2 each), task0's head ``10*8 l 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from dvn_cli.errors import BadBudget, DvnError
@@ -187,6 +189,9 @@ def test_resolve_accepts_precomputed_costs(tiny_network):
     costs = level_costs(tiny_network, "task1")
     assert resolve_budget(tiny_network, "task1", "5.095k", costs=costs) == 2
     assert resolve_budget(tiny_network, "task1", "5.094k", costs=costs) == 1
+    # the given costs decide, not a count of the network: levels said to be 1000x smaller all fit
+    smaller = [replace(c, params=c.params // 1000, params_total=c.params_total // 1000) for c in costs]
+    assert resolve_budget(tiny_network, "task1", "5.094k", costs=smaller) == 4
 
 
 def test_resolve_on_non_contiguous_orders(scrambled_network):

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from dvn_cli.cli.app import app
 from dvn_cli.config import TrainConfig
+from dvn_cli.core.layers import UnitConv2d
 from dvn_cli.data.batches import TaskBatches
 from dvn_cli.errors import BadConfig, DvnError
 from dvn_cli.modelfile.checkpoint import STATE_FORMAT, load_checkpoint
@@ -220,8 +221,19 @@ class RecordLosses(TrainObserver):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_autocast_on_cpu_lowers_the_loss_and_keeps_float32_weights(tmp_path, precision):
-    record = RecordLosses()
-    result = fit(_cfg(tmp_path, precision=precision, epochs=6), observer=record, data=two_synthetic_tasks())
+    record, dtypes = RecordLosses(), set()
+
+    def convolution_dtype(module, _inputs, output) -> None:
+        if isinstance(module, UnitConv2d):
+            dtypes.add(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(convolution_dtype)
+    try:
+        result = fit(_cfg(tmp_path, precision=precision, epochs=6), observer=record, data=two_synthetic_tasks())
+    finally:
+        hook.remove()
+    expected = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert expected in dtypes  # the training convolutions ran in the precision asked for
     assert sum(record.losses[-3:]) < 0.8 * sum(record.losses[:3])
     state = load_checkpoint(result.checkpoint).network.state_dict()
     assert all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point())

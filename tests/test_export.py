@@ -116,7 +116,12 @@ def test_export_every_task_and_level_with_manifest(checkpoint, tmp_path):
 def test_export_one_pair_without_check_and_merge_with_earlier_export(checkpoint, tmp_path):
     first = export_models(checkpoint, tmp_path, pairs=[("task0", 1)], check=False)
     assert [(m["task"], m["level"], m["check_max_abs_diff"]) for m in first["models"]] == [("task0", 1, None)]
-    second = export_models(checkpoint, tmp_path, pairs=[(1, 3), ("task0", 1)], check=False)
+    kept = (tmp_path / "task0-level1.onnx").read_bytes()
+    merged = export_models(checkpoint, tmp_path, pairs=[(1, 3)], check=False)  # ANOTHER pair: the first stays
+    assert [(m["task"], m["level"]) for m in merged["models"]] == [("task0", 1), ("task1", 3)]
+    assert merged["models"][0] == first["models"][0] and (tmp_path / "task0-level1.onnx").read_bytes() == kept
+    assert json.loads((tmp_path / "manifest.json").read_text()) == merged
+    second = export_models(checkpoint, tmp_path, pairs=[(1, 3), ("task0", 1)], check=False)  # the same: replaced
     assert [(m["task"], m["level"]) for m in second["models"]] == [("task1", 3), ("task0", 1)]
 
 

@@ -25,7 +25,7 @@ from dvn_cli.modelfile.registry import open_model
 from dvn_cli.planning.plan import shared_memory_params
 from dvn_cli.training.train_config import load_train_config
 
-from .conftest import all_task_levels, tiny_tasks
+from .conftest import all_task_levels, require_module, tiny_tasks
 
 SIZE = 32
 ORDERS = [[0, 2, 1, 3], [3, 1, 0, 2], [1, 3, 2, 0]]  # non-contiguous unit sets: the index_select path runs too
@@ -113,7 +113,7 @@ def test_a_depthwise_unit_block_is_its_own_channels():
 
 
 def test_mobilenet_widths_follow_torchvision():
-    torchvision = pytest.importorskip("torchvision")
+    torchvision = require_module("torchvision")
     for multiplier in (0.25, 0.5, 1.0, 1.4):
         model = torchvision.models.mobilenet_v2(width_mult=multiplier)
         stage_ends = [1, 3, 6, 10, 13, 16, 17]
@@ -153,7 +153,7 @@ def test_prune_level_and_bundles_compute_the_virtual_network(arch, tmp_path):
 
 @ARCHS
 def test_onnx_exports_equal_torch_per_pair_and_shared(arch, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    ort = require_module("onnxruntime")
     from dvn_cli.deploy.export import export_models
     from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
     from dvn_cli.deploy.shared_export import export_shared

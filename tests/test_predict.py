@@ -199,13 +199,31 @@ def planned(setup):
     return save_checkpoint(network, base / "trained.safetensors", training={"val_accuracy": ACCURACY})
 
 
-def test_budgets_switch_one_runtime_and_every_row_equals_its_level(setup, planned):
+def test_budgets_switch_one_runtime_and_every_row_equals_its_level(setup, planned, monkeypatch):
+    from dvn_cli.deploy.runtime import SharedRuntime
     from dvn_cli.planning.plan import accuracy_from_training, plan_budget_params, plan_levels, shared_memory_params
 
+    made, switches = [], []  # every runtime made; (runtime, choices, blocks it newly holds) per set_levels
+    init, set_levels = SharedRuntime.__init__, SharedRuntime.set_levels
+
+    def counted_init(self, *args, **kwargs):
+        made.append(self)
+        init(self, *args, **kwargs)
+
+    def counted_set_levels(self, choices):
+        before = self.held_blocks()
+        result = set_levels(self, choices)
+        switches.append((self, result, self.held_blocks() - before))
+        return result
+
+    monkeypatch.setattr(SharedRuntime, "__init__", counted_init)
+    monkeypatch.setattr(SharedRuntime, "set_levels", counted_set_levels)
     base, network, *_ = setup
     folder = base / "images" / "red"
     result = invoke("predict", folder, "-c", planned, "--budgets", "100%,1B,35%", "--top", 2, "--json")
     assert result.exit_code == 0, result.output
+    assert len(made) == 1 and [runtime for runtime, *_ in switches] == made * 2  # opened once, switched once
+    assert switches[1][2] == set()  # going down from level 4 reads no block: they were all held already
     out = json.loads(result.stdout)
     full, small = out["switches"][0], out["switches"][2]
     assert full["choices"] == {"colours": 4, "digits": 4} and full["load_ms"] > 0

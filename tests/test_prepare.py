@@ -22,6 +22,8 @@ from dvn_cli.data.prepare import (
 )
 from dvn_cli.errors import BadConfig
 
+from .conftest import unavailable
+
 NAMES = list(FASHION_MNIST_SHA256)
 assert NAMES == list(MNIST_SHA256)
 
@@ -244,10 +246,7 @@ def test_status_writes_nothing(tmp_path: Path):
 def _require(row: dict[str, str]) -> None:
     """Fail under CI, skip elsewhere, when the real source cannot be had."""
     if row["status"] == "missing":
-        message = f"{row['dataset']} unavailable: {row['detail']}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{row['dataset']} unavailable: {row['detail']}")
 
 
 @pytest.mark.slow

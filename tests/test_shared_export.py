@@ -20,7 +20,7 @@ from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.compact import load_compact, save_compact
 from dvn_cli.planning.plan import shared_memory_params
 
-from .conftest import settle_batch_norm
+from .conftest import require_module, settle_batch_norm
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 runner = CliRunner()
@@ -100,7 +100,7 @@ def test_weights_file_holds_each_block_once_page_aligned(scrambled_network, scra
     assert sum(dtype.itemsize * int(np.prod(shape)) for dtype, shape, _ in index.values()) == 4 * union
     assert all(offset % ALIGNMENT == 0 for _, _, offset in index.values())
     assert path.stat().st_size < weights["data_bytes"] + ALIGNMENT * (len(index) + 1)
-    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    safetensors_numpy = require_module("safetensors.numpy")
     stored = safetensors_numpy.load_file(str(path))  # a valid safetensors file (padding tensors included)
     tensors = shared_tensors(scrambled_checkpoint, list(choices.items()))
     assert set(tensors) == set(index) == {k for k in stored if not k.startswith("__pad__.")}

@@ -25,12 +25,12 @@ from torch import nn
 
 from ..config import BackboneConfig
 from ..errors import BadConfig
-from .backbones import Backbone, register_backbone, total_stride_check
+from .family import Backbone, total_stride_check
 from .layers import LevelBatchNorm2d, UnitConv2d, UnitDepthwiseConv2d
 from .pretrained import ChannelSpace, TorchvisionLayout
 from .units import UnitLayout
 
-__all__ = ["PlainMobileNetV2", "UnitMobileNetV2"]
+__all__ = ["MOBILENETV2", "PlainMobileNetV2", "UnitMobileNetV2"]
 
 SETTINGS = ((1, 1, 1), (6, 2, 2), (6, 3, 2), (6, 4, 2), (6, 3, 1), (6, 3, 2), (6, 1, 1))
 """(expansion t, blocks n, stride of the first block s) of each stage, as in the paper's Table 2."""
@@ -207,13 +207,11 @@ def torchvision_layout(blocks: list[tuple[bool, bool]]) -> TorchvisionLayout:
     return TorchvisionLayout("mobilenet_v2", names, tuple(spaces), head="classifier.1")
 
 
-register_backbone(
-    "mobilenetv2",
-    Backbone(
-        unit=UnitMobileNetV2,
-        plain=PlainMobileNetV2,
-        check_input=total_stride_check(lambda c: c.stem_stride * 2 ** sum(1 for _, _, s in SETTINGS if s > 1)),
-        defaults={"depth": DEPTH, "widths": WIDTHS, "stem_stride": 2},
-        widths_at=widths_at,
-    ),
+MOBILENETV2 = Backbone(
+    unit=UnitMobileNetV2,
+    plain=PlainMobileNetV2,
+    check_input=total_stride_check(lambda c: c.stem_stride * 2 ** sum(1 for _, _, s in SETTINGS if s > 1)),
+    defaults={"depth": DEPTH, "widths": WIDTHS, "stem_stride": 2},
+    widths_at=widths_at,
 )
+"""torchvision's MobileNetV2, registered as ``mobilenetv2``."""
