@@ -295,28 +295,37 @@ def test_auto_budget_follows_an_injected_memory_source(model, tmp_path):
     network = model[1]
     full = 4 * shared_memory_params(network, {"task0": 4, "task1": 4})
     memory = tmp_path / "free"
-    memory.write_text(str(10 * full))
+    write_atomically(memory, str(10 * full))
     reserve = full // 2
     server = Served(
         model[0], "--budget", "auto", "--reserve", f"{reserve}B", "--memory-file", str(memory), "--poll", "0.05"
     )
     try:
         assert server.get("/v1/status")[1]["tasks"] == {"task0": 4, "task1": 4}
-        memory.write_text("0")  # nothing free: the reserve must come out of what is held
+        write_atomically(memory, "0")  # nothing free: the reserve must come out of what is held
         small = wait_for(server, lambda s: s["tasks"] != {"task0": 4, "task1": 4})
         assert small["held_bytes"] <= full - reserve and small["budget"].startswith("auto: ")
         assert server.predict(png())[0] == 200
         switches = small["switches"]
-        memory.write_text(str(reserve + small["held_bytes"] // 20))  # 5 % more room, within the margin: no switch
+        write_atomically(
+            memory, str(reserve + small["held_bytes"] // 20)
+        )  # 5 % more room, within the margin: no switch
         time.sleep(0.5)
         assert server.get("/v1/status")[1]["switches"] == switches
-        memory.write_text(str(10 * full))
+        write_atomically(memory, str(10 * full))
         grown = wait_for(server, lambda s: s["tasks"] == {"task0": 4, "task1": 4})
         assert grown["held_bytes"] == full
         assert server.budget("50%")[0] == 409  # the budget follows the memory
-        assert sum("budget auto: " in line for line in server.lines) == grown["switches"] >= 2
+        assert sum(line.startswith("budget auto: ") for line in server.lines) == grown["switches"] >= 2
     finally:
         assert server.stop() == 0, "".join(server.lines)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """The server may read the file at any time: never let it see half a number."""
+    part = path.with_suffix(".part")
+    part.write_text(text)
+    part.replace(path)
 
 
 def wait_for(server: Served, condition) -> dict:
@@ -420,3 +429,24 @@ def test_a_shared_export_folder_is_served(model, tmp_path):
         assert [r["level"] for r in server.predict(png())[1]["rows"]] == [2, 3]
     finally:
         assert server.stop() == 0, "".join(server.lines)
+
+
+def test_waiting_predictions_for_the_same_tasks_form_one_batch():
+    """The worker's grouping: in order, a switch alone, same-task predictions together up to max_batch images."""
+    from dvn_cli.deploy.predict import ImageSet
+    from dvn_cli.deploy.serve import _groups, _Predict, _Switch
+
+    def job(tasks, n):
+        return _Predict(tasks, ImageSet([f"i{k}" for k in range(n)], [], {}), 5)
+
+    a1, a2, b, switch, a3, a4 = (
+        job(("a",), 2),
+        job(("a",), 3),
+        job(("b",), 1),
+        _Switch({}),
+        job(("a",), 4),
+        job(("a",), 1),
+    )
+    assert _groups([a1, a2, b, switch, a3, a4, None], max_batch=5) == [[a1, a2], [b], [switch], [a3, a4], None]
+    assert _groups([a1, a2, a3], max_batch=4) == [[a1], [a2], [a3]]  # 2 + 3 > 4
+    assert _groups([a1, a2], max_batch=1) == [[a1], [a2]]

@@ -77,7 +77,8 @@ def system_memory() -> int:
 
 
 def file_memory(path: str | os.PathLike) -> MemorySource:
-    """A source that reads a whole number of bytes from ``path`` at each reading (tests and benchmarks write it)."""
+    """A source that reads a whole number of bytes from ``path`` at each reading (tests and benchmarks write it,
+    by renaming a new file over it: a reading of half a number is an error, said once, and the levels stay)."""
     path = Path(path)
 
     def read() -> int:
