@@ -502,3 +502,52 @@ def predict(
         typer.echo(json.dumps({"rows": result.rows} | ({"switches": result.switches} if budgets else {})))
         return
     ui.show_predictions(result.rows)
+
+
+# --------------------------------------------------------------------------------------------------- serve
+
+
+@app.command()
+def serve(
+    checkpoint: CheckpointOption = DEFAULT_CHECKPOINT,
+    host: Annotated[str, typer.Option(help="Address to listen on; loopback unless you say otherwise.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: a free one, named on stderr).")] = 8000,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="A shared budget as dvn plan takes (30%, 2MB), or auto: follow the memory the device has. "
+            "Default: each task's largest level."
+        ),
+    ] = None,
+    reserve: Annotated[str, typer.Option(help="With --budget auto: memory to leave free (e.g. 500MB).")] = "0B",
+    max_body: Annotated[int, typer.Option(help="Largest request body, in bytes.")] = 8 * 2**20,
+    max_pixels: Annotated[int, typer.Option(help="Largest image, in pixels (checked before decoding).")] = 4096**2,
+    max_batch: Annotated[int, typer.Option(help="Most images of concurrent requests run as one batch.")] = 32,
+    memory_file: Annotated[Path | None, typer.Option(hidden=True)] = None,
+    poll: Annotated[float, typer.Option(hidden=True)] = 1.0,
+    per_pair: Annotated[bool, typer.Option("--per-pair", hidden=True)] = False,
+) -> None:
+    """Serve every task of a model file over HTTP: POST /v1/predict, PUT /v1/budget, GET /v1/status, /metrics.
+
+    -c takes a checkpoint or a bundle (every task from one block store) or a shared export folder (onnxruntime).
+    SIGTERM finishes the requests in flight and exits 0.
+    """
+    from ..deploy.memory_source import reserve_bytes
+    from ..deploy.serve import ServeOptions
+    from ..deploy.serve import serve as run_server
+    from . import ui
+
+    with user_errors():
+        options = ServeOptions(
+            host=host,
+            port=port,
+            budget=budget,
+            reserve=reserve_bytes(reserve),
+            memory_file=memory_file,
+            poll_s=poll,
+            per_pair=per_pair,
+            max_batch=max_batch,
+            max_body=max_body,
+            max_pixels=max_pixels,
+        )
+        run_server(_open(checkpoint), options, ui.print_note)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -109,12 +110,12 @@ def convert_images(images: torch.Tensor, channels: int, size: int) -> tuple[torc
     return out, "bilinear"
 
 
-def read_image(path: Path, mode: str, size: int | None) -> np.ndarray | None:
-    """One image as a uint8 array ``(size, size[, 3])`` (its own size when ``size`` is None), or None when PIL
-    cannot read it.
+def read_image(path: Path | IO[bytes], mode: str, size: int | None) -> np.ndarray | None:
+    """One image (a file, or an open binary stream) as a uint8 array ``(size, size[, 3])`` (its own size when
+    ``size`` is None), or None when PIL cannot read it.
 
-    The one decoder of folder images: training in memory, streaming workers, ``dvn eval`` and ``dvn predict`` all
-    read through it, so all see the same pixels. The resize is PIL's bilinear filter (what
+    The one decoder of folder images: training in memory, streaming workers, ``dvn eval``, ``dvn predict`` and
+    ``dvn serve`` all read through it, so all see the same pixels. The resize is PIL's bilinear filter (what
     ``torchvision.transforms.v2.Resize`` runs on a PIL image), as the export manifest documents.
     """
     try:
@@ -136,9 +137,9 @@ def image_mode(channels: int) -> str:
     return "L" if channels == 1 else "RGB"
 
 
-def load_image(path: Path, channels: int, size: int, resize: str) -> torch.Tensor | None:
-    """One image file as a model input, uint8 ``(channels, size, size)``, converted as its task's training images
-    were; None when PIL cannot read it.
+def load_image(path: Path | IO[bytes], channels: int, size: int, resize: str) -> torch.Tensor | None:
+    """One image file (or binary stream) as a model input, uint8 ``(channels, size, size)``, converted as its
+    task's training images were; None when PIL cannot read it.
 
     ``bilinear`` (folder tasks): read in the model's mode and resized by PIL, as folders are read for training.
     ``pad`` (datasets of small images): read at its own size, then ``convert_images`` (zero-padded, centred, when

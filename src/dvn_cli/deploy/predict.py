@@ -9,9 +9,10 @@ levels between them, as a device whose free memory changes would.
 
 from __future__ import annotations
 
+import io
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from ..planning.select import select_pairs
 from .run import ModelRunner
 from .runtime import SharedRuntime
 
-__all__ = ["Predictions", "image_files", "predict_images", "predict_under_budgets"]
+__all__ = ["ImageSet", "Predictions", "classify", "image_files", "predict_images", "predict_under_budgets"]
 
 BATCH_SIZE = 64
 
@@ -98,9 +99,9 @@ def predict_images(
     for task, level in select_pairs(model, tasks, budget):
         choices[task] = max(level, choices.get(task, 0))
     specs = {task: model.spec_of(task, level) for task, level in choices.items()}
-    images = _ImageSet.read(paths, specs, on_unreadable)
+    images = ImageSet.read(paths, specs, on_unreadable)
     forwards = ModelRunner(model).forwards(choices)
-    return Predictions(_classify(images, specs, forwards, choices, top), images.unreadable)
+    return Predictions(classify(images, specs, forwards, choices, top), images.unreadable)
 
 
 def predict_under_budgets(
@@ -137,7 +138,7 @@ def predict_under_budgets(
     for later in budgets[1:]:  # a budget that does not parse, or a level, is refused before anything runs
         plan_budget_params(runtime.network, later, names)
     specs = {task: model.spec_of(task, model.levels(task)[-1]) for task in names}  # input shape and preprocessing
-    images = _ImageSet.read(paths, specs, on_unreadable)
+    images = ImageSet.read(paths, specs, on_unreadable)
     forwards = {task: (lambda x, task=task: runtime(x, task)) for task in names}
     result = Predictions(unreadable=images.unreadable)
     for i, budget in enumerate(budgets):
@@ -155,7 +156,7 @@ def predict_under_budgets(
         result.switches.append(switch)
         if on_switch is not None:
             on_switch(switch)
-        rows = _classify(images, specs, forwards, runtime.choices, top)
+        rows = classify(images, specs, forwards, runtime.choices, top)
         result.rows += [{**row, "budget": budget} for row in rows]
     return result
 
@@ -166,43 +167,74 @@ def _check_top(top: int) -> None:
 
 
 @dataclass
-class _ImageSet:
-    """The readable images as uint8 ``(C, H, W)`` per resize method, read once whatever runs on them."""
+class ImageSet:
+    """The readable images as uint8 ``(C, H, W)`` per resize method, read once whatever runs on them.
 
-    readable: list[Path]
-    unreadable: list[Path]
-    by_resize: dict[str, dict[Path, torch.Tensor]]
+    Images are keyed by name: a file's ``Path``, or whatever names an image received in memory (a row's ``image`` is
+    ``str(name)``), so ``dvn predict`` and ``dvn serve`` decode through the same path.
+    """
+
+    readable: list[Any]
+    unreadable: list[Any]
+    by_resize: dict[str, dict[Any, torch.Tensor]]
 
     @classmethod
     def read(
         cls, paths: Sequence[str | os.PathLike], specs: dict, on_unreadable: Callable[[Path], None] | None
-    ) -> _ImageSet:
-        files = image_files(paths)
+    ) -> ImageSet:
+        """The image files named, and those under the folders named (``image_files``)."""
+        return cls.decode({path: path for path in image_files(paths)}, specs, on_unreadable)
+
+    @classmethod
+    def decode(
+        cls, sources: Mapping[Any, Path | bytes], specs: dict, on_unreadable: Callable[[Any], None] | None
+    ) -> ImageSet:
+        """Name -> a file or the bytes of an encoded image, decoded for every resize method ``specs`` use.
+
+        Raises:
+            BadConfig: none of them could be read as an image.
+        """
         backbone = next(iter(specs.values())).backbone
         channels, size = backbone.in_channels, backbone.input_size
-        by_resize: dict[str, dict[Path, torch.Tensor]] = {}
-        unreadable: set[Path] = set()
+        by_resize: dict[str, dict[Any, torch.Tensor]] = {}
+        unreadable: set[Any] = set()
         for resize in dict.fromkeys(spec.task.resize for spec in specs.values()):
             by_resize[resize] = {}
-            for path in files:
-                image = None if path in unreadable else load_image(path, channels, size, resize)
+            for name, source in sources.items():
+                data = io.BytesIO(source) if isinstance(source, bytes) else source
+                image = None if name in unreadable else load_image(data, channels, size, resize)
                 if image is not None:
-                    by_resize[resize][path] = image
-                elif path not in unreadable:
-                    unreadable.add(path)
+                    by_resize[resize][name] = image
+                elif name not in unreadable:
+                    unreadable.add(name)
                     if on_unreadable is not None:
-                        on_unreadable(path)
-        readable = [path for path in files if path not in unreadable]
+                        on_unreadable(name)
+        readable = [name for name in sources if name not in unreadable]
         if not readable:
-            raise BadConfig(f"none of the {len(files)} file(s) could be read as an image")
-        return cls(readable, [path for path in files if path in unreadable], by_resize)
+            raise BadConfig(f"none of the {len(sources)} file(s) could be read as an image")
+        return cls(readable, [name for name in sources if name in unreadable], by_resize)
+
+    @classmethod
+    def join(cls, sets: Sequence[ImageSet]) -> ImageSet:
+        """Several sets as one (names must differ), to classify them in the same batches."""
+        by_resize: dict[str, dict[Any, torch.Tensor]] = {}
+        for images in sets:
+            for resize, decoded in images.by_resize.items():
+                by_resize.setdefault(resize, {}).update(decoded)
+        return cls([n for s in sets for n in s.readable], [n for s in sets for n in s.unreadable], by_resize)
 
 
-def _classify(
-    images: _ImageSet, specs: dict, forwards: dict[str, Callable], choices: dict[str, int], top: int
+def classify(
+    images: ImageSet, specs: dict, forwards: dict[str, Callable], choices: dict[str, int], top: int
 ) -> list[dict[str, Any]]:
-    """Rows ``{"image", "task", "level", "top"}`` of every readable image for every task, image by image."""
-    tops: dict[tuple[Path, str], list[dict[str, Any]]] = {}
+    """Rows ``{"image", "task", "level", "top"}`` of every readable image for every task, image by image: the
+    JSON rows of ``dvn predict --json`` and ``dvn serve``.
+
+    Args:
+        forwards: task -> a function from a normalised batch to logits.
+        choices: task -> the level its forward runs (what the rows say).
+    """
+    tops: dict[tuple[Any, str], list[dict[str, Any]]] = {}
     for task in choices:
         spec = specs[task]
         classes = spec.task.classes

@@ -1,0 +1,604 @@
+"""``dvn serve``: every task of a model file served over HTTP from one process, its levels switching while it runs.
+
+A checkpoint or a bundle runs from ONE ``SharedRuntime`` (every unit-pair block held once, whatever the number of
+tasks); a shared export folder from its ``SharedOrtRuntime`` sessions over one mapped weights file. The HTTP side is
+Starlette on uvicorn (the ``serve`` extra):
+
+- ``GET /health``, ``GET /v1/status``, ``GET /metrics`` (Prometheus text);
+- ``POST /v1/predict?task=NAME&top=5``: one image as the body, or several as ``multipart/form-data``; the rows are
+  those of ``dvn predict --json`` (``predict.classify`` builds both);
+- ``PUT /v1/budget`` ``{"budget": "30%"}``: re-plan (``dvn plan``'s plan for a checkpoint with validation accuracy,
+  else ``dvn predict --budget``'s level per task) and switch.
+
+ONE worker thread runs every forward and every switch, in the order they were asked for: a batch that has started
+finishes on the levels it started with, and the levels a response names are the levels that computed it. Requests
+for the same tasks waiting together run as one batch (up to ``max_batch`` images). Bodies and images are bounded
+before anything is decoded (``max_body``, ``max_pixels``, ``MAX_IMAGES``); a bad request is a 4xx with
+``{"error": "one line"}``. With ``--budget auto`` a watcher reads a ``memory_source.MemorySource`` every
+``poll_s`` seconds and switches to the plan that fits (``memory_source.AutoBudget``, with hysteresis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import itertools
+import json
+import queue
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from email import policy
+from email.parser import BytesParser
+from pathlib import Path
+
+from PIL import Image
+
+from ..core.cost import BYTES_PER_PARAM
+from ..errors import BadBudget, BadConfig, DvnError, UnknownTask
+from ..modelfile.base import ModelFile
+from ..planning.plan import plan_for_budget
+from ..planning.select import select_pairs
+from .memory_source import AutoBudget, MemorySource, file_memory, system_memory
+from .predict import ImageSet, classify
+from .run import ModelRunner
+from .runtime import SharedRuntime
+
+__all__ = ["MAX_IMAGES", "MAX_PIXELS", "RequestError", "ServeOptions", "Server", "serve"]
+
+MAX_PIXELS = 4096 * 4096
+"""Largest image (width x height) decoded, checked from its header first. Local until deploy/predict.py's pixel
+limit lands; then this one goes and both use that."""
+MAX_BODY = 8 * 2**20
+"""Largest request body in bytes, refused before it is all read."""
+MAX_IMAGES = 64
+"""Most images in one multipart request."""
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+"""Formats a request may send: PIL's plain raster decoders (no EPS, which would run Ghostscript)."""
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What ``dvn serve`` was asked for.
+
+    Args:
+        budget: a budget ``dvn plan`` takes, ``auto`` (follow the memory), or None (each task's largest level).
+        reserve: bytes ``auto`` leaves free.
+        memory_file: ``auto`` reads the bytes it may use from this file instead of the system (tests, benchmarks).
+        per_pair: hold one plain model per (task, level) instead of the shared block store (benchmarks).
+        max_batch: most images run in one batch (1: no batching of concurrent requests).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    budget: str | None = None
+    reserve: int = 0
+    memory_file: Path | None = None
+    poll_s: float = 1.0
+    margin: float = 0.1
+    per_pair: bool = False
+    max_batch: int = 32
+    max_body: int = MAX_BODY
+    max_pixels: int = MAX_PIXELS
+    drain_s: float = 30.0
+
+
+class RequestError(DvnError):
+    """A request the server refuses with HTTP ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _status_of(exc: DvnError) -> int:
+    if isinstance(exc, RequestError):
+        return exc.status
+    return 404 if isinstance(exc, UnknownTask) else 422 if isinstance(exc, BadBudget) else 400
+
+
+class _Engine:
+    """The (task, level)s running and how they switch; its forwards and switches run on the worker thread only."""
+
+    def __init__(self, model: ModelFile, per_pair: bool) -> None:
+        self.model, self.per_pair, self.runner = model, per_pair, ModelRunner(model)
+        self.tasks = model.task_names()
+        self.source = model.unit_source() if model.holds_unit_blocks else None
+        self.plans = bool(self.source and self.source.fixed is None and self.source.training.get("val_accuracy"))
+        self.specs = {task: model.spec_of(task, model.levels(task)[-1]) for task in self.tasks}
+        self.runtime: SharedRuntime | None = None
+        self.choices: dict[str, int] = {}
+        self._forwards: dict[str, Callable] = {}
+
+    def plan(self, budget: str | None) -> tuple[dict[str, int], int | None]:
+        """The levels a budget picks and the bytes the plan counts (None when the file cannot plan)."""
+        if budget is None:
+            return {task: self.model.levels(task)[-1] for task in self.tasks}, None
+        if self.plans:
+            plan = plan_for_budget(
+                self.source.network, self.source.training, budget, self.tasks, label=self.source.label
+            )
+            return dict(plan.choices), plan.memory_bytes
+        return dict(select_pairs(self.model, self.tasks, budget)), None
+
+    def switch(self, choices: dict[str, int]) -> None:
+        if self.source is not None and not self.per_pair:
+            if self.runtime is None:
+                self.runtime = SharedRuntime(self.source, choices)
+            else:
+                self.runtime.set_levels(choices)
+        else:
+            forwards = {t: self._forwards[t] for t, lv in choices.items() if self.choices.get(t) == lv}
+            self._forwards = {t: forwards.get(t) or self.runner.forward(t, lv) for t, lv in choices.items()}
+        self.choices = dict(choices)
+
+    def forwards(self) -> dict[str, Callable]:
+        runtime = self.runtime
+        if runtime is None:
+            return self._forwards
+        return {task: (lambda x, task=task: runtime(x, task)) for task in self.choices}
+
+    def held_bytes(self) -> int:
+        """Weights held for the running levels: the block store, else each pair's model (a shared export's
+        mapped tensors once)."""
+        if self.runtime is not None:
+            return self.runtime.held_params() * BYTES_PER_PARAM
+        ort = getattr(self.model, "runtime", None)
+        if ort is not None:
+            names = {n for t, lv in self.choices.items() for n in ort.model(t, lv).get("tensors", [])}
+            return sum(ort.arrays[n].nbytes for n in names)
+        return sum(self.model.cost_of(t, lv).bytes for t, lv in self.choices.items())
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """One image of one request: unique across the requests batched together, shown by its name."""
+
+    request: int
+    index: int
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass
+class _Predict:
+    tasks: tuple[str, ...]
+    images: ImageSet
+    top: int
+    done: Future = field(default_factory=Future)
+
+
+@dataclass
+class _Switch:
+    choices: dict[str, int]
+    done: Future = field(default_factory=Future)
+
+
+@dataclass
+class _Metrics:
+    """Counters of ``/metrics`` and ``/v1/status``, updated on the event loop only."""
+
+    requests: dict[tuple[str, int], int] = field(default_factory=dict)  # (endpoint, status) -> count
+    latency: dict[str, list[int]] = field(default_factory=dict)  # endpoint -> count per bucket (last: +Inf)
+    latency_sum: dict[str, float] = field(default_factory=dict)
+    switches: int = 0
+    served: int = 0
+
+    def record(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests[endpoint, status] = self.requests.get((endpoint, status), 0) + 1
+        counts = self.latency.setdefault(endpoint, [0] * (len(LATENCY_BUCKETS) + 1))
+        counts[next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))] += 1
+        self.latency_sum[endpoint] = self.latency_sum.get(endpoint, 0.0) + seconds
+
+    def text(self, choices: dict[str, int], held: int) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        lines = [
+            "# HELP dvn_requests_total Requests answered, by endpoint and status.",
+            "# TYPE dvn_requests_total counter",
+        ]
+        lines += [f'dvn_requests_total{{endpoint="{e}",code="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
+        lines += ["# HELP dvn_request_seconds Time to answer a request.", "# TYPE dvn_request_seconds histogram"]
+        for endpoint, counts in sorted(self.latency.items()):
+            for bound, total in zip([*map(str, LATENCY_BUCKETS), "+Inf"], itertools.accumulate(counts), strict=True):
+                lines.append(f'dvn_request_seconds_bucket{{endpoint="{endpoint}",le="{bound}"}} {total}')
+            lines.append(f'dvn_request_seconds_sum{{endpoint="{endpoint}"}} {self.latency_sum[endpoint]}')
+            lines.append(f'dvn_request_seconds_count{{endpoint="{endpoint}"}} {sum(counts)}')
+        lines += ["# HELP dvn_level The level each task runs at.", "# TYPE dvn_level gauge"]
+        lines += [f'dvn_level{{task="{task}"}} {level}' for task, level in choices.items()]
+        lines += ["# HELP dvn_held_bytes Weight bytes held for the running levels.", "# TYPE dvn_held_bytes gauge"]
+        lines += [f"dvn_held_bytes {held}", "# HELP dvn_switches_total Level switches so far."]
+        lines += ["# TYPE dvn_switches_total counter", f"dvn_switches_total {self.switches}"]
+        return "\n".join(lines) + "\n"
+
+
+class Server:
+    """The ASGI app (``app``) of one model file, its worker thread and its memory watcher.
+
+    Raises:
+        DvnError: a budget that does not parse or that no plan fits, ``auto`` on a file that cannot plan.
+    """
+
+    def __init__(self, model: ModelFile, options: ServeOptions, log: Callable[[str], None]) -> None:
+        _check_stack()
+        self.options, self.log = options, log
+        self.engine = _Engine(model, options.per_pair)
+        self.auto = AutoBudget(options.reserve, options.margin) if options.budget == "auto" else None
+        self.memory: MemorySource = file_memory(options.memory_file) if options.memory_file else system_memory
+        if options.max_batch < 1:
+            raise BadConfig(f"--max-batch must be at least 1, got {options.max_batch}")
+        if self.auto is not None and (not self.engine.plans or options.per_pair):
+            raise BadConfig("--budget auto needs a checkpoint with validation accuracy to plan with (dvn train)")
+        if self.auto is not None:
+            budget, _ = self.auto.budget(self.memory(), 0)
+            self.budget: str | None = f"auto: {budget}B"
+            choices, _ = self.engine.plan(f"{max(budget, 1)}B")
+        else:
+            self.budget = options.budget
+            choices, _ = self.engine.plan(options.budget)
+        self.engine.switch(choices)
+        self.metrics = _Metrics()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._stuck = ""  # the last auto-budget message, said once
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        routes = [
+            Route("/health", self._endpoint("health", self.health), methods=["GET"]),
+            Route("/v1/status", self._endpoint("status", self.status), methods=["GET"]),
+            Route("/metrics", self._endpoint("metrics", self.prometheus), methods=["GET"]),
+            Route("/v1/predict", self._endpoint("predict", self.predict), methods=["POST"]),
+            Route("/v1/budget", self._endpoint("budget", self.set_budget), methods=["PUT"]),
+        ]
+        self.app = Starlette(routes=routes, lifespan=self._lifespan, exception_handlers={404: _http, 405: _http})
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app):
+        worker = threading.Thread(target=self._work, name="dvn-serve-worker", daemon=True)
+        worker.start()
+        watcher = asyncio.create_task(self._watch()) if self.auto is not None else None
+        try:
+            yield
+        finally:  # uvicorn has drained the requests in flight
+            if watcher is not None:
+                watcher.cancel()
+            self._jobs.put(None)
+            await asyncio.to_thread(worker.join)
+
+    def _endpoint(self, name: str, handler: Callable):
+        """``handler`` timed and counted, a ``DvnError`` answered as a 4xx ``{"error": "one line"}``."""
+        from starlette.responses import JSONResponse
+
+        async def endpoint(request):
+            start = time.perf_counter()
+            try:
+                response = await handler(request)
+            except DvnError as exc:
+                response = JSONResponse({"error": _one_line(exc)}, status_code=_status_of(exc))
+            except Exception as exc:  # a bug: still one line, and the server keeps serving
+                response = JSONResponse({"error": f"internal error: {_one_line(exc)}"}, status_code=500)
+            self.metrics.record(name, response.status_code, time.perf_counter() - start)
+            return response
+
+        return endpoint
+
+    # ------------------------------------------------------------------------------------------- endpoints
+
+    async def health(self, request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"status": "ok", "tasks": self.engine.tasks})
+
+    async def status(self, request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(
+            {
+                "tasks": self.engine.choices,
+                "held_bytes": self.engine.held_bytes(),
+                "budget": self.budget,
+                "switches": self.metrics.switches,
+                "requests": self.metrics.served,
+                "shared": self.engine.runtime is not None,
+            }
+        )
+
+    async def prometheus(self, request):
+        from starlette.responses import PlainTextResponse
+
+        text = self.metrics.text(self.engine.choices, self.engine.held_bytes())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def predict(self, request):
+        from starlette.responses import JSONResponse
+
+        tasks = self._tasks(request.query_params.get("task"))
+        top = _top(request.query_params.get("top", "5"))
+        body = await _read_body(request, self.options.max_body)
+        uploads = _uploads(request.headers.get("content-type", ""), body)
+        images = await asyncio.to_thread(self._decode, uploads)
+        rows = await self._submit(_Predict(tasks, images, top))
+        self.metrics.served += 1
+        return JSONResponse({"rows": rows})
+
+    async def set_budget(self, request):
+        from starlette.responses import JSONResponse
+
+        if self.auto is not None:
+            raise RequestError(409, "the budget follows the memory (--budget auto); serve without it to set one")
+        body = await _read_body(request, 2**16)
+        try:
+            budget = json.loads(body)["budget"]
+            if not isinstance(budget, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, RecursionError):
+            raise RequestError(400, 'send a JSON object {"budget": "30%"}') from None
+        choices, _ = await asyncio.to_thread(self.engine.plan, budget)
+        switch_ms = await self._switch(choices, budget)
+        return JSONResponse(
+            {"budget": budget, "tasks": choices, "held_bytes": self.engine.held_bytes(), "switch_ms": switch_ms}
+        )
+
+    # --------------------------------------------------------------------------------------------- helpers
+
+    def _tasks(self, text: str | None) -> tuple[str, ...]:
+        """The tasks a request names (comma-separated), or () for every running task."""
+        names = tuple(name.strip() for name in (text or "").split(",") if name.strip())
+        for name in names:
+            if name not in self.engine.tasks:
+                raise UnknownTask(f"unknown task {name!r}; serving: {', '.join(self.engine.tasks)}")
+        return names
+
+    def _decode(self, uploads: Sequence[tuple[str, bytes]]) -> ImageSet:
+        """Each upload checked from its header (format, pixels), then decoded as ``dvn predict`` decodes files."""
+        request = next(self._ids)
+        sources = {}
+        for index, (name, data) in enumerate(uploads):
+            _check_header(name, data, self.options.max_pixels)
+            sources[_Upload(request, index, name)] = data
+
+        def unreadable(upload: _Upload) -> None:
+            raise RequestError(415, f"{upload} cannot be decoded as an image")
+
+        return ImageSet.decode(sources, self.engine.specs, unreadable)
+
+    async def _submit(self, job):
+        self._jobs.put(job)
+        return await asyncio.wrap_future(job.done)
+
+    async def _switch(self, choices: dict[str, int], budget: str) -> float:
+        """Switch on the worker (after the batches asked for before); returns its time in ms."""
+        switch_ms = await self._submit(_Switch(choices))
+        self.budget = budget
+        self.metrics.switches += 1
+        levels = ", ".join(f"{task} {level}" for task, level in choices.items())
+        self.log(
+            f"budget {budget}: levels {levels}, {self.engine.held_bytes()} bytes held, switched in {switch_ms:.1f} ms"
+        )
+        return switch_ms
+
+    # ---------------------------------------------------------------------------------------------- worker
+
+    def _work(self) -> None:
+        """Run jobs in order until the stop mark; predictions for the same tasks waiting together form one batch."""
+        while True:
+            jobs = [self._jobs.get()]
+            with contextlib.suppress(queue.Empty):
+                while jobs[-1] is not None:
+                    jobs.append(self._jobs.get_nowait())
+            for group in _groups(jobs, self.options.max_batch):
+                if group is None:
+                    return
+                if isinstance(group[0], _Switch):
+                    _settle(group, self._run_switch)
+                else:
+                    _settle(group, self._run_predicts)
+
+    def _run_switch(self, jobs: list[_Switch]) -> None:
+        (job,) = jobs
+        start = time.perf_counter()
+        self.engine.switch(job.choices)
+        job.done.set_result(1000 * (time.perf_counter() - start))
+
+    def _run_predicts(self, jobs: list[_Predict]) -> None:
+        choices = self.engine.choices
+        running = {task: choices[task] for task in jobs[0].tasks or choices}
+        top = max(job.top for job in jobs)
+        rows = classify(
+            ImageSet.join([job.images for job in jobs]), self.engine.specs, self.engine.forwards(), running, top
+        )
+        start = 0
+        for job in jobs:  # rows come image by image, the jobs' images in order
+            end = start + len(job.images.readable) * len(running)
+            job.done.set_result([{**row, "top": row["top"][: job.top]} for row in rows[start:end]])
+            start = end
+
+    # --------------------------------------------------------------------------------------------- watcher
+
+    async def _watch(self) -> None:
+        """Follow the memory source: shrink at once when the levels held no longer fit, grow with a margin."""
+        while True:
+            await asyncio.sleep(self.options.poll_s)
+            try:
+                await self._follow_memory()
+            except DvnError as exc:
+                self._say_once(f"--budget auto: {_one_line(exc)}")
+
+    async def _follow_memory(self) -> None:
+        assert self.auto is not None
+        available = await asyncio.to_thread(self.memory)
+        held = self.engine.held_bytes()
+        budget, shrink = self.auto.budget(available, held)
+        if budget < 1:
+            raise BadBudget(f"{available} bytes free leave no room for any plan after the reserve")
+        choices, planned = await asyncio.to_thread(self.engine.plan, f"{budget}B")
+        if choices == self.engine.choices or (not shrink and planned is not None and planned <= held):
+            self._stuck = ""
+            return
+        self._stuck = ""
+        await self._switch(choices, f"auto: {budget}B")
+
+    def _say_once(self, message: str) -> None:
+        if message != self._stuck:
+            self._stuck = message
+            self.log(message)
+
+
+def _groups(jobs: list, max_batch: int) -> list:
+    """Jobs in order as groups: a switch alone, consecutive predictions for the same tasks together up to
+    ``max_batch`` images; None (the stop mark) ends the list."""
+    groups: list = []
+    for job in jobs:
+        if job is None:
+            groups.append(None)
+            break
+        last = groups[-1] if groups else None
+        if (
+            isinstance(job, _Predict)
+            and last
+            and isinstance(last[0], _Predict)
+            and last[0].tasks == job.tasks
+            and sum(len(j.images.readable) for j in last) + len(job.images.readable) <= max_batch
+        ):
+            last.append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
+def _settle(jobs: list, run: Callable[[list], None]) -> None:
+    """Run a group; a failure fails each of its requests (the worker keeps going)."""
+    try:
+        run(jobs)
+    except Exception as exc:
+        for job in jobs:
+            if not job.done.done():
+                job.done.set_exception(exc)
+
+
+def _check_stack() -> None:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise DvnError("dvn serve needs Starlette and uvicorn: pip install 'dvn-cli[serve]'") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+async def _http(request, exc):
+    """Starlette's 404 and 405 as the one-line JSON every error is."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": f"{request.method} {request.url.path}: {exc.detail}"}, status_code=exc.status_code)
+
+
+def _top(text: str) -> int:
+    try:
+        top = int(text)
+    except ValueError:
+        raise RequestError(400, f"top must be a whole number, got {text!r}") from None
+    if top < 1:
+        raise RequestError(400, f"top must be at least 1, got {top}")
+    return top
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed ``limit`` bytes: from its length, or while read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"a body of {declared} bytes is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _uploads(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
+    """(name, bytes) of each image: the parts of a multipart body, else the body itself."""
+    if not content_type.lower().startswith("multipart/"):
+        if not body:
+            raise RequestError(400, "send an image as the request body (or several as multipart/form-data)")
+        return [("image", body)]
+    header = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
+    message = BytesParser(policy=policy.HTTP).parsebytes(header + body)
+    parts = list(message.iter_parts()) if message.is_multipart() else []
+    if not parts:
+        raise RequestError(400, "a multipart body without parts (or without its boundary)")
+    if len(parts) > MAX_IMAGES:
+        raise RequestError(413, f"{len(parts)} images in one request; at most {MAX_IMAGES}")
+    uploads = []
+    for i, part in enumerate(parts):
+        name = part.get_filename() or part.get_param("name", header="content-disposition") or f"image{i}"
+        uploads.append((str(name), part.get_payload(decode=True) or b""))
+    return uploads
+
+
+def _check_header(name: str, data: bytes, max_pixels: int) -> None:
+    """Refuse what is not an image of ``IMAGE_FORMATS`` (415) or has more than ``max_pixels`` (413), from its
+    header alone: a decompression bomb is refused before a pixel is decoded."""
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            width, height = image.size
+    except Image.DecompressionBombError:
+        raise RequestError(413, f"{name} is a decompression bomb (over PIL's pixel limit)") from None
+    except (OSError, ValueError, SyntaxError, EOFError):
+        raise RequestError(415, f"{name} is not an image ({', '.join(IMAGE_FORMATS)})") from None
+    if width * height > max_pixels:
+        raise RequestError(413, f"{name} is {width}x{height} pixels, over the limit of {max_pixels} pixels")
+
+
+def serve(model: ModelFile, options: ServeOptions, log: Callable[[str], None]) -> None:
+    """Serve ``model`` until SIGTERM (in-flight requests drained, then a normal return) or Ctrl-C.
+
+    Raises:
+        DvnError: what ``Server`` refuses, or an address that cannot be listened on.
+    """
+    import uvicorn
+
+    server = Server(model, options, log)
+    sock = _listen(options.host, options.port)
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(
+        server.app, log_level="warning", access_log=False, timeout_graceful_shutdown=options.drain_s, lifespan="on"
+    )
+    levels = ", ".join(f"{task} {level}" for task, level in server.engine.choices.items())
+    log(f"serving {levels} ({server.engine.held_bytes()} bytes) on http://{host}:{port}")
+    # uvicorn raises the signal it drained on again once done; a drained SIGTERM is a clean stop, so it ends here
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sock.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port); port 0 picks a free one."""
+    sock = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        if sock is not None:
+            sock.close()
+        raise BadConfig(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock

@@ -1,0 +1,453 @@
+"""``dvn serve``: a real server process on a free loopback port, talked to over HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dvn_cli.core.network import build_network
+from dvn_cli.deploy.memory_source import AutoBudget, cgroup_available, reserve_bytes
+from dvn_cli.deploy.shared_export import export_shared
+from dvn_cli.errors import BadConfig
+from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
+from dvn_cli.planning.plan import shared_memory_params
+
+from .conftest import settle_batch_norm, tiny_config, tiny_tasks
+
+pytest.importorskip("uvicorn")
+
+ACCURACY = {"task0": [0.5, 0.6, 0.7, 0.8], "task1": [0.3, 0.5, 0.6, 0.65]}
+BOUND_S = 60  # every wait below ends by then
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> tuple[Path, object]:
+    """A tiny trained-looking checkpoint (validation accuracy to plan with) and its network."""
+    torch.manual_seed(0)
+    network = settle_batch_norm(build_network(tiny_config(), tiny_tasks(2)))
+    path = tmp_path_factory.mktemp("serve") / "model.safetensors"
+    save_checkpoint(network, path, training={"val_accuracy": ACCURACY})
+    return path, network
+
+
+def png(size=(12, 12), colour=(200, 30, 30), mode="RGB") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size, colour if mode == "RGB" else 0).save(out, "PNG")
+    return out.getvalue()
+
+
+class Served:
+    """``python -m dvn_cli serve`` on port 0 (it names its port on stderr), stopped with SIGTERM at the end."""
+
+    def __init__(self, model_path: Path, *args: str) -> None:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "COLUMNS": "400"}
+        command = [sys.executable, "-m", "dvn_cli", "serve", "-c", str(model_path), "--port", "0", *args]
+        self.proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.port = None
+        deadline = time.monotonic() + BOUND_S
+        while self.port is None and time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if "http://127.0.0.1:" in line:
+                self.port = int(line.rsplit(":", 1)[1])
+        assert self.port is not None, "".join(self.lines)
+        threading.Thread(target=self._drain, daemon=True).start()
+        while time.monotonic() < deadline:
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("the server never became healthy")
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=BOUND_S)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            data = response.read()
+            kind = response.getheader("content-type", "")
+            return response.status, json.loads(data) if kind.startswith("application/json") else data.decode()
+        finally:
+            conn.close()
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+    def predict(self, body: bytes, query: str = "", headers=None):
+        return self.request("POST", f"/v1/predict{query}", body, headers)
+
+    def budget(self, budget) -> tuple[int, dict]:
+        return self.request("PUT", "/v1/budget", json.dumps({"budget": budget}).encode())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=BOUND_S)
+
+
+@pytest.fixture
+def served(model):
+    server = Served(model[0], "--budget", "100%")
+    yield server
+    assert server.stop() == 0, "".join(server.lines)
+
+
+@pytest.fixture(scope="module")
+def limited(model):
+    """One server with small limits for every bad request."""
+    server = Served(model[0], "--max-pixels", "1024", "--max-body", "65536")
+    yield server
+    assert server.stop() == 0, "".join(server.lines)
+
+
+def multipart(files: dict[str, bytes], boundary: str = "dvnboundary") -> tuple[bytes, dict]:
+    body = b""
+    for name, data in files.items():
+        body += (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+                "Content-Type: image/png\r\n\r\n"
+            ).encode()
+            + data
+            + b"\r\n"
+        )
+    body += f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def expected_top(network, image: bytes, task: str, level: int) -> list[str]:
+    from dvn_cli.data.batches import normalize_batch
+    from dvn_cli.data.pixels import load_image
+
+    spec = network.tasks[network.task_index(task)]
+    x = normalize_batch(load_image(io.BytesIO(image), 3, 12, spec.resize).unsqueeze(0), spec)
+    with torch.no_grad():
+        probs = torch.softmax(network.eval()(x, task, level), dim=1)[0]
+    return [spec.classes[i] for i in probs.topk(min(5, len(spec.classes))).indices.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------- serving
+
+
+@pytest.mark.slow
+def test_health_predict_status_and_metrics(model, served):
+    path, network = model
+    image = png()
+    status, out = served.predict(image, "?task=task1&top=2")
+    assert status == 200, out
+    (row,) = out["rows"]
+    assert row["image"] == "image" and row["task"] == "task1" and row["level"] == 4
+    assert [c["class"] for c in row["top"]] == expected_top(network, image, "task1", 4)[:2]
+    status, out = served.predict(image)  # without a task, every running task answers
+    assert status == 200 and [(r["task"], r["level"]) for r in out["rows"]] == [("task0", 4), ("task1", 4)]
+    assert [c["class"] for c in out["rows"][0]["top"]] == expected_top(network, image, "task0", 4)
+    body, headers = multipart({"red.png": image, "grey.png": png(colour=(90, 90, 90))})
+    status, out = served.predict(body, "?task=task0", headers)
+    assert status == 200 and [r["image"] for r in out["rows"]] == ["red.png", "grey.png"]
+    status, state = served.get("/v1/status")
+    assert status == 200 and state["tasks"] == {"task0": 4, "task1": 4} and state["requests"] == 3
+    assert state["held_bytes"] == 4 * shared_memory_params(network, {"task0": 4, "task1": 4})
+    assert state["budget"] == "100%" and state["switches"] == 0
+    status, text = served.get("/metrics")
+    assert status == 200
+    assert 'dvn_requests_total{endpoint="predict",code="200"} 3' in text
+    assert 'dvn_request_seconds_count{endpoint="predict"} 3' in text and 'dvn_level{task="task1"} 4' in text
+    assert f"dvn_held_bytes {state['held_bytes']}" in text and "dvn_switches_total 0" in text
+
+
+@pytest.mark.slow
+def test_a_budget_switch_changes_the_levels_and_bad_budgets_are_4xx(model, served):
+    network = model[1]
+    status, out = served.budget("35%")
+    assert status == 200, out
+    small = out["tasks"]
+    assert small != {"task0": 4, "task1": 4} and out["switch_ms"] > 0
+    assert out["held_bytes"] == 4 * shared_memory_params(network, small)
+    status, rows = served.predict(png())
+    assert [(r["task"], r["level"]) for r in rows["rows"]] == list(small.items())
+    for bad, code, words in [("1B", 422, "fits no plan"), ("lots", 422, "bad budget"), (3, 400, "budget")]:
+        status, out = served.budget(bad)
+        assert status == code and words in out["error"] and "\n" not in out["error"], out
+    status, out = served.request("PUT", "/v1/budget", b"{not json")
+    assert status == 400 and list(out) == ["error"]
+    status, state = served.get("/v1/status")  # refused budgets changed nothing; the server keeps serving
+    assert state["tasks"] == small and state["switches"] == 1 and state["budget"] == "35%"
+    assert served.predict(png())[0] == 200
+    assert any("budget 35%: levels" in line for line in served.lines)
+
+
+def bomb() -> bytes:
+    """A valid PNG of 6000 x 6000 pixels that compresses to a few kB."""
+    return png((6000, 6000), mode="1")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims a size, with a few bytes of pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
+
+
+@pytest.mark.slow  # each server process takes seconds to start on a shared machine
+@pytest.mark.parametrize(
+    "body, query, headers, code, words",
+    [
+        (b"this is text, not an image", "", {}, 415, "not an image"),
+        (png_header_only(16, 16), "", {}, 415, "cannot be decoded"),
+        (png((12, 12))[:-30], "", {}, 415, "cannot be decoded"),
+        (b"", "", {}, 400, "send an image"),
+        (bomb(), "", {}, 413, "6000x6000 pixels, over the limit"),
+        (png_header_only(100_000, 100_000), "", {}, 413, "decompression bomb"),
+        (png((40, 40)), "", {}, 413, "40x40 pixels, over the limit of 1024"),
+        (b"x" * 70_000, "", {}, 413, "over the limit of 65536 bytes"),
+        (png(), "?task=nope", {}, 404, "unknown task 'nope'"),
+        (png(), "?top=0", {}, 400, "top must be at least 1"),
+        (png(), "?top=two", {}, 400, "whole number"),
+        (b"--x--\r\n", "", {"Content-Type": "multipart/form-data; boundary=y"}, 400, "multipart"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "", {}, 415, "not an image"),
+    ],
+)
+def test_bad_requests_are_4xx_one_line_and_the_server_keeps_serving(limited, body, query, headers, code, words):
+    status, out = limited.predict(body, query, headers)
+    assert status == code and list(out) == ["error"] and words in out["error"], out
+    assert "\n" not in out["error"]
+    assert limited.predict(png())[0] == 200
+
+
+@pytest.mark.slow
+def test_unknown_paths_and_methods_are_json_too(limited):
+    assert limited.request("GET", "/nowhere") == (404, {"error": "GET /nowhere: Not Found"})
+    assert limited.request("GET", "/v1/predict") == (405, {"error": "GET /v1/predict: Method Not Allowed"})
+
+
+@pytest.mark.slow
+def test_too_many_images_in_one_request(limited):
+    body, headers = multipart({f"{i}.png": png() for i in range(65)})
+    status, out = limited.predict(body, "", headers)
+    assert status == 413 and "at most 64" in out["error"]
+
+
+@pytest.mark.slow
+def test_cli_refusals_are_one_line(model, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    for args, words in [
+        (["--budget", "1B"], "fits no plan"),
+        (["--budget", "auto", "--reserve", "lots"], "bad budget"),
+        (["--host", "256.1.1.1"], "cannot listen on 256.1.1.1"),
+    ]:
+        command = [sys.executable, "-m", "dvn_cli", "serve", "-c", str(model[0]), "--port", "0", *args]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=BOUND_S)
+        assert done.returncode == 1 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+# ------------------------------------------------------------------------------------------------- auto
+
+
+def test_reserve_and_hysteresis():
+    assert reserve_bytes("0B") == 0 and reserve_bytes("2MB") == 2_000_000
+    with pytest.raises(BadConfig):
+        reserve_bytes("30%")
+    auto = AutoBudget(reserve=100, margin=0.1)
+    assert auto.budget(available=50, held=1000) == (950, True)  # the reserve eats into what is held: shrink now
+    assert auto.budget(available=150, held=1000) == (945, False)  # fits: only a plan smaller than held, no switch
+    assert auto.budget(available=1100, held=1000) == (1800, False)  # grow to a plan that fits with 10 % to spare
+
+
+def test_cgroup_room_is_the_tightest_limit(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "memory.max").write_text("1000\n")
+    (tmp_path / "a" / "memory.current").write_text("400\n")
+    (tmp_path / "a" / "b" / "memory.max").write_text("max\n")
+    (tmp_path / "a" / "b" / "memory.current").write_text("300\n")
+    membership = tmp_path / "cgroup"
+    membership.write_text("0::/a/b\n")
+    assert cgroup_available(tmp_path, membership) == 600
+    (tmp_path / "a" / "memory.max").write_text("max\n")
+    assert cgroup_available(tmp_path, membership) is None
+
+
+@pytest.mark.slow
+def test_auto_budget_follows_an_injected_memory_source(model, tmp_path):
+    network = model[1]
+    full = 4 * shared_memory_params(network, {"task0": 4, "task1": 4})
+    memory = tmp_path / "free"
+    write_atomically(memory, str(10 * full))
+    reserve = full // 2
+    server = Served(
+        model[0], "--budget", "auto", "--reserve", f"{reserve}B", "--memory-file", str(memory), "--poll", "0.05"
+    )
+    try:
+        assert server.get("/v1/status")[1]["tasks"] == {"task0": 4, "task1": 4}
+        write_atomically(memory, "0")  # nothing free: the reserve must come out of what is held
+        small = wait_for(server, lambda s: s["tasks"] != {"task0": 4, "task1": 4})
+        assert small["held_bytes"] <= full - reserve and small["budget"].startswith("auto: ")
+        assert server.predict(png())[0] == 200
+        switches = small["switches"]
+        write_atomically(
+            memory, str(reserve + small["held_bytes"] // 20)
+        )  # 5 % more room, within the margin: no switch
+        time.sleep(0.5)
+        assert server.get("/v1/status")[1]["switches"] == switches
+        write_atomically(memory, str(10 * full))
+        grown = wait_for(server, lambda s: s["tasks"] == {"task0": 4, "task1": 4})
+        assert grown["held_bytes"] == full
+        assert server.budget("50%")[0] == 409  # the budget follows the memory
+        assert sum(line.startswith("budget auto: ") for line in server.lines) == grown["switches"] >= 2
+    finally:
+        assert server.stop() == 0, "".join(server.lines)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """The server may read the file at any time: never let it see half a number."""
+    part = path.with_suffix(".part")
+    part.write_text(text)
+    part.replace(path)
+
+
+def wait_for(server: Served, condition) -> dict:
+    deadline = time.monotonic() + BOUND_S
+    while time.monotonic() < deadline:
+        state = server.get("/v1/status")[1]
+        if condition(state):
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"status never met the condition: {state}")
+
+
+# ------------------------------------------------------------------------------------- switches and drain
+
+
+@pytest.mark.slow
+def test_requests_during_switches_all_succeed_on_a_running_level(model, served):
+    levels_seen = [{"task0": 4, "task1": 4}]
+    results: list[tuple[int, dict]] = []
+    stop = threading.Event()
+
+    def client():
+        for _ in range(40):
+            if stop.is_set():
+                return
+            results.append(served.predict(png()))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for budget in ["35%", "60%", "100%", "35%", "80%", "50%"] * 2:
+        status, out = served.budget(budget)
+        assert status == 200, out
+        levels_seen.append(out["tasks"])
+    for thread in threads:
+        thread.join(BOUND_S)
+    stop.set()
+    assert len(results) == 160 and all(status == 200 for status, _ in results)
+    allowed = {(task, level) for levels in levels_seen for task, level in levels.items()}
+    assert {(r["task"], r["level"]) for _, out in results for r in out["rows"]} <= allowed
+    assert served.get("/v1/status")[1]["switches"] == 12
+
+
+@pytest.mark.slow
+def test_sigterm_during_load_drains_and_exits_0(model):
+    server = Served(model[0])
+    image = png()
+    statuses: list[int] = []
+
+    def client():
+        for _ in range(200):
+            try:
+                statuses.append(server.predict(image)[0])
+            except OSError:  # after SIGTERM the server accepts no new connection
+                return
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    # one request in flight for sure: its headers and half its body sent, the rest only after SIGTERM
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=BOUND_S)
+    conn.putrequest("POST", "/v1/predict?task=task0")
+    conn.putheader("Content-Length", str(len(image)))
+    conn.endheaders()
+    conn.send(image[:20])
+    deadline = time.monotonic() + BOUND_S
+    while len(statuses) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    conn.send(image[20:])
+    response = conn.getresponse()
+    rows = json.loads(response.read())["rows"]
+    assert response.status == 200 and rows[0]["task"] == "task0"
+    assert server.proc.wait(timeout=BOUND_S) == 0, "".join(server.lines)
+    for thread in threads:
+        thread.join(BOUND_S)
+    assert statuses and set(statuses) == {200}
+
+
+# ------------------------------------------------------------------------------------------ other files
+
+
+@pytest.mark.slow
+def test_a_shared_export_folder_is_served(model, tmp_path):
+    path, network = model
+    folder = tmp_path / "shared"
+    export_shared(load_checkpoint(path), folder, [("task0", 2), ("task0", 4), ("task1", 3)], check=False)
+    server = Served(folder)
+    try:
+        status, out = server.predict(png())
+        assert status == 200 and [(r["task"], r["level"]) for r in out["rows"]] == [("task0", 4), ("task1", 3)]
+        assert [c["class"] for c in out["rows"][0]["top"]] == expected_top(network, png(), "task0", 4)
+        from dvn_cli.modelfile.registry import open_model
+
+        export = open_model(folder)
+        budget = max(export.cost_of("task0", 2).bytes, export.cost_of("task1", 3).bytes)
+        assert export.cost_of("task0", 4).bytes > budget
+        status, out = server.budget(f"{budget}B")  # fixed levels: each task's largest held level within it
+        assert status == 200 and out["tasks"] == {"task0": 2, "task1": 3}, out
+        assert [r["level"] for r in server.predict(png())[1]["rows"]] == [2, 3]
+    finally:
+        assert server.stop() == 0, "".join(server.lines)
+
+
+def test_waiting_predictions_for_the_same_tasks_form_one_batch():
+    """The worker's grouping: in order, a switch alone, same-task predictions together up to max_batch images."""
+    from dvn_cli.deploy.predict import ImageSet
+    from dvn_cli.deploy.serve import _groups, _Predict, _Switch
+
+    def job(tasks, n):
+        return _Predict(tasks, ImageSet([f"i{k}" for k in range(n)], [], {}), 5)
+
+    a1, a2, b, switch, a3, a4 = (
+        job(("a",), 2),
+        job(("a",), 3),
+        job(("b",), 1),
+        _Switch({}),
+        job(("a",), 4),
+        job(("a",), 1),
+    )
+    assert _groups([a1, a2, b, switch, a3, a4, None], max_batch=5) == [[a1, a2], [b], [switch], [a3, a4], None]
+    assert _groups([a1, a2, a3], max_batch=4) == [[a1], [a2], [a3]]  # 2 + 3 > 4
+    assert _groups([a1, a2], max_batch=1) == [[a1], [a2]]
