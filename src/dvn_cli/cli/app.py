@@ -230,16 +230,6 @@ CheckpointOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
 
-EVAL_COLUMNS = [
-    ("task", "task"),
-    ("level", "level"),
-    ("units", "units"),
-    ("params", "params"),
-    ("params_total", "+bn+head"),
-    ("macs", "MACs/image"),
-    ("accuracy", "top-1"),
-]
-
 
 def _open(path: Path, formats: tuple[str, ...] | None = None):
     """The model file at ``path`` (any kind, or one of ``formats``); the default one missing says how to get it."""
@@ -289,10 +279,7 @@ def eval_(
     if json_output:
         typer.echo(json.dumps({"checkpoint": str(checkpoint), "split": split, "rows": rows}))
         return
-    columns = list(EVAL_COLUMNS)
-    if latency:
-        columns += [("latency_b1_ms", "ms/img b1"), ("latency_b64_ms", "ms/img b64")]
-    ui.print_table(rows, columns, title=f"{checkpoint} on the {split} split ({rows[0]['samples']} images per task)")
+    ui.show_eval(rows, f"{checkpoint} on the {split} split ({rows[0]['samples']} images per task)", latency)
 
 
 @app.command()
@@ -408,12 +395,10 @@ def export(
     json_output: JsonOption = False,
 ) -> None:
     """Deployable models of every (task, level), or of one (task, budget), with manifest.json."""
-    from ..deploy.export import EXPORT_FORMATS, export_models
+    from ..deploy.export import export_models
     from ..planning.select import select_pairs
     from . import ui
 
-    if format not in EXPORT_FORMATS:
-        raise typer.BadParameter(f"use one of {', '.join(EXPORT_FORMATS)}", param_hint="--format")
     if shared and format != "onnx":
         raise typer.BadParameter("--shared writes ONNX graphs; leave --format out", param_hint="--format")
     with user_errors():
@@ -434,22 +419,7 @@ def export(
     if json_output:
         typer.echo(json.dumps(manifest))
         return
-    ui.print_table(
-        manifest["models"],
-        [
-            ("task", "task"),
-            ("level", "level"),
-            ("file", "file"),
-            ("params", "params"),
-            ("bytes", "bytes"),
-            ("check_max_abs_diff", "max |diff|"),
-        ],
-        title=f"exported to {out} (manifest.json)",
-    )
-    if shared:
-        weights = manifest["weights"]
-        params, size = weights["stored_params"], weights["bytes"]
-        typer.echo(f"shared weights: {weights['file']}, {params} parameters, {size} bytes")
+    ui.show_export(manifest, out)
 
 
 # ------------------------------------------------------------------------------------------------- predict

@@ -325,6 +325,43 @@ def show_shared_export(described: dict[str, Any]) -> None:
     )
 
 
+EVAL_COLUMNS = [
+    ("task", "task"),
+    ("level", "level"),
+    ("units", "units"),
+    ("params", "params"),
+    ("params_total", "+bn+head"),
+    ("macs", "MACs/image"),
+    ("accuracy", "top-1"),
+]
+LATENCY_COLUMNS = [("latency_b1_ms", "ms/img b1"), ("latency_b64_ms", "ms/img b64")]
+EXPORT_COLUMNS = [
+    ("task", "task"),
+    ("level", "level"),
+    ("file", "file"),
+    ("params", "params"),
+    ("bytes", "bytes"),
+    ("check_max_abs_diff", "max |diff|"),
+]
+
+
+def show_eval(rows: Sequence[dict[str, Any]], title: str, latency: bool = False) -> None:
+    """The task x level table of ``dvn eval``; latency columns when they were measured."""
+    print_table(rows, EVAL_COLUMNS + (LATENCY_COLUMNS if latency else []), title=title)
+
+
+def show_export(manifest: dict[str, Any], out: Any) -> None:
+    """The models an export wrote, and a shared export's one weights file."""
+    print_table(manifest["models"], EXPORT_COLUMNS, title=f"exported to {out} (manifest.json)")
+    weights = manifest.get("weights")
+    if weights:
+        _console().print(
+            f"shared weights: {weights['file']}, {weights['stored_params']} parameters, {weights['bytes']} bytes",
+            markup=False,
+            highlight=False,
+        )
+
+
 def show_predictions(rows: Sequence[dict[str, Any]]) -> None:
     """``dvn predict``: one row per (image, task), its level and its top classes with probabilities."""
     table_rows = [
