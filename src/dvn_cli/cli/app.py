@@ -223,7 +223,7 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
 ) -> None:
     """Turn a torchvision .pth state dict into the safetensors file that dvn train --init reads (weights_only)."""
-    from ..core.pretrained import convert_torchvision
+    from ..modelfile.pretrained import convert_torchvision
     from . import ui
 
     with user_errors():
