@@ -512,24 +512,25 @@ def predict(
     """Classify images: the top classes and their probabilities for each image and task.
 
     -c takes a checkpoint (with --task and --budget or --budgets), a bundle (its tasks run at once, shared units
-    held once), a compact model, or a folder of dvn export --shared (run by onnxruntime). Unreadable files are
-    named on stderr and skipped.
+    held once), a compact model, or a folder of dvn export --shared (run by onnxruntime). Files that are not
+    regular files, not images, or declare more pixels than dvn decodes are named on stderr and skipped. Under
+    --budgets, rows of a budget no plan fits ran at the previous levels and say "met": false.
     """
     from ..deploy.predict import predict_images, predict_under_budgets
     from . import ui
 
-    def unreadable(path: Path) -> None:
-        ui.print_warning(f"cannot read {path} as an image; skipped")
+    def skipped(path: Path, why: str) -> None:
+        ui.print_warning(f"{why}; skipped")
 
     with user_errors():
         model = _open(checkpoint)
         if budgets is None:
-            result = predict_images(model, images, _names(task), budget, top, on_unreadable=unreadable)
+            result = predict_images(model, images, _names(task), budget, top, on_skipped=skipped)
         else:
             if budget is not None:
                 raise BadConfig("give --budget (one level per task) or --budgets (shared budgets in turn), not both")
             result = predict_under_budgets(
-                model, images, _names(budgets) or (), _names(task), top, unreadable, on_switch=ui.show_switch
+                model, images, _names(budgets) or (), _names(task), top, skipped, on_switch=ui.show_switch
             )
     if json_output:
         typer.echo(json.dumps({"rows": result.rows} | ({"switches": result.switches} if budgets else {})))
