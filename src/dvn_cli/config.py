@@ -333,6 +333,8 @@ def load_train_config(
 
         for key, value in backbone_defaults(given_backbone.get("arch", BackboneConfig.arch), width).items():
             given_backbone.setdefault(key, value)
+        if width is not None:
+            _check_width_splits(width, given_backbone)
     given["data_root"] = _data_root(flags.get("data_root"), given.get("data_root"))
     if "in_channels" not in given_backbone or "input_size" not in given_backbone:
         from .data.datasets import native_shape  # torch: only when the data has to be looked at
@@ -342,6 +344,19 @@ def load_train_config(
         given_backbone.setdefault("in_channels", max(c for c, _ in shapes))
         given_backbone.setdefault("input_size", max(s for _, s in shapes))
     return _build(given, given_backbone)
+
+
+def _check_width_splits(width: float, backbone: Mapping[str, Any]) -> None:
+    """Refuse a width multiplier whose widths do not split into k units, naming --width (the user gave no widths)."""
+    units = backbone.get("units", BackboneConfig.units)
+    if not isinstance(units, int) or units < 1:
+        return  # BackboneConfig refuses it
+    widths = backbone["widths"]
+    if any(w % units for w in widths):
+        raise BadConfig(
+            f"--width {width} gives widths {','.join(map(str, widths))}, which do not split into k={units} units; "
+            "choose another --width or -k, or give --widths"
+        )
 
 
 def _data_root(flag: str | None, other: str | None) -> str:

@@ -4,17 +4,52 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from .. import __version__
 from ..errors import BadConfig, DvnError
 
+_UsageError = typer.BadParameter.__mro__[1]  # click's UsageError, in whichever click this typer uses (or vendors)
+_NoArgsIsHelp = getattr(sys.modules[_UsageError.__module__], "NoArgsIsHelpError", ())
+
+
+@contextlib.contextmanager
+def _usage_errors() -> Iterator[None]:
+    """A flag Typer cannot parse ends as every dvn error does: one red line and exit code 1 (not a box, 2)."""
+    from . import ui
+
+    try:
+        yield
+    except _NoArgsIsHelp:
+        raise  # ``dvn`` alone shows the help
+    except _UsageError as exc:
+        where = f"; see '{exc.ctx.command_path} --help'" if exc.ctx is not None else ""
+        ui.print_error(exc.format_message().rstrip(".") + where)
+        raise typer.Exit(1) from None
+
+
+class _DvnGroup(TyperGroup):
+    """The app's group: parse errors of its own options (``make_context``) and of every command's (``invoke``)
+    go through ``_usage_errors``."""
+
+    def make_context(self, *args, **kwargs) -> typer.Context:
+        with _usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: typer.Context):
+        with _usage_errors():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
     name="dvn",
+    cls=_DvnGroup,
     help="Deep Virtual Networks: one network, several tasks, several memory budgets.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -180,6 +215,11 @@ def train(
     # Under torchrun every rank does the same work; only rank 0 shows progress, results and errors.
     with user_errors() if main_rank else _quiet_errors():
         cfg = load_train_config(config, flags, backbone_flags, resume=resume)
+        if affinity_steps is not None and cfg.order_rule != "affinity":
+            raise BadConfig(
+                f"--affinity-steps sets the warm-up of --order-rule affinity; this run's order rule is "
+                f"{cfg.order_rule}: drop --affinity-steps or pass --order-rule affinity"
+            )
         if main_rank and cfg.precision == "fp16" and resolve_device(cfg.device).type == "cpu":
             ui.print_note(
                 "note: fp16 on CPU has no fast kernels (about 13x slower than fp32 where measured); use fp32 or bf16"
