@@ -126,7 +126,7 @@ def test_convert_round_trip_and_cli(tmp_path):
 def test_a_pickled_model_is_refused_by_convert(tmp_path):
     pth = tmp_path / "model.pth"
     torch.save(random_torchvision("resnet18"), pth)  # a whole pickled module: weights_only refuses it
-    with pytest.raises(WrongFileFormat, match="holds more than tensors and was refused without running anything"):
+    with pytest.raises(WrongFileFormat, match="refused without running anything: it is not a plain state dict"):
         convert_torchvision(pth, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
 
@@ -275,11 +275,11 @@ def test_a_pickle_that_would_run_code_is_a_plain_refusal(tmp_path):
             convert_torchvision(evil, tmp_path / "out.safetensors")
     assert [str(w.message) for w in caught] == []
     message = str(refused.value)
-    assert message.startswith(f"{evil} holds more than tensors and was refused without running anything (")
+    assert message.startswith(f"{evil} was refused without running anything: it is not a plain state dict of tensors (")
     assert "weights_only" not in message and "\n" not in message
     torch.save({"w": torch.zeros(2), "x": _RunsCode(marker)}, evil)  # torch's own protocol: it names the call
     result = runner.invoke(app, ["convert", str(evil), "-o", str(tmp_path / "out.safetensors")])
     assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
-    assert "refused without running anything (" in result.stderr and "posix.mkdir" in result.stderr
+    assert "refused without running anything: " in result.stderr and "posix.mkdir" in result.stderr
     assert "weights_only" not in result.stderr
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()

@@ -10,7 +10,6 @@ units is ``core.pretrained`` (docs/design.md §6).
 from __future__ import annotations
 
 import os
-import pickle
 import warnings
 from pathlib import Path
 
@@ -91,18 +90,17 @@ def convert_torchvision(source: str | os.PathLike, out: str | os.PathLike, force
 
 
 def _load_tensors_only(source: Path) -> object:
-    """``torch.load(weights_only=True)`` of ``source``; torch's warnings about the file kept from the user."""
+    """``torch.load(weights_only=True)`` of ``source``; torch's warnings and advice about the file kept from the
+    user (its refusal suggests loading with ``weights_only=False``, which would run whatever the file names)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": about torch, not the user's file
             return torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # an object other than tensors: refused, nothing of it ran
+    except Exception as exc:  # torch raises several types: an object other than tensors, a damaged file, ...
         raise WrongFileFormat(
-            f"{source} holds more than tensors and was refused without running anything ({_what_torch_met(exc)}); "
-            "dvn converts a state dict of tensors only: save the model's state_dict() and convert that"
+            f"{source} was refused without running anything: it is not a plain state dict of tensors "
+            f"({_what_torch_met(exc)}); save the model's state_dict() and convert that"
         ) from None
-    except Exception as exc:  # torch raises several types for files that are not PyTorch files
-        raise WrongFileFormat(f"{source} cannot be read as a PyTorch state dict ({_what_torch_met(exc)})") from None
 
 
 def _what_torch_met(exc: BaseException) -> str:
