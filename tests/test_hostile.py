@@ -265,3 +265,62 @@ def test_edited_task_specs_are_refused(tmp_path, edit_task):
     checkpoint = named_checkpoint(tmp_path, ["t"])
     edit_metadata(checkpoint, lambda m: {**m, "tasks": [edit_task(t) for t in m["tasks"]]})
     assert "does not match its own metadata" in one_line(invoke("eval", "-c", checkpoint))
+
+
+# ---------------------------------------------------------------------------------- one error style (issue 18 row 17)
+
+
+def test_a_smaller_exports_weights_file_is_changed_not_truncated(tmp_path):
+    from dvn_cli.deploy.ort_runtime import WEIGHTS_NAME, SharedOrtRuntime
+    from dvn_cli.deploy.shared_export import export_shared
+
+    checkpoint = open_model(named_checkpoint(tmp_path, ["t", "u"]))
+    export_shared(checkpoint, tmp_path / "big", [("t", 4), ("u", 4)], check=False)
+    export_shared(checkpoint, tmp_path / "small", [("t", 1)], check=False)
+    weights = tmp_path / "big" / WEIGHTS_NAME
+    weights.write_bytes((tmp_path / "small" / WEIGHTS_NAME).read_bytes())
+    with pytest.raises(WrongFileFormat, match=rf"weights file {weights} is changed: \d+ bytes, the manifest says"):
+        SharedOrtRuntime(tmp_path / "big")
+    weights.write_bytes((tmp_path / "small" / WEIGHTS_NAME).read_bytes()[:-10])  # a cut file still is truncated
+    with pytest.raises(WrongFileFormat, match="is truncated"):
+        SharedOrtRuntime(tmp_path / "big")
+    graph = tmp_path / "small" / "t-level1.onnx"
+    message = one_line(invoke("predict", tmp_path, "-c", graph))
+    assert message == (
+        f"error: {graph} is one file of the export in {graph.parent}, not a dvn model file; pass the folder "
+        f"({graph.parent}) if dvn export --shared wrote it, else the checkpoint it was exported from\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ("train", "--affinity-steps", "1e9"),
+            "error: Invalid value for '--affinity-steps': Input should be a valid integer, unable to parse string "
+            "as an integer; see 'dvn train --help'\n",
+        ),
+        (("predict",), "error: Missing argument 'IMAGE'; see 'dvn predict --help'\n"),
+        (("--bogus",), "error: No such option: --bogus; see 'dvn --help'\n"),
+        (("train", "--orders", "0,x"), "error: Invalid value for --orders: must be comma-separated integers, got "),
+    ],
+    ids=["bad-int", "missing-argument", "unknown-option", "bad-parameter"],
+)
+def test_parse_errors_are_one_red_line_with_exit_1(args, message):
+    """Typer's own parse errors end as dvn's do (one line, exit 1), not in a box with exit 2."""
+    result = runner.invoke(app, list(args), prog_name="dvn")
+    assert one_line(result).startswith(message) and "─" not in result.output
+
+
+def test_options_that_would_be_ignored_are_refused(tmp_path):
+    folder = make_image_folder(tmp_path / "pics", per_class=2)
+    common = ["train", "--tasks", f"a={folder}", "--out", tmp_path / "run", "--input-size", 12, "--input-channels", 3]
+    assert one_line(invoke(*common, "--affinity-steps", 5)) == (
+        "error: --affinity-steps sets the warm-up of --order-rule affinity; this run's order rule is nearest: drop "
+        "--affinity-steps or pass --order-rule affinity\n"
+    )
+    assert one_line(invoke(*common, "--width", "0.01")) == (
+        "error: --width 0.01 gives widths 1,1,1, which do not split into k=4 units; choose another --width or -k, "
+        "or give --widths\n"
+    )
+    assert not (tmp_path / "run").exists()

@@ -271,3 +271,80 @@ def test_budgets_bad_input_is_one_line(setup, planned, model, args, message):
     result = invoke("predict", base / "images" / "red", "-c", path, *args)
     assert result.exit_code == 1, result.output
     assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def test_budget_rows_no_plan_fits_say_so(setup, planned):
+    """Issue 18 row 10: rows of a budget no plan fits ran at the previous levels; the JSON and the table say so."""
+    base, *_ = setup
+    folder = base / "images" / "red"
+    result = invoke("predict", folder, "-c", planned, "--budgets", "100%,1B", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert {(r["budget"], r["met"]) for r in rows} == {("100%", True), ("1B", False)}
+    result = invoke("predict", folder, "-c", planned, "--budgets", "100%,1B")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("1B (not met)") == len(rows) // 2
+
+
+def test_every_skipped_file_is_named(setup, tmp_path):
+    """Issue 18 row 14: a link to a device and a FIFO are named as the undecodable file is (none is opened)."""
+    base, _, checkpoint, _, _ = setup
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(folder / "good.png")
+    (folder / "x.png").symlink_to("/dev/zero")
+    os.mkfifo(folder / "f.png")
+    (folder / "t.png").write_text("text")
+    result = invoke("predict", folder, "-c", checkpoint, "--task", "colours", "--json")
+    assert result.exit_code == 0, result.output
+    assert [r["image"] for r in json.loads(result.stdout)["rows"]] == [str(folder / "good.png")]
+    assert result.stderr.splitlines() == [
+        f"warning: {folder / 'f.png'} is not a regular file; skipped",
+        f"warning: {folder / 'x.png'} is not a regular file; skipped",
+        f"warning: cannot read {folder / 't.png'} as an image; skipped",
+    ]
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header declares ``width`` x ``height`` grey pixels, with (almost) no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_images_declaring_too_many_pixels_are_refused_before_decoding(setup, tmp_path, monkeypatch):
+    """Idea 3 of issue 18: the header's size is checked against MAX_IMAGE_PIXELS before anything is decoded;
+    a decompression bomb (beyond PIL's own limit) is named the same way, and PIL's warning never leaks."""
+    import warnings
+
+    from dvn_cli.deploy import predict as predict_module
+    from dvn_cli.modelfile.registry import open_model
+
+    base, _, checkpoint, _, _ = setup
+    folder = tmp_path / "big"
+    folder.mkdir()
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(folder / "good.png")
+    png_header(folder / "large.png", 10_000, 10_000)  # above MAX_IMAGE_PIXELS, where PIL only warns
+    png_header(folder / "bomb.png", 30_000, 30_000)  # where PIL refuses
+    decoded, skipped = [], []
+    monkeypatch.setattr(predict_module, "load_image", lambda path, *a: decoded.append(path) or load_image(path, *a))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = predict_module.predict_images(
+            open_model(checkpoint), [folder], ["colours"], on_skipped=lambda path, why: skipped.append(why)
+        )
+    assert [str(w.message) for w in caught] == [] and decoded == [folder / "good.png"]
+    limit = f"{predict_module.MAX_IMAGE_PIXELS:,}"
+    assert skipped == [
+        f"{folder / 'bomb.png'} declares more than {limit} pixels (a decompression bomb?), more than dvn decodes",
+        f"{folder / 'large.png'} declares 10000x10000 pixels, more than the {limit} dvn decodes",
+    ]
+    assert result.skipped == [folder / "bomb.png", folder / "large.png"] and len(result.rows) == 1

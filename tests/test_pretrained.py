@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,16 +17,11 @@ from dvn_cli.cli.app import app
 from dvn_cli.config import BackboneConfig, TaskSpec
 from dvn_cli.core.backbones import backbone_defaults
 from dvn_cli.core.network import build_network
-from dvn_cli.core.pretrained import (
-    convert_torchvision,
-    init_from_file,
-    init_from_torchvision,
-    read_state_file,
-    unit_permutation,
-)
+from dvn_cli.core.pretrained import init_from_torchvision, unit_permutation
 from dvn_cli.core.units import UnitLayout
 from dvn_cli.errors import BadConfig, WrongFileFormat
 from dvn_cli.modelfile.checkpoint import load_checkpoint
+from dvn_cli.modelfile.pretrained import convert_torchvision, init_from_file, read_state_file
 
 from .conftest import make_image_folder, require_module
 
@@ -131,7 +127,7 @@ def test_convert_round_trip_and_cli(tmp_path):
 def test_a_pickled_model_is_refused_by_convert(tmp_path):
     pth = tmp_path / "model.pth"
     torch.save(random_torchvision("resnet18"), pth)  # a whole pickled module: weights_only refuses it
-    with pytest.raises(WrongFileFormat, match="cannot be read as a PyTorch state dict with weights_only=True"):
+    with pytest.raises(WrongFileFormat, match="refused without running anything: it is not a plain state dict"):
         convert_torchvision(pth, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
 
@@ -217,10 +213,91 @@ def test_a_fifo_given_to_init_is_refused_not_waited_on(tmp_path):
     fifo = tmp_path / "weights.safetensors"
     os.mkfifo(fifo)
     script = (
-        "from dvn_cli.core.pretrained import read_state_file\n"
+        "from dvn_cli.modelfile.pretrained import read_state_file\n"
         "from dvn_cli.errors import DvnError\n"
         f"try:\n    read_state_file({str(fifo)!r})\nexcept DvnError as exc:\n    print(exc)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0 and result.stdout.strip() == f"{fifo} is not a regular file", result.stderr
+
+
+def _safetensors_with_header_low_byte(tensors: dict, low: int) -> bytes:
+    """A safetensors file of ``tensors`` whose header length's first (low) byte is ``low``, padded by metadata."""
+    from safetensors.torch import save
+
+    for pad in range(2048):
+        data = save(tensors, metadata={"pad": "x" * pad})
+        if data[0] == low:
+            return data
+    raise AssertionError("no padding gives that header length")
+
+
+def test_formats_are_told_apart_by_parsing_not_by_a_byte(tmp_path):
+    """Issue 18 row 8: a safetensors file whose header length starts with 0x80 (a pickle's first byte) is read,
+    and the NaN-weights message that misfire hid is shown again; real pickles are still recognised."""
+    from dvn_cli.fsutil import file_format
+
+    state = {k: v.contiguous() for k, v in random_torchvision("resnet18").state_dict().items()}
+    good = tmp_path / "r18abc.safetensors"
+    good.write_bytes(_safetensors_with_header_low_byte(state, 0x80))
+    assert file_format(good) == "safetensors" and read_state_file(good).keys() == state.keys()
+    state["layer1.0.bn1.weight"][3] = float("nan")
+    nan = tmp_path / "nan.safetensors"
+    nan.write_bytes(_safetensors_with_header_low_byte(state, 0x80))
+    with pytest.raises(WrongFileFormat, match=r"nan.safetensors holds non-finite values .* in layer1.0.bn1.weight"):
+        init_from_file(network_for("resnet18"), nan)
+    legacy, zipped, noise = tmp_path / "legacy.pth", tmp_path / "zip.pth", tmp_path / "noise.bin"
+    torch.save({"w": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
+    torch.save({"w": torch.zeros(2)}, zipped)
+    noise.write_bytes(b"\x80\x02" + bytes(range(256)) * 4)  # a pickle's first two bytes, then no pickle
+    assert [file_format(p) for p in (legacy, zipped, noise)] == ["pickle", "torch-zip", None]
+    with pytest.raises(WrongFileFormat, match="legacy.pth is a pickled PyTorch file"):
+        read_state_file(legacy)
+
+
+def _run_dvn(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    return subprocess.run(
+        [sys.executable, "-m", "dvn_cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_convert_refuses_a_fifo_as_init_does(tmp_path):
+    """Issue 18 row 13: torch.load of a FIFO blocks for ever; convert refuses it first (subprocess, time limit)."""
+    fifo = tmp_path / "ff.pth"
+    os.mkfifo(fifo)
+    result = _run_dvn("convert", str(fifo), "-o", str(tmp_path / "x.safetensors"))
+    assert result.returncode == 1 and result.stderr == f"error: {fifo} is not a regular file\n", result.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+class _RunsCode:
+    """Unpickling this would call os.mkdir(path): the file names code, not tensors."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_a_pickle_that_would_run_code_is_a_plain_refusal(tmp_path):
+    """Issue 18 row 15: the refusal never repeats torch's advice to load with weights_only=False, and no torch
+    warning (here "Detected pickle protocol 4") reaches the user."""
+    marker, evil = tmp_path / "ran", tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(2), "x": _RunsCode(marker)}, evil, pickle_protocol=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(WrongFileFormat) as refused:
+            convert_torchvision(evil, tmp_path / "out.safetensors")
+    assert [str(w.message) for w in caught] == []
+    message = str(refused.value)
+    assert message.startswith(f"{evil} was refused without running anything: it is not a plain state dict of tensors (")
+    assert "weights_only" not in message and "\n" not in message
+    torch.save({"w": torch.zeros(2), "x": _RunsCode(marker)}, evil)  # torch's own protocol: it names the call
+    result = runner.invoke(app, ["convert", str(evil), "-o", str(tmp_path / "out.safetensors")])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "refused without running anything: " in result.stderr and "posix.mkdir" in result.stderr
+    assert "weights_only" not in result.stderr
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()

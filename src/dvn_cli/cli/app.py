@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import sys
 import types
 import typing
 from collections.abc import Iterator
@@ -13,13 +14,47 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from .. import __version__
 from ..config import BackboneConfig, TrainConfig
 from ..errors import BadConfig, DvnError
 
+_UsageError = typer.BadParameter.__mro__[1]  # click's UsageError, in whichever click this typer uses (or vendors)
+_NoArgsIsHelp = getattr(sys.modules[_UsageError.__module__], "NoArgsIsHelpError", ())
+
+
+@contextlib.contextmanager
+def _usage_errors() -> Iterator[None]:
+    """A flag Typer cannot parse ends as every dvn error does: one red line and exit code 1 (not a box, 2)."""
+    from . import ui
+
+    try:
+        yield
+    except _NoArgsIsHelp:
+        raise  # ``dvn`` alone shows the help
+    except _UsageError as exc:
+        where = f"; see '{exc.ctx.command_path} --help'" if exc.ctx is not None else ""
+        ui.print_error(exc.format_message().rstrip(".") + where)
+        raise typer.Exit(1) from None
+
+
+class _DvnGroup(TyperGroup):
+    """The app's group: parse errors of its own options (``make_context``) and of every command's (``invoke``)
+    go through ``_usage_errors``."""
+
+    def make_context(self, *args, **kwargs) -> typer.Context:
+        with _usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: typer.Context):
+        with _usage_errors():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
     name="dvn",
+    cls=_DvnGroup,
     help="Deep Virtual Networks: one network, several tasks, several memory budgets.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -186,7 +221,7 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
 ) -> None:
     """Turn a torchvision .pth state dict into the safetensors file that dvn train --init reads (weights_only)."""
-    from ..core.pretrained import convert_torchvision
+    from ..modelfile.pretrained import convert_torchvision
     from . import ui
 
     with user_errors():
@@ -449,24 +484,25 @@ def predict(
     """Classify images: the top classes and their probabilities for each image and task.
 
     -c takes a checkpoint (with --task and --budget or --budgets), a bundle (its tasks run at once, shared units
-    held once), a compact model, or a folder of dvn export --shared (run by onnxruntime). Unreadable files are
-    named on stderr and skipped.
+    held once), a compact model, or a folder of dvn export --shared (run by onnxruntime). Files that are not
+    regular files, not images, or declare more pixels than dvn decodes are named on stderr and skipped. Under
+    --budgets, rows of a budget no plan fits ran at the previous levels and say "met": false.
     """
     from ..deploy.predict import predict_images, predict_under_budgets
     from . import ui
 
-    def unreadable(path: Path) -> None:
-        ui.print_warning(f"cannot read {path} as an image; skipped")
+    def skipped(path: Path, why: str) -> None:
+        ui.print_warning(f"{why}; skipped")
 
     with user_errors():
         model = _open(checkpoint)
         if budgets is None:
-            result = predict_images(model, images, _names(task), budget, top, on_unreadable=unreadable)
+            result = predict_images(model, images, _names(task), budget, top, on_skipped=skipped)
         else:
             if budget is not None:
                 raise BadConfig("give --budget (one level per task) or --budgets (shared budgets in turn), not both")
             result = predict_under_budgets(
-                model, images, _names(budgets) or (), _names(task), top, unreadable, on_switch=ui.show_switch
+                model, images, _names(budgets) or (), _names(task), top, skipped, on_switch=ui.show_switch
             )
     if json_output:
         typer.echo(json.dumps({"rows": result.rows} | ({"switches": result.switches} if budgets else {})))

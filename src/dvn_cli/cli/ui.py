@@ -363,14 +363,15 @@ def show_export(manifest: dict[str, Any], out: Any) -> None:
 
 
 def show_predictions(rows: Sequence[dict[str, Any]]) -> None:
-    """``dvn predict``: one row per (image, task), its level and its top classes with probabilities."""
+    """``dvn predict``: one row per (image, task), its level and its top classes with probabilities; under
+    ``--budgets``, each row's budget, marked "(not met)" where no plan fitted it and the previous levels ran."""
     table_rows = [
         {
             "image": row["image"],
             "task": row["task"],
             "level": row["level"],
             "top": "  ".join(f"{c['class']} {100 * c['probability']:.1f}%" for c in row["top"]),
-            "budget": row.get("budget"),
+            "budget": row.get("budget") if row.get("met", True) else f"{row['budget']} (not met)",
         }
         for row in rows
     ]

@@ -1,7 +1,8 @@
 """Start a DVN from pretrained weights: a torchvision state dict, each layer's channels mapped into units.
 
 ``dvn train --init FILE`` fills the physical network from a torchvision ``resnet18`` or ``mobilenet_v2`` state dict
-stored as safetensors (``dvn convert`` writes one from a ``.pth`` once). A backbone says how torchvision's names
+stored as safetensors (``dvn convert`` writes one from a ``.pth`` once; ``modelfile.pretrained`` reads and writes
+both files and refuses non-finite values: this module only maps tensors). A backbone says how torchvision's names
 map onto its layers and which CHANNEL SPACES its layers share (``torchvision_layout()`` on its unit feature
 extractor): a space is a set of channels that every layer writing or reading it must permute alike (a residual
 stream is one space across all its blocks; a depthwise convolution stays in the space of its input).
@@ -18,15 +19,11 @@ starts from the file's classifier when their class counts agree, else it keeps i
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..errors import BadConfig, WrongFileFormat
-from ..fsutil import first_line, refuse_non_regular, write_atomic
-from ..modelfile.container import check_finite, check_regular_file
 from .layers import LevelBatchNorm2d, UnitConv2d, take_channels
 from .units import UnitLayout
 
@@ -35,10 +32,7 @@ __all__ = [
     "ChannelSpace",
     "InitReport",
     "TorchvisionLayout",
-    "convert_torchvision",
-    "init_from_file",
     "init_from_torchvision",
-    "read_state_file",
     "unit_permutation",
 ]
 
@@ -113,76 +107,7 @@ def unit_permutation(scores: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
     return torch.tensor([c for unit in slots for c in unit], dtype=torch.int64)
 
 
-# ------------------------------------------------------------------------------------------------- files
-
-
-def read_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors state dict, refusing a pickled ``.pth`` and other files in one line."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if path.exists():
-        check_regular_file(path)  # a FIFO would block the read below; a folder or device is refused in one line
-    try:
-        with path.open("rb") as f:
-            head = f.read(8)
-    except FileNotFoundError:
-        raise BadConfig(f"--init file {path} not found") from None
-    except OSError as exc:
-        raise BadConfig(f"cannot read --init file {path} ({exc.strerror or exc})") from None
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip archive, or a bare pickle
-        raise WrongFileFormat(
-            f"{path} is a pickled PyTorch file; convert it once with 'dvn convert {path} -o FILE.safetensors' "
-            "and pass that to --init"
-        )
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own types for files that are not safetensors
-        raise WrongFileFormat(f"{path} is not a safetensors state dict ({first_line(exc)})") from None
-
-
-def convert_torchvision(source: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> dict[str, int]:
-    """Write the state dict in a torchvision ``.pth`` as safetensors, loading it with ``weights_only=True``.
-
-    Accepts a bare state dict or one under ``state_dict`` / ``model``; every value must be a tensor. An existing
-    ``out`` is kept unless ``force``.
-
-    Returns:
-        ``{"tensors": n, "params": total elements}``.
-    """
-    from safetensors.torch import save
-
-    source, out = Path(source), Path(out)
-    refuse_non_regular(out)
-    if out.exists() and not force:
-        raise BadConfig(f"{out} already exists; pass --force to replace it")
-    if out.resolve() == source.resolve():
-        raise BadConfig(f"{out} is the file being converted; choose another output file")
-    try:
-        loaded = torch.load(source, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise BadConfig(f"{source} not found") from None
-    except Exception as exc:  # torch raises several types for files that are not (safe) PyTorch pickles
-        raise WrongFileFormat(
-            f"{source} cannot be read as a PyTorch state dict with weights_only=True ({first_line(exc)})"
-        ) from None
-    if isinstance(loaded, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(loaded.get(key), dict):
-                loaded = loaded[key]
-    if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise WrongFileFormat(f"{source} does not hold a state dict of tensors (names -> tensors)")
-    tensors = {str(k): v.detach().contiguous() for k, v in loaded.items()}
-    write_atomic(out, save(tensors, metadata={"converted_from": source.name}))
-    return {"tensors": len(tensors), "params": sum(t.numel() for t in tensors.values())}
-
-
 # --------------------------------------------------------------------------------------------- the mapping
-
-
-def init_from_file(network, path: str | os.PathLike, mapping: str = "bn-scale") -> InitReport:
-    """``init_from_torchvision`` with the state dict in the safetensors file ``path``."""
-    return init_from_torchvision(network, read_state_file(path), mapping, label=str(path))
 
 
 def init_from_torchvision(
@@ -198,7 +123,8 @@ def init_from_torchvision(
 
     Raises:
         BadConfig: an unknown mapping, or a backbone without a torchvision counterpart.
-        WrongFileFormat: a state dict of another architecture, other widths, or with non-finite values.
+        WrongFileFormat: a state dict of another architecture or other widths (a file's non-finite values are
+            refused by its reader, ``modelfile.pretrained.read_state_file``).
     """
     if mapping not in INIT_MAPPINGS:
         raise BadConfig(f"unknown init mapping {mapping!r}; use {', '.join(INIT_MAPPINGS)}")
@@ -261,7 +187,6 @@ def _fit_shapes(state, expected: dict, tv: TorchvisionLayout, network, label: st
     fitted = {}
     for key, shape in expected.items():
         tensor = state[key].float()
-        check_finite(label, key, tensor)
         if key == stem and tensor.shape[1] == 3 and shape[1] == 1:
             tensor = tensor.sum(1, keepdim=True)  # a grey image is an RGB image with three equal channels
         if shape is not None and tuple(tensor.shape) != shape:

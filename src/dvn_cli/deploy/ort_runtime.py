@@ -33,7 +33,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import BadConfig, DvnError, MissingData, UnknownTask, WrongFileFormat
-from ..fsutil import sha256_file
+from ..fsutil import read_safetensors_header, sha256_file
 
 __all__ = [
     "ALIGNMENT",
@@ -241,7 +241,8 @@ def _check_file(path: Path, entry: Mapping[str, Any], verify: bool, what: str) -
         raise MissingData(f"{what} {path} not found; the manifest lists it")
     size = path.stat().st_size
     if size != entry.get("bytes"):
-        cut = "truncated" if isinstance(entry.get("bytes"), int) and size < entry["bytes"] else "changed"
+        header = read_safetensors_header(path)  # truncated only when the file's own index says it is longer
+        cut = "truncated" if header is not None and (header.declared_size() or 0) > size else "changed"
         raise WrongFileFormat(f"{what} {path} is {cut}: {size} bytes, the manifest says {entry.get('bytes')}")
     if verify and sha256_file(path) != entry.get("sha256"):
         raise WrongFileFormat(f"{what} {path} has changed since the export (sha256 differs from the manifest)")

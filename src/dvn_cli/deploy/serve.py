@@ -45,15 +45,15 @@ from ..modelfile.base import ModelFile
 from ..planning.plan import plan_for_budget
 from ..planning.select import select_pairs
 from .memory_source import AutoBudget, MemorySource, file_memory, system_memory
-from .predict import ImageSet, classify
+from .predict import MAX_IMAGE_PIXELS, ImageSet, classify
 from .run import ModelRunner
 from .runtime import SharedRuntime
 
 __all__ = ["MAX_IMAGES", "MAX_PIXELS", "RequestError", "ServeOptions", "Server", "serve"]
 
-MAX_PIXELS = 4096 * 4096
-"""Largest image (width x height) decoded, checked from its header first. Local until deploy/predict.py's pixel
-limit lands; then this one goes and both use that."""
+MAX_PIXELS = MAX_IMAGE_PIXELS
+"""Largest image (width x height) decoded by default (``--max-pixels``), checked from its header first: the
+limit of ``dvn predict``."""
 MAX_BODY = 8 * 2**20
 """Largest request body in bytes, refused before it is all read."""
 MAX_IMAGES = 64
@@ -367,7 +367,7 @@ class Server:
             _check_header(name, data, self.options.max_pixels)
             sources[_Upload(request, index, name)] = data
 
-        def unreadable(upload: _Upload) -> None:
+        def unreadable(upload: _Upload, why: str) -> None:  # its header passed: it does not decode
             raise RequestError(415, f"{upload} cannot be decoded as an image")
 
         return ImageSet.decode(sources, self.engine.specs, unreadable)

@@ -54,7 +54,15 @@ def open_model(path: str | os.PathLike, formats: Sequence[str] | None = None) ->
         if SHARED_EXPORT_FORMAT not in wanted:
             raise WrongFileFormat(f"{path} is an export folder; expected a {' or '.join(wanted)} file")
         return MODEL_FILES[SHARED_EXPORT_FORMAT](path)
-    meta = read_metadata(path, wanted)
+    try:
+        meta = read_metadata(path, wanted)
+    except WrongFileFormat:
+        if path.is_file() and (path.parent / "manifest.json").is_file():  # a graph or weights file of an export
+            raise WrongFileFormat(
+                f"{path} is one file of the export in {path.parent}, not a dvn model file; pass the folder "
+                f"({path.parent}) if dvn export --shared wrote it, else the checkpoint it was exported from"
+            ) from None
+        raise
     return MODEL_FILES[meta["format"]](path)
 
 

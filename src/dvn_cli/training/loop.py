@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from ..config import PRECISIONS, TrainConfig, comparable, config_differences
 from ..core.backbones import check_input_shape
 from ..core.network import DeepVirtualNetwork, build_network
-from ..core.pretrained import init_from_file
 from ..data.batches import TaskBatches
 from ..data.streaming import StreamBatches, Task, open_task
 from ..errors import BadConfig, DvnError, WrongFileFormat
@@ -29,6 +28,7 @@ from ..evaluation.evaluate import count_correct
 from ..fsutil import first_line, write_atomic
 from ..modelfile.checkpoint import STATE_FORMAT, load_checkpoint, save_checkpoint
 from ..modelfile.container import read_dvn_file, write_dvn_file
+from ..modelfile.pretrained import init_from_file
 from .affinity import AffinityWarmup, relayout
 from .distributed import (
     DistEnv,

@@ -53,7 +53,7 @@ def load_train_config(
     if resume:
         if given.width is not None:
             raise BadConfig("--resume takes the run's stored widths; drop --width")
-        return resumed_config(given.train, given.backbone, given.data_root_flag)
+        return _check_affinity_steps(given.train, resumed_config(given.train, given.backbone, given.data_root_flag))
     train, backbone = dict(given.train), dict(given.backbone)
     if given.width is not None and "widths" in backbone:
         raise BadConfig("give a width multiplier (--width) or the widths themselves (--widths), not both")
@@ -61,12 +61,24 @@ def load_train_config(
     if arch != BackboneConfig.arch or given.width is not None:
         for key, value in backbone_defaults(arch, given.width).items():
             backbone.setdefault(key, value)
+        if given.width is not None:
+            _check_width_splits(given.width, backbone)
     train["data_root"] = settings.data_root(given.data_root_flag, train.get("data_root"))
     if "in_channels" not in backbone or "input_size" not in backbone:
         shapes = [native_shape(t, train["data_root"]) for t in train.get("tasks") or list(TrainConfig.tasks)]
         backbone.setdefault("in_channels", max(c for c, _ in shapes))
         backbone.setdefault("input_size", max(s for _, s in shapes))
-    return build_train_config(train, backbone)
+    return _check_affinity_steps(train, build_train_config(train, backbone))
+
+
+def _check_affinity_steps(given: Mapping[str, Any], cfg: TrainConfig) -> TrainConfig:
+    """Refuse affinity steps given (flag or file) for a run whose order rule is not affinity: nothing reads them."""
+    if given.get("affinity_steps") is not None and cfg.order_rule != "affinity":
+        raise BadConfig(
+            f"--affinity-steps sets the warm-up of --order-rule affinity; this run's order rule is "
+            f"{cfg.order_rule}: drop --affinity-steps or pass --order-rule affinity"
+        )
+    return cfg
 
 
 def resumed_config(
@@ -104,3 +116,16 @@ def _plain(value: Any) -> str:
     if isinstance(value, list) and all(not isinstance(v, list) for v in value):
         return ",".join(str(v) for v in value)
     return json.dumps(value) if not isinstance(value, str) else value
+
+
+def _check_width_splits(width: float, backbone: Mapping[str, Any]) -> None:
+    """Refuse a width multiplier whose widths do not split into k units, naming --width (the user gave no widths)."""
+    units = backbone.get("units", BackboneConfig.units)
+    if not isinstance(units, int) or units < 1:
+        return  # BackboneConfig refuses it
+    widths = backbone["widths"]
+    if any(w % units for w in widths):
+        raise BadConfig(
+            f"--width {width} gives widths {','.join(map(str, widths))}, which do not split into k={units} units; "
+            "choose another --width or -k, or give --widths"
+        )
