@@ -83,16 +83,17 @@ def _index_of(fd: int, size: int, path: Path) -> dict[str, tuple[np.dtype, tuple
     """The index of the open weights file ``fd``, validated completely before any tensor is read.
 
     The header is untrusted input (anyone can edit it and put the new sha256 into the manifest): every tensor,
-    padding included, must be a known dtype whose ``shape`` gives exactly its byte length, and sorted by offset the
-    tensors must tile the data section from its first byte to the end of the file (so none is negative, out of
-    order, overlapping or outside the file); every tensor but padding starts at a multiple of ``ALIGNMENT``.
+    padding included, must be a known dtype whose ``shape`` gives exactly its byte length, and in the order the
+    header lists them (the order the writer wrote them) the tensors must tile the data section from its first byte
+    to the end of the file, so that none is negative, out of order, overlapping or outside the file; every tensor
+    but padding starts at a multiple of ``ALIGNMENT`` from the start of the file.
     """
     header, start = _read_header(fd, size, path)
-    entries = sorted((_entry_of(path, name, entry), name) for name, entry in header.items())
     index, position = {}, 0
-    for (begin, end, dtype, shape), name in entries:
+    for name, entry in header.items():
+        begin, end, dtype, shape = _entry_of(path, name, entry)
         if begin != position:
-            why = "a gap before" if begin > position else "overlapping ranges at"
+            why = "a gap before" if begin > position else "out of order or overlapping at"
             raise WrongFileFormat(f"{path} has an invalid tensor index ({why} {name}); export again")
         if not name.startswith(PAD_PREFIX):
             if (start + begin) % ALIGNMENT:
@@ -297,7 +298,7 @@ class SharedOrtRuntime:
                 raise
             except Exception as exc:  # onnxruntime raises its own types for graphs it cannot load
                 raise WrongFileFormat(f"graph {path} cannot be loaded: {first_line(exc)}") from None
-            _check_ports(path, session, entry)
+            _check_graph(path, session, entry)
             # a session uses these buffers in place: they live as long as it does, even past this runtime
             session._dvn_buffers = (self._values, self.arrays)
             self._sessions[key] = session
@@ -405,8 +406,9 @@ def _check_file(path: Path, entry: Mapping[str, Any], verify: bool, what: str, f
         raise WrongFileFormat(f"{what} {path} has changed since the export (sha256 differs from the manifest)")
 
 
-def _check_ports(path: Path, session: Any, entry: Mapping[str, Any]) -> None:
-    """Refuse a graph whose input or output is not the one the manifest names, or whose image size differs."""
+def _check_graph(path: Path, session: Any, entry: Mapping[str, Any]) -> None:
+    """Refuse a graph that is not the one its manifest entry describes: its ports, or the task, level, classes and
+    preprocessing the export stamped into it (``export.stamp_onnx``), differ from the entry's."""
     inputs = {port.name: port.shape for port in session.get_inputs()}
     outputs = {port.name for port in session.get_outputs()}
     pre = entry["preprocess"]
@@ -415,4 +417,19 @@ def _check_ports(path: Path, session: Any, entry: Mapping[str, Any]) -> None:
         raise WrongFileFormat(
             f"graph {path} does not match its manifest entry (input {entry['input']!r} of shape (B, "
             f"{', '.join(map(str, expected))}), output {entry['output']!r}); export again"
+        )
+    stamp = session.get_modelmeta().custom_metadata_map
+    try:
+        stamped = (
+            stamp["dvn_task"],
+            stamp["dvn_level"],
+            json.loads(stamp["dvn_classes"]),
+            json.loads(stamp["dvn_preprocess"]),
+        )
+    except (KeyError, ValueError, RecursionError):
+        stamped = None
+    if stamped != (entry["task"], str(entry["level"]), entry.get("classes"), pre):
+        raise WrongFileFormat(
+            f"graph {path} is not the graph of {entry['task']} level {entry['level']} its manifest entry describes "
+            "(task, level, classes or preprocessing differ); export again"
         )
