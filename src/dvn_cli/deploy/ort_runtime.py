@@ -92,9 +92,11 @@ def _index_of(fd: int, size: int, path: Path) -> dict[str, tuple[np.dtype, tuple
     index, position = {}, 0
     for name, entry in header.items():
         begin, end, dtype, shape = _entry_of(path, name, entry)
-        if begin != position:
-            why = "a gap before" if begin > position else "out of order or overlapping at"
-            raise WrongFileFormat(f"{path} has an invalid tensor index ({why} {name}); export again")
+        if begin != position:  # out of order, overlapping, or a gap
+            raise WrongFileFormat(
+                f"{path} has an invalid tensor index ({name} starts at byte {begin} of the data, not at {position} "
+                "where the tensor listed before it ends); export again"
+            )
         if not name.startswith(PAD_PREFIX):
             if (start + begin) % ALIGNMENT:
                 raise WrongFileFormat(
@@ -155,9 +157,9 @@ def _entry_of(path: Path, name: str, entry: Any) -> tuple[int, int, np.dtype, tu
 
 
 def _stamp(fd: int) -> tuple[int, ...]:
-    """Identity of an open file's content: inode, size, modification and change times (a write changes the last)."""
+    """Identity of an open file's content: inode, size, mtime (not ctime: a rename over the file changes that)."""
     st = os.fstat(fd)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class _WeightsFile:
