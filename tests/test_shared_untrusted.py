@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -287,3 +288,127 @@ def test_a_tensor_named_twice_is_refused_in_one_line_naming_the_manifest(folder)
     result = runner.invoke(app, ["info", "-c", str(folder)])
     assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.output
     assert f"{folder / 'manifest.json'} lists tensor" in result.stderr and "twice for task1 level 3" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ fuzz
+
+CASES, BATCH = 200, 25
+JUNK = [None, True, -1, 0, 1, 1.5, 2**63, 2**64 + 8, -(10**12), "", "x", "..", [], {}, [0], {"a": 1}]
+
+
+def _fuzz_header(rng: random.Random, header: dict) -> None:
+    """One random edit of a weights file's index: a number, a shape, a dtype, a swap, a deletion, a junk entry."""
+    names = [n for n in header if n != "__metadata__"]
+    name, other = rng.choice(names), rng.choice(names)
+    entry, kind = header[name], rng.randrange(7)
+    begin, end = entry["data_offsets"]
+    if kind == 0:
+        entry["data_offsets"][rng.randrange(2)] = rng.choice([begin, end]) + rng.choice([-4096, -8, -1, 1, 8, 4096])
+    elif kind == 1:
+        delta = rng.choice([-(10**12), -100000, -4096, -8, 8, 4096, 2**62])
+        entry["data_offsets"] = [begin + delta, end + delta]
+    elif kind == 2:
+        entry["shape"] = [*entry["shape"], 1] if rng.random() < 0.3 else [rng.choice([0, 1, 2, 2**40, -1, "3"])]
+    elif kind == 3:
+        entry["dtype"] = rng.choice(["F16", "U8", "F64", "I64", "BOOL", None, 3])
+    elif kind == 4:
+        entry["data_offsets"], header[other]["data_offsets"] = header[other]["data_offsets"], entry["data_offsets"]
+    elif kind == 5:
+        del header[name]
+    else:
+        header[name] = rng.choice(JUNK)
+    if rng.random() < 0.1:
+        header["__metadata__"] = rng.choice([{}, {"dvn": "{}"}, {"dvn": 3}, JUNK[0]])
+
+
+def _leaves(value, path=()):
+    """Every (path, value) inside a JSON value, containers included."""
+    yield path, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        yield from _leaves(child, (*path, key))
+
+
+def _fuzz_manifest(rng: random.Random, manifest: dict, folder: Path, bait: Path) -> None:
+    """One random edit of a manifest: a file name (inside, outside, a link out), a tensor list, any value."""
+    models, kind = manifest["models"], rng.randrange(6)
+    entry = rng.choice([manifest["weights"], *models])
+    if kind == 0:
+        outside = ["../bait/" + WEIGHTS_NAME, str(bait / WEIGHTS_NAME), str(bait / "task0-level2.onnx"), "/dev/zero"]
+        inside = ["", ".", "manifest.json", WEIGHTS_NAME, "sub/../" + WEIGHTS_NAME, *(m["file"] for m in models)]
+        entry["file"] = rng.choice(outside + inside)
+    elif kind == 1:  # another export's file, and its size and sha256, as a user who knows the format would
+        source = bait / (WEIGHTS_NAME if entry is manifest["weights"] else rng.choice(models)["file"])
+        data = source.read_bytes()
+        entry.update(file=os.path.relpath(source, folder), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    elif kind == 2:
+        name = WEIGHTS_NAME if entry is manifest["weights"] else entry["file"]
+        (folder / name).unlink(missing_ok=True)
+        (folder / name).symlink_to(bait / name)
+    elif kind == 3:
+        names = rng.choice(models)["tensors"]
+        i = rng.randrange(len(names))
+        edits = [
+            lambda: names.append(names[i]),
+            lambda: names.pop(i),
+            lambda: names.__setitem__(i, rng.choice(models[0]["tensors"] + models[-1]["tensors"])),
+            lambda: names.__setitem__(i, rng.choice(JUNK)),
+            lambda: rng.shuffle(names),
+        ]
+        rng.choice(edits)()
+    else:
+        path, _ = rng.choice(list(_leaves(manifest))[1:])
+        parent = manifest
+        for key in path[:-1]:
+            parent = parent[key]
+        if kind == 4 and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = rng.choice([*JUNK, "task1", 3, "../x", str(bait)])
+
+
+def _check_fuzz(results: list[dict], folders: list[Path], logits: dict) -> None:
+    for folder, result in zip(folders, results, strict=True):
+        assert "bug" not in result, (folder, result)
+        assert not result["outside"], (folder, result)
+        assert result.get("logits", logits) == logits, f"{folder}: exit 0 with changed logits"
+        assert "\n" not in result.get("refused", ""), result
+
+
+def _fuzz(exports: dict, tmp_path: Path, seed: int, edit) -> list[dict]:
+    """``CASES`` edited copies of the export, run ``BATCH`` at a time; the graphs are hard links (not edited)."""
+    rng, results = random.Random(seed), []
+    for start in range(0, CASES, BATCH):
+        folders = []
+        for i in range(start, min(start + BATCH, CASES)):
+            folder = tmp_path / f"case{i}"
+            folder.mkdir()
+            for file in exports["pristine"].iterdir():
+                (os.link if file.suffix == ".onnx" else shutil.copy)(file, folder / file.name)
+            edit(rng, folder)
+            folders.append(folder)
+        batch = _run(*folders)
+        _check_fuzz(batch, folders, exports["logits"])
+        results += batch
+        for folder in folders:
+            shutil.rmtree(folder)
+    return results
+
+
+@pytest.mark.slow
+def test_random_header_edits_never_crash_nor_change_the_output(exports, tmp_path):
+    def edit(rng, folder):
+        while not _edit_header(folder, lambda header: _fuzz_header(rng, header)):
+            pass
+
+    results = _fuzz(exports, tmp_path, 18, edit)
+    assert sum("refused" in r for r in results) >= CASES * 0.9  # most edits break the index
+
+
+@pytest.mark.slow
+def test_random_manifest_edits_never_crash_nor_change_the_output(exports, tmp_path):
+    def edit(rng, folder):
+        _edit_manifest(folder, lambda manifest: _fuzz_manifest(rng, manifest, folder, exports["bait"]))
+
+    results = _fuzz(exports, tmp_path, 18, edit)
+    assert sum("refused" in r for r in results) >= CASES * 0.5

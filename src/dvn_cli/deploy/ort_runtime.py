@@ -289,6 +289,7 @@ class SharedOrtRuntime:
         if key not in self._sessions:
             entry = self.model(task, level)
             path = self.folder / entry["file"]
+            _check_initializers(path, entry, self._weights.index)
             try:
                 session = self._ort.InferenceSession(
                     str(path),
@@ -435,3 +436,85 @@ def _check_graph(path: Path, session: Any, entry: Mapping[str, Any]) -> None:
             f"graph {path} is not the graph of {entry['task']} level {entry['level']} its manifest entry describes "
             "(task, level, classes or preprocessing differ); export again"
         )
+
+
+def _check_initializers(path: Path, entry: Mapping[str, Any], index: Mapping[str, tuple]) -> None:
+    """Refuse a graph whose initializers are not the weights file's tensors its entry names, of the same shapes.
+
+    onnxruntime takes a buffer given with ``add_initializer`` whatever its shape (a wrong one fails at run time,
+    or broadcasts to a wrong result), and it reads an external initializer that is not given from the file itself.
+    """
+    try:
+        declared = _graph_initializers(path.read_bytes())
+    except (OSError, ValueError, IndexError, TypeError, AttributeError) as exc:
+        raise WrongFileFormat(f"graph {path} is not an ONNX model dvn can read ({first_line(exc)})") from None
+    names = set(entry["tensors"])
+    wrong = [n for n in entry["tensors"] if declared.get(n, (None,))[0] != index[n][1]]
+    wrong += [n for n, (_, external) in declared.items() if external and n not in names]
+    if wrong:
+        raise WrongFileFormat(
+            f"graph {path} and the weights file disagree on tensor {wrong[0]} (its shape, or it is not listed in "
+            "the manifest); export again"
+        )
+
+
+def _graph_initializers(model: bytes) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Name -> (dims, stored externally) of every initializer of an ONNX model's main graph, read from its protobuf
+    encoding (``ModelProto.graph`` = 7, ``GraphProto.initializer`` = 5, ``TensorProto`` dims = 1, name = 8,
+    data_location = 14) so that the runtime needs no ``onnx`` package."""
+    graph = b"".join(value for field, value in _fields(model) if field == 7)  # a repeated message merges
+    found = {}
+    for field, tensor in _fields(graph):
+        if field != 5:
+            continue
+        dims, name, external = [], "", False
+        for key, value in _fields(tensor):
+            if key == 1:
+                dims += [value] if isinstance(value, int) else _varints(value)
+            elif key == 8:
+                name = value.decode()
+            elif key == 14:
+                external = value == 1
+        found[name] = (tuple(dims), external)
+    return found
+
+
+def _fields(data: bytes):
+    """(field number, value) of each field of one protobuf message: an int for a varint, bytes for a
+    length-delimited field, None for a fixed-width one."""
+    i = 0
+    while i < len(data):
+        key, i = _varint(data, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(data, i)
+        elif wire == 2:
+            length, i = _varint(data, i)
+            value, i = data[i : i + length], i + length
+            if i > len(data):
+                raise ValueError("a field runs past the end of the message")
+        elif wire in (1, 5):
+            value, i = None, i + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+        yield field, value
+
+
+def _varints(data: bytes) -> list[int]:
+    """The values of a packed repeated varint field."""
+    values, i = [], 0
+    while i < len(data):
+        value, i = _varint(data, i)
+        values.append(value)
+    return values
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[i]
+        value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
+        if byte < 0x80:
+            return value, i
+        if shift >= 70:
+            raise ValueError("a varint longer than 10 bytes")
