@@ -127,6 +127,7 @@ def test_negative_offsets_are_refused_not_read(folder, before):
     _refused(_run(folder), "has an invalid tensor index")
 
 
+@pytest.mark.slow
 def test_cli_refuses_negative_offsets_in_one_line(folder, tmp_path):
     def change(header):
         name = _tensors(header)[0]
@@ -412,3 +413,41 @@ def test_random_manifest_edits_never_crash_nor_change_the_output(exports, tmp_pa
 
     results = _fuzz(exports, tmp_path, 18, edit)
     assert sum("refused" in r for r in results) >= CASES * 0.5
+
+
+# ------------------------------------------------------------------------------------------------ what the fuzz found
+
+
+def _extra_dimension(header):
+    name = _tensors(header)[0]
+    header[name]["shape"] = [*header[name]["shape"], 1]  # same bytes, another shape
+
+
+def _graphs_swapped(manifest):
+    a, b = manifest["models"]
+    a["file"], b["file"] = b["file"], a["file"]
+    for key in ("sha256", "bytes", "tensors"):  # resealed: only the stamp in the graph tells them apart
+        a[key], b[key] = b[key], a[key]
+
+
+def test_a_graph_must_be_the_one_its_entry_describes(exports, tmp_path):
+    """A valid index with a shape the graph does not declare (a traceback at run time), a graph under another pair's
+    entry, and a level that is not a whole number are each refused in one line."""
+    folders = [shutil.copytree(exports["pristine"], tmp_path / f"case{i}") for i in range(4)]
+    assert _edit_header(folders[0], _extra_dimension)
+    _edit_manifest(folders[1], _graphs_swapped)
+    _edit_manifest(folders[2], lambda m: m["models"][0].update(level="2"))
+    _edit_manifest(folders[3], lambda m: m["models"][1].update(level=2, task="task0"))
+    first, second, third, fourth = _run(*folders)
+    _refused([first], "and the weights file disagree on tensor")
+    _refused([second], "is not the graph of task0 level 2 its manifest entry describes")
+    _refused([third], "models[0] has no valid level")
+    _refused([fourth], "lists task0 level 2 twice")
+
+
+def test_a_spec_that_describes_another_pair_is_refused(folder):
+    """The spec labels predict's output (its classes): it must describe its entry."""
+    _edit_manifest(folder, lambda m: m["models"][1]["spec"]["task"].update(classes=["x", "y", "z"]))
+    result = runner.invoke(app, ["info", "-c", str(folder)])
+    assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.output
+    assert "the manifest's spec for task1 level 3 describes another (task, level), units or classes" in result.stderr
