@@ -195,7 +195,7 @@ class _WeightsFile:
 
 
 class SharedOrtRuntime:
-    """Every (task, level) of a shared export, run by onnxruntime on one memory-mapped copy of the weights.
+    """Every (task, level) of a shared export, run by onnxruntime on one private copy of each tensor it uses.
 
     Args:
         folder: the folder ``dvn export --shared`` wrote (``manifest.json``, ``weights.safetensors``, graphs).
@@ -211,8 +211,10 @@ class SharedOrtRuntime:
 
     Raises:
         MissingData: no manifest, weights file or graph where the manifest says.
-        WrongFileFormat: a manifest that is not a shared export or comes from a newer dvn; a truncated or changed
-            file; a graph naming a tensor the weights file lacks.
+        WrongFileFormat: a manifest that is not a shared export or comes from a newer dvn, names a file outside the
+            folder or is damaged; a truncated or changed file; an invalid weights index; a graph naming a tensor
+            the weights file lacks. Later, when a session is made: a graph that is not the one its entry describes,
+            or a weights file changed in place since it was checked.
     """
 
     def __init__(
