@@ -122,12 +122,18 @@ def test_a_bundle_exports_the_same_graphs(scrambled_network, scrambled_checkpoin
         np.testing.assert_allclose(a.run(task, level, _batch()), b.run(task, level, _batch()), atol=1e-6)
 
 
-def test_runtime_maps_the_file_once_and_shares_it(shared_dir):
+def test_runtime_reads_each_tensor_once_and_shares_it(shared_dir):
     runtime = SharedOrtRuntime(shared_dir)
     assert runtime.pairs() == [("task0", 2), ("task1", 3)]
-    for array in runtime.arrays.values():
-        assert np.shares_memory(array, runtime._map) and not array.flags.writeable
+    assert runtime.arrays == {}  # nothing is read before a session needs it
+    runtime.session("task0", 2)
+    first = dict(runtime._values)
     logits = runtime.run("task1", 3, _batch(n=2))
+    index = read_weights_index(shared_dir / WEIGHTS_NAME)
+    assert set(runtime.arrays) == set(index)  # every tensor once, for both sessions
+    assert all(runtime._values[name] is value for name, value in first.items())  # a shared block is not read again
+    for name, array in runtime.arrays.items():
+        assert array.shape == index[name][1] and not array.flags.writeable
     assert logits.shape == (2, 3) and np.isfinite(logits).all()
     assert runtime.session("task1", 3) is runtime.session("task1", 3)
     with pytest.raises(UnknownTask, match="holds no task0 level 4"):

@@ -2,9 +2,11 @@
 
 ``open_model`` opens a folder holding a shared export's ``manifest.json`` as a ``SharedExport``: its (task, level)s
 and their compact specs come from the manifest, and ``forward`` runs them through ONE
-``deploy.ort_runtime.SharedOrtRuntime`` (the weights file mapped once, sessions made on first use), so ``dvn
-predict``, ``eval`` and ``info`` take the folder like any file. The folder is checked as the runtime checks it (every
-file's size and sha256 against the manifest, every tensor a graph names present) before anything runs.
+``deploy.ort_runtime.SharedOrtRuntime`` (each tensor read once, sessions made on first use), so ``dvn
+predict``, ``eval`` and ``info`` take the folder like any file. The folder is untrusted input: it is checked as the
+runtime checks it (paths inside the folder, every file's size and sha256 against the manifest, the weights index,
+every tensor a graph names present once) before anything runs, and each entry's spec must describe the pair, units
+and classes of its entry.
 """
 
 from __future__ import annotations
@@ -42,11 +44,18 @@ class SharedExport(ModelFile):
         self.specs: dict[tuple[str, int], CompactSpec] = {}
         for (task, level), entry in self.runtime.models.items():
             try:
-                self.specs[task, level] = CompactSpec.from_dict(entry["spec"])
+                spec = CompactSpec.from_dict(entry["spec"])
             except (KeyError, TypeError, ValueError, AttributeError, BadConfig):
                 raise WrongFileFormat(
                     f"{self.path}: the manifest has no readable spec for {task} level {level}; export again"
                 ) from None
+            described = (spec.task.name, spec.level, list(spec.units), list(spec.task.classes))
+            if described != (task, level, entry.get("units"), entry.get("classes")):  # the spec labels the output
+                raise WrongFileFormat(
+                    f"{self.path}: the manifest's spec for {task} level {level} describes another (task, level), "
+                    "units or classes; export again"
+                )
+            self.specs[task, level] = spec
         first = next(iter(self.specs.values()), None)
         if first is None:
             raise WrongFileFormat(f"{self.path}: the manifest lists no models")
