@@ -403,7 +403,11 @@ def _one_thread(worker_id: int) -> None:
 
 
 def _loader(dataset: Dataset, keys: Iterable[Any], workers: int) -> DataLoader:
-    """Work items ``keys`` of ``dataset`` run by ``workers`` processes, results in the order of ``keys``."""
+    """Work items ``keys`` of ``dataset`` run by ``workers`` processes, results in the order of ``keys``.
+
+    The loader draws its workers' base seed from a generator of its own, not from torch's global one: the
+    training process's random state then does not depend on how often a stream was (re)started, so a resumed
+    run's state equals an uninterrupted one's (the batches are seeded by their keys anyway)."""
     return DataLoader(
         dataset,
         sampler=keys,
@@ -411,6 +415,7 @@ def _loader(dataset: Dataset, keys: Iterable[Any], workers: int) -> DataLoader:
         num_workers=workers,
         worker_init_fn=_one_thread if workers else None,
         prefetch_factor=2 if workers else None,
+        generator=torch.Generator(),
     )
 
 

@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
+import functools
 import resource
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..config import BackboneConfig, TaskSpec, TrainConfig
 from ..core.network import DeepVirtualNetwork, build_network
 from ..errors import BadConfig
+from ..fsutil import first_line
 from ..planning.budgets import format_bytes
 
 __all__ = ["Headroom", "MemoryEstimate", "available_memory", "check_memory", "estimate_memory"]
@@ -58,11 +59,6 @@ class MemoryEstimate:
     def total(self) -> int:
         return self.fixed + self.activations
 
-    def largest_batch(self, available: int) -> int:
-        """The largest batch size whose step fits ``available`` bytes (0: not even one image)."""
-        per_image = self.activations / self.batch_size
-        return max(0, math.floor((available - self.fixed) / per_image)) if per_image else self.batch_size
-
     def describe(self) -> str:
         return (
             f"about {format_bytes(self.total)} (weights {format_bytes(self.weights)}, gradients and optimiser "
@@ -81,32 +77,49 @@ class Headroom:
 
 def estimate_memory(
     backbone: BackboneConfig,
-    specs: list[TaskSpec],
+    specs: Sequence[TaskSpec],
     batch_size: int,
     *,
     order_rule: str = "nearest",
-    order_table=None,
+    order_table: tuple[tuple[int, ...], ...] | None = None,
     momentum: float = 0.9,
 ) -> MemoryEstimate:
-    """The peak bytes of one float32 training step, from shapes alone (nothing is allocated)."""
+    """The peak bytes of one float32 training step, from shapes alone (nothing is allocated; each distinct
+    setting is counted once per process, as a meta forward costs about a second on a small CPU)."""
+    return _estimate(backbone, tuple(specs), batch_size, order_rule, order_table, momentum > 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _estimate(
+    backbone: BackboneConfig,
+    specs: tuple[TaskSpec, ...],
+    batch_size: int,
+    order_rule: str,
+    order_table: tuple[tuple[int, ...], ...] | None,
+    momentum: bool,
+) -> MemoryEstimate:
     with torch.device("meta"):
-        network = build_network(backbone, specs, order_rule, order_table)
+        network = build_network(backbone, list(specs), order_rule, order_table)
     params = list(network.parameters())
+    try:
+        saved = _saved_bytes(network, max(range(len(specs)), key=lambda t: specs[t].num_classes), batch_size)
+    except ValueError as exc:  # what the step itself would raise, e.g. batch norm over a 1x1 map of one image
+        raise BadConfig(f"a training step of {batch_size} images per task cannot run: {first_line(exc)}") from None
     weights = sum(_nbytes(t) for t in params) + sum(_nbytes(b) for b in network.buffers())
     per_copy = sum(_nbytes(p) for p in params)
-    optimizer = per_copy if momentum > 0 else 0
+    # Every task runs the same shapes but for its head: the widest head's task is counted once for all of them.
     # The backward holds, besides what the forwards saved, the gradients of those tensors (of the gathered unit
     # weights too): twice each, which measured peaks bear out (docs/design.md, "Size before allocation").
-    activations = 2 * _saved_bytes(network, len(specs), batch_size)
-    return MemoryEstimate(weights, 2 * per_copy, optimizer, activations, batch_size)
+    activations = 2 * len(specs) * saved
+    return MemoryEstimate(weights, 2 * per_copy, per_copy if momentum else 0, activations, batch_size)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _saved_bytes(network: DeepVirtualNetwork, tasks: int, batch_size: int) -> int:
-    """Bytes autograd saves over the forwards of one step: every task at every level, kept until the backward.
+def _saved_bytes(network: DeepVirtualNetwork, task: int, batch_size: int) -> int:
+    """Bytes autograd saves over the forwards of ``task`` in one step: every level, kept until the backward.
 
     Parameters are not counted again (they are weights); a tensor saved by several operations counts once.
     """
@@ -116,7 +129,7 @@ def _saved_bytes(network: DeepVirtualNetwork, tasks: int, batch_size: int) -> in
     kept: list[torch.Tensor] = []  # holds the saved tensors so that their ids stay unique
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if id(tensor) not in seen and id(tensor) not in params and not isinstance(tensor, nn.Parameter):
+        if id(tensor) not in seen and id(tensor) not in params:
             seen.add(id(tensor))
             kept.append(tensor)
         return tensor
@@ -124,10 +137,9 @@ def _saved_bytes(network: DeepVirtualNetwork, tasks: int, batch_size: int) -> in
     network.train()
     images = torch.empty(batch_size, cfg.in_channels, cfg.input_size, cfg.input_size, device="meta")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        for task in range(tasks):
-            for level in range(1, network.units + 1):
-                network(images, task, level)
-    return _nbytes(images) * tasks + sum(_nbytes(t) for t in kept)
+        for level in range(1, network.units + 1):
+            network(images, task, level)
+    return _nbytes(images) + sum(_nbytes(t) for t in kept)
 
 
 def available_memory(device: torch.device) -> Headroom | None:
@@ -144,15 +156,15 @@ def available_memory(device: torch.device) -> Headroom | None:
     return min(known, key=lambda c: c.bytes) if known else None
 
 
-def check_memory(cfg: TrainConfig, specs: list[TaskSpec], device: torch.device) -> MemoryEstimate:
+def check_memory(cfg: TrainConfig, specs: Sequence[TaskSpec], device: torch.device) -> MemoryEstimate:
     """The run's estimate; refused in one line, naming it and a batch size (or widths) that fits, when the step
     would not fit the memory ``available_memory`` finds."""
-    estimate = _estimate(cfg, specs, cfg.backbone, cfg.batch_size)
+    estimate = _of(cfg, specs, cfg.backbone, cfg.batch_size)
     headroom = available_memory(device)
     if headroom is None or estimate.total <= headroom.bytes:
         return estimate
-    batch = estimate.largest_batch(headroom.bytes)
-    if batch >= 1:
+    batch = _largest_batch(cfg, specs, headroom.bytes)
+    if batch:
         fits = f"--batch-size {batch} or less fits"
     else:
         fits = f"the model alone does not fit; {_smaller_widths(cfg, specs, headroom.bytes)}"
@@ -162,19 +174,32 @@ def check_memory(cfg: TrainConfig, specs: list[TaskSpec], device: torch.device) 
     )
 
 
-def _estimate(cfg: TrainConfig, specs: list[TaskSpec], backbone: BackboneConfig, batch_size: int) -> MemoryEstimate:
+def _of(cfg: TrainConfig, specs: Sequence[TaskSpec], backbone: BackboneConfig, batch_size: int) -> MemoryEstimate:
     return estimate_memory(
         backbone, specs, batch_size, order_rule=cfg.order_rule, order_table=cfg.order_table, momentum=cfg.momentum
     )
 
 
-def _smaller_widths(cfg: TrainConfig, specs: list[TaskSpec], available: int) -> str:
+def _largest_batch(cfg: TrainConfig, specs: Sequence[TaskSpec], available: int) -> int:
+    """The largest batch size below the run's whose step fits, by bisection; 0 when not even 2 images fit (a batch
+    of 1 is not offered: batch norm cannot train on one value per channel, as a 1x1 feature map gives)."""
+    low, high = 1, cfg.batch_size  # a step of ``low`` images is known to fit (1: not yet known), ``high`` does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _of(cfg, specs, cfg.backbone, middle).total <= available:
+            low = middle
+        else:
+            high = middle
+    return low if low > 1 else 0
+
+
+def _smaller_widths(cfg: TrainConfig, specs: Sequence[TaskSpec], available: int) -> str:
     """Widths halved until a step at the run's batch size fits (kept divisible by k)."""
     backbone, k = cfg.backbone, cfg.backbone.units
     while any(w > k for w in backbone.widths):
         widths = tuple(max(k, w // 2 // k * k) for w in backbone.widths)
         backbone = dataclasses.replace(backbone, widths=widths)
-        if _estimate(cfg, specs, backbone, cfg.batch_size).total <= available:
+        if _of(cfg, specs, backbone, cfg.batch_size).total <= available:
             return f"--widths {','.join(map(str, widths))} fits at this batch size"
     return "choose a smaller network or a larger machine"
 
