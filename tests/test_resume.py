@@ -50,11 +50,11 @@ KINDS = {"memory": _memory, "affinity": _affinity, "stream": _stream}
 
 @pytest.fixture(autouse=True)
 def sigterm_is_not_fatal():
-    """SIGTERM raises a plain KeyboardInterrupt around each test, so that a run which failed to handle it fails
-    the test rather than ending pytest."""
+    """SIGTERM raises an error around each test, so that a run which failed to handle it fails the test rather
+    than ending pytest."""
 
     def safety(signum, frame):
-        raise KeyboardInterrupt("SIGTERM reached the handler of before the run")
+        raise RuntimeError("SIGTERM reached the handler of before the run")
 
     before = signal.signal(signal.SIGTERM, safety)
     yield safety
