@@ -188,6 +188,76 @@ def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(tmp_pa
     assert not list(killed.glob(".*.tmp"))
 
 
+def _start_and_wait_for_a_save(command: list[str], out: Path) -> subprocess.Popen:
+    """Start ``dvn train``; return once its first save (an epoch end) is on disk, mid-run."""
+    child = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_subprocess_env()
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "train_state.safetensors").exists() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.005)
+    return child
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_like_ctrl_c_and_the_resume_matches_an_uninterrupted_run(tmp_path):
+    """Schedulers stop jobs with SIGTERM: once exit 143 with no message, no checkpoint and a stale .lock."""
+    make_image_folder(tmp_path / "colours")
+    make_image_folder(tmp_path / "bands", ("top", "middle"), per_class=10)
+    tasks = f"colours={tmp_path / 'colours'},bands={tmp_path / 'bands'}"
+
+    def command(out: Path, *extra) -> list[str]:
+        args = _tiny_train_args(tasks, out, tmp_path / "data", "--epochs", 15, "--seed", 4, *extra)
+        return [sys.executable, "-m", "dvn_cli", *args]
+
+    straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, env=_subprocess_env())
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    stopped = tmp_path / "stopped"
+    child = _start_and_wait_for_a_save(command(stopped), stopped)
+    try:
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    step = read_metadata(stopped / "train_state.safetensors")["step"]
+    assert stderr.splitlines()[-1] == (
+        f"error: stopped by SIGTERM; checkpoint of step {step} saved in {stopped}; continue with --resume"
+    ), stderr[-2000:]
+    assert "Traceback" not in stderr and not (stopped / ".lock").exists()
+    resumed = subprocess.run(command(stopped, "--resume"), capture_output=True, text=True, env=_subprocess_env())
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_checkpoint(tmp_path / "straight" / "model.safetensors").network.state_dict()
+    b = load_checkpoint(stopped / "model.safetensors").network.state_dict()
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.slow
+def test_a_killed_data_worker_ends_in_one_line_with_a_checkpoint(tmp_path):
+    """Once a full traceback: ``RuntimeError: DataLoader worker (pid ...) is killed by signal: Killed.``"""
+    make_image_folder(tmp_path / "colours")
+    tasks = f"colours={tmp_path / 'colours'}"
+    out = tmp_path / "run"
+    args = _tiny_train_args(tasks, out, tmp_path / "data", "--epochs", 200, "--data-mode", "stream", "--workers", 2)
+    child = _start_and_wait_for_a_save([sys.executable, "-m", "dvn_cli", *args], out)
+    try:
+        os.kill(_children(child.pid)[0], signal.SIGKILL)
+        _, stderr = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    lines = stderr.splitlines()
+    assert child.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert lines[-1].startswith("error: a data worker "), lines[-1]
+    step = read_metadata(out / "train_state.safetensors")["step"]
+    assert lines[-1].endswith(f"; checkpoint of step {step} saved in {out}; --resume continues"), lines[-1]
+    assert not (out / ".lock").exists()
+
+
 def test_non_finite_loss_is_one_line_and_keeps_the_last_good_checkpoint(trained, tmp_path):
     base, run, args = trained
     copy = tmp_path / "run"

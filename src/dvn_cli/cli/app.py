@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import signal
 import sys
 import types
 import typing
@@ -179,11 +180,13 @@ def train(
             result = fit(cfg, resume=resume, force=force, observer=progress)
         except KeyboardInterrupt as interrupt:
             progress.close()
+            signum = getattr(interrupt, "signum", signal.SIGINT)  # stops.Interrupted names its signal
             saved = getattr(interrupt, "result", None)
-            where = f"; checkpoint of step {saved.summary['steps']} saved in {cfg.out}" if saved else ""
+            where = f"checkpoint of step {saved.summary['steps']} saved in {cfg.out}; continue with --resume"
             if main_rank:
-                ui.print_error(f"interrupted{where}; continue with --resume")
-            raise typer.Exit(130) from None
+                what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+                ui.print_error(f"{what}; {where if saved else 'nothing saved'}")
+            raise typer.Exit(128 + signum) from None
         finally:
             progress.close()
     if not main_rank:

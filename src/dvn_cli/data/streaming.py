@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import DATA_MODES, TaskSpec
-from ..errors import BadConfig, DvnError, MissingData
+from ..errors import BadConfig, MissingData
 from ..fsutil import first_line
 from .batches import AUGMENT_POLICIES, mixed_seed, normalize_batch, seeded_generator
 from .datasets import TaskData, carve_validation, check_load_arguments, load_task
@@ -41,10 +41,12 @@ from .registry import parse_task
 __all__ = [
     "STREAM_ABOVE_BYTES",
     "StreamBatches",
+    "StreamFailed",
     "StreamedTask",
     "Task",
     "epoch_order",
     "open_task",
+    "worker_failure",
 ]
 
 STREAM_ABOVE_BYTES = 256 * 2**20
@@ -53,6 +55,11 @@ than this: 256 MiB, e.g. 21,000 images at 3x64x64, 1,700 at 3x224x224. Smaller o
 which is faster (no decoding per epoch) and small enough not to matter."""
 
 SCAN_CHUNK = 256  # files per work item of the opening scan
+
+
+class StreamFailed(MissingData):
+    """A streamed task can no longer give what it gave when opened: a file became unreadable, or a worker that
+    decodes it failed or died. Training saves its progress on it, since the run continues once that is mended."""
 
 
 def open_task(
@@ -385,7 +392,11 @@ def _one_thread(worker_id: int) -> None:
 
 
 def _loader(dataset: Dataset, keys: Iterable[Any], workers: int) -> DataLoader:
-    """Work items ``keys`` of ``dataset`` run by ``workers`` processes, results in the order of ``keys``."""
+    """Work items ``keys`` of ``dataset`` run by ``workers`` processes, results in the order of ``keys``.
+
+    The loader draws its workers' base seed from a generator of its own, not from torch's global one: the
+    training process's random state then does not depend on how often a stream was (re)started, so a resumed
+    run's state equals an uninterrupted one's (the batches are seeded by their keys anyway)."""
     return DataLoader(
         dataset,
         sampler=keys,
@@ -393,11 +404,12 @@ def _loader(dataset: Dataset, keys: Iterable[Any], workers: int) -> DataLoader:
         num_workers=workers,
         worker_init_fn=_one_thread if workers else None,
         prefetch_factor=2 if workers else None,
+        generator=torch.Generator(),
     )
 
 
 def _guarded(loader: DataLoader, data: StreamedTask | None = None) -> Iterator[Any]:
-    """``loader``'s items; a worker that fails or dies ends in ONE clear ``DvnError`` line, never a hang."""
+    """``loader``'s items; a worker that fails or dies ends in ONE clear ``StreamFailed`` line, never a hang."""
     what = f"task {data.spec.name!r}" if data is not None else "a folder task"
     iterator = iter(loader)
     while True:
@@ -408,13 +420,21 @@ def _guarded(loader: DataLoader, data: StreamedTask | None = None) -> Iterator[A
         except Exception as exc:  # noqa: BLE001 - DataLoader re-raises a worker's error with its traceback
             lines = [line for line in str(exc).splitlines() if line.strip()]
             detail = lines[-1].strip() if lines else first_line(exc)
-            raise DvnError(f"a data worker reading {what} failed: {detail}") from None
+            raise StreamFailed(f"a data worker reading {what} failed: {detail}") from None
         yield item
+
+
+def worker_failure(exc: BaseException) -> StreamFailed | None:
+    """The one line for a worker's death that ``DataLoader`` reports outside ``next`` (its SIGCHLD handler raises
+    ``RuntimeError`` wherever the main thread is), or None when ``exc`` is something else."""
+    if isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker"):
+        return StreamFailed(f"a data worker of a streamed task died: {first_line(exc)}")
+    return None
 
 
 def _refuse_unreadable(path: str, data: StreamedTask) -> None:
     if path:
-        raise MissingData(
+        raise StreamFailed(
             f"{path} of task {data.spec.name!r} can no longer be read (it could when the task was opened); "
-            "restore or remove it and start again (--resume continues)"
+            "restore it, or remove it and start again"
         )

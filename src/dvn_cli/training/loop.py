@@ -22,7 +22,7 @@ from ..config import PRECISIONS, TrainConfig, comparable, config_differences
 from ..core.backbones import check_input_shape
 from ..core.network import DeepVirtualNetwork, build_network
 from ..data.batches import TaskBatches
-from ..data.streaming import StreamBatches, Task, open_task
+from ..data.streaming import StreamBatches, StreamFailed, Task, open_task, worker_failure
 from ..errors import BadConfig, DvnError, WrongFileFormat
 from ..evaluation.evaluate import count_correct
 from ..fsutil import first_line, write_atomic
@@ -41,7 +41,9 @@ from .distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from .memory import check_memory
 from .run_folder import RunPaths, prepare_run_folder
+from .stops import StopSignals
 
 __all__ = [
     "EpochInfo",
@@ -334,12 +336,14 @@ def fit(
 ) -> TrainResult:
     """Train a DVN on ``cfg.tasks`` and write its checkpoint, training state and metrics into ``cfg.out``.
 
-    A checkpoint and training state are written atomically at the end of every epoch and on Ctrl-C
-    (``KeyboardInterrupt`` then propagates, with ``TrainResult`` on the exception as ``result``). ``resume``
-    continues from the training state (which holds the weights too) and reaches the same weights as an
-    uninterrupted run with the same seed. A run killed at any moment resumes from its last epoch end (or
-    Ctrl-C); ``force`` replaces an existing run's files at the first epoch end. The run folder is locked for the
-    whole run (``run_folder.RunLock``, rank 0): a second run into it is refused.
+    A checkpoint and training state are written atomically at the end of every epoch, on Ctrl-C or SIGTERM
+    (``stops.Interrupted``, a ``KeyboardInterrupt``, then propagates with the saved ``TrainResult`` as ``result``,
+    None when no step was taken) and when a streamed task stops delivering (``StreamFailed``, naming the save).
+    ``resume`` continues from the training state (which holds the weights too) and reaches the same weights and
+    metrics as an uninterrupted run with the same seed, from any step. A run killed outright resumes from its last
+    save; ``force`` replaces an existing run's files at the first save. The run folder is locked for the whole
+    run (``run_folder.RunLock``, rank 0): a second run into it is refused. Before the network is allocated, a
+    run whose step would not fit the memory left is refused (``memory.check_memory``).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) this trains data-parallel (see ``distributed``): each rank takes its
     slice of every global batch of ``cfg.batch_size`` images per task, gradients are averaged over ranks after
@@ -356,7 +360,8 @@ def fit(
     device, started = init_distributed(env, resolve_device(cfg.device))
     finished = False
     try:
-        result = _fit(cfg, env, device, resume, force, observer or TrainObserver(), data)
+        with StopSignals() as stops:
+            result = _fit(cfg, env, device, resume, force, observer or TrainObserver(), data, stops)
         finished = True
         return result
     finally:
@@ -383,6 +388,8 @@ class _Run:
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    epoch_losses: dict[str, float] = field(default_factory=dict)  # each task's summed step losses this epoch
+    settled: bool = True  # False only while the optimiser updates the weights: no consistent state to save
 
     @property
     def main(self) -> bool:
@@ -409,6 +416,7 @@ def _fit(
     force: bool,
     observer: TrainObserver,
     data: list[Task] | None,
+    stops: StopSignals,
 ) -> TrainResult:
     check_input_shape(cfg.backbone)
     paths = RunPaths(Path(cfg.out))
@@ -417,6 +425,7 @@ def _fit(
         data = _together(env, device, lambda: load_tasks(cfg))
     if not cfg.augment:  # so that what is reported is what runs
         data = [dataclasses.replace(d, augment="none") for d in data]
+    _together(env, device, lambda: check_memory(cfg, [d.spec for d in data], device))
     lock = _together(env, device, lambda: prepare_run_folder(paths, resume, force, env.is_main))
     try:
         run = _new_run(cfg, env, device, paths, data, amp_dtype)
@@ -429,10 +438,15 @@ def _fit(
             write_atomic(paths.config, json.dumps(cfg.to_dict(), indent=2).encode())
             observer.on_start(run.total_steps, run.step, data)
         try:
-            result = _train_steps(run, observer)
+            result = _train_steps(run, observer, stops)
         except KeyboardInterrupt as interrupt:
-            interrupt.result = _save(run, interrupted=True)  # no collective: the other ranks may be gone
+            interrupt.result = _save_progress(run)
             raise
+        except (StreamFailed, RuntimeError) as exc:
+            failure = exc if isinstance(exc, StreamFailed) else worker_failure(exc)
+            if failure is None:
+                raise
+            raise _saved_after(run, failure) from None
         return result if result is not None else _together(env, device, lambda: _save(run, interrupted=False))
     finally:
         lock.release()
@@ -465,6 +479,7 @@ def _new_run(
         feeds=[ShardedBatches(s, env) for s in streams] if env.distributed else streams,
         amp_dtype=amp_dtype,
         memory_format=memory_format,
+        epoch_losses=dict.fromkeys((d.spec.name for d in data), 0.0),
     )
     if cfg.order_rule == "affinity":
         if env.distributed:
@@ -515,6 +530,7 @@ def _resume(run: _Run) -> None:
         run.network.load_state_dict(weights)
         _load_state_tensors(state_tensors, run.optimizer, run.scaler, run.streams, run.names)
         run.step, run.history, run.seconds = state_meta["step"], state_meta["history"], state_meta["seconds"]
+        run.epoch_losses = {n: float(state_meta.get("epoch_losses", {}).get(n, 0.0)) for n in run.names}
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise WrongFileFormat(f"{paths.state} does not match this run ({first_line(exc)}); cannot resume") from None
 
@@ -542,7 +558,13 @@ def _save(run: _Run, interrupted: bool) -> TrainResult:
     paths, summary = run.paths, _summary(run)
     if not run.main:
         return TrainResult(paths.checkpoint, paths.state, summary, interrupted)
-    state_meta = {"step": run.step, "history": run.history, "seconds": run.seconds, "config": comparable(run.cfg)}
+    state_meta = {
+        "step": run.step,
+        "history": run.history,
+        "seconds": run.seconds,
+        "epoch_losses": run.epoch_losses,
+        "config": comparable(run.cfg),
+    }
     if run.warmup is not None:
         state_meta["affinity"] = run.warmup.state()
     try:  # checkpoint, then state, then metrics: a kill between them leaves a state that resumes
@@ -558,43 +580,104 @@ def _save(run: _Run, interrupted: bool) -> TrainResult:
     return TrainResult(paths.checkpoint, paths.state, summary, interrupted)
 
 
-def _train_steps(run: _Run, observer: TrainObserver) -> TrainResult | None:
+def _save_progress(run: _Run) -> TrainResult | None:
+    """Save a run that stops early (no collective: the other ranks may be gone); None when there is nothing to keep
+    (no step taken) or no consistent state (stopped while the weights were being updated)."""
+    return _save(run, interrupted=True) if run.step > 0 and run.settled else None
+
+
+def _saved_after(run: _Run, failure: StreamFailed) -> StreamFailed:
+    """``failure``, once the run's progress is saved, saying where (``--resume`` is promised only then)."""
+    saved = _save_progress(run)
+    where = f"checkpoint of step {run.step} saved in {run.paths.out}; --resume continues" if saved else "nothing saved"
+    return StreamFailed(f"{failure}; {where}")
+
+
+def _train_steps(run: _Run, observer: TrainObserver, stops: StopSignals) -> TrainResult | None:
     """Optimiser steps from ``run.step`` to the end: validate and save at every epoch end.
 
-    Returns the last epoch end's result (None when there was no step left to take).
+    An epoch end is done at the top of the loop, so a run saved after its last step but before its validation
+    (stopped meanwhile) validates on ``--resume``. Returns the last epoch end's result (None when there was no
+    step left to take).
     """
-    cfg, env, device, scaler = run.cfg, run.env, run.device, run.scaler
-    names, steps_per_epoch, total_steps = run.names, run.steps_per_epoch, run.total_steps
     run.network.train()
-    weights = list(cfg.level_weights) if cfg.level_weights else None
     result: TrainResult | None = None
-    epoch_start, epoch_losses = time.perf_counter(), dict.fromkeys(names, 0.0)
-    while run.step < total_steps:
-        tick = time.perf_counter()
-        batches = [
-            (x.to(device, memory_format=run.memory_format, non_blocking=True), y.to(device))
-            for x, y in (next(f) for f in run.feeds)
-        ]
-        network, optimizer = run.network, run.optimizer  # the affinity rule replaces them after its warm-up
-        lr = lr_at(run.step, total_steps, cfg.lr, cfg.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
-            losses = task_losses(network, batches, weights, cfg.distill, cfg.label_smoothing)
-            loss = summed(losses)
-        step_losses = [float(task_loss.detach()) for task_loss in losses]
-        if not env.distributed:
-            _check_finite(float(loss.detach()), run.step, run.paths)
-        warming_up = run.warmup is not None and run.step < run.warmup.steps
-        if warming_up:
-            run.warmup.backward(network, losses, scaler)  # one backward per task, to measure their affinity
-        else:
-            scaler.scale(loss).backward()
-        if env.distributed:  # one flat all-reduce: averaged gradients and the global batch's task losses
-            step_losses = all_reduce_gradients(list(network.parameters()), torch.tensor(step_losses)).tolist()
-            _check_finite(sum(step_losses), run.step, run.paths)
-        scaler.step(optimizer)
+    epoch_start = time.perf_counter()
+    while True:
+        if _epoch_end_due(run):
+            result = _end_epoch(run, observer, time.perf_counter() - epoch_start)
+            epoch_start = time.perf_counter()
+        if run.step >= run.total_steps:
+            return result
+        info = _step(run, stops)
+        if run.main:
+            observer.on_step(info)
+
+
+def _epoch_end_due(run: _Run) -> bool:
+    """The run stands at an epoch end (or its last step) that has not been validated and saved yet."""
+    at_end = run.step > 0 and (run.step % run.steps_per_epoch == 0 or run.step == run.total_steps)
+    return at_end and not (run.history and run.history[-1]["step"] == run.step)
+
+
+def _end_epoch(run: _Run, observer: TrainObserver, seconds: float) -> TrainResult:
+    """Validate every (task, level), record the epoch and save (batch-norm statistics averaged over ranks)."""
+    env, device = run.env, run.device
+    average_buffers(run.network)  # batch-norm statistics: per rank while training, averaged here
+    done = run.step % run.steps_per_epoch or run.steps_per_epoch
+    info = EpochInfo(
+        epoch=math.ceil(run.step / run.steps_per_epoch),
+        step=run.step,
+        val_accuracy=validate(run.network, run.data, device, env),
+        train_loss={n: round(v / done, 5) for n, v in run.epoch_losses.items()},
+        seconds=round(seconds, 1),
+    )
+    run.history.append(info.to_dict())
+    run.epoch_losses = dict.fromkeys(run.names, 0.0)
+    result = _together(env, device, lambda: _save(run, interrupted=False))
+    if run.main:
+        observer.on_epoch(info)
+    return result
+
+
+@dataclass
+class _Mark:
+    """What a step changes before the optimiser updates the weights, so a step cut short can be undone."""
+
+    streams: list[dict[str, Any]]
+    rng: torch.Tensor
+    warmup: tuple[Any, int] | None
+
+    @classmethod
+    def of(cls, run: _Run) -> _Mark:
+        warmup = (run.warmup.sums, run.warmup.measured) if run.warmup is not None else None
+        return cls([s.state_dict() for s in run.streams], torch.get_rng_state(), warmup)
+
+    def restore(self, run: _Run) -> None:
+        for stream, state in zip(run.streams, self.streams, strict=True):
+            stream.load_state_dict(state)
+        torch.set_rng_state(self.rng)
+        if self.warmup is not None:
+            run.warmup.sums, run.warmup.measured = self.warmup
+
+
+def _step(run: _Run, stops: StopSignals) -> StepInfo:
+    """One optimiser step. Cut short before the update (a signal, a data failure), it is undone; the update and
+    its bookkeeping run to their end (``stops.deferred``), so the run is always at a step it can save."""
+    cfg, scaler, names = run.cfg, run.scaler, run.names
+    tick = time.perf_counter()
+    mark = _Mark.of(run)
+    try:
+        lr = lr_at(run.step, run.total_steps, cfg.lr, cfg.warmup_steps)
+        batches, step_losses = _forward_backward(run, lr)
+    except BaseException:
+        mark.restore(run)
+        raise
+    network = run.network
+    warming_up = run.warmup is not None and run.step < run.warmup.steps
+    with stops.deferred():
+        run.settled = False
+        scaler.step(run.optimizer)
         scaler.update()
         run.step += 1
         if warming_up and run.step == run.warmup.steps:
@@ -602,35 +685,45 @@ def _train_steps(run: _Run, observer: TrainObserver) -> TrainResult | None:
         elapsed = time.perf_counter() - tick
         run.seconds += elapsed
         for n, value in zip(names, step_losses, strict=True):
-            epoch_losses[n] += value
-        if run.main:
-            observer.on_step(
-                StepInfo(
-                    run.step,
-                    total_steps,
-                    run.step / steps_per_epoch,
-                    dict(zip(names, step_losses, strict=True)),
-                    env.world_size * sum(len(y) for _, y in batches) / max(elapsed, 1e-9),
-                    lr,
-                )
-            )
-        if run.step % steps_per_epoch == 0 or run.step == total_steps:
-            network = run.network
-            average_buffers(network)  # batch-norm statistics: per rank while training, averaged here
-            done = run.step % steps_per_epoch or steps_per_epoch
-            info = EpochInfo(
-                epoch=math.ceil(run.step / steps_per_epoch),
-                step=run.step,
-                val_accuracy=validate(network, run.data, device, env),
-                train_loss={n: round(v / done, 5) for n, v in epoch_losses.items()},
-                seconds=round(time.perf_counter() - epoch_start, 1),
-            )
-            run.history.append(info.to_dict())
-            result = _together(env, device, lambda: _save(run, interrupted=False))
-            if run.main:
-                observer.on_epoch(info)
-            epoch_start, epoch_losses = time.perf_counter(), dict.fromkeys(names, 0.0)
-    return result
+            run.epoch_losses[n] += value
+        run.settled = True
+    return StepInfo(
+        run.step,
+        run.total_steps,
+        run.step / run.steps_per_epoch,
+        dict(zip(names, step_losses, strict=True)),
+        run.env.world_size * sum(len(y) for _, y in batches) / max(elapsed, 1e-9),
+        lr,
+    )
+
+
+def _forward_backward(run: _Run, lr: float) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[float]]:
+    """The step's batches, its loss and gradients (averaged over ranks) at learning rate ``lr``; the weights are
+    not touched. Returns the batches and each task's loss."""
+    cfg, env, device, scaler = run.cfg, run.env, run.device, run.scaler
+    batches = [
+        (x.to(device, memory_format=run.memory_format, non_blocking=True), y.to(device))
+        for x, y in (next(f) for f in run.feeds)
+    ]
+    network, optimizer = run.network, run.optimizer  # the affinity rule replaces them after its warm-up
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    weights = list(cfg.level_weights) if cfg.level_weights else None
+    with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+        losses = task_losses(network, batches, weights, cfg.distill, cfg.label_smoothing)
+        loss = summed(losses)
+    step_losses = [float(task_loss.detach()) for task_loss in losses]
+    if not env.distributed:
+        _check_finite(float(loss.detach()), run.step, run.paths)
+    if run.warmup is not None and run.step < run.warmup.steps:
+        run.warmup.backward(network, losses, scaler)  # one backward per task, to measure their affinity
+    else:
+        scaler.scale(loss).backward()
+    if env.distributed:  # one flat all-reduce: averaged gradients and the global batch's task losses
+        step_losses = all_reduce_gradients(list(network.parameters()), torch.tensor(step_losses)).tolist()
+        _check_finite(sum(step_losses), run.step, run.paths)
+    return batches, step_losses
 
 
 def _check_finite(loss: float, step: int, paths: RunPaths) -> None:
