@@ -271,8 +271,9 @@ def test_edited_task_specs_are_refused(tmp_path, edit_task):
 
 
 def test_a_smaller_exports_weights_file_is_changed_not_truncated(tmp_path):
-    from dvn_cli.deploy.ort_runtime import WEIGHTS_NAME, SharedOrtRuntime
+    from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
     from dvn_cli.deploy.shared_export import export_shared
+    from dvn_cli.modelfile.shared_folder import WEIGHTS_NAME
 
     checkpoint = open_model(named_checkpoint(tmp_path, ["t", "u"]))
     export_shared(checkpoint, tmp_path / "big", [("t", 4), ("u", 4)], check=False)

@@ -12,12 +12,13 @@ from typer.testing import CliRunner
 
 from dvn_cli.cli.app import app
 from dvn_cli.deploy.export import export_models
-from dvn_cli.deploy.ort_runtime import ALIGNMENT, WEIGHTS_NAME, SharedOrtRuntime, read_weights_index
+from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
 from dvn_cli.deploy.shared_export import export_shared, shared_tensors
 from dvn_cli.errors import BadConfig, DvnError, MissingData, UnknownTask, WrongFileFormat
 from dvn_cli.modelfile.bundle import load_bundle, save_bundle
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.compact import load_compact, save_compact
+from dvn_cli.modelfile.shared_folder import ALIGNMENT, WEIGHTS_NAME, read_weights_index
 from dvn_cli.planning.plan import shared_memory_params
 
 from .conftest import require_module, settle_batch_norm

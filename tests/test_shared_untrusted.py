@@ -24,9 +24,9 @@ from typer.testing import CliRunner
 
 from dvn_cli.cli.app import app
 from dvn_cli.core.network import build_network
-from dvn_cli.deploy.ort_runtime import WEIGHTS_NAME
 from dvn_cli.deploy.shared_export import export_shared
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
+from dvn_cli.modelfile.shared_folder import WEIGHTS_NAME
 
 from .conftest import REPO, settle_batch_norm, tiny_config, tiny_tasks
 

@@ -17,6 +17,7 @@ from ..modelfile.base import ModelFile
 from ..modelfile.bundle import Bundle
 from ..modelfile.checkpoint import Checkpoint
 from ..modelfile.shared import SharedExport
+from .ort_runtime import SharedOrtRuntime
 from .runtime import SharedRuntime
 
 __all__ = ["Forward", "ModelRunner"]
@@ -30,7 +31,7 @@ class ModelRunner:
 
     def __init__(self, model: ModelFile) -> None:
         self.model = model
-        self.runtime: SharedRuntime | None = None  # a bundle's, made by the first ``forward``
+        self.runtime: SharedRuntime | SharedOrtRuntime | None = None  # a bundle's or a shared export's, made once
 
     def forward(self, task: str, level: int) -> Forward:
         """A function from a preprocessed batch to logits of (task, level)."""
@@ -43,7 +44,9 @@ class ModelRunner:
                 self.runtime = SharedRuntime.from_model(model, model.choices)
             return partial(self.runtime, task=task)
         if isinstance(model, SharedExport):
-            return partial(_run_onnx, model.runtime, task, level)
+            if self.runtime is None:
+                self.runtime = SharedOrtRuntime(model.files)  # the folder as already read and checked
+            return partial(_run_onnx, self.runtime, task, level)
         return model.plain_of(task, level)
 
     def forwards(self, choices: Mapping[str, int]) -> dict[str, Forward]:

@@ -45,6 +45,7 @@ from ..modelfile.base import ModelFile
 from ..planning.plan import plan_for_budget
 from ..planning.select import select_pairs
 from .memory_source import AutoBudget, MemorySource, file_memory, system_memory
+from .ort_runtime import SharedOrtRuntime
 from .predict import MAX_IMAGE_PIXELS, ImageSet, classify
 from .run import ModelRunner
 from .runtime import SharedRuntime
@@ -149,10 +150,10 @@ class _Engine:
         mapped tensors once)."""
         if self.runtime is not None:
             return self.runtime.held_params() * BYTES_PER_PARAM
-        ort = getattr(self.model, "runtime", None)
-        if ort is not None:
+        ort = self.runner.runtime
+        if isinstance(ort, SharedOrtRuntime):
             names = {n for t, lv in self.choices.items() for n in ort.model(t, lv).get("tensors", [])}
-            return sum(ort.arrays[n].nbytes for n in names)
+            return sum(ort.arrays[n].nbytes for n in names if n in ort.arrays)  # read when a session is made
         return sum(self.model.cost_of(t, lv).bytes for t, lv in self.choices.items())
 
 

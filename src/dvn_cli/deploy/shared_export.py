@@ -43,6 +43,14 @@ from ..fsutil import sha256_file, write_atomic
 from ..modelfile.base import ModelFile
 from ..modelfile.compact import CompactSpec
 from ..modelfile.registry import open_model
+from ..modelfile.shared_folder import (
+    ALIGNMENT,
+    PAD_PREFIX,
+    SHARED_FORMAT_VERSION,
+    SHARED_LAYOUT,
+    WEIGHTS_FORMAT,
+    WEIGHTS_NAME,
+)
 from .export import (
     Inputs,
     import_optional,
@@ -61,15 +69,7 @@ from .export_folder import (
     source_entry,
     staged_export,
 )
-from .ort_runtime import (
-    ALIGNMENT,
-    PAD_PREFIX,
-    SHARED_FORMAT_VERSION,
-    SHARED_LAYOUT,
-    WEIGHTS_FORMAT,
-    WEIGHTS_NAME,
-    SharedOrtRuntime,
-)
+from .ort_runtime import SharedOrtRuntime
 
 __all__ = [
     "GRAPH_MODES",

@@ -1,12 +1,11 @@
-"""A shared export folder (``dvn export --shared``) as a model file, run by onnxruntime with every block held once.
+"""A shared export folder (``dvn export --shared``) as a model file.
 
 ``open_model`` opens a folder holding a shared export's ``manifest.json`` as a ``SharedExport``: its (task, level)s
-and their compact specs come from the manifest, and ``forward`` runs them through ONE
-``deploy.ort_runtime.SharedOrtRuntime`` (each tensor read once, sessions made on first use), so ``dvn
-predict``, ``eval`` and ``info`` take the folder like any file. The folder is untrusted input: it is checked as the
-runtime checks it (paths inside the folder, every file's size and sha256 against the manifest, the weights index,
-every tensor a graph names present once) before anything runs, and each entry's spec must describe the pair, units
-and classes of its entry.
+and their compact specs come from the manifest, so ``dvn predict``, ``eval`` and ``info`` take the folder like any
+file; ``deploy.run.ModelRunner`` runs them through ONE ``deploy.ort_runtime.SharedOrtRuntime`` over the folder read
+here (``files``). The folder is untrusted input: ``shared_folder.SharedFolder`` checks it (paths inside the folder,
+every file's size and sha256 against the manifest, the weights index, every tensor a graph names present once)
+before anything runs, and each entry's spec must describe the pair, units and classes of its entry.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from ..config import TaskSpec
 from ..errors import BadConfig, WrongFileFormat
 from .base import ModelFile
 from .compact import CompactSpec
+from .shared_folder import SharedFolder
 
 __all__ = ["SHARED_EXPORT_FORMAT", "SharedExport"]
 
@@ -26,10 +26,10 @@ SHARED_EXPORT_FORMAT = "dvn-shared-export"
 
 
 class SharedExport(ModelFile):
-    """The (task, level)s of a shared export folder; ``forward`` runs them with onnxruntime.
+    """The (task, level)s of a shared export folder (run with onnxruntime by ``deploy.run.ModelRunner``).
 
     Raises:
-        MissingData, WrongFileFormat: what ``SharedOrtRuntime`` refuses (a missing, truncated or changed file, a
+        MissingData, WrongFileFormat: what ``SharedFolder`` refuses (a missing, truncated or changed file, a
             manifest of another layout or from a newer dvn), or a manifest entry without a spec.
     """
 
@@ -37,12 +37,10 @@ class SharedExport(ModelFile):
     kind: ClassVar[str] = "shared export"
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from ..deploy.ort_runtime import SharedOrtRuntime
-
         self.path = Path(path)
-        self.runtime = SharedOrtRuntime(self.path)
+        self.files = SharedFolder(self.path)
         self.specs: dict[tuple[str, int], CompactSpec] = {}
-        for (task, level), entry in self.runtime.models.items():
+        for (task, level), entry in self.files.models.items():
             try:
                 spec = CompactSpec.from_dict(entry["spec"])
             except (KeyError, TypeError, ValueError, AttributeError, BadConfig):
@@ -80,7 +78,7 @@ class SharedExport(ModelFile):
         )
 
     def describe(self) -> dict[str, Any]:
-        manifest = self.runtime.manifest
+        manifest = self.files.manifest
         weights = manifest["weights"]
         return {
             "file": str(self.path),
@@ -94,7 +92,7 @@ class SharedExport(ModelFile):
                     "task": task,
                     "level": level,
                     "units": list(spec.units),
-                    "file": self.runtime.models[task, level]["file"],
+                    "file": self.files.models[task, level]["file"],
                     **spec.cost.to_dict(),
                 }
                 for (task, level), spec in self.specs.items()
