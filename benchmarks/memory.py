@@ -35,7 +35,8 @@ from dvn_cli.core.plain import extract_plain
 from dvn_cli.deploy.runtime import SharedRuntime
 from dvn_cli.modelfile.bundle import save_bundle
 from dvn_cli.modelfile.checkpoint import Checkpoint, save_checkpoint
-from dvn_cli.modelfile.compact import compact_spec, save_compact
+from dvn_cli.modelfile.compact import save_compact
+from dvn_cli.modelfile.spec import compact_spec
 from dvn_cli.planning.plan import separate_params, shared_memory_params
 
 LEVELS = [(4, 4), (3, 3), (2, 2), (4, 2)]

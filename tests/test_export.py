@@ -32,7 +32,8 @@ from dvn_cli.deploy.export import (
 from dvn_cli.errors import BadConfig, DvnError, UnknownTask
 from dvn_cli.fsutil import sha256_file
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
-from dvn_cli.modelfile.compact import CompactModel, compact_spec, load_compact, save_compact
+from dvn_cli.modelfile.compact import CompactModel, load_compact, save_compact
+from dvn_cli.modelfile.spec import compact_spec
 
 from .conftest import settle_batch_norm, tiny_config, tiny_tasks
 

@@ -11,8 +11,9 @@ from dvn_cli.core.plain import extract_plain
 from dvn_cli.modelfile.base import ModelFile
 from dvn_cli.modelfile.bundle import save_bundle
 from dvn_cli.modelfile.checkpoint import save_checkpoint
-from dvn_cli.modelfile.compact import compact_spec, save_compact
+from dvn_cli.modelfile.compact import save_compact
 from dvn_cli.modelfile.registry import MODEL_FILES, open_model
+from dvn_cli.modelfile.spec import compact_spec
 
 
 def test_file_helpers_reports_and_data_preparation_do_not_load_torch():

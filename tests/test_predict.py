@@ -19,7 +19,8 @@ from dvn_cli.data.batches import normalize_batch
 from dvn_cli.data.pixels import load_image
 from dvn_cli.modelfile.bundle import save_bundle
 from dvn_cli.modelfile.checkpoint import save_checkpoint
-from dvn_cli.modelfile.compact import compact_spec, save_compact
+from dvn_cli.modelfile.compact import save_compact
+from dvn_cli.modelfile.spec import compact_spec
 
 from .conftest import make_image_folder, settle_batch_norm, tiny_config
 

@@ -12,9 +12,10 @@ from dvn_cli.core.plain import extract_plain
 from dvn_cli.errors import BadConfig, UnknownTask, WrongFileFormat
 from dvn_cli.fsutil import sha256_file
 from dvn_cli.modelfile.checkpoint import save_checkpoint
-from dvn_cli.modelfile.compact import CompactModel, CompactSpec, compact_spec, load_compact, save_compact
+from dvn_cli.modelfile.compact import CompactModel, load_compact, save_compact
 from dvn_cli.modelfile.container import write_dvn_file
 from dvn_cli.modelfile.registry import open_model
+from dvn_cli.modelfile.spec import CompactSpec, compact_spec
 
 from .conftest import all_task_levels, settle_batch_norm
 

@@ -24,7 +24,7 @@ _PUBLIC = {
     "extract_plain": "core.plain",
     "LevelCost": "core.cost",
     "level_cost": "core.cost",
-    "DataSplit": "modelfile.base",
+    "DataSplit": "modelfile.spec",
     "ModelFile": "modelfile.base",
     "open_model": "modelfile.registry",
     "Checkpoint": "modelfile.checkpoint",

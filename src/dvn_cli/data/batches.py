@@ -8,7 +8,7 @@ task's index (``seeded_generator``), so a stream can be saved and resumed exactl
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -16,9 +16,6 @@ import torch.nn.functional as F
 
 from ..config import TaskSpec
 from ..errors import BadConfig, MissingData
-
-if TYPE_CHECKING:
-    from .datasets import TaskData
 
 __all__ = [
     "AUGMENT_POLICIES",
@@ -105,6 +102,15 @@ def iterate_split(
         yield normalize_batch(images[i : i + batch_size], spec), labels[i : i + batch_size]
 
 
+class TrainImages(Protocol):
+    """What a training stream reads of a task held in memory (``datasets.TaskData`` is one)."""
+
+    spec: TaskSpec
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    augment: str
+
+
 class TaskBatches:
     """Infinite, seeded, resumable stream of augmented, normalised training batches of one task.
 
@@ -122,7 +128,7 @@ class TaskBatches:
     """
 
     def __init__(
-        self, data: TaskData, batch_size: int, *, seed: int = 0, task_index: int = 0, augment: bool = True
+        self, data: TrainImages, batch_size: int, *, seed: int = 0, task_index: int = 0, augment: bool = True
     ) -> None:
         if batch_size < 1:
             raise BadConfig(f"batch size {batch_size} must be at least 1")

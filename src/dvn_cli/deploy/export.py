@@ -36,8 +36,8 @@ from ..core.plain import PlainNetwork
 from ..errors import DvnError
 from ..fsutil import sha256_file, write_atomic
 from ..modelfile.base import ModelFile
-from ..modelfile.compact import CompactSpec
 from ..modelfile.registry import open_model
+from ..modelfile.spec import CompactSpec
 from .export_folder import (
     MANIFEST_NAME,
     WrittenManifest,

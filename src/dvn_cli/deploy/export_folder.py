@@ -29,7 +29,7 @@ from .. import __version__
 from ..errors import BadConfig, CannotWrite, DvnError, UnknownTask
 from ..fsutil import refuse_non_regular, safe_file_stem, sha256_file, write_atomic
 from ..modelfile.base import ModelFile
-from ..modelfile.compact import CompactSpec
+from ..modelfile.spec import CompactSpec
 
 __all__ = [
     "MANIFEST_NAME",

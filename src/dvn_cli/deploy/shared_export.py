@@ -41,7 +41,6 @@ from torch import nn
 from ..errors import BadConfig, DvnError
 from ..fsutil import sha256_file, write_atomic
 from ..modelfile.base import ModelFile
-from ..modelfile.compact import CompactSpec
 from ..modelfile.registry import open_model
 from ..modelfile.shared_folder import (
     ALIGNMENT,
@@ -51,6 +50,7 @@ from ..modelfile.shared_folder import (
     WEIGHTS_FORMAT,
     WEIGHTS_NAME,
 )
+from ..modelfile.spec import CompactSpec
 from .export import (
     Inputs,
     import_optional,

@@ -21,8 +21,8 @@ from ..data.registry import task_string
 from ..data.streaming import open_task
 from ..deploy.run import Forward, ModelRunner
 from ..errors import BadConfig, MissingData
-from ..modelfile.base import DataSplit, ModelFile
-from ..modelfile.compact import CompactSpec
+from ..modelfile.base import ModelFile
+from ..modelfile.spec import CompactSpec, DataSplit
 from ..planning.select import select_pairs
 
 __all__ = [

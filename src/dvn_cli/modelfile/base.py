@@ -23,6 +23,7 @@ import torch
 from ..errors import BadConfig, UnknownTask, WrongFileFormat
 from ..fsutil import first_line, sha256_file
 from .container import check_finite
+from .spec import CompactSpec, DataSplit
 
 if TYPE_CHECKING:
     from ..config import TaskSpec
@@ -30,29 +31,14 @@ if TYPE_CHECKING:
     from ..core.network import DeepVirtualNetwork
     from ..core.plain import PlainNetwork
     from ..core.units import BlockGrid
-    from .compact import CompactSpec
 
 __all__ = [
     "BlockKey",
-    "DataSplit",
     "ModelFile",
     "TensorReader",
     "UnitParts",
     "UnitSource",
 ]
-
-
-@dataclass(frozen=True)
-class DataSplit:
-    """How the training run carved its validation images, so that ``eval --split val`` carves the same ones."""
-
-    val_fraction: float = 0.1
-    seed: int = 0
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> DataSplit:
-        values = values or {}
-        return cls(float(values.get("val_fraction", 0.1)), int(values.get("seed", 0)))
 
 
 class ModelFile(ABC):

@@ -37,9 +37,9 @@ from ..core.plain import PlainNetwork, plain_config
 from ..core.units import BlockGrid
 from ..errors import BadConfig, UnknownTask, WrongFileFormat
 from ..fsutil import first_line
-from .base import DataSplit, ModelFile, TensorReader, UnitSource
-from .compact import CompactSpec
+from .base import ModelFile, TensorReader, UnitSource
 from .container import read_dvn_file, read_metadata, write_dvn_file
+from .spec import CompactSpec, DataSplit
 
 __all__ = [
     "BUNDLE_FORMAT",

@@ -20,9 +20,9 @@ from ..core.network import DeepVirtualNetwork
 from ..core.plain import PlainNetwork, extract_plain
 from ..errors import BadConfig, WrongFileFormat
 from ..fsutil import first_line
-from .base import DataSplit, ModelFile, TensorReader, UnitSource
-from .compact import CompactSpec, compact_spec
+from .base import ModelFile, TensorReader, UnitSource
 from .container import read_dvn_file, read_metadata, write_dvn_file
+from .spec import CompactSpec, DataSplit, compact_spec
 
 __all__ = [
     "CHECKPOINT_FORMAT",

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 from ..config import TaskSpec
 from ..errors import BadConfig, WrongFileFormat
 from .base import ModelFile
-from .compact import CompactSpec
 from .shared_folder import SharedFolder
+from .spec import CompactSpec
 
 __all__ = ["SHARED_EXPORT_FORMAT", "SharedExport"]
 
