@@ -27,7 +27,7 @@ from dvn_cli.core.backbones import backbone_defaults
 from dvn_cli.core.cost import level_cost
 from dvn_cli.core.plain import extract_plain
 from dvn_cli.deploy.export import fold_batchnorm
-from dvn_cli.training.loop import multitask_loss
+from dvn_cli.training.loss import multitask_loss
 
 
 def interleaved_medians(modes: dict, rounds: int, repeat: int = 1) -> dict[str, float]:

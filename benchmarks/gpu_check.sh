@@ -46,7 +46,8 @@ import torch
 
 from dvn_cli.config import BackboneConfig, TaskSpec, TrainConfig
 from dvn_cli.data.datasets import TaskData
-from dvn_cli.training.loop import TrainObserver, fit
+from dvn_cli.training.loop import fit
+from dvn_cli.training.observer import TrainObserver
 
 STEPS = int(os.environ["STEPS"])
 BATCH, SIZE, CLASSES, EPOCHS = int(os.environ["BATCH"]), 32, 10, 3

@@ -27,7 +27,7 @@ from dvn_cli.core.backbones import backbone_defaults
 from dvn_cli.core.pretrained import init_from_torchvision
 from dvn_cli.data.batches import normalize_batch
 from dvn_cli.data.datasets import load_task
-from dvn_cli.training.loop import multitask_loss
+from dvn_cli.training.loss import multitask_loss
 
 SIZE = 32
 

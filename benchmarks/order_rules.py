@@ -34,7 +34,8 @@ from dvn_cli.config import BackboneConfig, TrainConfig
 from dvn_cli.core.affinity import placement_orders
 from dvn_cli.evaluation.evaluate import accuracy
 from dvn_cli.modelfile.checkpoint import load_checkpoint
-from dvn_cli.training.loop import TrainObserver, fit, load_tasks
+from dvn_cli.training.loop import fit, load_tasks
+from dvn_cli.training.observer import TrainObserver
 
 
 class StepTimes(TrainObserver):
@@ -85,7 +86,7 @@ def step_overhead(backbone: BackboneConfig, num_tasks: int, batch_size: int, rou
     from dvn_cli.config import TaskSpec
     from dvn_cli.core.network import build_network
     from dvn_cli.training.affinity import AffinityWarmup, relayout
-    from dvn_cli.training.loop import task_losses
+    from dvn_cli.training.loss import task_losses
 
     torch.manual_seed(0)
     specs = [TaskSpec(f"t{i}", tuple("0123456789")) for i in range(num_tasks)]

@@ -15,7 +15,7 @@ import torch
 
 from dvn_cli.config import BackboneConfig, TaskSpec
 from dvn_cli.core.network import build_network
-from dvn_cli.training.loop import multitask_loss
+from dvn_cli.training.loss import multitask_loss
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 

@@ -98,7 +98,9 @@ def speed(folders: Path, n: int, rounds: int, steps: int, warmup: int) -> dict:
     import torch
 
     from dvn_cli.core.network import build_network
-    from dvn_cli.training.loop import load_tasks, make_optimizer, multitask_loss
+    from dvn_cli.training.loop import load_tasks
+    from dvn_cli.training.loss import multitask_loss
+    from dvn_cli.training.schedule import make_optimizer
 
     configs = {mode: _config(folders, n, mode, "unused") for mode in ("memory", "stream")}
     data = {mode: load_tasks(cfg) for mode, cfg in configs.items()}
@@ -159,7 +161,8 @@ def _children(pid: int) -> list[int]:
 
 def memory_one(folders: Path, n: int, mode: str, steps: int) -> dict:
     """One (mode, N) in this process: train a few steps with ``fit``; peak RSS and peak PSS with the workers."""
-    from dvn_cli.training.loop import TrainObserver, fit
+    from dvn_cli.training.loop import fit
+    from dvn_cli.training.observer import TrainObserver
 
     peak_pss, done, opened = [0], threading.Event(), {}
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from dvn_cli import BackboneConfig, TaskSpec, build_network
 from dvn_cli.core.plain import PlainNetwork, plain_config
-from dvn_cli.training.loop import multitask_loss
+from dvn_cli.training.loss import multitask_loss
 
 
 def make_independent_step(config, tasks, batches, channels_last):

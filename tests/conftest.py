@@ -17,7 +17,7 @@ from torch import nn
 from dvn_cli.config import BackboneConfig, TaskSpec
 from dvn_cli.core.network import DeepVirtualNetwork, build_network
 from dvn_cli.data.prepare import offline_data_status, prepare_offline_data
-from dvn_cli.training.loop import TrainObserver
+from dvn_cli.training.observer import TrainObserver
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,8 @@ from dvn_cli.core.units import make_orders, nearest_orders, register_order_rule
 from dvn_cli.errors import BadConfig
 from dvn_cli.modelfile.checkpoint import load_checkpoint
 from dvn_cli.training.affinity import AffinityWarmup, shared_parameters
-from dvn_cli.training.loop import fit, multitask_loss, task_losses
+from dvn_cli.training.loop import fit
+from dvn_cli.training.loss import multitask_loss, task_losses
 
 from .conftest import StopAt, synthetic_task, tiny_config, tiny_tasks, tiny_train_config
 

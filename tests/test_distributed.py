@@ -32,7 +32,9 @@ from dvn_cli.errors import BadConfig, DvnError
 from dvn_cli.modelfile.checkpoint import STATE_FORMAT, load_checkpoint
 from dvn_cli.modelfile.container import read_dvn_file, read_metadata, write_dvn_file
 from dvn_cli.training.distributed import DistEnv, PeerFailed, ShardedBatches, detect_env
-from dvn_cli.training.loop import TrainObserver, fit, resolve_precision
+from dvn_cli.training.loop import fit
+from dvn_cli.training.observer import TrainObserver
+from dvn_cli.training.schedule import resolve_precision
 
 from .conftest import REPO, make_image_folder, synthetic_task, tiny_config, tiny_train_config, two_synthetic_tasks
 
@@ -78,7 +80,7 @@ def _exact_worker(rank: int, world: int, rendezvous: str) -> None:
 
     from dvn_cli.core.network import build_network
     from dvn_cli.training.distributed import agree, all_reduce_gradients, average_buffers, broadcast_module
-    from dvn_cli.training.loop import multitask_loss
+    from dvn_cli.training.loss import multitask_loss
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)

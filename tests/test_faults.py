@@ -286,7 +286,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_save(trained, t
     def full_disk(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("dvn_cli.training.loop.save_checkpoint", full_disk)
+    monkeypatch.setattr("dvn_cli.training.epoch.save_checkpoint", full_disk)
     out = args.index("--out") + 1
     result = invoke(*args[:out], copy, *args[out + 1 :], "--force", "--seed", 5)
     one_error_line(result, f"error: cannot write the run into {copy} (No space left on device) at step 3", True)

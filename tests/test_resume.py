@@ -14,7 +14,8 @@ from safetensors import safe_open
 
 from dvn_cli.data.streaming import StreamFailed
 from dvn_cli.modelfile.container import read_metadata
-from dvn_cli.training import loop
+from dvn_cli.training import loop, observer
+from dvn_cli.training import step as training_step
 from dvn_cli.training.loop import fit
 from dvn_cli.training.stops import Interrupted, StopSignals
 
@@ -93,7 +94,7 @@ def _stop(monkeypatch, how: str, step: int):
     if how == "observer":  # Ctrl-C between steps (an exception from the progress display)
         return StopAt(step), step
     if how == "forward":  # SIGTERM while the step computes its loss: the step is undone
-        _signal_on_call(monkeypatch, loop, "task_losses", step, signal.SIGTERM)
+        _signal_on_call(monkeypatch, training_step, "task_losses", step, signal.SIGTERM)
         return None, step - 1
     # SIGINT while the optimiser updates the weights: the update (and the placement after a warm-up) ends first
     _signal_on_call(monkeypatch, torch.amp.GradScaler, "step", step, signal.SIGINT)
@@ -149,7 +150,7 @@ def test_a_stop_at_any_step_resumes_bit_for_bit(tmp_path, monkeypatch, straight,
 
 def test_sigterm_saves_and_names_its_signal(tmp_path, monkeypatch, sigterm_is_not_fatal):
     cfg = tiny_train_config(tmp_path, epochs=1)
-    _signal_on_call(monkeypatch, loop, "task_losses", 3, signal.SIGTERM)
+    _signal_on_call(monkeypatch, training_step, "task_losses", 3, signal.SIGTERM)
     with pytest.raises(Interrupted) as caught:
         fit(cfg, data=two_synthetic_tasks())
     assert caught.value.signum == signal.SIGTERM
@@ -160,7 +161,7 @@ def test_sigterm_saves_and_names_its_signal(tmp_path, monkeypatch, sigterm_is_no
 
 
 def test_a_stop_before_the_first_step_saves_nothing(tmp_path, monkeypatch):
-    _signal_on_call(monkeypatch, loop, "task_losses", 1, signal.SIGTERM)
+    _signal_on_call(monkeypatch, training_step, "task_losses", 1, signal.SIGTERM)
     with pytest.raises(Interrupted) as caught:
         fit(tiny_train_config(tmp_path, epochs=1), data=two_synthetic_tasks())
     assert caught.value.result is None
@@ -188,10 +189,10 @@ def test_the_running_loss_survives_a_resume(tmp_path):
 # --------------------------------------------------------------------------- a streamed task that fails mid-run
 
 
-def _unreadable_from(step: int, folder: Path) -> loop.TrainObserver:
+def _unreadable_from(step: int, folder: Path) -> observer.TrainObserver:
     """Every image of ``folder`` stops being readable once ``step`` steps were taken."""
 
-    class Spoil(loop.TrainObserver):
+    class Spoil(observer.TrainObserver):
         def on_step(self, info):
             if info.step == step:
                 for image in folder.rglob("*.png"):
@@ -232,7 +233,7 @@ def test_a_file_gone_before_the_first_step_promises_no_resume(tmp_path):
 def test_a_worker_death_reported_outside_next_is_one_line_with_a_checkpoint(tmp_path, monkeypatch):
     """DataLoader's SIGCHLD handler raises RuntimeError wherever the main thread is (here: in the forward)."""
     calls = []
-    original = loop.task_losses
+    original = training_step.task_losses
 
     def dies(*args, **kwargs):
         calls.append(1)
@@ -240,7 +241,7 @@ def test_a_worker_death_reported_outside_next_is_one_line_with_a_checkpoint(tmp_
             raise RuntimeError(f"DataLoader worker (pid {os.getpid()}) is killed by signal: Killed. ")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "task_losses", dies)
+    monkeypatch.setattr(training_step, "task_losses", dies)
     with pytest.raises(StreamFailed) as caught:
         fit(tiny_train_config(tmp_path, epochs=1), data=two_synthetic_tasks())
     assert str(caught.value) == (
@@ -251,6 +252,6 @@ def test_a_worker_death_reported_outside_next_is_one_line_with_a_checkpoint(tmp_
 
 
 def test_other_runtime_errors_are_not_taken_for_a_worker_death(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "task_losses", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    monkeypatch.setattr(training_step, "task_losses", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         fit(tiny_train_config(tmp_path, epochs=1), data=two_synthetic_tasks())

@@ -9,7 +9,10 @@ import torch
 from dvn_cli.errors import BadConfig, DvnError, MissingData
 from dvn_cli.modelfile.checkpoint import load_checkpoint
 from dvn_cli.modelfile.container import read_metadata
-from dvn_cli.training.loop import TrainObserver, fit, lr_at, multitask_loss
+from dvn_cli.training.loop import fit
+from dvn_cli.training.loss import multitask_loss
+from dvn_cli.training.observer import TrainObserver
+from dvn_cli.training.schedule import lr_at
 
 from .conftest import StopAt, tiny_train_config, two_synthetic_tasks
 

@@ -18,7 +18,7 @@ from dvn_cli.core.network import build_network
 from dvn_cli.errors import BadConfig
 from dvn_cli.modelfile.checkpoint import load_checkpoint
 from dvn_cli.modelfile.container import read_metadata
-from dvn_cli.training.loop import AUTOCAST_DTYPES
+from dvn_cli.training.schedule import AUTOCAST_DTYPES
 from dvn_cli.training.train_config import load_train_config
 
 from .conftest import make_image_folder, tiny_tasks

@@ -159,7 +159,9 @@ def train(
     # Every option but --width, --resume, --force and --config is a field of config.TrainConfig or
     # config.BackboneConfig, where its flag and help live (config.setting); the signature below is built from them.
     from ..training.distributed import detect_env
-    from ..training.loop import TrainObserver, fit, resolve_device
+    from ..training.loop import fit
+    from ..training.observer import TrainObserver
+    from ..training.schedule import resolve_device
     from ..training.train_config import load_train_config
     from . import ui
 

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..training.loop import EpochInfo, StepInfo, TrainObserver
+from ..training.observer import EpochInfo, StepInfo, TrainObserver
 
 __all__ = [
     "TrainProgress",
