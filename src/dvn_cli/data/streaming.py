@@ -265,6 +265,15 @@ class StreamBatches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return self._next_batch()
+        except RuntimeError as exc:  # a worker's death reported by DataLoader's SIGCHLD handler, mid-way
+            failure = worker_failure(exc, self.data)
+            if failure is None:
+                raise
+            raise failure from None
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
         if self._batches is None:
@@ -424,11 +433,12 @@ def _guarded(loader: DataLoader, data: StreamedTask | None = None) -> Iterator[A
         yield item
 
 
-def worker_failure(exc: BaseException) -> StreamFailed | None:
+def worker_failure(exc: BaseException, data: StreamedTask | None = None) -> StreamFailed | None:
     """The one line for a worker's death that ``DataLoader`` reports outside ``next`` (its SIGCHLD handler raises
     ``RuntimeError`` wherever the main thread is), or None when ``exc`` is something else."""
     if isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker"):
-        return StreamFailed(f"a data worker of a streamed task died: {first_line(exc)}")
+        what = f"reading task {data.spec.name!r} failed" if data is not None else "of a streamed task died"
+        return StreamFailed(f"a data worker {what}: {first_line(exc)}")
     return None
 
 
