@@ -202,7 +202,7 @@ def test_widths_come_from_the_family_and_the_multiplier(tmp_path):
     assert cfg.backbone.widths == widths_at(0.5) and cfg.backbone.depth == 53 and cfg.backbone.stem_stride == 2
     cfg = load_train_config(None, flags, {**base, "arch": "resnet18", "width": 0.25})
     assert cfg.backbone.widths == (16, 32, 64, 128) and cfg.backbone.depth == 18
-    with pytest.raises(BadConfig, match="channels 6 not divisible by k=4; choose widths that are multiples of 4"):
+    with pytest.raises(BadConfig, match="--width 0.1 gives widths 6,13,26,51, which do not split into k=4 units"):
         load_train_config(None, flags, {**base, "arch": "resnet18", "width": 0.1})
     with pytest.raises(BadConfig, match=r"not both"):
         load_train_config(None, flags, {**base, "width": 0.5, "widths": [8] * 9})
@@ -216,7 +216,7 @@ def test_widths_come_from_the_family_and_the_multiplier(tmp_path):
     ("args", "message"),
     [
         (["--arch", "resnet18", "--input-size", "24"], "error: input_size 24 is too small for resnet18"),
-        (["--arch", "mobilenetv2", "--width", "0.3", "-k", "3"], "error: channels 16 not divisible by k=3"),
+        (["--arch", "mobilenetv2", "--width", "0.3", "-k", "3"], "error: --width 0.3 gives widths 16,8,8,16,24,32,"),
     ],
 )
 def test_the_cli_refuses_them_in_one_line(args, message, tmp_path):

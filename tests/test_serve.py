@@ -26,9 +26,9 @@ from dvn_cli.errors import BadConfig
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.planning.plan import shared_memory_params
 
-from .conftest import settle_batch_norm, tiny_config, tiny_tasks
+from .conftest import require_module, settle_batch_norm, tiny_config, tiny_tasks
 
-pytest.importorskip("uvicorn")
+require_module("uvicorn")
 
 ACCURACY = {"task0": [0.5, 0.6, 0.7, 0.8], "task1": [0.3, 0.5, 0.6, 0.65]}
 BOUND_S = 60  # every wait below ends by then
