@@ -3,7 +3,7 @@
     PYTHONPATH=src .venv/bin/python benchmarks/memory.py [--rounds 3] [--levers] [--widths 128,256,512] [--out FILE]
 
 Network: random weights, DVN ResNet-14 (widths 128/256/512 by default), k = 4, two tasks of 10 classes (orders
-0 1 2 3 and 3 2 1 0), input 1x28x28, stem stride 1; level pairs (4,4), (3,3), (2,2), (4,2). Ways:
+0 1 2 3 and 3 2 1 0), input 1x28x28, stem stride 1 (``--stem-stride``); level pairs (4,4), (3,3), (2,2), (4,2). Ways:
 
 - ``per-pair ONNX``: two ``dvn export`` graphs (batch norm folded), two onnxruntime sessions, default settings;
 - ``shared ONNX``: the ``dvn export --shared`` folder run by ``SharedOrtRuntime`` (each block one OrtValue);
@@ -248,6 +248,7 @@ def main() -> None:
     parser.add_argument("--reps1", type=int, default=30, help="timed runs at batch 1 per process (median)")
     parser.add_argument("--reps64", type=int, default=5, help="timed runs at batch 64 per process (median)")
     parser.add_argument("--widths", default="128,256,512", help="stage widths")
+    parser.add_argument("--stem-stride", type=int, default=1, help="stride of the first convolution")
     parser.add_argument("--levers", action="store_true", help="add the onnxruntime levers of issue 20")
     parser.add_argument("--only", nargs="+", choices=list(WAYS), help="of the five ways only these (per-pair always)")
     parser.add_argument("--levels", nargs="+", default=[f"{a},{b}" for a, b in LEVELS], help="level pairs, e.g. 4,4")
@@ -255,7 +256,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the table (Markdown) and the raw results (.json) here")
     args = parser.parse_args()
     widths = tuple(int(w) for w in args.widths.split(","))
-    config = BackboneConfig(depth=14, widths=widths, units=4, in_channels=1, input_size=28, stem_stride=1)
+    config = BackboneConfig(
+        depth=14, widths=widths, units=4, in_channels=1, input_size=28, stem_stride=args.stem_stride
+    )
     tasks = [TaskSpec(t, tuple("0123456789")) for t in TASKS]
     orders = [[0, 1, 2, 3], [3, 2, 1, 0]]
     torch.manual_seed(0)

@@ -129,6 +129,10 @@ def test_small_tensors_are_packed_and_large_blocks_page_aligned(tmp_path):
     assert any(offset % ALIGNMENT for nbytes, offset in sizes.values())  # small ones share pages
     assert path.stat().st_size <= 1.15 * checkpoint.stat().st_size
     assert manifest["weights"]["bytes"] == path.stat().st_size
+    # plain onnxruntime reads the packed tensors itself and computes what the runtime computes
+    session = ort.InferenceSession(str(tmp_path / "out" / "task1-level3.onnx"), providers=["CPUExecutionProvider"])
+    (alone,) = session.run(["logits"], {"input": _batch()})
+    np.testing.assert_allclose(alone, SharedOrtRuntime(tmp_path / "out").run("task1", 3, _batch()), atol=1e-5)
 
 
 def test_a_bundle_exports_the_same_graphs(scrambled_network, scrambled_checkpoint, tmp_path):

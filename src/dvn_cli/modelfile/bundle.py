@@ -399,5 +399,6 @@ class BundleSource(UnitSource):
 def bundle_source(path: str | os.PathLike) -> BundleSource:
     """A bundle file as a lazy unit source: only its header is read now."""
     path = Path(path)
+    meta = read_metadata(path, (BUNDLE_FORMAT,))
     tensors = FileTensors.open(path)
-    return BundleSource(_bundle_of(read_metadata(path, (BUNDLE_FORMAT,)), path, tensors), tensors.reader)
+    return BundleSource(_bundle_of(meta, path, tensors), tensors.reader)
