@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from dvn_cli.core.plain import PlainNetwork
 from dvn_cli.deploy.run import ModelRunner
 from dvn_cli.errors import BadConfig, UnknownTask, WrongFileFormat
 from dvn_cli.modelfile.bundle import BUNDLE_FORMAT, RUNNING_KEYS, load_bundle, save_bundle, stored_params
-from dvn_cli.modelfile.checkpoint import save_checkpoint
+from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.container import read_metadata
 from dvn_cli.planning.plan import shared_memory_params
 
@@ -98,6 +100,53 @@ def test_single_choice_stores_its_level_cost(tiny_network, tmp_path):
         x = torch.randn(3, 3, 12, 12)
         with torch.no_grad():
             torch.testing.assert_close(bundle.plain(name)(x), network(x, task, level), atol=1e-5, rtol=1e-5)
+
+
+def _float_storages() -> dict[int, int]:
+    """Storage address -> bytes of every live floating-point CPU tensor (every tensor object is gc-tracked)."""
+    found = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu" and obj.is_floating_point():
+            found[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    return found
+
+
+def _stray_bytes(before: dict[int, int], *held: torch.Tensor) -> int:
+    """Bytes of floating-point storages made since ``before`` that are none of ``held``'s storages."""
+    kept = {t.untyped_storage().data_ptr() for t in held}
+    return sum(n for ptr, n in _float_storages().items() if ptr not in before and ptr not in kept)
+
+
+def test_a_bundle_run_as_eval_and_predict_run_it_holds_each_block_once(settled, tmp_path):
+    """Issue 20 part 2: the loaded bundle keeps none of its tensors; the runtime its forwards make holds the union
+    of the blocks (parameter count), and no other floating-point storage is left alive (storage identity)."""
+    choices = CHOICE_SETS["overlapping"]
+    path = save_bundle(settled, choices, tmp_path / "b.safetensors")
+    x = torch.randn(2, 3, 12, 12)
+    before = _float_storages()
+    bundle = load_bundle(path)
+    runner = ModelRunner(bundle)
+    forwards = runner.forwards(choices)
+    logits = [forwards[task](x) for task in choices]
+    runtime = runner.runtime
+    assert runtime.held_params() == stored_params(bundle) == shared_memory_params(settled, choices)
+    assert _stray_bytes(before, x, *logits, *runtime.held_tensors()) == 0
+    assert bundle.tensors["head.task0.weight"] is not bundle.tensors["head.task0.weight"]  # read, not kept
+
+
+def test_a_checkpoint_run_at_once_holds_its_network_only(settled, tmp_path):
+    """predict's path on a checkpoint (several tasks at once) runs its virtual networks: no runtime copies the
+    blocks the loaded network already holds."""
+    checkpoint = load_checkpoint(save_checkpoint(settled, tmp_path / "model.safetensors"))
+    choices = CHOICE_SETS["overlapping"]
+    x = torch.randn(2, 3, 12, 12)
+    before = _float_storages()
+    forwards = ModelRunner(checkpoint).forwards(choices)
+    with torch.no_grad():
+        logits = [forwards[task](x) for task in choices]
+    assert _stray_bytes(before, x, *logits) == 0
+    for task, level in choices.items():
+        torch.testing.assert_close(forwards[task](x), settled(x, task, level), atol=1e-5, rtol=1e-5)
 
 
 def test_load_bundle_refuses_a_checkpoint(tiny_network, tmp_path):

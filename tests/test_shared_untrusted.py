@@ -159,7 +159,7 @@ def _swap(header):
 
 
 def _misalign(header):
-    """Move a block 8 bytes back, shrinking the padding before it and growing the padding after: still tiled."""
+    """Move a tensor 8 bytes back, shrinking the padding before it and growing the padding after: still tiled."""
     names = list(header)
     i = next(i for i in range(1, len(names) - 1) if all(names[j].startswith("__pad__.") for j in (i - 1, i + 1)))
     before, block, after = (header[names[j]] for j in (i - 1, i, i + 1))
@@ -168,6 +168,19 @@ def _misalign(header):
     block["data_offsets"] = [o - 8 for o in block["data_offsets"]]
     after["shape"] = [after["shape"][0] + 8]
     after["data_offsets"][0] -= 8
+
+
+def _large_off_page(header):
+    """Merge the packed tensors from one that is not on a page into one tensor of a page or more: still tiled, on a
+    64-byte boundary, but a tensor that large must start on a page."""
+    names = [n for n in header if n != "__metadata__"]
+    first = next(i for i, n in enumerate(names) if header[n]["data_offsets"][0] % 4096 and not n.startswith("__pad"))
+    begin = header[names[first]]["data_offsets"][0]
+    last = next(i for i in range(first, len(names)) if header[names[i]]["data_offsets"][1] - begin >= 4096)
+    end = header[names[last]]["data_offsets"][1]
+    for name in names[first + 1 : last + 1]:
+        del header[name]
+    header[names[first]] = {"dtype": "U8", "shape": [end - begin], "data_offsets": [begin, end]}
 
 
 def _wrong_length(header):
@@ -180,7 +193,8 @@ def _wrong_length(header):
     [
         (_overlap, "where the tensor listed before it ends"),
         (_swap, "where the tensor listed before it ends"),
-        (_misalign, "does not start on a 4096-byte boundary"),
+        (_misalign, "does not start on a 64-byte boundary"),
+        (_large_off_page, "does not start on a 4096-byte boundary"),
         (_wrong_length, "bytes for a shape of"),
     ],
 )

@@ -1,9 +1,9 @@
 """Running a model file's (task, level)s the way its kind is meant to run (docs/design.md §5).
 
 One dispatcher for ``dvn eval``, ``info`` and ``predict``: a checkpoint runs its virtual networks (no copy of a
-weight), a bundle runs every task it holds from ONE ``SharedRuntime`` (it exists to share), a shared export folder
-from its one ``SharedOrtRuntime``, a compact model as its plain network. Tasks that run at once (``forwards``) share
-one runtime for every file that holds unit blocks.
+weight), a bundle runs every task it holds from ONE ``SharedRuntime`` (it exists to share; the loaded bundle keeps
+none of its tensors, so each block is held once, by the runtime), a shared export folder from its one
+``SharedOrtRuntime``, a compact model as its plain network. Tasks that run at once (``forwards``) run the same way.
 """
 
 from __future__ import annotations
@@ -50,10 +50,9 @@ class ModelRunner:
         return model.plain_of(task, level)
 
     def forwards(self, choices: Mapping[str, int]) -> dict[str, Forward]:
-        """Forwards of tasks that run at once, one level each: a file of unit blocks runs them from one runtime."""
-        if self.model.holds_unit_blocks:
-            runtime = SharedRuntime.from_model(self.model, choices)
-            return {task: partial(runtime, task=task) for task in choices}
+        """Forwards of tasks that run at once, one level each, holding each block once: a bundle's and a shared
+        export's from their one runtime, a checkpoint's from its own network (a runtime made over a loaded
+        checkpoint would copy the blocks it already holds)."""
         return {task: self.forward(task, level) for task, level in choices.items()}
 
 

@@ -182,7 +182,7 @@ class SharedRuntime:
 
     Example::
 
-        rt = SharedRuntime.from_model(open_model("model.safetensors"), {"mnist": 3, "fashion-mnist": 2})
+        rt = SharedRuntime.open("model.safetensors", {"mnist": 3, "fashion-mnist": 2})  # one copy of each block
         logits = rt(x, "mnist")
         rt.set_budget("3MB")
 
@@ -244,6 +244,11 @@ class SharedRuntime:
     def held_block_params(self) -> int:
         """Convolution weights held: every held block once."""
         return sum(strip.tensor.numel() for strips in self._state.strips.values() for strip in strips)
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every weight tensor held: the strips, each choice's folded batch norms and head (views share storage)."""
+        private = [t for parts in self._state.private.values() for ts in parts.values() for t in ts]
+        return [strip.tensor for strips in self._state.strips.values() for strip in strips] + private
 
     def held_params(self) -> int:
         """Everything held that a plan counts: the blocks, and each choice's batch-norm scale and shift and head.

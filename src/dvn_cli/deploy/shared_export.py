@@ -7,10 +7,11 @@ keeps what a DVN shares shared at inference (docs/design.md §5, "Shared export"
 - ``weights.safetensors``: every unit-pair block ``W[out(u_o), in(u_i)]`` of the chosen pairs once (the stem's row
   blocks ``W[out(u_o), :]``), each (task, level)'s private batch norm as a per-channel ``scale`` and ``shift``
   (eval-mode batch norm cannot be folded into a block that other pairs share), and each task's head as per-unit
-  column blocks plus its bias. Every tensor starts at a multiple of 4096 bytes from the start of the file, so
-  that the file can be memory-mapped and each tensor used in place. The file is valid safetensors (its header is
-  the JSON index name -> dtype, shape, offsets); the gaps are filled by ``__pad__.<n>`` uint8 tensors, because
-  safetensors allows no holes.
+  column blocks plus its bias. Every tensor of a page (4096 bytes) or more starts on a page boundary, so that a
+  block can be mapped or read in place; the smaller ones (batch norms, heads, blocks of narrow layers) are packed
+  on 64-byte boundaries into the gaps those boundaries leave (``_placements``), so that they cost no page each. The
+  file is valid safetensors (its header is the JSON index name -> dtype, shape, offsets, in file order); the gaps
+  are filled by ``__pad__.<n>`` uint8 tensors, because safetensors allows no holes.
 - ``<task>-level<l>.onnx``: the graph of one (task, level). Its weights are initializers whose data is EXTERNAL:
   they name a range of ``weights.safetensors``. Each convolution's weight is assembled from its blocks with
   ``Concat`` at run time (measured faster than summing one convolution per block: docs/results_memory_onnx.md).
@@ -47,8 +48,10 @@ from ..modelfile.shared_folder import (
     PAD_PREFIX,
     SHARED_FORMAT_VERSION,
     SHARED_LAYOUT,
+    SMALL_ALIGNMENT,
     WEIGHTS_FORMAT,
     WEIGHTS_NAME,
+    tensor_alignment,
 )
 from ..modelfile.spec import CompactSpec
 from .export import (
@@ -258,28 +261,33 @@ _DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.uint8): "U8"}
 
 
 def write_weights_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> dict[str, int]:
-    """Write ``tensors`` as safetensors with every tensor at a multiple of ``ALIGNMENT`` bytes; atomic.
+    """Write ``tensors`` as safetensors, each where ``tensor_alignment`` says (``_placements``); atomic.
 
     Returns:
         Tensor name -> its absolute byte offset in the file.
     """
+    arrays = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
+    offsets = _placements({name: array.nbytes for name, array in arrays.items()})
     header: dict[str, Any] = {"__metadata__": {"dvn": json.dumps({"format": WEIGHTS_FORMAT, "version": 1})}}
     chunks: list[bytes] = []
     position, pads = 0, 0
-    for name, array in tensors.items():
-        gap = -position % ALIGNMENT
-        if gap:
-            header[f"{PAD_PREFIX}{pads}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [position, position + gap]}
-            chunks.append(bytes(gap))
-            position, pads = position + gap, pads + 1
-        data = np.ascontiguousarray(array).tobytes()
+    for name in sorted(arrays, key=offsets.__getitem__):  # the index lists the tensors in file order
+        array, begin = arrays[name], offsets[name]
+        if begin > position:
+            header[f"{PAD_PREFIX}{pads}"] = {
+                "dtype": "U8",
+                "shape": [begin - position],
+                "data_offsets": [position, begin],
+            }
+            chunks.append(bytes(begin - position))
+            pads += 1
         header[name] = {
             "dtype": _DTYPES[array.dtype],
             "shape": list(array.shape),
-            "data_offsets": [position, position + len(data)],
+            "data_offsets": [begin, begin + array.nbytes],
         }
-        chunks.append(data)
-        position += len(data)
+        chunks.append(array.tobytes())
+        position = begin + array.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % ALIGNMENT)  # the data starts on a page boundary
     start = 8 + len(text)
@@ -290,7 +298,38 @@ def write_weights_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray
         buffer.write(chunk)
     buffer.seek(0)
     write_atomic(path, buffer)
-    return {name: start + header[name]["data_offsets"][0] for name in tensors}
+    return {name: start + offsets[name] for name in tensors}
+
+
+def _placements(sizes: Mapping[str, int]) -> dict[str, int]:
+    """Offset of each tensor from the (page-aligned) start of the data, so that padding stays small.
+
+    A tensor of a page or more starts on a page boundary, in the order given; each smaller one (largest first) goes
+    into the first gap that a page boundary left before a large tensor and that still fits it, else at the end, on
+    a ``SMALL_ALIGNMENT`` boundary. A 10-float batch norm then costs 64 bytes, not a page.
+    """
+    offsets: dict[str, int] = {}
+    gaps: list[list[int]] = []  # [first free byte, page boundary]
+    end = 0
+    for name, size in sizes.items():
+        if tensor_alignment(size) == ALIGNMENT:
+            begin = _round_up(end, ALIGNMENT)
+            if begin > end:
+                gaps.append([end, begin])
+            offsets[name], end = begin, begin + size
+    for name in sorted((n for n in sizes if n not in offsets), key=lambda n: -sizes[n]):
+        gap = next((g for g in gaps if _round_up(g[0], SMALL_ALIGNMENT) + sizes[name] <= g[1]), None)
+        begin = _round_up(end if gap is None else gap[0], SMALL_ALIGNMENT)
+        offsets[name] = begin
+        if gap is None:
+            end = begin + sizes[name]
+        else:
+            gap[0] = begin + sizes[name]
+    return offsets
+
+
+def _round_up(position: int, alignment: int) -> int:
+    return position + -position % alignment
 
 
 # ------------------------------------------------------------------------------------------------ graphs
@@ -433,6 +472,7 @@ def _weights_entry(path: Path, tensors: Mapping[str, np.ndarray]) -> dict[str, A
         "sha256": sha256_file(path),
         "bytes": path.stat().st_size,
         "alignment": ALIGNMENT,
+        "small_alignment": SMALL_ALIGNMENT,
         "tensors": len(tensors),
         "data_bytes": sum(a.nbytes for a in tensors.values()),
         "stored_params": sum(a.size for a in tensors.values()),

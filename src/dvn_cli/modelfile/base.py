@@ -10,6 +10,7 @@ of file they hold. ``modelfile.registry.open_model`` reads any of them; which le
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BlockKey",
+    "FileTensors",
     "ModelFile",
     "TensorReader",
     "UnitParts",
@@ -204,6 +206,52 @@ class TensorReader:
 
         with handle:
             yield read_file
+
+
+class FileTensors(Mapping[str, torch.Tensor]):
+    """The tensors of a safetensors file by name, each read from the file when asked for and not kept.
+
+    A model file that runs through a shared runtime (which reads the blocks it needs itself) or only describes
+    itself then holds none of its tensors: no second copy of a block (issue 20). Names and shapes come from the
+    header; a file changed since it was opened is refused (``TensorReader``).
+    """
+
+    def __init__(self, reader: TensorReader, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.reader, self.shapes = reader, dict(shapes)
+
+    @classmethod
+    def open(cls, path: Path) -> FileTensors:
+        """The tensors of the safetensors file ``path``; only its header is read now."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except Exception as exc:  # safetensors raises its own type for broken files
+            raise WrongFileFormat(f"{path} is damaged: its tensors cannot be read ({first_line(exc)})") from None
+        return cls(TensorReader(str(path), path=path), shapes)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.shapes:
+            raise KeyError(name)
+        with self.reader.open() as read:
+            return read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def numel(self, name: str) -> int:
+        """Elements of tensor ``name``, from the header (nothing read)."""
+        return math.prod(self.shapes[name])
+
+    def check_all(self) -> None:
+        """Read every tensor once, one at a time and none kept, refusing a damaged or non-finite one."""
+        with self.reader.open() as read:
+            for name in self.shapes:
+                read(name)
 
 
 class UnitSource(ABC):

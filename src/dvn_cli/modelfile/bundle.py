@@ -19,6 +19,7 @@ Tensor names:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -37,8 +38,8 @@ from ..core.plain import PlainNetwork, plain_config
 from ..core.units import BlockGrid
 from ..errors import BadConfig, UnknownTask, WrongFileFormat
 from ..fsutil import first_line
-from .base import ModelFile, TensorReader, UnitSource
-from .container import read_dvn_file, read_metadata, write_dvn_file
+from .base import FileTensors, ModelFile, TensorReader, UnitSource
+from .container import read_metadata, write_dvn_file
 from .spec import CompactSpec, DataSplit
 
 __all__ = [
@@ -151,7 +152,8 @@ def save_bundle(
 def stored_params(bundle_or_tensors: Bundle | Mapping[str, torch.Tensor]) -> int:
     """Parameters a bundle holds: conv blocks, batch-norm affine weight and bias, heads (not running statistics)."""
     tensors = bundle_or_tensors.tensors if isinstance(bundle_or_tensors, Bundle) else bundle_or_tensors
-    return sum(t.numel() for key, t in tensors.items() if key.rsplit(".", 1)[-1] not in RUNNING_KEYS)
+    shapes = tensors.shapes if isinstance(tensors, FileTensors) else {key: t.shape for key, t in tensors.items()}
+    return sum(math.prod(shape) for key, shape in shapes.items() if key.rsplit(".", 1)[-1] not in RUNNING_KEYS)
 
 
 @dataclass
@@ -165,7 +167,8 @@ class Bundle(ModelFile):
         orders: task name -> the task's order of units.
         choices: task name -> chosen level.
         costs: task name -> that level's cost, as ``cost.level_cost`` counted it.
-        tensors: every stored tensor.
+        tensors: every stored tensor; for a bundle read from a file, read from it on each access and never kept
+            (``FileTensors``), so that running it through its ``SharedRuntime`` holds each block once.
         source_sha256: sha256 of the source checkpoint ("" when unknown).
         path: the file it was read from.
         convs: conv layer name -> its channels and whether its input is split.
@@ -183,7 +186,7 @@ class Bundle(ModelFile):
     orders: dict[str, tuple[int, ...]]
     choices: dict[str, int]
     costs: dict[str, LevelCost]
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]
     source_sha256: str = ""
     path: Path | None = None
     convs: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -261,9 +264,10 @@ class Bundle(ModelFile):
         }
 
     def unit_source(self) -> BundleSource:
-        """The chosen levels' blocks, read lazily from the file (from memory for a bundle never written)."""
-        if self.path is not None:
-            return bundle_source(self.path)
+        """The chosen levels' blocks, read lazily from the file (from memory for a bundle never written); a file
+        changed since the bundle was loaded is refused."""
+        if isinstance(self.tensors, FileTensors):
+            return BundleSource(self, self.tensors.reader)
         return BundleSource(self, TensorReader(self.label, tensors=self.tensors))
 
     def units(self, task: str) -> tuple[int, ...]:
@@ -311,8 +315,8 @@ class Bundle(ModelFile):
         return plain.to(map_location).eval()
 
 
-def _bundle_of(meta: dict[str, Any], path: Path, tensors: dict[str, torch.Tensor], names: set[str]) -> Bundle:
-    """The bundle the metadata describes, refused when ``names`` (its tensors) differ from what it implies."""
+def _bundle_of(meta: dict[str, Any], path: Path, tensors: FileTensors) -> Bundle:
+    """The bundle the metadata describes, refused when its tensors' names differ from what it implies."""
     try:
         specs = [from_dict(TaskSpec, t) for t in meta["tasks"]]
         choices = {str(name): int(level) for name, level in meta["choices"].items()}
@@ -338,7 +342,7 @@ def _bundle_of(meta: dict[str, Any], path: Path, tensors: dict[str, torch.Tensor
         for name, order in bundle.orders.items():
             if sorted(order) != list(range(bundle.k)) or not 1 <= choices[name] <= bundle.k:
                 raise BadConfig(f"task {name} has order {list(order)} and level {choices[name]} for k={bundle.k}")
-        expected = bundle.expected_keys()
+        expected, names = bundle.expected_keys(), set(tensors)
         if expected != names:
             missing, extra = sorted(expected - names), sorted(names - expected)
             raise BadConfig(f"missing tensors {missing[:3]}, unexpected tensors {extra[:3]}")
@@ -348,9 +352,14 @@ def _bundle_of(meta: dict[str, Any], path: Path, tensors: dict[str, torch.Tensor
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
-    """Read a ``dvn-bundle`` file, refusing other dvn files and bundles whose tensors contradict their metadata."""
-    tensors, meta = read_dvn_file(path, (BUNDLE_FORMAT,))
-    return _bundle_of(meta, Path(path), tensors, set(tensors))
+    """Read a ``dvn-bundle`` file, refusing other dvn files, bundles whose tensors contradict their metadata and
+    damaged or non-finite tensors; the tensors are checked one at a time and not kept (``FileTensors``)."""
+    path = Path(path)
+    meta = read_metadata(path, (BUNDLE_FORMAT,))
+    tensors = FileTensors.open(path)
+    bundle = _bundle_of(meta, path, tensors)
+    tensors.check_all()
+    return bundle
 
 
 class BundleSource(UnitSource):
@@ -389,13 +398,7 @@ class BundleSource(UnitSource):
 
 def bundle_source(path: str | os.PathLike) -> BundleSource:
     """A bundle file as a lazy unit source: only its header is read now."""
-    from safetensors import safe_open
-
     path = Path(path)
     meta = read_metadata(path, (BUNDLE_FORMAT,))
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            names = set(f.keys())
-    except Exception as exc:  # safetensors raises its own type for broken files
-        raise WrongFileFormat(f"{path} is damaged: its tensors cannot be read ({first_line(exc)})") from None
-    return BundleSource(_bundle_of(meta, path, {}, names), TensorReader(str(path), path=path))
+    tensors = FileTensors.open(path)
+    return BundleSource(_bundle_of(meta, path, tensors), tensors.reader)

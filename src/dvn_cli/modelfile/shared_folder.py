@@ -29,6 +29,7 @@ from ..fsutil import first_line, read_safetensors_header, sha256_file
 __all__ = [
     "ALIGNMENT",
     "MANIFEST_NAME",
+    "SMALL_ALIGNMENT",
     "PAD_PREFIX",
     "SHARED_FORMAT_VERSION",
     "SHARED_LAYOUT",
@@ -38,6 +39,7 @@ __all__ = [
     "WeightsFile",
     "check_initializers",
     "read_weights_index",
+    "tensor_alignment",
 ]
 
 WEIGHTS_NAME = "weights.safetensors"
@@ -46,10 +48,14 @@ WEIGHTS_FORMAT = "dvn-shared-weights"
 
 SHARED_LAYOUT = "shared"
 
-SHARED_FORMAT_VERSION = 1
+SHARED_FORMAT_VERSION = 2
+"""2: tensors under a page are packed (``SMALL_ALIGNMENT``); 1 put every tensor on a page of its own."""
 
 ALIGNMENT = 4096
-"""Every tensor of the weights file starts at a multiple of this many bytes (a memory page)."""
+"""A tensor of the weights file of at least this many bytes starts at a multiple of it (a memory page)."""
+
+SMALL_ALIGNMENT = 64
+"""A tensor smaller than a page starts at a multiple of this many bytes (a cache line), packed with others."""
 
 PAD_PREFIX = "__pad__."
 
@@ -78,7 +84,8 @@ def _index_of(fd: int, size: int, path: Path) -> dict[str, tuple[np.dtype, tuple
     padding included, must be a known dtype whose ``shape`` gives exactly its byte length, and in the order the
     header lists them (the order the writer wrote them) the tensors must tile the data section from its first byte
     to the end of the file, so that none is negative, out of order, overlapping or outside the file; every tensor
-    but padding starts at a multiple of ``ALIGNMENT`` from the start of the file.
+    but padding starts, from the start of the file, at a multiple of ``ALIGNMENT`` (a page) when it is at least a
+    page long and of ``SMALL_ALIGNMENT`` when it is shorter.
     """
     header, start = _read_header(fd, size, path)
     index, position = {}, 0
@@ -90,10 +97,11 @@ def _index_of(fd: int, size: int, path: Path) -> dict[str, tuple[np.dtype, tuple
                 "where the tensor listed before it ends); export again"
             )
         if not name.startswith(PAD_PREFIX):
-            if (start + begin) % ALIGNMENT:
+            alignment = tensor_alignment(end - begin)
+            if (start + begin) % alignment:
                 raise WrongFileFormat(
-                    f"{path} has an invalid tensor index ({name} does not start on a {ALIGNMENT}-byte boundary); "
-                    "export again"
+                    f"{path} has an invalid tensor index ({name}, {end - begin} bytes, does not start on a "
+                    f"{alignment}-byte boundary); export again"
                 )
             index[name] = (dtype, shape, start + begin)
         position = end
@@ -102,6 +110,12 @@ def _index_of(fd: int, size: int, path: Path) -> dict[str, tuple[np.dtype, tuple
             f"{path} has an invalid tensor index (its tensors end at byte {start + position} of {size}); export again"
         )
     return index
+
+
+def tensor_alignment(nbytes: int) -> int:
+    """Where a tensor of ``nbytes`` must start in the weights file: a page for a block worth mapping or reading
+    in place, a cache line for the small ones (batch norms, heads, small blocks), packed so they cost no page each."""
+    return ALIGNMENT if nbytes >= ALIGNMENT else SMALL_ALIGNMENT
 
 
 def _read_header(fd: int, size: int, path: Path) -> tuple[dict[str, Any], int]:
