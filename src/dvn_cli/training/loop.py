@@ -41,6 +41,7 @@ from .distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from .levels import sample_levels
 from .run_folder import RunPaths, prepare_run_folder
 
 __all__ = [
@@ -95,15 +96,17 @@ def task_losses(
     distill: float = 0.0,
     label_smoothing: float = 0.0,
     masked: bool = False,
+    levels: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
-    """Each task's loss over its levels (arguments as ``multitask_loss``), whose sum that function returns."""
+    """Each task's loss over ``levels`` (top first; default all; ``training.levels``), other arguments as
+    ``multitask_loss``, whose sum that function returns."""
     k = network.units
     weights = level_weights or [1.0] * k
     per_task = []
     for task, (images, labels) in enumerate(batches):
         task_loss = torch.zeros((), device=images.device)
         top_probs = None
-        for level in range(k, 0, -1):  # top level first, so it can teach the lower ones
+        for level in levels or range(k, 0, -1):  # top level first, so it can teach the lower ones
             logits = network(images, task, level, masked=masked)  # (B, classes_t)
             loss = weights[level - 1] * F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
             if level == k:
@@ -581,7 +584,8 @@ def _train_steps(run: _Run, observer: TrainObserver) -> TrainResult | None:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
-            losses = task_losses(network, batches, weights, cfg.distill, cfg.label_smoothing)
+            levels = sample_levels(cfg.level_sampling, network.units, cfg.seed, run.step)
+            losses = task_losses(network, batches, weights, cfg.distill, cfg.label_smoothing, levels=levels)
             loss = summed(losses)
         step_losses = [float(task_loss.detach()) for task_loss in losses]
         if not env.distributed:
