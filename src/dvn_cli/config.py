@@ -20,6 +20,7 @@ from .errors import BadConfig
 __all__ = [
     "NOT_COMPARED",
     "DATA_MODES",
+    "LEVEL_SAMPLINGS",
     "PRECISIONS",
     "BackboneConfig",
     "TaskSpec",
@@ -45,6 +46,10 @@ training loop derives its dtypes from it.
 DATA_MODES = ("auto", "memory", "stream")
 """How folder tasks are read (``--data-mode``): ``auto`` streams those above ``data.streaming.STREAM_ABOVE_BYTES``
 at the input shape and holds the others in memory; ``memory`` and ``stream`` force one way for every folder task."""
+
+LEVEL_SAMPLINGS = ("all", "sandwich")
+"""Levels one training step trains (``--level-sampling``, ``training.levels.sample_levels``): ``all`` of them, or
+the sandwich rule (the smallest, the largest and one random level between them)."""
 
 
 def setting(default: Any, help: str, *, flags: tuple[str, ...] = ()) -> Any:
@@ -152,6 +157,9 @@ class TrainConfig:
     warmup_steps: int = setting(100, "Linear warm-up steps.")
     label_smoothing: float = setting(0.0, "Label smoothing of the cross-entropy.")
     level_weights: tuple[float, ...] | None = setting(None, "Loss weight per level, e.g. 1,1,1,1.")
+    level_sampling: str = setting(
+        "all", "Levels trained per step: all, or sandwich (level 1, level k and one random level between)."
+    )
     distill: float = setting(0.0, "Distillation weight from the top level (0 = off).")
     seed: int = setting(0, "Seed for a repeatable run.")
     limit: int | None = setting(None, "At most N training images per task (quick runs).")
@@ -190,6 +198,8 @@ class TrainConfig:
             raise BadConfig(f"unknown data mode {self.data_mode!r}; use {', '.join(DATA_MODES)}")
         if self.workers < 0:
             raise BadConfig(f"workers {self.workers} must be 0 or more")
+        if self.level_sampling not in LEVEL_SAMPLINGS:
+            raise BadConfig(f"unknown level sampling {self.level_sampling!r}; use {', '.join(LEVEL_SAMPLINGS)}")
         if self.precision not in PRECISIONS:
             raise BadConfig(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
         if self.affinity_steps < 1:

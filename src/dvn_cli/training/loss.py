@@ -52,15 +52,17 @@ def task_losses(
     distill: float = 0.0,
     label_smoothing: float = 0.0,
     masked: bool = False,
+    levels: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
-    """Each task's loss over its levels (arguments as ``multitask_loss``), whose sum that function returns."""
+    """Each task's loss over ``levels`` (top first; default all; ``training.levels``), other arguments as
+    ``multitask_loss``, whose sum that function returns."""
     k = network.units
     weights = level_weights or [1.0] * k
     per_task = []
     for task, (images, labels) in enumerate(batches):
         task_loss = torch.zeros((), device=images.device)
         top_probs = None
-        for level in range(k, 0, -1):  # top level first, so it can teach the lower ones
+        for level in levels or range(k, 0, -1):  # top level first, so it can teach the lower ones
             logits = network(images, task, level, masked=masked)  # (B, classes_t)
             loss = weights[level - 1] * F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
             if level == k:

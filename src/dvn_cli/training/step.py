@@ -15,6 +15,7 @@ import torch
 
 from ..errors import DvnError
 from .distributed import all_reduce_gradients
+from .levels import sample_levels
 from .loss import summed, task_losses
 from .observer import StepInfo
 from .run_folder import RunPaths
@@ -96,7 +97,8 @@ def forward_backward(run: Run, lr: float) -> tuple[list[tuple[torch.Tensor, torc
     optimizer.zero_grad(set_to_none=True)
     weights = list(cfg.level_weights) if cfg.level_weights else None
     with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
-        losses = task_losses(network, batches, weights, cfg.distill, cfg.label_smoothing)
+        levels = sample_levels(cfg.level_sampling, network.units, cfg.seed, run.step)
+        losses = task_losses(network, batches, weights, cfg.distill, cfg.label_smoothing, levels=levels)
         loss = summed(losses)
     step_losses = [float(task_loss.detach()) for task_loss in losses]
     if not env.distributed:
