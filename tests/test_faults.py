@@ -141,7 +141,9 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")) == ["model.safetensors"]
 
 
-def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(tmp_path):
+def _run_straight_then(tmp_path: Path):
+    """Train two small folder tasks uninterrupted into ``tmp_path/straight``; returns ``command(out, *extra)``, the
+    same run's command line for another folder (the runs a stop and resume are compared with)."""
     make_image_folder(tmp_path / "colours")
     make_image_folder(tmp_path / "bands", ("top", "middle"), per_class=10)
     tasks = f"colours={tmp_path / 'colours'},bands={tmp_path / 'bands'}"
@@ -152,6 +154,11 @@ def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(tmp_pa
 
     straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, env=_subprocess_env())
     assert straight.returncode == 0, straight.stderr[-2000:]
+    return command
+
+
+def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(tmp_path):
+    command = _run_straight_then(tmp_path)
 
     killed = tmp_path / "killed"
     child = subprocess.Popen(
@@ -207,16 +214,7 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.slow
 def test_sigterm_saves_like_ctrl_c_and_the_resume_matches_an_uninterrupted_run(tmp_path):
     """Schedulers stop jobs with SIGTERM: once exit 143 with no message, no checkpoint and a stale .lock."""
-    make_image_folder(tmp_path / "colours")
-    make_image_folder(tmp_path / "bands", ("top", "middle"), per_class=10)
-    tasks = f"colours={tmp_path / 'colours'},bands={tmp_path / 'bands'}"
-
-    def command(out: Path, *extra) -> list[str]:
-        args = _tiny_train_args(tasks, out, tmp_path / "data", "--epochs", 15, "--seed", 4, *extra)
-        return [sys.executable, "-m", "dvn_cli", *args]
-
-    straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, env=_subprocess_env())
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    command = _run_straight_then(tmp_path)
     stopped = tmp_path / "stopped"
     child = _start_and_wait_for_a_save(command(stopped), stopped)
     try:

@@ -531,8 +531,10 @@ def serve(
         ),
     ] = None,
     reserve: Annotated[str, typer.Option(help="With --budget auto: memory to leave free (e.g. 500MB).")] = "0B",
-    max_body: Annotated[int, typer.Option(help="Largest request body, in bytes.")] = 8 * 2**20,
-    max_pixels: Annotated[int, typer.Option(help="Largest image, in pixels (checked before decoding).")] = 4096**2,
+    max_body: Annotated[int | None, typer.Option(help="Largest request body, in bytes (default 8 MiB).")] = None,
+    max_pixels: Annotated[
+        int | None, typer.Option(help="Largest image, in pixels (checked before decoding; default 4096x4096).")
+    ] = None,
     max_batch: Annotated[int, typer.Option(help="Most images of concurrent requests run as one batch.")] = 32,
     memory_file: Annotated[Path | None, typer.Option(hidden=True)] = None,
     poll: Annotated[float, typer.Option(hidden=True)] = 1.0,
@@ -558,7 +560,7 @@ def serve(
             poll_s=poll,
             per_pair=per_pair,
             max_batch=max_batch,
-            max_body=max_body,
-            max_pixels=max_pixels,
+            max_body=max_body or ServeOptions.max_body,  # the limits live in deploy/serve.py, once
+            max_pixels=max_pixels or ServeOptions.max_pixels,
         )
         run_server(_open(checkpoint), options, ui.print_note)

@@ -46,15 +46,15 @@ from ..planning.plan import plan_for_budget
 from ..planning.select import select_pairs
 from .memory_source import AutoBudget, MemorySource, file_memory, system_memory
 from .ort_runtime import SharedOrtRuntime
-from .predict import MAX_IMAGE_PIXELS, ImageSet, classify
+from .predict import ImageSet, classify
 from .run import ModelRunner
 from .runtime import SharedRuntime
 
 __all__ = ["MAX_IMAGES", "MAX_PIXELS", "RequestError", "ServeOptions", "Server", "serve"]
 
-MAX_PIXELS = MAX_IMAGE_PIXELS
-"""Largest image (width x height) decoded by default (``--max-pixels``), checked from its header first: the
-limit of ``dvn predict``."""
+MAX_PIXELS = 4096 * 4096
+"""Largest upload (width x height) decoded by default (``--max-pixels``), checked from its header first: a quarter of
+``dvn predict``'s ``MAX_IMAGE_PIXELS``, since uploads come from the network, not from the user's own files."""
 MAX_BODY = 8 * 2**20
 """Largest request body in bytes, refused before it is all read."""
 MAX_IMAGES = 64
