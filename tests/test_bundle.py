@@ -9,14 +9,17 @@ import torch
 
 from dvn_cli.core.cost import level_cost
 from dvn_cli.core.plain import PlainNetwork
+from dvn_cli.deploy.predict import predict_under_budgets
 from dvn_cli.deploy.run import ModelRunner
+from dvn_cli.deploy.runtime import SharedRuntime
 from dvn_cli.errors import BadConfig, UnknownTask, WrongFileFormat
 from dvn_cli.modelfile.bundle import BUNDLE_FORMAT, RUNNING_KEYS, load_bundle, save_bundle, stored_params
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.container import read_metadata
+from dvn_cli.modelfile.registry import open_model
 from dvn_cli.planning.plan import shared_memory_params
 
-from .conftest import settle_batch_norm
+from .conftest import make_image_folder, settle_batch_norm
 
 # scrambled orders: task0 [0, 2, 1, 3], task1 [3, 1, 0, 2], task2 [1, 3, 2, 0]
 CHOICE_SETS = {
@@ -147,6 +150,35 @@ def test_a_checkpoint_run_at_once_holds_its_network_only(settled, tmp_path):
     assert _stray_bytes(before, x, *logits) == 0
     for task, level in choices.items():
         torch.testing.assert_close(forwards[task](x), settled(x, task, level), atol=1e-5, rtol=1e-5)
+
+
+def test_a_checkpoint_run_under_budgets_holds_each_block_once(settled, tmp_path, monkeypatch):
+    """Issue 20 part 2: ``dvn predict --budgets`` (and ``dvn serve``) on a checkpoint run ONE runtime read from the
+    file; the checkpoint they opened never reads its weights, so at every switch the runtime's blocks are the only
+    floating-point storage alive (storage identity) and they count the plan's union (parameter count)."""
+    accuracy = {f"task{t}": [0.5, 0.6, 0.7, 0.8] for t in range(3)}
+    path = save_checkpoint(settled, tmp_path / "model.safetensors", training={"val_accuracy": accuracy})
+    make_image_folder(tmp_path / "images", classes=("a",), per_class=2, size=12)
+    made, seen = [], []
+    init = SharedRuntime.__init__
+
+    def counted_init(self, *args, **kwargs):
+        made.append(self)
+        init(self, *args, **kwargs)
+
+    def at_switch(switch):
+        (runtime,) = made
+        seen.append((runtime.held_params(), shared_memory_params(settled, switch["choices"])))
+        seen.append((_stray_bytes(before, *runtime.held_tensors()), 0))
+
+    monkeypatch.setattr(SharedRuntime, "__init__", counted_init)
+    before = _float_storages()
+    model = open_model(path)
+    result = predict_under_budgets(model, [tmp_path / "images"], ["100%", "40%"], on_switch=at_switch)
+    assert not model.weights_loaded
+    assert len(seen) == 4 and all(got == expected for got, expected in seen), seen
+    assert [s["choices"] for s in result.switches][0] == {"task0": 4, "task1": 4, "task2": 4}
+    assert model.network is not None and model.weights_loaded  # the weights are there when a path needs them
 
 
 def test_load_bundle_refuses_a_checkpoint(tiny_network, tmp_path):

@@ -113,3 +113,21 @@ def test_other_dvn_format_and_inconsistent_file_are_refused(tmp_path, saved):
 def test_missing_file(tmp_path):
     with pytest.raises(MissingData, match="no such file"):
         load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_an_opened_checkpoint_reads_its_weights_on_first_use_and_refuses_a_changed_file(tiny_network, saved):
+    """``open_model`` reads a checkpoint's header and checks its tensors but holds none of them until
+    ``network`` is used; a file replaced in between by another network's is refused, not run half and half."""
+    from dvn_cli.core.network import build_network
+    from dvn_cli.modelfile.registry import open_model
+
+    from .conftest import tiny_config, tiny_tasks
+
+    model = open_model(saved)
+    assert not model.weights_loaded and model.pairs() == [(t, lv) for t in ("task0", "task1") for lv in (1, 2, 3, 4)]
+    assert model.cost_of("task1", 2) == load_checkpoint(saved).cost_of("task1", 2)
+    torch.testing.assert_close(model.network.state_dict(), tiny_network.state_dict())
+    later = open_model(saved)
+    save_checkpoint(build_network(tiny_config(widths=(8, 16, 16)), tiny_tasks(2)), saved)
+    with pytest.raises(WrongFileFormat, match="changed since it was opened"):
+        later.plain_of("task0", 1)

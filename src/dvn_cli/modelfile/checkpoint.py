@@ -8,7 +8,7 @@ config, the task specs, the order rule and the training summary (docs/design.md 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,7 +21,7 @@ from ..core.plain import PlainNetwork, extract_plain
 from ..errors import BadConfig, WrongFileFormat
 from ..fsutil import first_line
 from .base import ModelFile, TensorReader, UnitSource
-from .container import read_dvn_file, read_metadata, write_dvn_file
+from .container import check_finite, read_dvn_file, read_metadata, write_dvn_file
 from .spec import CompactSpec, DataSplit, compact_spec
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "CheckpointSource",
     "checkpoint_source",
     "load_checkpoint",
+    "open_checkpoint",
     "save_checkpoint",
 ]
 
@@ -39,32 +40,65 @@ STATE_FORMAT = "dvn-train-state"
 """Optimizer, RNG and batch-order state of a run, for ``dvn train --resume`` (written by ``training``)."""
 
 
-@dataclass
 class Checkpoint(ModelFile):
-    """A loaded DVN and what its file said about it: every task at every level."""
+    """A DVN and what its file said about it: every task at every level.
+
+    Opened from a file (``open_checkpoint``), it reads the header and the task orders only: ``shape`` (the network
+    on the meta device) answers every question of layout, spec and cost, and the weights are read on the first use
+    of ``network`` (a plain model, a virtual network). Paths that run a ``SharedRuntime`` from the file instead
+    (``dvn predict --budgets``, ``dvn serve``) thereby hold each block once, in the runtime.
+    """
 
     format: ClassVar[str] = CHECKPOINT_FORMAT
     kind: ClassVar[str] = "checkpoint"
     holds_unit_blocks: ClassVar[bool] = True
 
-    network: DeepVirtualNetwork
-    path: Path | None = None
-    training: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
+    def __init__(
+        self,
+        network: DeepVirtualNetwork | None = None,
+        path: Path | None = None,
+        training: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        shape: DeepVirtualNetwork | None = None,
+    ) -> None:
+        if network is None and (shape is None or path is None):
+            raise ValueError("a checkpoint needs its network, or the shape of one and the file holding its weights")
+        self._network, self._shape = network, shape if shape is not None else network
+        self.path, self.training, self.meta = path, training or {}, meta or {}
+
+    @property
+    def shape(self) -> DeepVirtualNetwork:
+        """The network's layout, layers and tasks: what every question but running it needs (maybe weightless)."""
+        return self._shape
+
+    @property
+    def network(self) -> DeepVirtualNetwork:
+        """The network with its weights, read from the file on first use (which must still hold the same shape)."""
+        if self._network is None:
+            loaded = load_checkpoint(self.path).network
+            if _shape_of(loaded) != _shape_of(self.shape):
+                raise WrongFileFormat(f"{self.path} changed since it was opened: its network is not the same shape")
+            self._network = loaded
+        return self._network
+
+    @property
+    def weights_loaded(self) -> bool:
+        """Whether ``network`` has read the weights (it never does on the shared-runtime paths)."""
+        return self._network is not None
 
     @property
     def split(self) -> DataSplit:
         return DataSplit.from_mapping(self.training.get("config"))
 
     def pairs(self) -> list[tuple[str, int]]:
-        return [(name, level) for name in self.network.task_names for level in range(1, self.network.units + 1)]
+        return [(name, level) for name in self.shape.task_names for level in range(1, self.shape.units + 1)]
 
     def task_spec(self, task: str) -> TaskSpec:
-        return self.network.tasks[self.network.task_index(task)]
+        return self.shape.tasks[self.shape.task_index(task)]
 
     def spec_of(self, task: str, level: int) -> CompactSpec:
         self.check_pair(task, level)
-        return compact_spec(self.network, task, level, self.file_sha256, self.split)
+        return compact_spec(self.shape, task, level, self.file_sha256, self.split)
 
     def plain_of(self, task: str, level: int) -> PlainNetwork:
         self.check_pair(task, level)
@@ -72,13 +106,13 @@ class Checkpoint(ModelFile):
 
     def cost_of(self, task: str, level: int) -> LevelCost:
         self.check_pair(task, level)
-        return level_cost(self.network, task, level)
+        return level_cost(self.shape, task, level)
 
     def check_task(self, task: str) -> None:
-        self.network.task_index(task)
+        self.shape.task_index(task)
 
     def check_pair(self, task: str, level: int, verb: str = "use") -> None:
-        self.network.resolve_pairs([(task, level)])
+        self.shape.resolve_pairs([(task, level)])
 
     def unit_source(self) -> CheckpointSource:
         """Every (task, level)'s blocks, read lazily from the file (from memory for a checkpoint never written)."""
@@ -89,7 +123,7 @@ class Checkpoint(ModelFile):
 
     def describe(self) -> dict[str, Any]:
         """Tasks, orders, per-level sizes and validation accuracy, training summary and format."""
-        network, training = self.network, self.training
+        network, training = self.shape, self.training
         val = training.get("val_accuracy", {})
         levels = []
         for name, level in self.pairs():
@@ -153,8 +187,9 @@ def meta_copy(network: DeepVirtualNetwork) -> DeepVirtualNetwork:
         return DeepVirtualNetwork(network.config, network.tasks, network.layout.orders, network.order_rule)
 
 
-def checkpoint_source(path: str | os.PathLike) -> CheckpointSource:
-    """A checkpoint file as a lazy unit source: only its header and task orders are read now."""
+def _read_shape(path: str | os.PathLike, scan: bool = False) -> tuple[DeepVirtualNetwork, dict[str, Any]]:
+    """The network a checkpoint file describes, on the meta device, and the file's metadata: header and orders only
+    (with ``scan``, every tensor is also read once, one at a time, and refused if it is not finite)."""
     from safetensors import safe_open
 
     meta = read_metadata(path, (CHECKPOINT_FORMAT,))
@@ -162,14 +197,34 @@ def checkpoint_source(path: str | os.PathLike) -> CheckpointSource:
         with safe_open(str(path), framework="pt") as f:
             names = [str(t["name"]) for t in meta["tasks"]]
             orders = {f"orders.{n}": f.get_tensor(f"orders.{n}") for n in names if f"orders.{n}" in f.keys()}
+            for name in f.keys() if scan else ():
+                check_finite(path, name, f.get_tensor(name))
         with torch.device("meta"):
             network = _network_from_meta(meta, orders)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError, BadConfig) as exc:
         raise WrongFileFormat(f"{path} does not match its own metadata ({first_line(exc)})") from None
+    except WrongFileFormat:
+        raise
     except Exception as exc:  # safetensors raises its own type for broken files
         raise WrongFileFormat(f"{path} is damaged: its tensors cannot be read ({first_line(exc)})") from None
-    training = meta.get("training", {})
-    return CheckpointSource(network, TensorReader(str(path), path=Path(path)), str(path), training)
+    return network, meta
+
+
+def _shape_of(network: DeepVirtualNetwork) -> tuple:
+    return asdict(network.config), network.tasks, network.layout.orders, network.order_rule
+
+
+def checkpoint_source(path: str | os.PathLike) -> CheckpointSource:
+    """A checkpoint file as a lazy unit source: only its header and task orders are read now."""
+    network, meta = _read_shape(path)
+    return CheckpointSource(network, TensorReader(str(path), path=Path(path)), str(path), meta.get("training", {}))
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """A checkpoint file whose weights are held only from their first use (``Checkpoint.network``): refused now if
+    damaged or not finite, as every tensor is read once, one at a time."""
+    network, meta = _read_shape(path, scan=True)
+    return Checkpoint(path=Path(path), training=meta.get("training", {}), meta=meta, shape=network)
 
 
 def checkpoint_tensors(network: DeepVirtualNetwork) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import WrongFileFormat
 from .base import ModelFile, UnitSource
 from .bundle import BUNDLE_FORMAT, bundle_source, load_bundle
-from .checkpoint import CHECKPOINT_FORMAT, checkpoint_source, load_checkpoint
+from .checkpoint import CHECKPOINT_FORMAT, checkpoint_source, open_checkpoint
 from .compact import COMPACT_FORMAT, load_compact
 from .container import read_metadata
 from .shared import SHARED_EXPORT_FORMAT, SharedExport
@@ -40,7 +40,7 @@ def register_model_file(
         UNIT_SOURCES[fmt] = unit_source
 
 
-register_model_file(CHECKPOINT_FORMAT, load_checkpoint, checkpoint_source)
+register_model_file(CHECKPOINT_FORMAT, open_checkpoint, checkpoint_source)
 register_model_file(COMPACT_FORMAT, load_compact)
 register_model_file(BUNDLE_FORMAT, load_bundle, bundle_source)
 register_model_file(SHARED_EXPORT_FORMAT, SharedExport)

@@ -19,7 +19,7 @@ __all__ = ["file_level", "select_pairs"]
 def file_level(model: ModelFile, task: str, budget: str) -> int:
     """The level of ``task`` that ``budget`` selects in ``model``."""
     if isinstance(model, Checkpoint):
-        return resolve_budget(model.network, task, budget)
+        return resolve_budget(model.shape, task, budget)
     model.check_task(task)
     parsed = parse_budget(budget)
     held = model.levels(task)
