@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.cost import check_precision
 from ..errors import BadConfig, DvnError
 from ..fsutil import sha256_file, write_atomic
 from ..modelfile.base import ModelFile
@@ -56,14 +57,15 @@ from ..modelfile.shared_folder import (
 from ..modelfile.spec import CompactSpec
 from .export import (
     Inputs,
+    compare_logits,
     import_optional,
-    max_logit_difference,
     non_finite_stops_export,
     stamp_onnx,
     task_inputs,
     trace_onnx,
 )
 from .export_folder import (
+    LogitCheck,
     WrittenManifest,
     build_manifest,
     model_entry,
@@ -73,6 +75,7 @@ from .export_folder import (
     staged_export,
 )
 from .ort_runtime import SharedOrtRuntime
+from .precision import lower_graph, lower_tensors
 
 __all__ = [
     "GRAPH_MODES",
@@ -113,13 +116,19 @@ def _chunks(tensor: torch.Tensor, dim: int, units: Sequence[int]) -> dict[int, t
 
 
 class _Collector:
-    """Tensors of the weights file, each stored once; a block seen again must be the same block."""
+    """Tensors of the weights file (float32), each stored once; a block seen again must be the same block.
+
+    ``blocks`` names the convolutions' unit blocks: what ``--precision`` stores at lower precision.
+    """
 
     def __init__(self, label: str) -> None:
         self.tensors: dict[str, np.ndarray] = {}
+        self.blocks: set[str] = set()
         self.label = label
 
-    def add(self, key: str, tensor: torch.Tensor) -> nn.Parameter:
+    def add(self, key: str, tensor: torch.Tensor, block: bool = False) -> nn.Parameter:
+        if block:
+            self.blocks.add(key)
         array = tensor.detach().float().cpu().contiguous().numpy()
         if key in self.tensors:
             if not np.array_equal(self.tensors[key], array):
@@ -217,10 +226,10 @@ def _shared_module(
             rows = []
             for uo, row in rows_of.items():
                 if not split[name]:
-                    rows.append([store.add(f"features.{name}.weight.{uo}", row)])
+                    rows.append([store.add(f"features.{name}.weight.{uo}", row, block=True)])
                     continue
                 cols = _chunks(row, 1, units)
-                rows.append([store.add(f"features.{name}.weight.{uo}.{ui}", b) for ui, b in cols.items()])
+                rows.append([store.add(f"features.{name}.weight.{uo}.{ui}", b, block=True) for ui, b in cols.items()])
             _set(shared.features, name, _BlockConv2d(module, rows, mode))
         elif isinstance(module, nn.BatchNorm2d):
             with torch.no_grad():
@@ -257,7 +266,12 @@ def shared_tensors(
 # ------------------------------------------------------------------------------------------------ weights file
 
 
-_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.uint8): "U8"}
+_DTYPES = {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.uint8): "U8",
+}
 
 
 def write_weights_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> dict[str, int]:
@@ -340,11 +354,16 @@ def _graph_bytes(
     plain: nn.Module,
     spec: CompactSpec,
     keys: Mapping[str, str],
-    tensors: Mapping[str, np.ndarray],
+    stored: Mapping[str, np.ndarray],
     offsets: Mapping[str, int],
     opset: int,
+    lowered: tuple[set[str], str] = (set(), "fp32"),
 ) -> tuple[bytes, list[str]]:
-    """ONNX bytes of one (task, level) whose weights are external ranges of the weights file; and their names."""
+    """ONNX bytes of one (task, level) whose weights are external ranges of the weights file; and their names.
+
+    ``stored`` holds the weights file's tensors as written; ``lowered`` = (the blocks stored at lower precision,
+    that precision): each is converted back to float32 in the graph (``precision.lower_graph``).
+    """
     onnx = import_optional("onnx")
     # The exporter merges initializers of equal value (e.g. the batch norms of an untrained network), which would
     # lose block names. The values written here are dropped below (the data is the weights file's), so every
@@ -354,36 +373,38 @@ def _graph_bytes(
         param.data = torch.rand(param.shape, generator=generator)
     # no constant folding: it would bake the Concat of shared blocks into a private copy
     model = onnx.load_from_string(trace_onnx(module, plain.config, opset, constant_folding=False))
-    used = []
     for init in model.graph.initializer:
-        if init.name not in keys:
-            continue
-        key = keys[init.name]
-        array = tensors[key]
-        init.name = key
-        init.ClearField("raw_data")
-        init.data_location = onnx.TensorProto.EXTERNAL
-        for field, value in (("location", WEIGHTS_NAME), ("offset", offsets[key]), ("length", array.nbytes)):
-            entry = init.external_data.add()
-            entry.key, entry.value = field, str(value)
-        used.append(key)
-    missing = set(keys.values()) - set(used)
+        init.name = keys.get(init.name, init.name)
+    missing = set(keys.values()) - {init.name for init in model.graph.initializer}
     if missing:  # the exporter renamed or merged a parameter: a dvn bug, not a user error
         raise RuntimeError(f"the ONNX exporter lost the names of {len(missing)} blocks, e.g. {sorted(missing)[0]}")
     for node in model.graph.node:  # inputs renamed above
         node.input[:] = [keys.get(name, name) for name in node.input]
+    blocks, precision = lowered
+    lower_graph(model.graph, stored, blocks & set(keys.values()), precision)
+    used = []
+    for init in model.graph.initializer:
+        if init.name not in stored:
+            continue
+        init.ClearField("raw_data")
+        init.data_location = onnx.TensorProto.EXTERNAL
+        size = stored[init.name].nbytes
+        for field, value in (("location", WEIGHTS_NAME), ("offset", offsets[init.name]), ("length", size)):
+            entry = init.external_data.add()
+            entry.key, entry.value = field, str(value)
+        used.append(init.name)
     stamp_onnx(model, spec, "dvn shared", dvn_weights=WEIGHTS_NAME)
     return model.SerializeToString(), sorted(used)
 
 
 def _check_pair(
     runtime: SharedOrtRuntime, task: str, level: int, plain: nn.Module, inputs: Inputs, label: str
-) -> float:
+) -> LogitCheck:
     def run(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(runtime.run(task, level, x.numpy()))
 
     with non_finite_stops_export(label, task, level):
-        return max_logit_difference(run, plain, inputs, f"{task} level {level}")
+        return compare_logits(run, plain, inputs, f"{task} level {level}")
 
 
 def export_shared(
@@ -395,6 +416,7 @@ def export_shared(
     opset: int = 17,
     force: bool = False,
     mode: str = "concat",
+    precision: str = "fp32",
 ) -> WrittenManifest:
     """Write the shared export of ``pairs`` into ``out_dir``: one weights file, one graph per pair, a manifest.
 
@@ -408,17 +430,21 @@ def export_shared(
         source: a checkpoint or a bundle (a compact model holds one pair: nothing to share), loaded or its path.
         out_dir: folder for the files; created when missing.
         pairs: ``(task name or index, level)`` pairs; None for every pair the source holds.
-        check: run each graph and record the largest logit difference from PyTorch.
+        check: run each graph against the float32 PyTorch model and record the largest logit difference and the
+            top-1 agreement.
         sample_inputs: preprocessed batches to check on, one for all tasks or one per task name; default noise.
         opset: ONNX opset.
         force: replace an export of ANOTHER source, or a manifest dvn did not write, in ``out_dir``.
         mode: ``concat`` (default) or ``blockwise``: see ``GRAPH_MODES``.
+        precision: what the unit blocks are stored at: ``fp32`` (default), ``fp16`` or ``int8`` (per output channel
+            of each block: ``deploy.precision``); batch norms and heads stay float32.
 
     Returns:
         The manifest written, with the files of the previous export it no longer lists (``removed``, ``left``).
     """
     if mode not in GRAPH_MODES:
         raise BadConfig(f"unknown graph mode {mode!r}; known: {', '.join(GRAPH_MODES)}")
+    check_precision(precision)
     onnx = import_optional("onnx")
     import_optional("onnxruntime")
     model = source if isinstance(source, ModelFile) else open_model(source)
@@ -432,23 +458,27 @@ def export_shared(
         keys = {params[id(store_param)]: key for key, store_param in _params_by_key(module, store).items()}
         built.append((task, level, module, plain, spec, keys))
     source_info = source_entry(model, selected[0])
+    stored = lower_tensors(store.tensors, store.blocks, precision)
     with staged_export(out_dir, source_info, force) as stage:
         weights = stage.file(WEIGHTS_NAME)
-        offsets = write_weights_file(weights, store.tensors)
+        offsets = write_weights_file(weights, stored)
         models = []
         for task, level, module, plain, spec, keys in built:
-            data, used = _graph_bytes(module, plain, spec, keys, store.tensors, offsets, opset)
+            lowered = (store.blocks, precision)
+            data, used = _graph_bytes(module, plain, spec, keys, stored, offsets, opset, lowered)
             graph = write_atomic(stage.file(pair_file_name(task, level, ".onnx")), data)
             onnx.checker.check_model(str(graph))  # beside the weights file its external data names
-            models.append(model_entry(spec, graph.name, data, SHARED_MODEL_FORMAT, tensors=used, spec=spec.to_dict()))
+            extra = {"precision": precision, "tensors": used, "spec": spec.to_dict()}
+            models.append(model_entry(spec, graph.name, data, SHARED_MODEL_FORMAT, **extra))
         layout = {"layout": SHARED_LAYOUT, "shared_format_version": SHARED_FORMAT_VERSION, "graph_mode": mode}
-        manifest = build_manifest(source_info, models, **layout, weights=_weights_entry(weights, store.tensors))
+        weights_entry = _weights_entry(weights, store.tensors, stored, precision)
+        manifest = build_manifest(source_info, models, **layout, weights=weights_entry)
         if check:
             stage.write_manifest(manifest)  # the runtime opens the staged folder
             runtime = SharedOrtRuntime(stage.staging)
             for entry, (task, level, _, plain, _, _) in zip(models, built, strict=True):
-                inputs = task_inputs(sample_inputs, task)
-                entry["check_max_abs_diff"] = _check_pair(runtime, task, level, plain, inputs, model.label)
+                result = _check_pair(runtime, task, level, plain, task_inputs(sample_inputs, task), model.label)
+                entry["check_max_abs_diff"], entry["check_top1_agreement"] = result.max_abs_diff, result.top1_agreement
             del runtime
         return stage.commit(manifest)
 
@@ -465,15 +495,20 @@ def _params_by_key(module: nn.Module, store: _Collector) -> dict[str, nn.Paramet
     return found
 
 
-def _weights_entry(path: Path, tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def _weights_entry(
+    path: Path, tensors: Mapping[str, np.ndarray], stored: Mapping[str, np.ndarray], precision: str
+) -> dict[str, Any]:
+    """The manifest's ``weights``: ``stored_params`` counts the model's parameters (``tensors``, float32), the
+    other counts what the file holds (``stored``: int8 blocks and their scales)."""
     return {
         "file": WEIGHTS_NAME,
         "format": WEIGHTS_FORMAT,
+        "precision": precision,
         "sha256": sha256_file(path),
         "bytes": path.stat().st_size,
         "alignment": ALIGNMENT,
         "small_alignment": SMALL_ALIGNMENT,
-        "tensors": len(tensors),
-        "data_bytes": sum(a.nbytes for a in tensors.values()),
+        "tensors": len(stored),
+        "data_bytes": sum(a.nbytes for a in stored.values()),
         "stored_params": sum(a.size for a in tensors.values()),
     }

@@ -61,7 +61,9 @@ PAD_PREFIX = "__pad__."
 
 MANIFEST_NAME = "manifest.json"
 
-_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8}
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8}
+_ONNX_TYPES = {np.dtype(np.float32): 1, np.dtype(np.uint8): 2, np.dtype(np.int8): 3, np.dtype(np.float16): 10}
+"""numpy dtype -> ``TensorProto.DataType`` of the same element type."""
 
 
 def read_weights_index(path: str | os.PathLike) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
@@ -289,43 +291,47 @@ def _check_file(path: Path, entry: Mapping[str, Any], verify: bool, what: str, f
 
 
 def check_initializers(path: Path, entry: Mapping[str, Any], index: Mapping[str, tuple]) -> None:
-    """Refuse a graph whose initializers are not the weights file's tensors its entry names, of the same shapes.
+    """Refuse a graph whose initializers are not the weights file's tensors its entry names, of the same shapes
+    and element types.
 
-    onnxruntime takes a buffer given with ``add_initializer`` whatever its shape (a wrong one fails at run time,
-    or broadcasts to a wrong result), and it reads an external initializer that is not given from the file itself.
+    onnxruntime takes a buffer given with ``add_initializer`` whatever its shape or type (a wrong one fails at run
+    time, or broadcasts to a wrong result), and it reads an external initializer that is not given from the file
+    itself.
     """
     try:
         declared = _graph_initializers(path.read_bytes())
     except (OSError, ValueError, IndexError, TypeError, AttributeError) as exc:
         raise WrongFileFormat(f"graph {path} is not an ONNX model dvn can read ({first_line(exc)})") from None
     names = set(entry["tensors"])
-    wrong = [n for n in entry["tensors"] if declared.get(n, (None,))[0] != index[n][1]]
-    wrong += [n for n, (_, external) in declared.items() if external and n not in names]
+    wrong = [n for n in entry["tensors"] if declared.get(n, (None,))[:2] != (index[n][1], _ONNX_TYPES[index[n][0]])]
+    wrong += [n for n, (_, _, external) in declared.items() if external and n not in names]
     if wrong:
         raise WrongFileFormat(
-            f"graph {path} and the weights file disagree on tensor {wrong[0]} (its shape, or it is not listed in "
-            "the manifest); export again"
+            f"graph {path} and the weights file disagree on tensor {wrong[0]} (its shape or type, or it is not listed "
+            "in the manifest); export again"
         )
 
 
-def _graph_initializers(model: bytes) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """Name -> (dims, stored externally) of every initializer of an ONNX model's main graph, read from its protobuf
-    encoding (``ModelProto.graph`` = 7, ``GraphProto.initializer`` = 5, ``TensorProto`` dims = 1, name = 8,
-    data_location = 14) so that the runtime needs no ``onnx`` package."""
+def _graph_initializers(model: bytes) -> dict[str, tuple[tuple[int, ...], int, bool]]:
+    """Name -> (dims, data type, stored externally) of every initializer of an ONNX model's main graph, read from its
+    protobuf encoding (``ModelProto.graph`` = 7, ``GraphProto.initializer`` = 5, ``TensorProto`` dims = 1,
+    data_type = 2, name = 8, data_location = 14) so that the runtime needs no ``onnx`` package."""
     graph = b"".join(value for field, value in _fields(model) if field == 7)  # a repeated message merges
     found = {}
     for field, tensor in _fields(graph):
         if field != 5:
             continue
-        dims, name, external = [], "", False
+        dims, name, kind, external = [], "", 0, False
         for key, value in _fields(tensor):
             if key == 1:
                 dims += [value] if isinstance(value, int) else _varints(value)
+            elif key == 2:
+                kind = value
             elif key == 8:
                 name = value.decode()
             elif key == 14:
                 external = value == 1
-        found[name] = (tuple(dims), external)
+        found[name] = (tuple(dims), kind, external)
     return found
 
 
