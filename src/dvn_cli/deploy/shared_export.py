@@ -9,7 +9,8 @@ keeps what a DVN shares shared at inference (docs/design.md §5, "Shared export"
   (eval-mode batch norm cannot be folded into a block that other pairs share), and each task's head as per-unit
   column blocks plus its bias. Every tensor of a page (4096 bytes) or more starts on a page boundary, so that a
   block can be mapped or read in place; the smaller ones (batch norms, heads, blocks of narrow layers) are packed
-  on 64-byte boundaries into the gaps those boundaries leave (``_placements``), so that they cost no page each. The
+  on 64-byte boundaries into the gaps those boundaries leave (``_placements``), so that they cost no page each
+  (``--precision fp16`` or ``int8``: every block is such a small one, format 3, ``deploy.precision``). The
   file is valid safetensors (its header is the JSON index name -> dtype, shape, offsets, in file order); the gaps
   are filled by ``__pad__.<n>`` uint8 tensors, because safetensors allows no holes.
 - ``<task>-level<l>.onnx``: the graph of one (task, level). Its weights are initializers whose data is EXTERNAL:
@@ -47,7 +48,7 @@ from ..modelfile.registry import open_model
 from ..modelfile.shared_folder import (
     ALIGNMENT,
     PAD_PREFIX,
-    SHARED_FORMAT_VERSION,
+    PACKED_FORMAT_VERSION,
     SHARED_LAYOUT,
     SMALL_ALIGNMENT,
     WEIGHTS_FORMAT,
@@ -274,14 +275,16 @@ _DTYPES = {
 }
 
 
-def write_weights_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> dict[str, int]:
-    """Write ``tensors`` as safetensors, each where ``tensor_alignment`` says (``_placements``); atomic.
+def write_weights_file(
+    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], pages: bool = True
+) -> dict[str, int]:
+    """Write ``tensors`` as safetensors, each where ``tensor_alignment(nbytes, pages)`` says (``_placements``); atomic.
 
     Returns:
         Tensor name -> its absolute byte offset in the file.
     """
     arrays = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
-    offsets = _placements({name: array.nbytes for name, array in arrays.items()})
+    offsets = _placements({name: array.nbytes for name, array in arrays.items()}, pages)
     header: dict[str, Any] = {"__metadata__": {"dvn": json.dumps({"format": WEIGHTS_FORMAT, "version": 1})}}
     chunks: list[bytes] = []
     position, pads = 0, 0
@@ -315,18 +318,19 @@ def write_weights_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray
     return {name: start + offsets[name] for name in tensors}
 
 
-def _placements(sizes: Mapping[str, int]) -> dict[str, int]:
+def _placements(sizes: Mapping[str, int], pages: bool) -> dict[str, int]:
     """Offset of each tensor from the (page-aligned) start of the data, so that padding stays small.
 
-    A tensor of a page or more starts on a page boundary, in the order given; each smaller one (largest first) goes
-    into the first gap that a page boundary left before a large tensor and that still fits it, else at the end, on
-    a ``SMALL_ALIGNMENT`` boundary. A 10-float batch norm then costs 64 bytes, not a page.
+    With ``pages``, a tensor of a page or more starts on a page boundary, in the order given; each smaller one
+    (largest first) goes into the first gap that a page boundary left before a large tensor and that still fits it,
+    else at the end, on a ``SMALL_ALIGNMENT`` boundary. A 10-float batch norm then costs 64 bytes, not a page.
+    Without ``pages`` (a lower-precision file) every tensor is such a smaller one.
     """
     offsets: dict[str, int] = {}
     gaps: list[list[int]] = []  # [first free byte, page boundary]
     end = 0
     for name, size in sizes.items():
-        if tensor_alignment(size) == ALIGNMENT:
+        if tensor_alignment(size, pages) == ALIGNMENT:
             begin = _round_up(end, ALIGNMENT)
             if begin > end:
                 gaps.append([end, begin])
@@ -459,9 +463,10 @@ def export_shared(
         built.append((task, level, module, plain, spec, keys))
     source_info = source_entry(model, selected[0])
     stored = lower_tensors(store.tensors, store.blocks, precision)
+    version = 2 if precision == "fp32" else PACKED_FORMAT_VERSION  # float32 files stay as they were
     with staged_export(out_dir, source_info, force) as stage:
         weights = stage.file(WEIGHTS_NAME)
-        offsets = write_weights_file(weights, stored)
+        offsets = write_weights_file(weights, stored, pages=version < PACKED_FORMAT_VERSION)
         models = []
         for task, level, module, plain, spec, keys in built:
             lowered = (store.blocks, precision)
@@ -470,7 +475,7 @@ def export_shared(
             onnx.checker.check_model(str(graph))  # beside the weights file its external data names
             extra = {"precision": precision, "tensors": used, "spec": spec.to_dict()}
             models.append(model_entry(spec, graph.name, data, SHARED_MODEL_FORMAT, **extra))
-        layout = {"layout": SHARED_LAYOUT, "shared_format_version": SHARED_FORMAT_VERSION, "graph_mode": mode}
+        layout = {"layout": SHARED_LAYOUT, "shared_format_version": version, "graph_mode": mode}
         weights_entry = _weights_entry(weights, store.tensors, stored, precision)
         manifest = build_manifest(source_info, models, **layout, weights=weights_entry)
         if check:
