@@ -47,8 +47,8 @@ from ..modelfile.base import ModelFile
 from ..modelfile.registry import open_model
 from ..modelfile.shared_folder import (
     ALIGNMENT,
-    PAD_PREFIX,
     PACKED_FORMAT_VERSION,
+    PAD_PREFIX,
     SHARED_LAYOUT,
     SMALL_ALIGNMENT,
     WEIGHTS_FORMAT,
