@@ -27,7 +27,6 @@ __all__ = [
     "BYTES_PER_PARAM",
     "PRECISIONS",
     "LevelCost",
-    "bytes_per_param",
     "check_precision",
     "count_cost",
     "level_cost",
@@ -45,11 +44,6 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise BadConfig(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
     return precision
-
-
-def bytes_per_param(precision: str = "fp32") -> int:
-    """Bytes one weight of a unit block takes at ``precision``."""
-    return PRECISIONS[check_precision(precision)]
 
 
 @dataclass(frozen=True)
