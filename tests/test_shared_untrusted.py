@@ -35,21 +35,30 @@ PAIRS = [("task0", 2), ("task1", 3)]
 runner = CliRunner()
 
 
-def _export(root: Path, name: str, seed: int) -> Path:
+def _export(root: Path, name: str, seed: int, precision: str = "fp32") -> Path:
     torch.manual_seed(seed)
     network = settle_batch_norm(build_network(tiny_config(), tiny_tasks(2)))
     checkpoint = load_checkpoint(save_checkpoint(network, root / f"{name}.safetensors"))
-    export_shared(checkpoint, root / name, PAIRS, check=False)
+    export_shared(checkpoint, root / name, PAIRS, check=False, precision=precision)
     return root / name
+
+
+def _exports(root: Path, precision: str) -> dict[str, Path]:
+    pristine, bait = _export(root, "pristine", 0, precision), _export(root, "bait", 1, precision)
+    (result,) = _run(pristine)
+    return {"pristine": pristine, "bait": bait, "logits": result["logits"]}
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory) -> dict[str, Path]:
     """The untouched export, another model's export (bait outside every copy), and the untouched logits."""
-    root = tmp_path_factory.mktemp("untrusted")
-    pristine, bait = _export(root, "pristine", 0), _export(root, "bait", 1)
-    (result,) = _run(pristine)
-    return {"pristine": pristine, "bait": bait, "logits": result["logits"]}
+    return _exports(tmp_path_factory.mktemp("untrusted"), "fp32")
+
+
+@pytest.fixture(scope="module")
+def int8_exports(tmp_path_factory) -> dict[str, Path]:
+    """The same at int8: int8 blocks, their float32 scales, format 3 (no page alignment)."""
+    return _exports(tmp_path_factory.mktemp("untrusted-int8"), "int8")
 
 
 @pytest.fixture
@@ -325,7 +334,7 @@ def _fuzz_header(rng: random.Random, header: dict) -> None:
     elif kind == 2:
         entry["shape"] = [*entry["shape"], 1] if rng.random() < 0.3 else [rng.choice([0, 1, 2, 2**40, -1, "3"])]
     elif kind == 3:
-        entry["dtype"] = rng.choice(["F16", "U8", "F64", "I64", "BOOL", None, 3])
+        entry["dtype"] = rng.choice(["F16", "I8", "U8", "F32", "F64", "I64", "BOOL", None, 3])
     elif kind == 4:
         entry["data_offsets"], header[other]["data_offsets"] = header[other]["data_offsets"], entry["data_offsets"]
     elif kind == 5:
@@ -390,12 +399,12 @@ def _check_fuzz(results: list[dict], folders: list[Path], logits: dict) -> None:
         assert "\n" not in result.get("refused", ""), result
 
 
-def _fuzz(exports: dict, tmp_path: Path, seed: int, edit) -> list[dict]:
-    """``CASES`` edited copies of the export, run ``BATCH`` at a time; the graphs are hard links (not edited)."""
+def _fuzz(exports: dict, tmp_path: Path, seed: int, edit, cases: int = CASES) -> list[dict]:
+    """``cases`` edited copies of the export, run ``BATCH`` at a time; the graphs are hard links (not edited)."""
     rng, results = random.Random(seed), []
-    for start in range(0, CASES, BATCH):
+    for start in range(0, cases, BATCH):
         folders = []
-        for i in range(start, min(start + BATCH, CASES)):
+        for i in range(start, min(start + BATCH, cases)):
             folder = tmp_path / f"case{i}"
             folder.mkdir()
             for file in exports["pristine"].iterdir():
@@ -418,6 +427,45 @@ def test_random_header_edits_never_crash_nor_change_the_output(exports, tmp_path
 
     results = _fuzz(exports, tmp_path, 18, edit)
     assert sum("refused" in r for r in results) >= CASES * 0.9  # most edits break the index
+
+
+@pytest.mark.slow
+def test_random_header_edits_of_an_int8_file_never_crash_nor_change_the_output(int8_exports, tmp_path):
+    def edit(rng, folder):
+        while not _edit_header(folder, lambda header: _fuzz_header(rng, header)):
+            pass
+
+    results = _fuzz(int8_exports, tmp_path, 23, edit, cases=100)
+    assert sum("refused" in r for r in results) >= 100 * 0.9
+
+
+def _first(header: dict, dtype: str) -> str:
+    return next(n for n in _tensors(header) if header[n]["dtype"] == dtype)
+
+
+def _retype(dtype: str, new: str, factor: int = 1):
+    """Say that the first tensor of ``dtype`` is of type ``new``, its shape's first axis times ``factor``."""
+
+    def change(header):
+        entry = header[_first(header, dtype)]
+        entry["dtype"], entry["shape"] = new, [entry["shape"][0] * factor, *entry["shape"][1:]]
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_retype("I8", "U8"), "disagree on tensor"),  # same bytes, another type: the graph says int8
+        (_retype("F32", "I8", 4), "disagree on tensor"),  # a scale read as 4x as many int8 values
+        (_retype("I8", "F32"), "bytes for a shape of"),  # int8 bytes read as float32: the length says no
+        (_retype("I8", "F16"), "bytes for a shape of"),
+    ],
+)
+def test_lower_precision_type_lies_are_refused(int8_exports, tmp_path, change, message):
+    folder = shutil.copytree(int8_exports["pristine"], tmp_path / "copy")
+    assert _edit_header(folder, change)
+    _refused(_run(folder), message)
 
 
 @pytest.mark.slow

@@ -432,6 +432,10 @@ def export(
             "--shared", help="One weights file holding every shared block once, plus one ONNX graph per (task, level)."
         ),
     ] = False,
+    precision: Annotated[
+        str,
+        typer.Option(help="Convolution weights as fp32, fp16 or int8 (per output channel); ONNX only."),
+    ] = "fp32",
     json_output: JsonOption = False,
 ) -> None:
     """Deployable models of every (task, level), or of one (task, budget), with manifest.json."""
@@ -447,9 +451,9 @@ def export(
         if shared:
             from ..deploy.shared_export import export_shared
 
-            manifest = export_shared(model, out, pairs, check=check, force=force)
+            manifest = export_shared(model, out, pairs, check=check, force=force, precision=precision)
         else:
-            manifest = export_models(model, out, pairs, check=check, format=format, force=force)
+            manifest = export_models(model, out, pairs, check=check, format=format, force=force, precision=precision)
     if manifest.removed:
         ui.print_note(f"removed {len(manifest.removed)} files of the previous export: {', '.join(manifest.removed)}")
     if manifest.left:

@@ -381,7 +381,8 @@ def show_shared_export(described: dict[str, Any]) -> None:
     _console().print(
         f"[bold]{visible(described['file'])}[/]  shared export ({described['graph_mode']} graphs, dvn "
         f"{visible(str(described['dvn_version']))}): {visible(str(weights['file']))} "
-        f"{format_bytes(weights['bytes'])}, {format_count(weights['stored_params'])} parameters stored once, "
+        f"{format_bytes(weights['bytes'])}, {format_count(weights['stored_params'])} parameters stored once "
+        f"at {visible(str(weights['precision']))}, "
         f"sha256 {str(weights['sha256'])[:16]}…\nfrom {visible(str(source.get('format')))} sha256 "
         f"{str(source.get('sha256'))[:16]}…"
     )
@@ -415,7 +416,9 @@ EXPORT_COLUMNS = [
     ("file", "file"),
     ("params", "params"),
     ("bytes", "bytes"),
+    ("precision", "precision"),
     ("check_max_abs_diff", "max |diff|"),
+    ("check_top1_agreement", "top-1 agree"),
 ]
 
 
@@ -430,7 +433,8 @@ def show_export(manifest: dict[str, Any], out: Any) -> None:
     weights = manifest.get("weights")
     if weights:
         _console().print(
-            f"shared weights: {weights['file']}, {weights['stored_params']} parameters, {weights['bytes']} bytes",
+            f"shared weights: {weights['file']}, {weights['stored_params']} parameters at {weights['precision']}, "
+            f"{weights['bytes']} bytes",
             markup=False,
             highlight=False,
         )

@@ -19,12 +19,31 @@ import torch
 from torch import nn
 
 from ..config import BackboneConfig
+from ..errors import BadConfig
 from .network import DeepVirtualNetwork
 from .plain import PlainNetwork, plain_config
 
-__all__ = ["BYTES_PER_PARAM", "LevelCost", "count_cost", "level_cost", "stored_params"]
+__all__ = [
+    "BYTES_PER_PARAM",
+    "PRECISIONS",
+    "LevelCost",
+    "check_precision",
+    "count_cost",
+    "level_cost",
+    "stored_params",
+]
 
-BYTES_PER_PARAM = 4
+PRECISIONS = {"fp32": 4, "fp16": 2, "int8": 1}
+"""Precision a deployed file stores its weight blocks at -> bytes per stored weight (docs/design.md §5)."""
+
+BYTES_PER_PARAM = PRECISIONS["fp32"]
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` when it is one of ``PRECISIONS``; else one line naming the known ones."""
+    if precision not in PRECISIONS:
+        raise BadConfig(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    return precision
 
 
 @dataclass(frozen=True)

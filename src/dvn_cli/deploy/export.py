@@ -32,14 +32,16 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..core.cost import PRECISIONS, check_precision
 from ..core.plain import PlainNetwork
-from ..errors import DvnError
+from ..errors import BadConfig, DvnError
 from ..fsutil import sha256_file, write_atomic
 from ..modelfile.base import ModelFile
 from ..modelfile.registry import open_model
 from ..modelfile.spec import CompactSpec
 from .export_folder import (
     MANIFEST_NAME,
+    LogitCheck,
     WrittenManifest,
     build_manifest,
     is_export_file_name,
@@ -50,12 +52,14 @@ from .export_folder import (
     source_entry,
     staged_export,
 )
+from .precision import lower_onnx
 
 __all__ = [
     "CHECK_TOLERANCE",
     "EXPORT_FORMATS",
     "MANIFEST_NAME",
     "ExportFormat",
+    "LogitCheck",
     "NonFiniteLogits",
     "check_onnx",
     "check_torch_program",
@@ -63,8 +67,8 @@ __all__ = [
     "export_onnx",
     "export_torch_program",
     "fold_batchnorm",
+    "compare_logits",
     "import_optional",
-    "max_logit_difference",
     "non_finite_stops_export",
     "preprocess_of",
     "register_export_format",
@@ -174,29 +178,30 @@ def non_finite_stops_export(label: str, task: str, level: int) -> Iterator[None]
         ) from None
 
 
-def _logit_difference(label: Path | str, got: torch.Tensor, expected: torch.Tensor) -> float:
-    """Largest |got - expected|; a non-finite logit on either side is an error naming ``label``."""
+def _logit_difference(label: Path | str, got: torch.Tensor, expected: torch.Tensor) -> tuple[float, int]:
+    """(largest |got - expected|, rows with the same top class); a non-finite logit is an error naming ``label``."""
     if not (bool(torch.isfinite(got).all()) and bool(torch.isfinite(expected).all())):
         raise NonFiniteLogits(f"{label} gives non-finite logits (NaN or infinity)")
-    return float((got - expected).abs().max())
+    return float((got - expected).abs().max()), int((got.argmax(1) == expected.argmax(1)).sum())
 
 
-def max_logit_difference(
+def compare_logits(
     run: Callable[[torch.Tensor], torch.Tensor], plain: nn.Module, inputs: Inputs, label: Path | str
-) -> float:
-    """Largest |run(x) - plain(x)| over the sample batches of ``inputs``: how every export is checked.
+) -> LogitCheck:
+    """``run`` against ``plain`` over the sample batches of ``inputs``: how every export is checked.
 
     Args:
         run: the exported model as a batch -> logits function.
-        plain: the PyTorch model it was made from (compared in eval mode).
+        plain: the PyTorch model it was made from (compared in eval mode, float32).
         inputs: preprocessed image batches ``(B, C, H, W)``; the first image is also run alone. Default: seeded
             noise of batch 1 and 4.
         label: what a non-finite logit is blamed on.
     """
-    worst = 0.0
+    worst, same, rows = 0.0, 0, 0
     for x in _sample_batches(plain, inputs):
-        worst = max(worst, _logit_difference(label, run(x), _reference_logits(plain, x)))
-    return worst
+        diff, agree = _logit_difference(label, run(x), _reference_logits(plain, x))
+        worst, same, rows = max(worst, diff), same + agree, rows + x.shape[0]
+    return LogitCheck(worst, same / rows)
 
 
 def task_inputs(sample_inputs: torch.Tensor | Mapping[str, torch.Tensor] | None, task: str) -> Inputs:
@@ -260,27 +265,32 @@ def stamp_onnx(model, spec: CompactSpec, producer: str, **extra: str) -> None:
         entry.key, entry.value = key, value
 
 
-def _onnx_bytes(plain: PlainNetwork, spec: CompactSpec, opset: int) -> bytes:
-    """Fold, export with a dynamic batch axis, stamp the spec into the model's metadata, check the graph."""
+def _onnx_bytes(plain: PlainNetwork, spec: CompactSpec, opset: int, precision: str = "fp32") -> bytes:
+    """Fold, export with a dynamic batch axis, store the convolution weights at ``precision``
+    (``precision.lower_onnx``), stamp the spec into the model's metadata, check the graph."""
     onnx = import_optional("onnx")
     folded = fold_batchnorm(plain).cpu()
     model = onnx.load_from_string(trace_onnx(folded, plain.config, opset, constant_folding=True))
-    stamp_onnx(model, spec, "dvn")
+    lower_onnx(model, precision)
+    stamp_onnx(model, spec, "dvn", dvn_precision=precision)
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
 
-def export_onnx(plain: PlainNetwork, spec: CompactSpec, path: str | os.PathLike, opset: int = 17) -> Path:
+def export_onnx(
+    plain: PlainNetwork, spec: CompactSpec, path: str | os.PathLike, opset: int = 17, precision: str = "fp32"
+) -> Path:
     """Write ``plain`` (batch norm folded) as one self-contained ONNX file, atomically.
 
     Input ``input``: float32 ``(batch, C, H, W)`` after preprocessing; output ``logits``: ``(batch, classes)``.
-    The spec (task, level, units, classes, preprocessing) is stored in the model's ``metadata_props``.
+    The spec (task, level, units, classes, preprocessing) is stored in the model's ``metadata_props``; the
+    convolution weights at ``precision`` (``fp32``, ``fp16``, ``int8``: ``deploy.precision``).
     """
-    return write_atomic(path, _onnx_bytes(plain, spec, opset))
+    return write_atomic(path, _onnx_bytes(plain, spec, opset, check_precision(precision)))
 
 
-def check_onnx(path: str | os.PathLike, plain: nn.Module, inputs: Inputs = None) -> float:
-    """Largest absolute difference between onnxruntime (CPU) and PyTorch logits on sample batches.
+def check_onnx(path: str | os.PathLike, plain: nn.Module, inputs: Inputs = None) -> LogitCheck:
+    """onnxruntime (CPU) against PyTorch logits on sample batches (``compare_logits``).
 
     Args:
         path: an ONNX file written by ``export_onnx``.
@@ -290,7 +300,7 @@ def check_onnx(path: str | os.PathLike, plain: nn.Module, inputs: Inputs = None)
     """
     ort = import_optional("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return max_logit_difference(
+    return compare_logits(
         lambda x: torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0]), plain, inputs, path
     )
 
@@ -298,8 +308,8 @@ def check_onnx(path: str | os.PathLike, plain: nn.Module, inputs: Inputs = None)
 # ------------------------------------------------------------------------------------------------ torch.export
 
 
-def _torch_program_bytes(plain: PlainNetwork, spec: CompactSpec, opset: int) -> bytes:
-    del spec, opset  # the program carries its own graph; the manifest carries the spec
+def _torch_program_bytes(plain: PlainNetwork, spec: CompactSpec, opset: int, precision: str = "fp32") -> bytes:
+    del spec, opset, precision  # the program carries its own graph; the manifest carries the spec; float32 only
     folded = fold_batchnorm(plain).cpu()
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(folded, (_example_input(plain.config, 2),), dynamic_shapes=({0: batch},))
@@ -317,11 +327,11 @@ def export_torch_program(plain: PlainNetwork, spec: CompactSpec, path: str | os.
     return write_atomic(path, _torch_program_bytes(plain, spec, 0))
 
 
-def check_torch_program(path: str | os.PathLike, plain: nn.Module, inputs: Inputs = None) -> float:
-    """Largest absolute difference between the loaded ``.pt2`` program and PyTorch logits on sample batches."""
+def check_torch_program(path: str | os.PathLike, plain: nn.Module, inputs: Inputs = None) -> LogitCheck:
+    """The loaded ``.pt2`` program against PyTorch logits on sample batches (``compare_logits``)."""
     program = torch.export.load(str(path)).module()
     with torch.no_grad():
-        return max_logit_difference(program, plain, inputs, path)
+        return compare_logits(program, plain, inputs, path)
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -329,12 +339,14 @@ def check_torch_program(path: str | os.PathLike, plain: nn.Module, inputs: Input
 
 @dataclass(frozen=True)
 class ExportFormat:
-    """A deployable format: file suffix, ``to_bytes(plain, spec, opset)`` and ``check(path, plain, inputs)``."""
+    """A deployable format: file suffix, ``to_bytes(plain, spec, opset, precision)``, ``check(path, plain, inputs)``
+    and the precisions it can store weights at."""
 
     suffix: str
-    to_bytes: Callable[[PlainNetwork, CompactSpec, int], bytes]
-    check: Callable[[Path, nn.Module, Inputs], float]
+    to_bytes: Callable[[PlainNetwork, CompactSpec, int, str], bytes]
+    check: Callable[[Path, nn.Module, Inputs], LogitCheck]
     requires: Callable[[], object] = lambda: None
+    precisions: tuple[str, ...] = ("fp32",)
 
 
 EXPORT_FORMATS: dict[str, ExportFormat] = {}
@@ -346,7 +358,7 @@ def register_export_format(name: str, fmt: ExportFormat) -> None:
     EXPORT_FORMATS[name] = fmt
 
 
-register_export_format("onnx", ExportFormat(".onnx", _onnx_bytes, check_onnx, _require_onnx))
+register_export_format("onnx", ExportFormat(".onnx", _onnx_bytes, check_onnx, _require_onnx, tuple(PRECISIONS)))
 register_export_format("torch-export", ExportFormat(".pt2", _torch_program_bytes, check_torch_program))
 
 
@@ -377,6 +389,7 @@ def export_models(
     format: str = "onnx",
     opset: int = 17,
     force: bool = False,
+    precision: str = "fp32",
 ) -> WrittenManifest:
     """Write one deployable file per (task, level) and ``manifest.json`` into ``out_dir``; never prints.
 
@@ -392,6 +405,8 @@ def export_models(
         format: a name in ``EXPORT_FORMATS`` (``onnx``, ``torch-export``).
         opset: ONNX opset.
         force: replace an export of ANOTHER source, or a manifest dvn did not write, in ``out_dir``.
+        precision: what the convolution weights are stored at: ``fp32``, ``fp16`` or ``int8`` (ONNX only). The check
+            compares with the float32 PyTorch model either way.
 
     Returns:
         The manifest written (``models`` also keeps earlier entries of the same source file), with the files of
@@ -400,6 +415,8 @@ def export_models(
     if format not in EXPORT_FORMATS:
         raise DvnError(f"unknown export format {format!r}; known: {', '.join(EXPORT_FORMATS)}")
     fmt = EXPORT_FORMATS[format]
+    if check_precision(precision) not in fmt.precisions:
+        raise BadConfig(f"{format} stores float32 weights only; --precision {precision} needs --format onnx")
     fmt.requires()
     model = source if isinstance(source, ModelFile) else open_model(source)
     selected = requested_pairs(model, pairs)
@@ -409,10 +426,10 @@ def export_models(
         for task, level in selected:
             plain, spec = model.plain_of(task, level), model.spec_of(task, level)
             name = pair_file_name(task, level, fmt.suffix)
-            data = fmt.to_bytes(plain, spec, opset)
+            data = fmt.to_bytes(plain, spec, opset, precision)
             path = write_atomic(stage.file(name), data)
             with non_finite_stops_export(model.label, task, level):
-                diff = fmt.check(path, plain, task_inputs(sample_inputs, task)) if check else None
-            models.append(model_entry(spec, name, data, format, diff))
+                result = fmt.check(path, plain, task_inputs(sample_inputs, task)) if check else None
+            models.append(model_entry(spec, name, data, format, result, precision=precision))
         kept = [] if force else _kept_models(stage.out, stage.previous, models)
         return stage.commit(build_manifest(source_info, kept + models))

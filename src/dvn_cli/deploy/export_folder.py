@@ -35,6 +35,7 @@ __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_VERSION",
     "ExportStage",
+    "LogitCheck",
     "WrittenManifest",
     "build_manifest",
     "is_export_file_name",
@@ -125,11 +126,22 @@ def source_entry(model: ModelFile, first_pair: tuple[str, int]) -> dict[str, Any
     }
 
 
+@dataclass(frozen=True)
+class LogitCheck:
+    """How an exported model's logits compare with its float32 PyTorch model's on the sample images."""
+
+    max_abs_diff: float
+    """Largest |exported - PyTorch| logit."""
+    top1_agreement: float
+    """Share of the rows compared (the first image counts twice: alone and in its batch) whose top class is the
+    same; what a lower precision may change."""
+
+
 def model_entry(
-    spec: CompactSpec, file: str, data: bytes, format: str, check_max_abs_diff: float | None = None, /, **extra: Any
+    spec: CompactSpec, file: str, data: bytes, format: str, check: LogitCheck | None = None, /, **extra: Any
 ) -> dict[str, Any]:
     """The manifest entry of one (task, level)'s file; ``extra`` adds a layout's own keys (a shared graph's
-    ``tensors`` and ``spec``: hence positional-only arguments)."""
+    ``tensors`` and ``spec``, every export's ``precision``: hence positional-only arguments)."""
     return {
         "task": spec.task.name,
         "level": spec.level,
@@ -145,7 +157,8 @@ def model_entry(
         "preprocess": preprocess_of(spec),
         "input": "input",
         "output": "logits",
-        "check_max_abs_diff": check_max_abs_diff,
+        "check_max_abs_diff": None if check is None else check.max_abs_diff,
+        "check_top1_agreement": None if check is None else check.top1_agreement,
         **extra,
     }
 

@@ -9,7 +9,8 @@ keeps what a DVN shares shared at inference (docs/design.md §5, "Shared export"
   (eval-mode batch norm cannot be folded into a block that other pairs share), and each task's head as per-unit
   column blocks plus its bias. Every tensor of a page (4096 bytes) or more starts on a page boundary, so that a
   block can be mapped or read in place; the smaller ones (batch norms, heads, blocks of narrow layers) are packed
-  on 64-byte boundaries into the gaps those boundaries leave (``_placements``), so that they cost no page each. The
+  on 64-byte boundaries into the gaps those boundaries leave (``_placements``), so that they cost no page each
+  (``--precision fp16`` or ``int8``: every block is such a small one, format 3, ``deploy.precision``). The
   file is valid safetensors (its header is the JSON index name -> dtype, shape, offsets, in file order); the gaps
   are filled by ``__pad__.<n>`` uint8 tensors, because safetensors allows no holes.
 - ``<task>-level<l>.onnx``: the graph of one (task, level). Its weights are initializers whose data is EXTERNAL:
@@ -39,14 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.cost import check_precision
 from ..errors import BadConfig, DvnError
 from ..fsutil import sha256_file, write_atomic
 from ..modelfile.base import ModelFile
 from ..modelfile.registry import open_model
 from ..modelfile.shared_folder import (
     ALIGNMENT,
+    PACKED_FORMAT_VERSION,
     PAD_PREFIX,
-    SHARED_FORMAT_VERSION,
     SHARED_LAYOUT,
     SMALL_ALIGNMENT,
     WEIGHTS_FORMAT,
@@ -56,14 +58,15 @@ from ..modelfile.shared_folder import (
 from ..modelfile.spec import CompactSpec
 from .export import (
     Inputs,
+    compare_logits,
     import_optional,
-    max_logit_difference,
     non_finite_stops_export,
     stamp_onnx,
     task_inputs,
     trace_onnx,
 )
 from .export_folder import (
+    LogitCheck,
     WrittenManifest,
     build_manifest,
     model_entry,
@@ -73,6 +76,7 @@ from .export_folder import (
     staged_export,
 )
 from .ort_runtime import SharedOrtRuntime
+from .precision import lower_graph, lower_tensors
 
 __all__ = [
     "GRAPH_MODES",
@@ -113,13 +117,19 @@ def _chunks(tensor: torch.Tensor, dim: int, units: Sequence[int]) -> dict[int, t
 
 
 class _Collector:
-    """Tensors of the weights file, each stored once; a block seen again must be the same block."""
+    """Tensors of the weights file (float32), each stored once; a block seen again must be the same block.
+
+    ``blocks`` names the convolutions' unit blocks: what ``--precision`` stores at lower precision.
+    """
 
     def __init__(self, label: str) -> None:
         self.tensors: dict[str, np.ndarray] = {}
+        self.blocks: set[str] = set()
         self.label = label
 
-    def add(self, key: str, tensor: torch.Tensor) -> nn.Parameter:
+    def add(self, key: str, tensor: torch.Tensor, block: bool = False) -> nn.Parameter:
+        if block:
+            self.blocks.add(key)
         array = tensor.detach().float().cpu().contiguous().numpy()
         if key in self.tensors:
             if not np.array_equal(self.tensors[key], array):
@@ -217,10 +227,10 @@ def _shared_module(
             rows = []
             for uo, row in rows_of.items():
                 if not split[name]:
-                    rows.append([store.add(f"features.{name}.weight.{uo}", row)])
+                    rows.append([store.add(f"features.{name}.weight.{uo}", row, block=True)])
                     continue
                 cols = _chunks(row, 1, units)
-                rows.append([store.add(f"features.{name}.weight.{uo}.{ui}", b) for ui, b in cols.items()])
+                rows.append([store.add(f"features.{name}.weight.{uo}.{ui}", b, block=True) for ui, b in cols.items()])
             _set(shared.features, name, _BlockConv2d(module, rows, mode))
         elif isinstance(module, nn.BatchNorm2d):
             with torch.no_grad():
@@ -257,17 +267,24 @@ def shared_tensors(
 # ------------------------------------------------------------------------------------------------ weights file
 
 
-_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.uint8): "U8"}
+_DTYPES = {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.uint8): "U8",
+}
 
 
-def write_weights_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> dict[str, int]:
-    """Write ``tensors`` as safetensors, each where ``tensor_alignment`` says (``_placements``); atomic.
+def write_weights_file(
+    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], pages: bool = True
+) -> dict[str, int]:
+    """Write ``tensors`` as safetensors, each where ``tensor_alignment(nbytes, pages)`` says (``_placements``); atomic.
 
     Returns:
         Tensor name -> its absolute byte offset in the file.
     """
     arrays = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
-    offsets = _placements({name: array.nbytes for name, array in arrays.items()})
+    offsets = _placements({name: array.nbytes for name, array in arrays.items()}, pages)
     header: dict[str, Any] = {"__metadata__": {"dvn": json.dumps({"format": WEIGHTS_FORMAT, "version": 1})}}
     chunks: list[bytes] = []
     position, pads = 0, 0
@@ -301,18 +318,19 @@ def write_weights_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray
     return {name: start + offsets[name] for name in tensors}
 
 
-def _placements(sizes: Mapping[str, int]) -> dict[str, int]:
+def _placements(sizes: Mapping[str, int], pages: bool) -> dict[str, int]:
     """Offset of each tensor from the (page-aligned) start of the data, so that padding stays small.
 
-    A tensor of a page or more starts on a page boundary, in the order given; each smaller one (largest first) goes
-    into the first gap that a page boundary left before a large tensor and that still fits it, else at the end, on
-    a ``SMALL_ALIGNMENT`` boundary. A 10-float batch norm then costs 64 bytes, not a page.
+    With ``pages``, a tensor of a page or more starts on a page boundary, in the order given; each smaller one
+    (largest first) goes into the first gap that a page boundary left before a large tensor and that still fits it,
+    else at the end, on a ``SMALL_ALIGNMENT`` boundary. A 10-float batch norm then costs 64 bytes, not a page.
+    Without ``pages`` (a lower-precision file) every tensor is such a smaller one.
     """
     offsets: dict[str, int] = {}
     gaps: list[list[int]] = []  # [first free byte, page boundary]
     end = 0
     for name, size in sizes.items():
-        if tensor_alignment(size) == ALIGNMENT:
+        if tensor_alignment(size, pages) == ALIGNMENT:
             begin = _round_up(end, ALIGNMENT)
             if begin > end:
                 gaps.append([end, begin])
@@ -340,11 +358,16 @@ def _graph_bytes(
     plain: nn.Module,
     spec: CompactSpec,
     keys: Mapping[str, str],
-    tensors: Mapping[str, np.ndarray],
+    stored: Mapping[str, np.ndarray],
     offsets: Mapping[str, int],
     opset: int,
+    lowered: tuple[set[str], str] = (set(), "fp32"),
 ) -> tuple[bytes, list[str]]:
-    """ONNX bytes of one (task, level) whose weights are external ranges of the weights file; and their names."""
+    """ONNX bytes of one (task, level) whose weights are external ranges of the weights file; and their names.
+
+    ``stored`` holds the weights file's tensors as written; ``lowered`` = (the blocks stored at lower precision,
+    that precision): each is converted back to float32 in the graph (``precision.lower_graph``).
+    """
     onnx = import_optional("onnx")
     # The exporter merges initializers of equal value (e.g. the batch norms of an untrained network), which would
     # lose block names. The values written here are dropped below (the data is the weights file's), so every
@@ -354,36 +377,38 @@ def _graph_bytes(
         param.data = torch.rand(param.shape, generator=generator)
     # no constant folding: it would bake the Concat of shared blocks into a private copy
     model = onnx.load_from_string(trace_onnx(module, plain.config, opset, constant_folding=False))
-    used = []
     for init in model.graph.initializer:
-        if init.name not in keys:
-            continue
-        key = keys[init.name]
-        array = tensors[key]
-        init.name = key
-        init.ClearField("raw_data")
-        init.data_location = onnx.TensorProto.EXTERNAL
-        for field, value in (("location", WEIGHTS_NAME), ("offset", offsets[key]), ("length", array.nbytes)):
-            entry = init.external_data.add()
-            entry.key, entry.value = field, str(value)
-        used.append(key)
-    missing = set(keys.values()) - set(used)
+        init.name = keys.get(init.name, init.name)
+    missing = set(keys.values()) - {init.name for init in model.graph.initializer}
     if missing:  # the exporter renamed or merged a parameter: a dvn bug, not a user error
         raise RuntimeError(f"the ONNX exporter lost the names of {len(missing)} blocks, e.g. {sorted(missing)[0]}")
     for node in model.graph.node:  # inputs renamed above
         node.input[:] = [keys.get(name, name) for name in node.input]
+    blocks, precision = lowered
+    lower_graph(model.graph, stored, blocks & set(keys.values()), precision)
+    used = []
+    for init in model.graph.initializer:
+        if init.name not in stored:
+            continue
+        init.ClearField("raw_data")
+        init.data_location = onnx.TensorProto.EXTERNAL
+        size = stored[init.name].nbytes
+        for field, value in (("location", WEIGHTS_NAME), ("offset", offsets[init.name]), ("length", size)):
+            entry = init.external_data.add()
+            entry.key, entry.value = field, str(value)
+        used.append(init.name)
     stamp_onnx(model, spec, "dvn shared", dvn_weights=WEIGHTS_NAME)
     return model.SerializeToString(), sorted(used)
 
 
 def _check_pair(
     runtime: SharedOrtRuntime, task: str, level: int, plain: nn.Module, inputs: Inputs, label: str
-) -> float:
+) -> LogitCheck:
     def run(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(runtime.run(task, level, x.numpy()))
 
     with non_finite_stops_export(label, task, level):
-        return max_logit_difference(run, plain, inputs, f"{task} level {level}")
+        return compare_logits(run, plain, inputs, f"{task} level {level}")
 
 
 def export_shared(
@@ -395,6 +420,7 @@ def export_shared(
     opset: int = 17,
     force: bool = False,
     mode: str = "concat",
+    precision: str = "fp32",
 ) -> WrittenManifest:
     """Write the shared export of ``pairs`` into ``out_dir``: one weights file, one graph per pair, a manifest.
 
@@ -408,17 +434,21 @@ def export_shared(
         source: a checkpoint or a bundle (a compact model holds one pair: nothing to share), loaded or its path.
         out_dir: folder for the files; created when missing.
         pairs: ``(task name or index, level)`` pairs; None for every pair the source holds.
-        check: run each graph and record the largest logit difference from PyTorch.
+        check: run each graph against the float32 PyTorch model and record the largest logit difference and the
+            top-1 agreement.
         sample_inputs: preprocessed batches to check on, one for all tasks or one per task name; default noise.
         opset: ONNX opset.
         force: replace an export of ANOTHER source, or a manifest dvn did not write, in ``out_dir``.
         mode: ``concat`` (default) or ``blockwise``: see ``GRAPH_MODES``.
+        precision: what the unit blocks are stored at: ``fp32`` (default), ``fp16`` or ``int8`` (per output channel
+            of each block: ``deploy.precision``); batch norms and heads stay float32.
 
     Returns:
         The manifest written, with the files of the previous export it no longer lists (``removed``, ``left``).
     """
     if mode not in GRAPH_MODES:
         raise BadConfig(f"unknown graph mode {mode!r}; known: {', '.join(GRAPH_MODES)}")
+    check_precision(precision)
     onnx = import_optional("onnx")
     import_optional("onnxruntime")
     model = source if isinstance(source, ModelFile) else open_model(source)
@@ -432,23 +462,28 @@ def export_shared(
         keys = {params[id(store_param)]: key for key, store_param in _params_by_key(module, store).items()}
         built.append((task, level, module, plain, spec, keys))
     source_info = source_entry(model, selected[0])
+    stored = lower_tensors(store.tensors, store.blocks, precision)
+    version = 2 if precision == "fp32" else PACKED_FORMAT_VERSION  # float32 files stay as they were
     with staged_export(out_dir, source_info, force) as stage:
         weights = stage.file(WEIGHTS_NAME)
-        offsets = write_weights_file(weights, store.tensors)
+        offsets = write_weights_file(weights, stored, pages=version < PACKED_FORMAT_VERSION)
         models = []
         for task, level, module, plain, spec, keys in built:
-            data, used = _graph_bytes(module, plain, spec, keys, store.tensors, offsets, opset)
+            lowered = (store.blocks, precision)
+            data, used = _graph_bytes(module, plain, spec, keys, stored, offsets, opset, lowered)
             graph = write_atomic(stage.file(pair_file_name(task, level, ".onnx")), data)
             onnx.checker.check_model(str(graph))  # beside the weights file its external data names
-            models.append(model_entry(spec, graph.name, data, SHARED_MODEL_FORMAT, tensors=used, spec=spec.to_dict()))
-        layout = {"layout": SHARED_LAYOUT, "shared_format_version": SHARED_FORMAT_VERSION, "graph_mode": mode}
-        manifest = build_manifest(source_info, models, **layout, weights=_weights_entry(weights, store.tensors))
+            extra = {"precision": precision, "tensors": used, "spec": spec.to_dict()}
+            models.append(model_entry(spec, graph.name, data, SHARED_MODEL_FORMAT, **extra))
+        layout = {"layout": SHARED_LAYOUT, "shared_format_version": version, "graph_mode": mode}
+        weights_entry = _weights_entry(weights, store.tensors, stored, precision)
+        manifest = build_manifest(source_info, models, **layout, weights=weights_entry)
         if check:
             stage.write_manifest(manifest)  # the runtime opens the staged folder
             runtime = SharedOrtRuntime(stage.staging)
             for entry, (task, level, _, plain, _, _) in zip(models, built, strict=True):
-                inputs = task_inputs(sample_inputs, task)
-                entry["check_max_abs_diff"] = _check_pair(runtime, task, level, plain, inputs, model.label)
+                result = _check_pair(runtime, task, level, plain, task_inputs(sample_inputs, task), model.label)
+                entry["check_max_abs_diff"], entry["check_top1_agreement"] = result.max_abs_diff, result.top1_agreement
             del runtime
         return stage.commit(manifest)
 
@@ -465,15 +500,20 @@ def _params_by_key(module: nn.Module, store: _Collector) -> dict[str, nn.Paramet
     return found
 
 
-def _weights_entry(path: Path, tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def _weights_entry(
+    path: Path, tensors: Mapping[str, np.ndarray], stored: Mapping[str, np.ndarray], precision: str
+) -> dict[str, Any]:
+    """The manifest's ``weights``: ``stored_params`` counts the model's parameters (``tensors``, float32), the
+    other counts what the file holds (``stored``: int8 blocks and their scales)."""
     return {
         "file": WEIGHTS_NAME,
         "format": WEIGHTS_FORMAT,
+        "precision": precision,
         "sha256": sha256_file(path),
         "bytes": path.stat().st_size,
         "alignment": ALIGNMENT,
         "small_alignment": SMALL_ALIGNMENT,
-        "tensors": len(tensors),
-        "data_bytes": sum(a.nbytes for a in tensors.values()),
+        "tensors": len(stored),
+        "data_bytes": sum(a.nbytes for a in stored.values()),
         "stored_params": sum(a.size for a in tensors.values()),
     }

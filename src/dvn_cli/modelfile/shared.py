@@ -86,7 +86,10 @@ class SharedExport(ModelFile):
             "dvn_version": manifest.get("dvn_version"),
             "graph_mode": manifest.get("graph_mode"),
             "source": manifest.get("source", {}),
-            "weights": {key: weights.get(key) for key in ("file", "bytes", "sha256", "stored_params", "tensors")},
+            "weights": {
+                **{key: weights.get(key) for key in ("file", "bytes", "sha256", "stored_params", "tensors")},
+                "precision": weights.get("precision", "fp32"),  # exports before --precision stored float32
+            },
             "levels": [
                 {
                     "task": task,

@@ -31,6 +31,7 @@ __all__ = [
     "MANIFEST_NAME",
     "SMALL_ALIGNMENT",
     "PAD_PREFIX",
+    "PACKED_FORMAT_VERSION",
     "SHARED_FORMAT_VERSION",
     "SHARED_LAYOUT",
     "WEIGHTS_FORMAT",
@@ -48,8 +49,14 @@ WEIGHTS_FORMAT = "dvn-shared-weights"
 
 SHARED_LAYOUT = "shared"
 
-SHARED_FORMAT_VERSION = 2
-"""2: tensors under a page are packed (``SMALL_ALIGNMENT``); 1 put every tensor on a page of its own."""
+SHARED_FORMAT_VERSION = 3
+"""The newest format read. 3: a file at fp16 or int8, every tensor packed on ``SMALL_ALIGNMENT`` boundaries;
+2: tensors under a page are packed (``SMALL_ALIGNMENT``), the others start on a page; 1 put every tensor on a page
+of its own. A float32 export is still written as 2."""
+
+PACKED_FORMAT_VERSION = 3
+"""From this format on no tensor is page-aligned: a lower-precision block is converted to float32 when it runs, so
+none is ever used in place, and page boundaries would only add padding (a quarter of an int8 file's bytes)."""
 
 ALIGNMENT = 4096
 """A tensor of the weights file of at least this many bytes starts at a multiple of it (a memory page)."""
@@ -61,23 +68,26 @@ PAD_PREFIX = "__pad__."
 
 MANIFEST_NAME = "manifest.json"
 
-_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8}
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8}
+_ONNX_TYPES = {np.dtype(np.float32): 1, np.dtype(np.uint8): 2, np.dtype(np.int8): 3, np.dtype(np.float16): 10}
+"""numpy dtype -> ``TensorProto.DataType`` of the same element type."""
 
 
-def read_weights_index(path: str | os.PathLike) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
-    """Name -> (dtype, shape, absolute byte offset) of every tensor (padding left out) of a shared weights file.
+def read_weights_index(path: str | os.PathLike, pages: bool = True) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
+    """Name -> (dtype, shape, absolute byte offset) of every tensor (padding left out) of a shared weights file;
+    ``pages``: tensors of a page or more start on one (formats before ``PACKED_FORMAT_VERSION``).
 
     Raises:
         WrongFileFormat: not a dvn shared weights file, a damaged header, or an invalid index (see ``_index_of``).
     """
     fd = os.open(path, os.O_RDONLY)
     try:
-        return _index_of(fd, os.fstat(fd).st_size, Path(path))
+        return _index_of(fd, os.fstat(fd).st_size, Path(path), pages)
     finally:
         os.close(fd)
 
 
-def _index_of(fd: int, size: int, path: Path) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
+def _index_of(fd: int, size: int, path: Path, pages: bool) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
     """The index of the open weights file ``fd``, validated completely before any tensor is read.
 
     The header is untrusted input (anyone can edit it and put the new sha256 into the manifest): every tensor,
@@ -85,7 +95,7 @@ def _index_of(fd: int, size: int, path: Path) -> dict[str, tuple[np.dtype, tuple
     header lists them (the order the writer wrote them) the tensors must tile the data section from its first byte
     to the end of the file, so that none is negative, out of order, overlapping or outside the file; every tensor
     but padding starts, from the start of the file, at a multiple of ``ALIGNMENT`` (a page) when it is at least a
-    page long and of ``SMALL_ALIGNMENT`` when it is shorter.
+    page long and ``pages``, else of ``SMALL_ALIGNMENT``.
     """
     header, start = _read_header(fd, size, path)
     index, position = {}, 0
@@ -97,7 +107,7 @@ def _index_of(fd: int, size: int, path: Path) -> dict[str, tuple[np.dtype, tuple
                 "where the tensor listed before it ends); export again"
             )
         if not name.startswith(PAD_PREFIX):
-            alignment = tensor_alignment(end - begin)
+            alignment = tensor_alignment(end - begin, pages)
             if (start + begin) % alignment:
                 raise WrongFileFormat(
                     f"{path} has an invalid tensor index ({name}, {end - begin} bytes, does not start on a "
@@ -112,10 +122,11 @@ def _index_of(fd: int, size: int, path: Path) -> dict[str, tuple[np.dtype, tuple
     return index
 
 
-def tensor_alignment(nbytes: int) -> int:
+def tensor_alignment(nbytes: int, pages: bool = True) -> int:
     """Where a tensor of ``nbytes`` must start in the weights file: a page for a block worth mapping or reading
-    in place, a cache line for the small ones (batch norms, heads, small blocks), packed so they cost no page each."""
-    return ALIGNMENT if nbytes >= ALIGNMENT else SMALL_ALIGNMENT
+    in place (``pages``: a float32 file), a cache line for the small ones (batch norms, heads, small blocks) and for
+    every tensor of a lower-precision file, packed so they cost no page each."""
+    return ALIGNMENT if pages and nbytes >= ALIGNMENT else SMALL_ALIGNMENT
 
 
 def _read_header(fd: int, size: int, path: Path) -> tuple[dict[str, Any], int]:
@@ -177,7 +188,7 @@ class WeightsFile:
     stamp (or reads short), which is refused in one line. Only the tensors of sessions made are ever read.
     """
 
-    def __init__(self, path: Path, entry: Mapping[str, Any], verify: bool) -> None:
+    def __init__(self, path: Path, entry: Mapping[str, Any], verify: bool, pages: bool = True) -> None:
         self.path = path
         if not path.is_file():
             raise MissingData(f"weights file {path} not found; the manifest lists it")
@@ -185,7 +196,7 @@ class WeightsFile:
         weakref.finalize(self, os.close, self.fd)
         self.stamp = _stamp(self.fd)
         _check_file(path, entry, verify, "weights file", fd=self.fd)
-        self.index = _index_of(self.fd, self.stamp[2], path)
+        self.index = _index_of(self.fd, self.stamp[2], path, pages)
 
     def read(self, name: str) -> np.ndarray:
         """Tensor ``name`` as a read-only array of its own (not a view of the file)."""
@@ -289,43 +300,47 @@ def _check_file(path: Path, entry: Mapping[str, Any], verify: bool, what: str, f
 
 
 def check_initializers(path: Path, entry: Mapping[str, Any], index: Mapping[str, tuple]) -> None:
-    """Refuse a graph whose initializers are not the weights file's tensors its entry names, of the same shapes.
+    """Refuse a graph whose initializers are not the weights file's tensors its entry names, of the same shapes
+    and element types.
 
-    onnxruntime takes a buffer given with ``add_initializer`` whatever its shape (a wrong one fails at run time,
-    or broadcasts to a wrong result), and it reads an external initializer that is not given from the file itself.
+    onnxruntime takes a buffer given with ``add_initializer`` whatever its shape or type (a wrong one fails at run
+    time, or broadcasts to a wrong result), and it reads an external initializer that is not given from the file
+    itself.
     """
     try:
         declared = _graph_initializers(path.read_bytes())
     except (OSError, ValueError, IndexError, TypeError, AttributeError) as exc:
         raise WrongFileFormat(f"graph {path} is not an ONNX model dvn can read ({first_line(exc)})") from None
     names = set(entry["tensors"])
-    wrong = [n for n in entry["tensors"] if declared.get(n, (None,))[0] != index[n][1]]
-    wrong += [n for n, (_, external) in declared.items() if external and n not in names]
+    wrong = [n for n in entry["tensors"] if declared.get(n, (None,))[:2] != (index[n][1], _ONNX_TYPES[index[n][0]])]
+    wrong += [n for n, (_, _, external) in declared.items() if external and n not in names]
     if wrong:
         raise WrongFileFormat(
-            f"graph {path} and the weights file disagree on tensor {wrong[0]} (its shape, or it is not listed in "
-            "the manifest); export again"
+            f"graph {path} and the weights file disagree on tensor {wrong[0]} (its shape or type, or it is not listed "
+            "in the manifest); export again"
         )
 
 
-def _graph_initializers(model: bytes) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """Name -> (dims, stored externally) of every initializer of an ONNX model's main graph, read from its protobuf
-    encoding (``ModelProto.graph`` = 7, ``GraphProto.initializer`` = 5, ``TensorProto`` dims = 1, name = 8,
-    data_location = 14) so that the runtime needs no ``onnx`` package."""
+def _graph_initializers(model: bytes) -> dict[str, tuple[tuple[int, ...], int, bool]]:
+    """Name -> (dims, data type, stored externally) of every initializer of an ONNX model's main graph, read from its
+    protobuf encoding (``ModelProto.graph`` = 7, ``GraphProto.initializer`` = 5, ``TensorProto`` dims = 1,
+    data_type = 2, name = 8, data_location = 14) so that the runtime needs no ``onnx`` package."""
     graph = b"".join(value for field, value in _fields(model) if field == 7)  # a repeated message merges
     found = {}
     for field, tensor in _fields(graph):
         if field != 5:
             continue
-        dims, name, external = [], "", False
+        dims, name, kind, external = [], "", 0, False
         for key, value in _fields(tensor):
             if key == 1:
                 dims += [value] if isinstance(value, int) else _varints(value)
+            elif key == 2:
+                kind = value
             elif key == 8:
                 name = value.decode()
             elif key == 14:
                 external = value == 1
-        found[name] = (tuple(dims), external)
+        found[name] = (tuple(dims), kind, external)
     return found
 
 
@@ -389,7 +404,10 @@ class SharedFolder:
         self.folder = Path(folder)
         self.manifest = _read_manifest(self.folder)
         self.weights = WeightsFile(
-            _inside(self.folder, self.manifest["weights"], "weights file"), self.manifest["weights"], verify
+            _inside(self.folder, self.manifest["weights"], "weights file"),
+            self.manifest["weights"],
+            verify,
+            pages=self.manifest["shared_format_version"] < PACKED_FORMAT_VERSION,
         )
         self.models: dict[tuple[str, int], dict[str, Any]] = {}
         for entry in self.manifest["models"]:
