@@ -141,6 +141,18 @@ def test_a_damaged_folder_is_refused_in_one_line_without_torch(folder, tmp_path)
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+def test_the_folder_path_imports_no_torch():
+    """Every module a process serving a folder runs imports with ``import torch`` failing (no server needed)."""
+    modules = (
+        "dvn_cli.cli.app, dvn_cli.cli.ui, dvn_cli.deploy.serve, dvn_cli.deploy.serve_folder, "
+        "dvn_cli.deploy.memory_source, dvn_cli.planning.budget_rules, dvn_cli.modelfile.shared_folder"
+    )
+    code = f"import sys; sys.modules['torch'] = None; import {modules}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=BOUND_S)
+    assert done.returncode == 0, done.stderr
+
+
 # ------------------------------------------------------------------------------------- numpy preprocessing
 
 
@@ -158,7 +170,7 @@ def test_numpy_preprocessing_is_the_torch_preprocessing(resize, channels, size):
     assert got.dtype == np.uint8 and got.shape == (channels, 12, 12)
     if resize == "pad":  # as a dataset of small images is converted for training
         array = read_image(io.BytesIO(out.getvalue()), "L" if channels == 1 else "RGB", None)
-        image = torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
+        image = torch.from_numpy((array[None] if array.ndim == 2 else array.transpose(2, 0, 1)).copy())
         want = convert_images(image[None], channels, 12)[0][0].numpy()
         resized = size[0] > 12 or size[1] > 12
         assert np.abs(got.astype(int) - want).max() <= (1 if resized else 0)
