@@ -109,7 +109,8 @@ def _float_storages() -> dict[int, int]:
     """Storage address -> bytes of every live floating-point CPU tensor (every tensor object is gc-tracked)."""
     found = {}
     for obj in gc.get_objects():
-        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu" and obj.is_floating_point():
+        # real tensors only: fake ones left by an earlier test's torch.export hold no storage to point at
+        if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.device.type == "cpu" and obj.is_floating_point():
             found[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
     return found
 

@@ -50,12 +50,18 @@ def png(size=(12, 12), colour=(200, 30, 30), mode="RGB") -> bytes:
     return out.getvalue()
 
 
-class Served:
-    """``python -m dvn_cli serve`` on port 0 (it names its port on stderr), stopped with SIGTERM at the end."""
+WITHOUT_TORCH = ["-c", "import sys; sys.modules['torch'] = None; from dvn_cli.cli.app import app; app(prog_name='dvn')"]
+"""Python arguments that run ``dvn`` in a process where ``import torch`` fails."""
 
-    def __init__(self, model_path: Path, *args: str) -> None:
+
+class Served:
+    """``python -m dvn_cli serve`` on port 0 (it names its port on stderr), stopped with SIGTERM at the end;
+    ``without_torch``: in a process where ``import torch`` fails."""
+
+    def __init__(self, model_path: Path, *args: str, without_torch: bool = False) -> None:
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "COLUMNS": "400"}
-        command = [sys.executable, "-m", "dvn_cli", "serve", "-c", str(model_path), "--port", "0", *args]
+        dvn = WITHOUT_TORCH if without_torch else ["-m", "dvn_cli"]
+        command = [sys.executable, *dvn, "serve", "-c", str(model_path), "--port", "0", *args]
         self.proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.port = None

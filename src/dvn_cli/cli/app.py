@@ -546,12 +546,13 @@ def serve(
 ) -> None:
     """Serve every task of a model file over HTTP: POST /v1/predict, PUT /v1/budget, GET /v1/status, /metrics.
 
-    -c takes a checkpoint or a bundle (every task from one block store) or a shared export folder (onnxruntime).
-    SIGTERM finishes the requests in flight and exits 0.
+    -c takes a checkpoint or a bundle (every task from one block store, PyTorch) or a shared export folder
+    (onnxruntime, without PyTorch). SIGTERM finishes the requests in flight and exits 0.
     """
     from ..deploy.memory_source import reserve_bytes
     from ..deploy.serve import ServeOptions
     from ..deploy.serve import serve as run_server
+    from ..modelfile.shared_folder import is_export_folder
     from . import ui
 
     with user_errors():
@@ -562,9 +563,16 @@ def serve(
             reserve=reserve_bytes(reserve),
             memory_file=memory_file,
             poll_s=poll,
-            per_pair=per_pair,
             max_batch=max_batch,
             max_body=max_body or ServeOptions.max_body,  # the limits live in deploy/serve.py, once
             max_pixels=max_pixels or ServeOptions.max_pixels,
         )
-        run_server(_open(checkpoint), options, ui.print_note)
+        if is_export_folder(checkpoint):  # imports no torch: a deployment may not have it
+            from ..deploy.serve_folder import FolderEngine
+
+            engine = FolderEngine(checkpoint)
+        else:
+            from ..deploy.serve_model import ModelEngine
+
+            engine = ModelEngine(_open(checkpoint), per_pair)
+        run_server(engine, options, ui.print_note)

@@ -3,8 +3,8 @@
 ``params`` counts conv and linear weights (the part that grows like (l/k)^2); ``params_total`` adds that
 (task, level)'s batch-norm affine parameters and its head's bias (and any convolution bias, such as the ones
 folding batch norm leaves): everything a stand-alone model of it stores besides batch-norm running statistics.
-``bytes`` is ``4 * params_total`` (float32). The paper does not say which weights its counts include, so both
-are reported (docs/design.md §4).
+``bytes`` is ``4 * params_total`` (float32; ``LevelCost`` itself lives in ``core/sizes.py``, without torch). The
+paper does not say which weights its counts include, so both are reported (docs/design.md §4).
 
 There is one counter, ``count_cost``, over ordinary layers. A (task, level) is counted as its plain twin, built
 with the same shapes on the ``meta`` device (no memory, no weights copied).
@@ -13,53 +13,16 @@ with the same shapes on the ``meta`` device (no memory, no weights copied).
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from ..config import BackboneConfig
-from ..errors import BadConfig
 from .network import DeepVirtualNetwork
 from .plain import PlainNetwork, plain_config
+from .sizes import BYTES_PER_PARAM, LevelCost
 
-__all__ = [
-    "BYTES_PER_PARAM",
-    "PRECISIONS",
-    "LevelCost",
-    "check_precision",
-    "count_cost",
-    "level_cost",
-    "stored_params",
-]
-
-PRECISIONS = {"fp32": 4, "fp16": 2, "int8": 1}
-"""Precision a deployed file stores its weight blocks at -> bytes per stored weight (docs/design.md §5)."""
-
-BYTES_PER_PARAM = PRECISIONS["fp32"]
-
-
-def check_precision(precision: str) -> str:
-    """``precision`` when it is one of ``PRECISIONS``; else one line naming the known ones."""
-    if precision not in PRECISIONS:
-        raise BadConfig(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
-    return precision
-
-
-@dataclass(frozen=True)
-class LevelCost:
-    """Size and compute of one (task, level)."""
-
-    params: int
-    params_total: int
-    macs: int
-
-    @property
-    def bytes(self) -> int:
-        return BYTES_PER_PARAM * self.params_total
-
-    def to_dict(self) -> dict[str, int]:
-        return {**asdict(self), "bytes": self.bytes}
+__all__ = ["BYTES_PER_PARAM", "LevelCost", "count_cost", "level_cost", "stored_params"]
 
 
 def count_cost(model: nn.Module, config: BackboneConfig) -> LevelCost:

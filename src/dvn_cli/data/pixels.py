@@ -1,8 +1,9 @@
 """Pixels: decoding image files, converting uint8 images to a model's input shape, and their statistics.
 
-The one decoder of image files (``read_image``) and the one converter of channels and sizes (``convert_images``):
-training in memory, streaming workers, ``dvn eval`` and ``dvn predict`` all go through them, so all see the same
-pixels (docs/design.md §7).
+The one decoder of image files (``read_image``, in ``data/decode.py`` with the torch-free preprocessing a shared
+export's server runs) and the one converter of channels and sizes (``convert_images``): training in memory,
+streaming workers, ``dvn eval`` and ``dvn predict`` all go through them, so all see the same pixels
+(docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..errors import BadConfig
+from .decode import image_mode, input_image, read_image
 
 __all__ = ["channel_stats", "convert_images", "image_mode", "load_image", "read_image", "stats_from_sums"]
 
@@ -110,44 +110,8 @@ def convert_images(images: torch.Tensor, channels: int, size: int) -> tuple[torc
     return out, "bilinear"
 
 
-def read_image(path: Path | IO[bytes], mode: str, size: int | None) -> np.ndarray | None:
-    """One image (a file, or an open binary stream) as a uint8 array ``(size, size[, 3])`` (its own size when
-    ``size`` is None), or None when PIL cannot read it.
-
-    The one decoder of folder images: training in memory, streaming workers, ``dvn eval``, ``dvn predict`` and
-    ``dvn serve`` all read through it, so all see the same pixels. The resize is PIL's bilinear filter (what
-    ``torchvision.transforms.v2.Resize`` runs on a PIL image), as the export manifest documents.
-    """
-    try:
-        with Image.open(path) as im:
-            if size is not None:
-                im.draft(mode, (size, size))  # JPEG: decode at a reduced scale, much faster for big photos
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")
-            im = im.convert(mode)
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
-
-
-def image_mode(channels: int) -> str:
-    """The PIL mode folder images are read in for a model of ``channels`` input channels."""
-    return "L" if channels == 1 else "RGB"
-
-
 def load_image(path: Path | IO[bytes], channels: int, size: int, resize: str) -> torch.Tensor | None:
-    """One image file (or binary stream) as a model input, uint8 ``(channels, size, size)``, converted as its
-    task's training images were; None when PIL cannot read it.
-
-    ``bilinear`` (folder tasks): read in the model's mode and resized by PIL, as folders are read for training.
-    ``pad`` (datasets of small images): read at its own size, then ``convert_images`` (zero-padded, centred, when
-    no larger than the input; else resized bilinearly).
-    """
-    array = read_image(path, image_mode(channels), size if resize == "bilinear" else None)
-    if array is None:
-        return None
-    image = torch.from_numpy(array.copy())
-    image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)
-    return convert_images(image.unsqueeze(0).contiguous(), channels, size)[0][0]
+    """One image file (or binary stream) as a model input, uint8 ``(channels, size, size)``: ``decode.input_image``
+    (read, then padded or resized as its task's training images were) as a tensor; None when PIL cannot read it."""
+    image = input_image(path, channels, size, resize)
+    return None if image is None else torch.from_numpy(image)

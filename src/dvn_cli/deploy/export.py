@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..core.cost import PRECISIONS, check_precision
 from ..core.plain import PlainNetwork
+from ..core.sizes import STORAGE_PRECISIONS, check_precision
 from ..errors import BadConfig, DvnError
 from ..fsutil import sha256_file, write_atomic
 from ..modelfile.base import ModelFile
@@ -358,7 +358,7 @@ def register_export_format(name: str, fmt: ExportFormat) -> None:
     EXPORT_FORMATS[name] = fmt
 
 
-register_export_format("onnx", ExportFormat(".onnx", _onnx_bytes, check_onnx, _require_onnx, tuple(PRECISIONS)))
+register_export_format("onnx", ExportFormat(".onnx", _onnx_bytes, check_onnx, _require_onnx, tuple(STORAGE_PRECISIONS)))
 register_export_format("torch-export", ExportFormat(".pt2", _torch_program_bytes, check_torch_program))
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BadConfig
+from ..planning.budget_rules import parse_budget
 
 __all__ = [
     "AutoBudget",
@@ -121,8 +122,6 @@ class AutoBudget:
 
 def reserve_bytes(text: str) -> int:
     """``--reserve``: a number of bytes as a budget writes them (``500MB``, ``1GiB``; ``0B`` for none)."""
-    from ..planning.budgets import parse_budget
-
     stripped = str(text).strip()
     if stripped.rstrip("bB").strip() in ("0", "0.0"):
         return 0

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from ..core.cost import check_precision
+from ..core.sizes import check_precision
 from ..errors import BadConfig
 
 __all__ = ["SCALE_SUFFIX", "lower_onnx", "lower_graph", "lower_tensors", "quantize_int8"]

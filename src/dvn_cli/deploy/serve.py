@@ -1,12 +1,14 @@
 """``dvn serve``: every task of a model file served over HTTP from one process, its levels switching while it runs.
 
-A checkpoint or a bundle runs from ONE ``SharedRuntime`` (every unit-pair block held once, whatever the number of
-tasks); a shared export folder from its ``SharedOrtRuntime`` sessions over one mapped weights file. The HTTP side is
-Starlette on uvicorn (the ``serve`` extra):
+This module is the HTTP side only, and imports no torch: Starlette on uvicorn (the ``serve`` extra), requests,
+batching, metrics, the memory watcher. What runs the tasks is an ``Engine``: ``serve_model.ModelEngine`` for a
+checkpoint or a bundle (PyTorch, every unit-pair block held once in ONE ``SharedRuntime``), ``serve_folder.
+FolderEngine`` for a shared export folder (onnxruntime sessions over one weights file, images prepared in numpy: a
+process serving a folder never loads PyTorch). The CLI picks the engine by what the path is.
 
 - ``GET /health``, ``GET /v1/status``, ``GET /metrics`` (Prometheus text);
 - ``POST /v1/predict?task=NAME&top=5``: one image as the body, or several as ``multipart/form-data``; the rows are
-  those of ``dvn predict --json`` (``predict.classify`` builds both);
+  those of ``dvn predict --json`` (``rows.prediction_rows`` builds them all);
 - ``PUT /v1/budget`` ``{"budget": "30%"}``: re-plan (``dvn plan``'s plan for a checkpoint with validation accuracy,
   else ``dvn predict --budget``'s level per task) and switch.
 
@@ -30,27 +32,21 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
+from typing import Any, Protocol
 
 from PIL import Image
 
-from ..core.cost import BYTES_PER_PARAM
 from ..errors import BadBudget, BadConfig, DvnError, UnknownTask
-from ..modelfile.base import ModelFile
-from ..planning.plan import plan_for_budget
-from ..planning.select import select_pairs
+from .images import ImageSet
 from .memory_source import AutoBudget, MemorySource, file_memory, system_memory
-from .ort_runtime import SharedOrtRuntime
-from .predict import ImageSet, classify
-from .run import ModelRunner
-from .runtime import SharedRuntime
 
-__all__ = ["MAX_IMAGES", "MAX_PIXELS", "RequestError", "ServeOptions", "Server", "serve"]
+__all__ = ["MAX_IMAGES", "MAX_PIXELS", "Engine", "RequestError", "ServeOptions", "Server", "serve"]
 
 MAX_PIXELS = 4096 * 4096
 """Largest upload (width x height) decoded by default (``--max-pixels``), checked from its header first: a quarter of
@@ -72,7 +68,6 @@ class ServeOptions:
         budget: a budget ``dvn plan`` takes, ``auto`` (follow the memory), or None (each task's largest level).
         reserve: bytes ``auto`` leaves free.
         memory_file: ``auto`` reads the bytes it may use from this file instead of the system (tests, benchmarks).
-        per_pair: hold one plain model per (task, level) instead of the shared block store (benchmarks).
         max_batch: most images run in one batch (1: no batching of concurrent requests).
     """
 
@@ -83,7 +78,6 @@ class ServeOptions:
     memory_file: Path | None = None
     poll_s: float = 1.0
     margin: float = 0.1
-    per_pair: bool = False
     max_batch: int = 32
     max_body: int = MAX_BODY
     max_pixels: int = MAX_PIXELS
@@ -104,57 +98,37 @@ def _status_of(exc: DvnError) -> int:
     return 404 if isinstance(exc, UnknownTask) else 422 if isinstance(exc, BadBudget) else 400
 
 
-class _Engine:
-    """The (task, level)s running and how they switch; its forwards and switches run on the worker thread only."""
+class Engine(Protocol):
+    """What the server runs: the tasks, the levels running and how they switch, and the images' rows.
 
-    def __init__(self, model: ModelFile, per_pair: bool) -> None:
-        self.model, self.per_pair, self.runner = model, per_pair, ModelRunner(model)
-        self.tasks = model.task_names()
-        self.source = model.unit_source() if model.holds_unit_blocks else None
-        self.plans = bool(self.source and self.source.fixed is None and self.source.training.get("val_accuracy"))
-        self.specs = {task: model.spec_of(task, model.levels(task)[-1]) for task in self.tasks}
-        self.runtime: SharedRuntime | None = None
-        self.choices: dict[str, int] = {}
-        self._forwards: dict[str, Callable] = {}
+    ``deploy.serve_model.ModelEngine`` runs a checkpoint or a bundle in PyTorch; ``deploy.serve_folder.
+    FolderEngine`` a shared export folder with onnxruntime and numpy only. ``switch`` and ``classify`` run on the
+    server's worker thread only, one at a time; ``plan`` and ``decode`` run on other threads and read nothing that
+    ``switch`` changes.
+    """
+
+    tasks: list[str]
+    choices: dict[str, int]  # task -> the level it runs now
+    plans: bool  # whether a byte budget re-plans the levels jointly, counting what is held (--budget auto)
+    shared: bool  # whether each block of the running levels is held once
 
     def plan(self, budget: str | None) -> tuple[dict[str, int], int | None]:
-        """The levels a budget picks and the bytes the plan counts (None when the file cannot plan)."""
-        if budget is None:
-            return {task: self.model.levels(task)[-1] for task in self.tasks}, None
-        if self.plans:
-            plan = plan_for_budget(
-                self.source.network, self.source.training, budget, self.tasks, label=self.source.label
-            )
-            return dict(plan.choices), plan.memory_bytes
-        return dict(select_pairs(self.model, self.tasks, budget)), None
+        """The levels a budget picks and the bytes the plan counts (None when the engine cannot plan)."""
+        ...
 
-    def switch(self, choices: dict[str, int]) -> None:
-        if self.source is not None and not self.per_pair:
-            if self.runtime is None:
-                self.runtime = SharedRuntime(self.source, choices)
-            else:
-                self.runtime.set_levels(choices)
-        else:
-            forwards = {t: self._forwards[t] for t, lv in choices.items() if self.choices.get(t) == lv}
-            self._forwards = {t: forwards.get(t) or self.runner.forward(t, lv) for t, lv in choices.items()}
-        self.choices = dict(choices)
-
-    def forwards(self) -> dict[str, Callable]:
-        runtime = self.runtime
-        if runtime is None:
-            return self._forwards
-        return {task: (lambda x, task=task: runtime(x, task)) for task in self.choices}
+    def switch(self, choices: dict[str, int]) -> None: ...
 
     def held_bytes(self) -> int:
-        """Weights held for the running levels: the block store, else each pair's model (a shared export's
-        mapped tensors once)."""
-        if self.runtime is not None:
-            return self.runtime.held_params() * BYTES_PER_PARAM
-        ort = self.runner.runtime
-        if isinstance(ort, SharedOrtRuntime):
-            names = {n for t, lv in self.choices.items() for n in ort.model(t, lv).get("tensors", [])}
-            return sum(ort.arrays[n].nbytes for n in names if n in ort.arrays)  # read when a session is made
-        return sum(self.model.cost_of(t, lv).bytes for t, lv in self.choices.items())
+        """Weight bytes held for the running levels."""
+        ...
+
+    def decode(self, sources: Mapping[Any, bytes], on_skipped: Callable[[Any, str], None]) -> ImageSet:
+        """Each upload (its header already checked) decoded for every running task's input."""
+        ...
+
+    def classify(self, images: ImageSet, running: dict[str, int], top: int) -> list[dict[str, Any]]:
+        """The rows of ``dvn predict --json`` (``rows.prediction_rows``) of every image for every running task."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -221,21 +195,21 @@ class _Metrics:
 
 
 class Server:
-    """The ASGI app (``app``) of one model file, its worker thread and its memory watcher.
+    """The ASGI app (``app``) of one engine, its worker thread and its memory watcher.
 
     Raises:
         DvnError: a budget that does not parse or that no plan fits, ``auto`` on a file that cannot plan.
     """
 
-    def __init__(self, model: ModelFile, options: ServeOptions, log: Callable[[str], None]) -> None:
+    def __init__(self, engine: Engine, options: ServeOptions, log: Callable[[str], None]) -> None:
         _check_stack()
         self.options, self.log = options, log
-        self.engine = _Engine(model, options.per_pair)
+        self.engine = engine
         self.auto = AutoBudget(options.reserve, options.margin) if options.budget == "auto" else None
         self.memory: MemorySource = file_memory(options.memory_file) if options.memory_file else system_memory
         if options.max_batch < 1:
             raise BadConfig(f"--max-batch must be at least 1, got {options.max_batch}")
-        if self.auto is not None and (not self.engine.plans or options.per_pair):
+        if self.auto is not None and not self.engine.plans:
             raise BadConfig("--budget auto needs a checkpoint with validation accuracy to plan with (dvn train)")
         if self.auto is not None:
             budget, _ = self.auto.budget(self.memory(), 0)
@@ -310,7 +284,7 @@ class Server:
                 "budget": self.budget,
                 "switches": self.metrics.switches,
                 "requests": self.metrics.served,
-                "shared": self.engine.runtime is not None,
+                "shared": self.engine.shared,
             }
         )
 
@@ -371,7 +345,7 @@ class Server:
         def unreadable(upload: _Upload, why: str) -> None:  # its header passed: it does not decode
             raise RequestError(415, f"{upload} cannot be decoded as an image")
 
-        return ImageSet.decode(sources, self.engine.specs, unreadable)
+        return self.engine.decode(sources, unreadable)
 
     async def _submit(self, job):
         self._jobs.put(job)
@@ -415,9 +389,7 @@ class Server:
         choices = self.engine.choices
         running = {task: choices[task] for task in jobs[0].tasks or choices}
         top = max(job.top for job in jobs)
-        rows = classify(
-            ImageSet.join([job.images for job in jobs]), self.engine.specs, self.engine.forwards(), running, top
-        )
+        rows = self.engine.classify(ImageSet.join([job.images for job in jobs]), running, top)
         start = 0
         for job in jobs:  # rows come image by image, the jobs' images in order
             end = start + len(job.images.readable) * len(running)
@@ -564,15 +536,15 @@ def _check_header(name: str, data: bytes, max_pixels: int) -> None:
         raise RequestError(413, f"{name} is {width}x{height} pixels, over the limit of {max_pixels} pixels")
 
 
-def serve(model: ModelFile, options: ServeOptions, log: Callable[[str], None]) -> None:
-    """Serve ``model`` until SIGTERM (in-flight requests drained, then a normal return) or Ctrl-C.
+def serve(engine: Engine, options: ServeOptions, log: Callable[[str], None]) -> None:
+    """Serve ``engine``'s tasks until SIGTERM (in-flight requests drained, then a normal return) or Ctrl-C.
 
     Raises:
         DvnError: what ``Server`` refuses, or an address that cannot be listened on.
     """
     import uvicorn
 
-    server = Server(model, options, log)
+    server = Server(engine, options, log)
     sock = _listen(options.host, options.port)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(

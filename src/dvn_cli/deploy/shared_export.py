@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.cost import check_precision
+from ..core.sizes import check_precision
 from ..errors import BadConfig, DvnError
 from ..fsutil import sha256_file, write_atomic
 from ..modelfile.base import ModelFile

@@ -18,6 +18,7 @@ from .checkpoint import CHECKPOINT_FORMAT, checkpoint_source, open_checkpoint
 from .compact import COMPACT_FORMAT, load_compact
 from .container import read_metadata
 from .shared import SHARED_EXPORT_FORMAT, SharedExport
+from .shared_folder import is_export_folder
 
 __all__ = ["MODEL_FILES", "UNIT_SOURCES", "open_model", "open_unit_source", "register_model_file"]
 
@@ -50,7 +51,7 @@ def open_model(path: str | os.PathLike, formats: Sequence[str] | None = None) ->
     """Read any dvn model file (or only those of ``formats``), refusing other files in one line."""
     path = Path(path)
     wanted = tuple(formats) if formats else tuple(MODEL_FILES)
-    if path.is_dir() and (path / "manifest.json").is_file():  # a folder model: a shared export
+    if is_export_folder(path):  # a folder model: a shared export
         if SHARED_EXPORT_FORMAT not in wanted:
             raise WrongFileFormat(f"{path} is an export folder; expected a {' or '.join(wanted)} file")
         return MODEL_FILES[SHARED_EXPORT_FORMAT](path)

@@ -17,12 +17,10 @@ from typing import Any, ClassVar
 from ..config import TaskSpec
 from ..errors import BadConfig, WrongFileFormat
 from .base import ModelFile
-from .shared_folder import SharedFolder
+from .shared_folder import SHARED_EXPORT_FORMAT, SharedFolder
 from .spec import CompactSpec
 
 __all__ = ["SHARED_EXPORT_FORMAT", "SharedExport"]
-
-SHARED_EXPORT_FORMAT = "dvn-shared-export"
 
 
 class SharedExport(ModelFile):

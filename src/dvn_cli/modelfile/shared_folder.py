@@ -32,6 +32,7 @@ __all__ = [
     "SMALL_ALIGNMENT",
     "PAD_PREFIX",
     "PACKED_FORMAT_VERSION",
+    "SHARED_EXPORT_FORMAT",
     "SHARED_FORMAT_VERSION",
     "SHARED_LAYOUT",
     "WEIGHTS_FORMAT",
@@ -39,6 +40,7 @@ __all__ = [
     "SharedFolder",
     "WeightsFile",
     "check_initializers",
+    "is_export_folder",
     "read_weights_index",
     "tensor_alignment",
 ]
@@ -68,9 +70,18 @@ PAD_PREFIX = "__pad__."
 
 MANIFEST_NAME = "manifest.json"
 
+SHARED_EXPORT_FORMAT = "dvn-shared-export"
+"""The format name of a shared export folder as a model file (``modelfile.shared.SharedExport``)."""
+
 _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8}
 _ONNX_TYPES = {np.dtype(np.float32): 1, np.dtype(np.uint8): 2, np.dtype(np.int8): 3, np.dtype(np.float16): 10}
 """numpy dtype -> ``TensorProto.DataType`` of the same element type."""
+
+
+def is_export_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding an export's manifest: what ``open_model`` and ``dvn serve`` read as a
+    shared export (the manifest itself is checked when it is read)."""
+    return Path(path).is_dir() and (Path(path) / MANIFEST_NAME).is_file()
 
 
 def read_weights_index(path: str | os.PathLike, pages: bool = True) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:

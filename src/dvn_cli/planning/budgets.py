@@ -20,19 +20,16 @@ What a budget is compared against, for a (task, level), comes from ``cost.level_
 - bytes against ``LevelCost.bytes = 4 * params_total`` (float32).
 
 A non-level budget resolves to the LARGEST level that fits; when none fits, the error names the smallest level
-and its size in the budget's own unit.
+and its size in the budget's own unit. Reading a budget (``parse_budget``, ``describe_budget``) and the rule for a
+file's fixed levels (``held_level``) need no network: they live in ``planning/budget_rules.py``, without torch.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from decimal import Decimal
-from typing import Literal
-
 from ..core.cost import LevelCost, level_cost
 from ..core.network import DeepVirtualNetwork
 from ..errors import BadBudget
+from .budget_rules import Budget, BudgetKind, describe_budget, parse_budget
 
 __all__ = [
     "Budget",
@@ -45,77 +42,9 @@ __all__ = [
     "resolve_budget",
 ]
 
-BudgetKind = Literal["level", "params", "share", "bytes"]
-
-FORMS = "use a level (3), parameters (250k, 1.2M), a share (40%) or bytes (2MB)"
-
-_COUNT_SUFFIXES = {"k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9}
-_BYTE_SUFFIXES = {  # keys lower-case: byte suffixes are matched case-insensitively
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-}
-_BUDGET_RE = re.compile(r"^\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<suffix>[A-Za-z%]*)\s*$")
-
 # A share is a decimal the user typed; a level fits it when within this relative slack, so that a share printed
 # with full float precision (e.g. by ``eval --json``) still selects its own level.
 _SHARE_RTOL = 1e-9
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A parsed budget.
-
-    Args:
-        kind: ``level``, ``params``, ``share`` (percent) or ``bytes``.
-        value: the level, the parameter count, the percentage (0..100] or the byte count.
-        text: what the user wrote, stripped.
-    """
-
-    kind: BudgetKind
-    value: float
-    text: str
-
-
-def _bad(text: str) -> BadBudget:
-    return BadBudget(f"bad budget {text!r}: {FORMS}")
-
-
-def parse_budget(text: str) -> Budget:
-    """Parse a budget string into a ``Budget``; anything else raises ``BadBudget`` naming the accepted forms.
-
-    Args:
-        text: ``3``, ``250k``, ``1.2M``, ``40%``, ``2MB``, ``1.5MiB``, ... (see the module docstring).
-
-    Returns:
-        The budget, its value converted to a level, a parameter count, a percentage or a byte count.
-    """
-    stripped = str(text).strip()
-    match = _BUDGET_RE.match(stripped)
-    if match is None:
-        raise _bad(stripped)
-    number, suffix = Decimal(match["number"]), match["suffix"]
-    if suffix == "":
-        if "." in match["number"] or number < 1:
-            raise _bad(stripped)
-        return Budget("level", float(number), stripped)
-    if number <= 0:
-        raise _bad(stripped)
-    if suffix == "%":
-        if number > 100:
-            raise BadBudget(f"bad budget {stripped!r}: a share must be above 0% and at most 100%")
-        return Budget("share", float(number), stripped)
-    if suffix in _COUNT_SUFFIXES:
-        return Budget("params", float(number * _COUNT_SUFFIXES[suffix]), stripped)
-    if suffix.lower() in _BYTE_SUFFIXES:
-        return Budget("bytes", float(number * _BYTE_SUFFIXES[suffix.lower()]), stripped)
-    if suffix == "m":
-        raise BadBudget(f"bad budget {stripped!r}: write millions with a capital M (1.2M); {FORMS}")
-    raise _bad(stripped)
 
 
 def _scaled(n: float, units: tuple[tuple[int, str, int], ...]) -> str:
@@ -135,15 +64,6 @@ def format_count(n: float) -> str:
 def format_bytes(n: float) -> str:
     """A byte count in decimal units for people: ``123 B``, ``176.9 kB``, ``2.8 MB``, ``1.2 GB``."""
     return _scaled(n, ((1, " B", 0), (10**3, " kB", 1), (10**6, " MB", 1), (10**9, " GB", 1)))
-
-
-def describe_budget(budget: Budget) -> str:
-    """The budget as a phrase: ``250k parameters``, ``40%``, ``2MB``, ``level 3``."""
-    if budget.kind == "level":
-        return f"level {int(budget.value)}"
-    if budget.kind == "params":
-        return f"{budget.text} parameters"
-    return budget.text
 
 
 def level_costs(network: DeepVirtualNetwork, task: int | str) -> list[LevelCost]:

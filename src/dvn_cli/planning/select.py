@@ -1,17 +1,19 @@
 """Which (task, level)s of a model file ``--task`` and ``--budget`` pick, for every kind of file.
 
 A checkpoint holds every level, so a budget resolves against the network's own level costs (``budgets.
-resolve_budget``); the other kinds hold fixed levels, and a budget picks the largest held level that meets it.
+resolve_budget``); the other kinds hold fixed levels, and a budget picks the largest held level that meets it
+(``budget_rules.held_level``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..errors import BadBudget, BadConfig
+from ..errors import BadConfig
 from ..modelfile.base import ModelFile
 from ..modelfile.checkpoint import Checkpoint
-from .budgets import describe_budget, parse_budget, resolve_budget
+from .budget_rules import held_level
+from .budgets import resolve_budget
 
 __all__ = ["file_level", "select_pairs"]
 
@@ -21,26 +23,8 @@ def file_level(model: ModelFile, task: str, budget: str) -> int:
     if isinstance(model, Checkpoint):
         return resolve_budget(model.shape, task, budget)
     model.check_task(task)
-    parsed = parse_budget(budget)
-    held = model.levels(task)
-
-    def meets(level: int) -> bool:
-        cost = model.cost_of(task, level)
-        return {
-            "level": parsed.value == level,
-            "params": cost.params_total <= parsed.value,
-            "bytes": cost.bytes <= parsed.value,
-            "share": True,  # a share of the full network, which this file does not hold: nothing to compare
-        }[parsed.kind]
-
-    fitting = [level for level in held if meets(level)]
-    if not fitting:
-        levels = f"level {held[0]}, which does" if len(held) == 1 else f"levels {', '.join(map(str, held))}, which do"
-        raise BadBudget(
-            f"{model.label} holds only {task} {levels} not meet budget {describe_budget(parsed)}; a {model.format} "
-            "file holds fixed levels: use the full checkpoint for other levels"
-        )
-    return max(fitting)
+    costs = {level: model.cost_of(task, level) for level in model.levels(task)}
+    return held_level(costs, budget, task, model.label, model.format)
 
 
 def select_pairs(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..data.streaming import Task
+if TYPE_CHECKING:  # a type only: the CLI's rendering imports this module, and a torch-free dvn serve runs it
+    from ..data.streaming import Task
 
 __all__ = ["EpochInfo", "StepInfo", "TrainObserver", "TrainResult"]
 

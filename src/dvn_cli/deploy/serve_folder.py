@@ -1,0 +1,158 @@
+"""The engine of ``dvn serve`` for a shared export folder, without PyTorch: onnxruntime and numpy only.
+
+``FolderEngine`` is what ``deploy.serve.Server`` runs for a folder ``dvn export --shared`` wrote: the folder read
+and checked by ``modelfile.shared_folder.SharedFolder`` (untrusted input), every (task, level) run by ONE
+``ort_runtime.SharedOrtRuntime`` (each block in memory once), images prepared by ``data.decode`` (PIL and numpy:
+the pixels and float32 inputs ``dvn predict`` computes with torch), rows built by ``rows`` as ``dvn predict --json``
+builds them. A budget picks each task's largest held level within it, by the rule ``dvn predict --budget`` applies
+to the folder (``planning.budget_rules.held_level``), over the costs the manifest records. A process serving a
+folder never imports torch (``tests/test_serve_folder.py`` serves one where ``import torch`` fails).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..core.sizes import LevelCost
+from ..data.decode import RESIZE_METHODS, input_image, normalize_images
+from ..errors import WrongFileFormat
+from ..modelfile.shared_folder import MANIFEST_NAME, SHARED_EXPORT_FORMAT
+from ..planning.budget_rules import held_level
+from .images import ImageSet
+from .ort_runtime import SharedOrtRuntime
+from .rows import prediction_rows, softmax, top_classes
+
+__all__ = ["FolderEngine", "FolderPair"]
+
+
+@dataclass(frozen=True)
+class FolderPair:
+    """What serving one (task, level) takes from its manifest entry: classes in output order, how an image becomes
+    its input, and its cost (the counts ``dvn predict --budget`` compares, from the entry's spec)."""
+
+    classes: tuple[str, ...]
+    channels: int
+    size: int
+    resize: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    cost: LevelCost
+
+    @classmethod
+    def of(cls, entry: Mapping[str, Any], where: str) -> FolderPair:
+        """The pair of a manifest entry (its ports and input shape already checked by ``SharedFolder``).
+
+        Raises:
+            WrongFileFormat: classes, resize method, statistics or counts that are missing or of the wrong kind.
+        """
+        pre, spec = entry["preprocess"], entry.get("spec")
+        counts = spec if isinstance(spec, dict) else {}
+        classes = entry.get("classes")
+        checks = {
+            "classes": isinstance(classes, list) and len(classes) > 0 and all(isinstance(c, str) for c in classes),
+            "preprocess.resize": pre.get("resize") in RESIZE_METHODS,
+            "square preprocess.height and width": pre["height"] == pre["width"],
+            "preprocess.mean": _numbers(pre.get("mean"), pre["channels"]),
+            "preprocess.std": _numbers(pre.get("std"), pre["channels"]) and min(pre["std"]) > 0,
+            "spec counts": all(
+                type(counts.get(k)) is int and counts[k] >= 0 for k in ("params", "params_total", "macs")
+            ),
+        }
+        wrong = next((what for what, ok in checks.items() if not ok), None)
+        if wrong is not None:
+            raise WrongFileFormat(
+                f"{where} has no valid {wrong} for {entry['task']} level {entry['level']}; export again"
+            )
+        cost = LevelCost(counts["params"], counts["params_total"], counts["macs"])
+        return cls(
+            tuple(classes), pre["channels"], pre["height"], pre["resize"], tuple(pre["mean"]), tuple(pre["std"]), cost
+        )
+
+
+def _numbers(values: Any, channels: int) -> bool:
+    """A list of one finite number per channel (or one for all)."""
+    return (
+        isinstance(values, list)
+        and len(values) in (1, channels)
+        and all(type(v) in (int, float) and math.isfinite(v) for v in values)
+    )
+
+
+class FolderEngine:
+    """The (task, level)s of a shared export folder, run by onnxruntime, and how they switch (``deploy.serve.Engine``).
+
+    Args:
+        folder: the folder ``dvn export --shared`` wrote.
+
+    Raises:
+        MissingData, WrongFileFormat: what ``SharedFolder`` refuses; an entry ``FolderPair.of`` refuses; tasks
+            whose inputs differ in channels or size. When a level starts running: a graph that is not the one its
+            entry describes (``SharedOrtRuntime.session``).
+    """
+
+    plans = False  # fixed levels: no joint plan to follow the memory with
+    shared = True
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.runtime = SharedOrtRuntime(folder)
+        self.files = self.runtime.files
+        where = str(self.files.folder / MANIFEST_NAME)
+        self.pairs = {pair: FolderPair.of(entry, where) for pair, entry in self.files.models.items()}
+        if not self.pairs:
+            raise WrongFileFormat(f"{where} lists no models")
+        shapes = {(p.channels, p.size) for p in self.pairs.values()}
+        if len(shapes) > 1:
+            raise WrongFileFormat(f"{where}: its models take inputs of different shapes {sorted(shapes)}; export again")
+        (self.shape,) = shapes
+        self.tasks = list(dict.fromkeys(task for task, _ in self.pairs))
+        self.choices: dict[str, int] = {}
+
+    def levels(self, task: str) -> dict[int, LevelCost]:
+        """The levels the folder holds of ``task`` and their costs."""
+        return {level: pair.cost for (name, level), pair in self.pairs.items() if name == task}
+
+    def plan(self, budget: str | None) -> tuple[dict[str, int], None]:
+        """Each task's largest held level within ``budget`` (every task's largest without one)."""
+        if budget is None:
+            return {task: max(self.levels(task)) for task in self.tasks}, None
+        label = str(self.files.folder)
+        return {
+            task: held_level(self.levels(task), budget, task, label, SHARED_EXPORT_FORMAT) for task in self.tasks
+        }, None
+
+    def switch(self, choices: dict[str, int]) -> None:
+        """Run ``choices``: each level's session is made (its graph checked, its tensors read) before it serves."""
+        for task, level in choices.items():
+            self.runtime.session(task, level)
+        self.choices = dict(choices)
+
+    def held_bytes(self) -> int:
+        """Bytes of the weights file's tensors the running levels use, each counted once."""
+        index = self.files.weights.index
+        names = {name for task, level in self.choices.items() for name in self.files.model(task, level)["tensors"]}
+        return sum(index[n][0].itemsize * math.prod(index[n][1]) for n in names)
+
+    def decode(self, sources: Mapping[Any, bytes], on_skipped: Callable[[Any, str], None]) -> ImageSet:
+        resizes = [pair.resize for pair in self.pairs.values()]
+        return ImageSet.decode(sources, self.shape, resizes, input_image, on_skipped)
+
+    def classify(self, images: ImageSet, running: dict[str, int], top: int) -> list[dict[str, Any]]:
+        tops: dict[tuple[Any, str], list[dict[str, Any]]] = {}
+        for task, level in running.items():
+            pair = self.pairs[task, level]
+            batch = np.stack([images.by_resize[pair.resize][name] for name in images.readable])
+            logits = self.runtime.run(task, level, normalize_images(batch, pair.mean, pair.std))
+            if logits.shape != (len(batch), len(pair.classes)):
+                raise WrongFileFormat(
+                    f"{task} level {level} of {self.files.folder} gives {logits.shape[-1]} scores per image for "
+                    f"{len(pair.classes)} classes; export again"
+                )
+            for name, classes in zip(images.readable, top_classes(softmax(logits), pair.classes, top), strict=True):
+                tops[name, task] = classes
+        return prediction_rows(images.readable, running, tops)

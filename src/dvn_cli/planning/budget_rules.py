@@ -1,0 +1,129 @@
+"""Budgets without a network (no torch): the forms a user writes, and the level a budget picks among fixed levels.
+
+The four forms (``3``, ``250k``, ``40%``, ``2MB``) are described in ``planning/budgets.py``, which resolves them
+against a network's own level costs. A file of fixed levels (a bundle, a compact model, a shared export) holds only
+some levels and no network: ``held_level`` picks the largest held level whose cost meets the budget. Its one rule
+serves ``dvn predict --budget`` on any model file (``planning.select.file_level``) and the torch-free server of a
+shared export folder (``deploy/serve_folder.py``), which reads the costs from the manifest.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Literal
+
+from ..core.sizes import LevelCost
+from ..errors import BadBudget
+
+__all__ = ["FORMS", "Budget", "BudgetKind", "describe_budget", "held_level", "parse_budget"]
+
+BudgetKind = Literal["level", "params", "share", "bytes"]
+
+FORMS = "use a level (3), parameters (250k, 1.2M), a share (40%) or bytes (2MB)"
+
+_COUNT_SUFFIXES = {"k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9}
+_BYTE_SUFFIXES = {  # keys lower-case: byte suffixes are matched case-insensitively
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+_BUDGET_RE = re.compile(r"^\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<suffix>[A-Za-z%]*)\s*$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parsed budget.
+
+    Args:
+        kind: ``level``, ``params``, ``share`` (percent) or ``bytes``.
+        value: the level, the parameter count, the percentage (0..100] or the byte count.
+        text: what the user wrote, stripped.
+    """
+
+    kind: BudgetKind
+    value: float
+    text: str
+
+
+def _bad(text: str) -> BadBudget:
+    return BadBudget(f"bad budget {text!r}: {FORMS}")
+
+
+def parse_budget(text: str) -> Budget:
+    """Parse a budget string into a ``Budget``; anything else raises ``BadBudget`` naming the accepted forms.
+
+    Args:
+        text: ``3``, ``250k``, ``1.2M``, ``40%``, ``2MB``, ``1.5MiB``, ... (see the module docstring).
+
+    Returns:
+        The budget, its value converted to a level, a parameter count, a percentage or a byte count.
+    """
+    stripped = str(text).strip()
+    match = _BUDGET_RE.match(stripped)
+    if match is None:
+        raise _bad(stripped)
+    number, suffix = Decimal(match["number"]), match["suffix"]
+    if suffix == "":
+        if "." in match["number"] or number < 1:
+            raise _bad(stripped)
+        return Budget("level", float(number), stripped)
+    if number <= 0:
+        raise _bad(stripped)
+    if suffix == "%":
+        if number > 100:
+            raise BadBudget(f"bad budget {stripped!r}: a share must be above 0% and at most 100%")
+        return Budget("share", float(number), stripped)
+    if suffix in _COUNT_SUFFIXES:
+        return Budget("params", float(number * _COUNT_SUFFIXES[suffix]), stripped)
+    if suffix.lower() in _BYTE_SUFFIXES:
+        return Budget("bytes", float(number * _BYTE_SUFFIXES[suffix.lower()]), stripped)
+    if suffix == "m":
+        raise BadBudget(f"bad budget {stripped!r}: write millions with a capital M (1.2M); {FORMS}")
+    raise _bad(stripped)
+
+
+def describe_budget(budget: Budget) -> str:
+    """The budget as a phrase: ``250k parameters``, ``40%``, ``2MB``, ``level 3``."""
+    if budget.kind == "level":
+        return f"level {int(budget.value)}"
+    if budget.kind == "params":
+        return f"{budget.text} parameters"
+    return budget.text
+
+
+def held_level(costs: Mapping[int, LevelCost], budget: Budget | str, task: str, label: str, kind: str) -> int:
+    """The largest level of ``costs`` (the levels a file holds of ``task``) that meets ``budget``.
+
+    A level budget must name a held level; a share meets every level (it is a share of the full network, which the
+    file does not hold). ``label`` and ``kind`` (the file and its format) name the file when no level fits.
+
+    Raises:
+        BadBudget: the budget does not parse, or no held level meets it.
+    """
+    parsed = budget if isinstance(budget, Budget) else parse_budget(budget)
+
+    def meets(level: int) -> bool:
+        cost = costs[level]
+        return {
+            "level": parsed.value == level,
+            "params": cost.params_total <= parsed.value,
+            "bytes": cost.bytes <= parsed.value,
+            "share": True,  # a share of the full network, which this file does not hold: nothing to compare
+        }[parsed.kind]
+
+    held = sorted(costs)
+    fitting = [level for level in held if meets(level)]
+    if not fitting:
+        levels = f"level {held[0]}, which does" if len(held) == 1 else f"levels {', '.join(map(str, held))}, which do"
+        raise BadBudget(
+            f"{label} holds only {task} {levels} not meet budget {describe_budget(parsed)}; a {kind} "
+            "file holds fixed levels: use the full checkpoint for other levels"
+        )
+    return max(fitting)
