@@ -163,6 +163,42 @@ def test_runtime_reads_each_tensor_once_and_shares_it(shared_dir):
         runtime.run("task0", 4, _batch())
 
 
+KEEP = """
+import gc, sys
+import numpy as np
+from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
+
+rt = SharedOrtRuntime(sys.argv[1])
+x = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
+large = rt.session("task0", 4)
+expected = rt.run("task0", 4, x)
+small = rt.run("task0", 1, x)
+rt.keep([("task0", 1)])
+assert set(rt.arrays) == set(rt.model("task0", 1)["tensors"]), sorted(rt.arrays)
+assert list(rt._sessions) == [("task0", 1)]
+gc.collect()
+junk = [np.full(n, 7.0, np.float32) for n in (64, 1024, 8192, 65536) for _ in range(50)]  # reuse freed memory
+np.testing.assert_allclose(large.run(["logits"], {"input": x})[0], expected, atol=1e-6)  # its own buffers, alive
+np.testing.assert_allclose(rt.run("task0", 1, x), small, atol=1e-6)
+np.testing.assert_allclose(rt.run("task0", 4, x), expected, atol=1e-6)  # made again, read again
+"""
+
+
+def test_keep_releases_what_the_running_levels_do_not_use(checkpoint, tmp_path):
+    """A switch down gives memory back (``keep``): the runtime then holds only the kept levels' tensors, while a
+    released session that is still referenced keeps its own buffers and computes the same logits. In a
+    subprocess: a buffer freed under a live session would be a native crash."""
+    export_shared(checkpoint, tmp_path / "shared", [("task0", 1), ("task0", 4)], check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", KEEP, str(tmp_path / "shared")],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(SRC)},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_plain_onnxruntime_opens_a_graph_on_its_own(shared_dir):
     """Without dvn's runtime, onnxruntime reads the blocks from the weights file itself (no sharing)."""
     runtime = SharedOrtRuntime(shared_dir)

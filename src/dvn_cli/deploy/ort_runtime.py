@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,10 +139,20 @@ class SharedOrtRuntime:
             except Exception as exc:  # onnxruntime raises its own types for graphs it cannot load
                 raise WrongFileFormat(f"graph {path} cannot be loaded: {first_line(exc)}") from None
             _check_graph(path, session, entry)
-            # a session uses these buffers in place: they live as long as it does, even past this runtime
-            session._dvn_buffers = (self._values, self.arrays)
+            # a session uses its tensors' buffers in place: they live as long as it does, even past this runtime
+            # or a ``keep`` that releases them here
+            session._dvn_buffers = [(self._values[n], self.arrays[n]) for n in entry["tensors"]]
             self._sessions[key] = session
         return self._sessions[key]
+
+    def keep(self, pairs: Collection[tuple[str, int]]) -> None:
+        """Release the sessions of every (task, level) but ``pairs``, and each tensor no kept session uses, so that
+        the memory held follows the levels running (a switch down gives the larger levels' blocks back)."""
+        kept = set(pairs)
+        self._sessions = {key: session for key, session in self._sessions.items() if key in kept}
+        used = {name for task, level in self._sessions for name in self.model(task, level)["tensors"]}
+        for name in set(self._values) - used:
+            del self._values[name], self.arrays[name]
 
     def run(self, task: str, level: int, batch: np.ndarray) -> np.ndarray:
         """Logits ``(B, classes)`` of (task, level) for a preprocessed float32 batch ``(B, C, H, W)``."""

@@ -127,16 +127,16 @@ class FolderEngine:
         }, None
 
     def switch(self, choices: dict[str, int]) -> None:
-        """Run ``choices``: each level's session is made (its graph checked, its tensors read) before it serves."""
+        """Run ``choices``: each level's session is made (its graph checked, its tensors read) before it serves, then
+        the sessions and tensors of the levels no longer running are released."""
         for task, level in choices.items():
             self.runtime.session(task, level)
+        self.runtime.keep(choices.items())
         self.choices = dict(choices)
 
     def held_bytes(self) -> int:
-        """Bytes of the weights file's tensors the running levels use, each counted once."""
-        index = self.files.weights.index
-        names = {name for task, level in self.choices.items() for name in self.files.model(task, level)["tensors"]}
-        return sum(index[n][0].itemsize * math.prod(index[n][1]) for n in names)
+        """Bytes of the tensors the runtime holds (each once): after a switch, the running levels' only."""
+        return sum(array.nbytes for array in self.runtime.arrays.values())
 
     def decode(self, sources: Mapping[Any, bytes], on_skipped: Callable[[Any, str], None]) -> ImageSet:
         resizes = [pair.resize for pair in self.pairs.values()]
