@@ -10,6 +10,8 @@ Network: random weights, DVN ResNet-14 (widths 128/256/512 by default), k = 4, t
 - ``PyTorch runtime``: ``SharedRuntime.open(checkpoint, choices)`` (the header and the blocks it needs);
 - ``bundle path``: a bundle opened and run as ``dvn eval -c`` / ``dvn predict -c`` run it
   (``ModelRunner(open_model(bundle)).forwards``);
+- ``checkpoint path``: a checkpoint opened and run as ``dvn predict --budgets`` / ``dvn serve`` run it (the
+  ``open_model(checkpoint)`` kept alive, a ``SharedRuntime`` made from it);
 - ``compact (PyTorch per pair)``: two compact models (``prune-level``), the speed reference of the PyTorch runtime.
 
 ``--levers`` adds the onnxruntime levers of issue 20 side by side: per-pair graphs at level EXTENDED (no NCHWc
@@ -96,6 +98,10 @@ def build(files):
     if way == "pytorch":
         rt = SharedRuntime.open(files["checkpoint"], choices)
         return "pt", [lambda x, t=t: rt(x, t) for t in choices]
+    if way == "checkpoint":
+        model = open_model(files["checkpoint"])  # kept alive, as the command keeps it
+        rt = SharedRuntime.from_model(model, choices)
+        return "pt", [lambda x, t=t, model=model: rt(x, t) for t in choices]
     if way == "bundle":
         forwards = ModelRunner(open_model(files["bundle"])).forwards(choices)
         return "pt", list(forwards.values())
@@ -146,6 +152,7 @@ WAYS = {
     "shared": "**shared ONNX** (`SharedOrtRuntime`, Concat graphs)",
     "pytorch": "**PyTorch runtime** (`SharedRuntime.open`)",
     "bundle": "**bundle path** (`eval`/`predict -c bundle`)",
+    "checkpoint": "**checkpoint path** (`predict --budgets`/`serve -c checkpoint`)",
     "compact": "compact models (PyTorch per pair, reference)",
 }
 LEVERS = {
@@ -250,7 +257,7 @@ def main() -> None:
     parser.add_argument("--widths", default="128,256,512", help="stage widths")
     parser.add_argument("--stem-stride", type=int, default=1, help="stride of the first convolution")
     parser.add_argument("--levers", action="store_true", help="add the onnxruntime levers of issue 20")
-    parser.add_argument("--only", nargs="+", choices=list(WAYS), help="of the five ways only these (per-pair always)")
+    parser.add_argument("--only", nargs="+", choices=list(WAYS), help="of the ways only these (per-pair always)")
     parser.add_argument("--levels", nargs="+", default=[f"{a},{b}" for a, b in LEVELS], help="level pairs, e.g. 4,4")
     parser.add_argument("--switch", action="store_true", help="add the time of budget switches")
     parser.add_argument("--out", type=Path, help="write the table (Markdown) and the raw results (.json) here")
