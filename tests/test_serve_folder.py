@@ -25,10 +25,11 @@ from dvn_cli.errors import BadBudget
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.registry import open_model
 from dvn_cli.modelfile.shared_folder import SharedFolder
+from dvn_cli.planning.budget_rules import fit_held_levels
 from dvn_cli.planning.select import select_pairs
 
 from .conftest import require_module, settle_batch_norm, tiny_config, tiny_tasks
-from .test_serve import BOUND_S, WITHOUT_TORCH, Served, multipart
+from .test_serve import BOUND_S, WITHOUT_TORCH, Served, multipart, wait_for, write_atomically
 
 PAIRS = [("task0", 2), ("task0", 4), ("task1", 3)]
 
@@ -123,6 +124,45 @@ def test_a_shared_folder_is_served_without_torch(folder, tmp_path):
     finally:
         assert server.stop() == 0, "".join(server.lines)
     assert not any("Traceback" in line for line in server.lines), "".join(server.lines)
+
+
+@pytest.mark.slow
+def test_auto_budget_on_a_folder_fits_the_levels_held_to_the_memory(folder, tmp_path):
+    """``--budget auto`` on a shared folder (no accuracy to plan with): the levels step down until the tensors they
+    hold, each once, fit the room the memory source leaves, and come back when it grows; without torch."""
+    top = held_bytes(folder, {"task0": 4, "task1": 3})
+    memory = tmp_path / "free"
+    write_atomically(memory, str(10 * top))
+    args = ["--budget", "auto", "--reserve", "0B", "--memory-file", str(memory), "--poll", "0.05"]
+    server = Served(folder, *args, without_torch=True)
+    try:
+        assert server.get("/v1/status")[1]["tasks"] == {"task0": 4, "task1": 3}
+        room = held_bytes(folder, {"task0": 2, "task1": 3})
+        write_atomically(memory, str(room - top))  # the room is what is held + free: exactly task0 at level 2
+        small = wait_for(server, lambda s: s["tasks"] != {"task0": 4, "task1": 3})
+        assert small["tasks"] == {"task0": 2, "task1": 3} and small["held_bytes"] == room
+        assert [r["level"] for r in server.predict(images()["same.png"])[1]["rows"]] == [2, 3]
+        write_atomically(memory, str(10 * top))
+        grown = wait_for(server, lambda s: s["tasks"] == {"task0": 4, "task1": 3})
+        assert grown["held_bytes"] == top and grown["budget"].startswith("auto: ")
+    finally:
+        assert server.stop() == 0, "".join(server.lines)
+    assert sum(line.startswith("budget auto: ") for line in server.lines) == 2, "".join(server.lines)
+
+
+def test_fit_held_levels_steps_down_the_highest_level_first():
+    sizes = {("a", 1): 10, ("a", 2): 20, ("a", 3): 30, ("a", 4): 40, ("b", 2): 20, ("b", 4): 50}
+
+    def held(choices):  # b's level 2 also uses a's level-1 tensors: counted once
+        return sum(sizes[n] for n in set(choices.items()) | ({("a", 1)} if choices["b"] == 2 else set()))
+
+    levels = {"a": [1, 2, 3, 4], "b": [2, 4]}
+    assert fit_held_levels(levels, held, 90) == ({"a": 4, "b": 4}, 90)
+    assert fit_held_levels(levels, held, 89) == ({"a": 4, "b": 2}, 70)  # a tie at level 4: b's step frees more
+    assert fit_held_levels(levels, held, 50) == ({"a": 2, "b": 2}, 50)
+    assert fit_held_levels(levels, held, 45) == ({"a": 1, "b": 2}, 30)  # a's level 1 is in b's already
+    with pytest.raises(BadBudget, match="do not hold even every task's smallest level"):
+        fit_held_levels(levels, held, 29)
 
 
 def out_held(server: Served) -> int:

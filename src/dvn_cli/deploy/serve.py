@@ -109,11 +109,15 @@ class Engine(Protocol):
 
     tasks: list[str]
     choices: dict[str, int]  # task -> the level it runs now
-    plans: bool  # whether a byte budget re-plans the levels jointly, counting what is held (--budget auto)
+    plans: bool  # whether ``fit`` can choose levels for a number of bytes held (--budget auto)
     shared: bool  # whether each block of the running levels is held once
 
     def plan(self, budget: str | None) -> tuple[dict[str, int], int | None]:
         """The levels a budget picks and the bytes the plan counts (None when the engine cannot plan)."""
+        ...
+
+    def fit(self, budget: int) -> tuple[dict[str, int], int]:
+        """The levels that together hold at most ``budget`` bytes, and the bytes they hold (--budget auto)."""
         ...
 
     def switch(self, choices: dict[str, int]) -> None: ...
@@ -210,11 +214,14 @@ class Server:
         if options.max_batch < 1:
             raise BadConfig(f"--max-batch must be at least 1, got {options.max_batch}")
         if self.auto is not None and not self.engine.plans:
-            raise BadConfig("--budget auto needs a checkpoint with validation accuracy to plan with (dvn train)")
+            raise BadConfig(
+                "--budget auto needs a checkpoint with validation accuracy to plan with (dvn train), or a shared "
+                "export folder"
+            )
         if self.auto is not None:
             budget, _ = self.auto.budget(self.memory(), 0)
             self.budget: str | None = f"auto: {budget}B"
-            choices, _ = self.engine.plan(f"{max(budget, 1)}B")
+            choices, _ = self.engine.fit(max(budget, 1))
         else:
             self.budget = options.budget
             choices, _ = self.engine.plan(options.budget)
@@ -414,8 +421,8 @@ class Server:
         budget, shrink = self.auto.budget(available, held)
         if budget < 1:
             raise BadBudget(f"{available} bytes free leave no room for any plan after the reserve")
-        choices, planned = await asyncio.to_thread(self.engine.plan, f"{budget}B")
-        if choices == self.engine.choices or (not shrink and planned is not None and planned <= held):
+        choices, planned = await asyncio.to_thread(self.engine.fit, budget)
+        if choices == self.engine.choices or (not shrink and planned <= held):
             self._stuck = ""
             return
         self._stuck = ""

@@ -23,7 +23,7 @@ from ..core.sizes import LevelCost
 from ..data.decode import RESIZE_METHODS, input_image, normalize_images
 from ..errors import WrongFileFormat
 from ..modelfile.shared_folder import MANIFEST_NAME, SHARED_EXPORT_FORMAT
-from ..planning.budget_rules import held_level
+from ..planning.budget_rules import fit_held_levels, held_level
 from .images import ImageSet
 from .ort_runtime import SharedOrtRuntime
 from .rows import prediction_rows, softmax, top_classes
@@ -96,7 +96,7 @@ class FolderEngine:
             entry describes (``SharedOrtRuntime.session``).
     """
 
-    plans = False  # fixed levels: no joint plan to follow the memory with
+    plans = True  # ``fit``: fixed levels chosen jointly by the bytes they hold (no accuracy to plan with)
     shared = True
 
     def __init__(self, folder: str | os.PathLike) -> None:
@@ -125,6 +125,18 @@ class FolderEngine:
         return {
             task: held_level(self.levels(task), budget, task, label, SHARED_EXPORT_FORMAT) for task in self.tasks
         }, None
+
+    def fit(self, budget: int) -> tuple[dict[str, int], int]:
+        """The running levels for ``budget`` bytes (``budget_rules.fit_held_levels``), a tensor shared by two
+        levels counted once, as the runtime holds it."""
+        index = self.files.weights.index
+        sizes = {name: dtype.itemsize * math.prod(shape) for name, (dtype, shape, _) in index.items()}
+
+        def held(choices: dict[str, int]) -> int:
+            names = {n for task, level in choices.items() for n in self.files.model(task, level)["tensors"]}
+            return sum(sizes[n] for n in names)
+
+        return fit_held_levels({task: sorted(self.levels(task)) for task in self.tasks}, held, budget)
 
     def switch(self, choices: dict[str, int]) -> None:
         """Run ``choices``: each level's session is made (its graph checked, its tensors read) before it serves, then

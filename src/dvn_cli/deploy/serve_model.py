@@ -60,6 +60,12 @@ class ModelEngine:
             return dict(plan.choices), plan.memory_bytes
         return dict(select_pairs(self.model, self.tasks, budget)), None
 
+    def fit(self, budget: int) -> tuple[dict[str, int], int]:
+        """``dvn plan``'s joint plan for ``budget`` bytes (engines that ``plans`` only)."""
+        choices, planned = self.plan(f"{budget}B")
+        assert planned is not None, "fit needs a checkpoint with validation accuracy"
+        return choices, planned
+
     def switch(self, choices: dict[str, int]) -> None:
         if self.source is not None and not self.per_pair:
             if self.runtime is None:

@@ -10,7 +10,7 @@ shared export folder (``deploy/serve_folder.py``), which reads the costs from th
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
@@ -18,7 +18,7 @@ from typing import Literal
 from ..core.sizes import LevelCost
 from ..errors import BadBudget
 
-__all__ = ["FORMS", "Budget", "BudgetKind", "describe_budget", "held_level", "parse_budget"]
+__all__ = ["FORMS", "Budget", "BudgetKind", "describe_budget", "fit_held_levels", "held_level", "parse_budget"]
 
 BudgetKind = Literal["level", "params", "share", "bytes"]
 
@@ -127,3 +127,36 @@ def held_level(costs: Mapping[int, LevelCost], budget: Budget | str, task: str, 
             "file holds fixed levels: use the full checkpoint for other levels"
         )
     return max(fitting)
+
+
+def fit_held_levels(
+    levels: Mapping[str, Sequence[int]], held_bytes: Callable[[dict[str, int]], int], budget: int
+) -> tuple[dict[str, int], int]:
+    """The levels of tasks running at once, among fixed held ones, whose blocks together fit ``budget`` bytes.
+
+    For files without validation accuracy to plan with (a shared export folder under ``dvn serve --budget auto``):
+    start from every task's largest level and, while the union does not fit, step down the task at the highest
+    level (ties: the step that frees the most bytes). ``held_bytes(choices)`` counts a block shared by two tasks
+    once, as the runtime holds it.
+
+    Returns:
+        The choices and the bytes they hold.
+
+    Raises:
+        BadBudget: even every task's smallest level does not fit.
+    """
+    choices = {task: max(held) for task, held in levels.items()}
+    used = held_bytes(choices)
+    while used > budget:
+        lower = [task for task in choices if choices[task] > min(levels[task])]
+        if not lower:
+            raise BadBudget(f"{budget} bytes do not hold even every task's smallest level ({used} bytes)")
+        top = max(choices[task] for task in lower)
+        steps = [_step_down(choices, task, levels[task]) for task in lower if choices[task] == top]
+        choices = min(steps, key=held_bytes)
+        used = held_bytes(choices)
+    return choices, used
+
+
+def _step_down(choices: dict[str, int], task: str, held: Sequence[int]) -> dict[str, int]:
+    return {**choices, task: max(level for level in held if level < choices[task])}
