@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA_ROOT ?= data
 STAMP := $(VENV)/.installed
+# Two pytest-xdist workers keep both cores of a 2-core CI machine busy (tests wait on subprocesses much of the
+# time); tests sharing an expensive module fixture carry an xdist_group mark, which --dist loadgroup honours.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: install data demo test test-fast lint bench clean
 
@@ -28,10 +32,10 @@ demo: data
 	$(BIN)/dvn eval --data-root $(DATA_ROOT)
 
 test: data
-	$(BIN)/pytest -q
+	$(PYTEST)
 
 test-fast: install
-	$(BIN)/pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install
 	$(BIN)/ruff check src tests examples benchmarks

@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Tiny tensors run fastest on one thread, and CI has two cores for everything.
 torch.set_num_threads(1)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under `make test` each pytest worker has about one core: the processes its tests start get one thread too.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def tiny_config(**overrides) -> BackboneConfig:

@@ -141,24 +141,31 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")) == ["model.safetensors"]
 
 
-def _run_straight_then(tmp_path: Path):
-    """Train two small folder tasks uninterrupted into ``tmp_path/straight``; returns ``command(out, *extra)``, the
-    same run's command line for another folder (the runs a stop and resume are compared with)."""
-    make_image_folder(tmp_path / "colours")
-    make_image_folder(tmp_path / "bands", ("top", "middle"), per_class=10)
-    tasks = f"colours={tmp_path / 'colours'},bands={tmp_path / 'bands'}"
+# The tests of the shared uninterrupted run go to one worker, which trains it once (make test runs two workers).
+SHARES_STRAIGHT = pytest.mark.xdist_group("faults_straight")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Two small folder tasks trained uninterrupted, once for the module: ``(its run folder, command(out, *extra))``,
+    the same run's command line for another folder (the runs a stop and resume are compared with)."""
+    base = tmp_path_factory.mktemp("straight")
+    make_image_folder(base / "colours")
+    make_image_folder(base / "bands", ("top", "middle"), per_class=10)
+    tasks = f"colours={base / 'colours'},bands={base / 'bands'}"
 
     def command(out: Path, *extra) -> list[str]:
-        args = _tiny_train_args(tasks, out, tmp_path / "data", "--epochs", 15, "--seed", 4, *extra)
+        args = _tiny_train_args(tasks, out, base / "data", "--epochs", 15, "--seed", 4, *extra)
         return [sys.executable, "-m", "dvn_cli", *args]
 
-    straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, env=_subprocess_env())
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    return command
+    run = subprocess.run(command(base / "straight"), capture_output=True, text=True, env=_subprocess_env())
+    assert run.returncode == 0, run.stderr[-2000:]
+    return base / "straight", command
 
 
-def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(tmp_path):
-    command = _run_straight_then(tmp_path)
+@SHARES_STRAIGHT
+def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(straight, tmp_path):
+    uninterrupted, command = straight
 
     killed = tmp_path / "killed"
     child = subprocess.Popen(
@@ -174,14 +181,14 @@ def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(tmp_pa
         child.wait()
     assert child.returncode == -signal.SIGKILL
     state = read_metadata(killed / "train_state.safetensors")
-    total = read_metadata(tmp_path / "straight" / "model.safetensors")["training"]["total_steps"]
+    total = read_metadata(uninterrupted / "model.safetensors")["training"]["total_steps"]
     assert 0 < state["step"] < total, "the run finished before it was killed; make it longer"
 
     one_error_line(invoke(*command(killed)[3:]), f"error: {killed} already holds a run; pass --resume")
     resumed = subprocess.run(command(killed, "--resume"), capture_output=True, text=True, env=_subprocess_env())
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
-    a = load_checkpoint(tmp_path / "straight" / "model.safetensors")
+    a = load_checkpoint(uninterrupted / "model.safetensors")
     b = load_checkpoint(killed / "model.safetensors")
     assert b.training["finished"] and b.training["steps"] == total
     for name, tensor in a.network.state_dict().items():
@@ -191,7 +198,7 @@ def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(tmp_pa
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
-    assert history(killed) == history(tmp_path / "straight")
+    assert history(killed) == history(uninterrupted)
     assert not list(killed.glob(".*.tmp"))
 
 
@@ -212,9 +219,10 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigterm_saves_like_ctrl_c_and_the_resume_matches_an_uninterrupted_run(tmp_path):
+@SHARES_STRAIGHT
+def test_sigterm_saves_like_ctrl_c_and_the_resume_matches_an_uninterrupted_run(straight, tmp_path):
     """Schedulers stop jobs with SIGTERM: once exit 143 with no message, no checkpoint and a stale .lock."""
-    command = _run_straight_then(tmp_path)
+    uninterrupted, command = straight
     stopped = tmp_path / "stopped"
     child = _start_and_wait_for_a_save(command(stopped), stopped)
     try:
@@ -230,7 +238,7 @@ def test_sigterm_saves_like_ctrl_c_and_the_resume_matches_an_uninterrupted_run(t
     assert "Traceback" not in stderr and not (stopped / ".lock").exists()
     resumed = subprocess.run(command(stopped, "--resume"), capture_output=True, text=True, env=_subprocess_env())
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = load_checkpoint(tmp_path / "straight" / "model.safetensors").network.state_dict()
+    a = load_checkpoint(uninterrupted / "model.safetensors").network.state_dict()
     b = load_checkpoint(stopped / "model.safetensors").network.state_dict()
     assert all(torch.equal(a[name], b[name]) for name in a)
 

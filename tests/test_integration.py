@@ -8,6 +8,8 @@ from typer.testing import CliRunner
 from dvn_cli.cli.app import app
 
 pytestmark = pytest.mark.slow
+# The tests of the shared real run go to one worker, which trains it once (make test runs two pytest-xdist workers).
+SHARES_REAL_RUN = pytest.mark.xdist_group("real_run")
 
 
 def invoke(*args):
@@ -26,6 +28,7 @@ def real_run(real_data_root, tmp_path_factory):
     return real_data_root, out
 
 
+@SHARES_REAL_RUN
 def test_train_then_eval_on_real_digits_and_clothes(real_run):
     root, out = real_run
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -41,6 +44,7 @@ def test_train_then_eval_on_real_digits_and_clothes(real_run):
     assert rows["mnist", 1]["params"] < rows["mnist", 2]["params"] < rows["mnist", 4]["params"]
 
 
+@SHARES_REAL_RUN
 def test_prune_and_export_real_models(real_run, tmp_path):
     root, out = real_run
     checkpoint = out / "model.safetensors"
@@ -95,6 +99,8 @@ def test_same_seed_gives_identical_weights_on_real_data(real_data_root, tmp_path
         64,
         "--warmup-steps",
         4,
+        "--val-fraction",  # validating 600 images, not 6,000, per task: most of the time, and no weight depends on it
+        0.01,
     ]
     assert invoke("train", *common, "--epochs", 2, "--out", tmp_path / "a").exit_code == 0
     assert invoke("train", *common, "--epochs", 2, "--out", tmp_path / "b").exit_code == 0

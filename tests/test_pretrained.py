@@ -226,7 +226,10 @@ def _safetensors_with_header_low_byte(tensors: dict, low: int) -> bytes:
     """A safetensors file of ``tensors`` whose header length's first (low) byte is ``low``, padded by metadata."""
     from safetensors.torch import save
 
-    for pad in range(2048):
+    # Each pad character lengthens the header by one byte before its 8-byte alignment: start just short of the
+    # pad that gives ``low`` instead of saving the tensors up to 256 times.
+    first = int.from_bytes(save(tensors, metadata={"pad": ""})[:8], "little")
+    for pad in range(max((low - first) % 256 - 8, 0), 2048):
         data = save(tensors, metadata={"pad": "x" * pad})
         if data[0] == low:
             return data
