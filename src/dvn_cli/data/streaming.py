@@ -426,6 +426,10 @@ def _guarded(loader: DataLoader, data: StreamedTask | None = None) -> Iterator[A
             item = next(iterator)
         except StopIteration:
             return
+        except (ConnectionError, EOFError) as exc:  # a worker killed while its batch was in the pipe
+            raise StreamFailed(
+                f"a data worker reading {what} died: its connection closed mid-batch ({first_line(exc)})"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - DataLoader re-raises a worker's error with its traceback
             lines = [line for line in str(exc).splitlines() if line.strip()]
             detail = lines[-1].strip() if lines else first_line(exc)
