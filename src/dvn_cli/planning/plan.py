@@ -165,7 +165,8 @@ class Plan:
         separate_params: what separate stand-alone models of the choices would store.
         score: the weighted sum of the chosen levels' accuracies that the plan maximises.
         accuracy: task name -> validation accuracy of its chosen level.
-        budget_params: the parameter limit the plan was made for (0 for a limit in bytes).
+        budget_params: the parameter limit the plan was made for; for a limit in bytes at fp32 the same limit
+            in parameters (``bytes // 4``), at fp16 and int8 0 (bytes then stand for no parameter count).
         units: task name -> the units its chosen level uses, in the task's order.
         left_out: tasks that got no level (only when the plan was allowed to leave tasks out).
         precision: the storage precision the bytes below count at (``memory.MemoryModel.at``).
@@ -349,7 +350,7 @@ def plan_levels(
         separate_params=separate_params(network, choices),
         score=sum(o.score for o in picked.values()),
         accuracy={network.task_names[t]: float(accuracy[network.task_names[t], lv]) for t, lv in choices.items()},
-        budget_params=0 if limit.in_bytes else int(limit.amount),
+        budget_params=_params_limit(limit, precision),
         units={network.task_names[t]: list(network.layout.level_units(t, lv)) for t, lv in choices.items()},
         left_out=[network.task_names[t] for t in indices if t not in choices],
         precision=precision,
@@ -357,6 +358,12 @@ def plan_levels(
         separate_bytes=sum(stored.memory({t: lv}) for t, lv in choices.items()),
         budget_bytes=int(limit.amount) if limit.in_bytes else 0,
     )
+
+
+def _params_limit(limit: Limit, precision: str) -> int:
+    if not limit.in_bytes:
+        return int(limit.amount)
+    return int(limit.amount) // BYTES_PER_PARAM if precision == "fp32" else 0
 
 
 def _check_smallest(
