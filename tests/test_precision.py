@@ -24,6 +24,7 @@ from dvn_cli.planning.budgets import format_bytes
 from dvn_cli.planning.memory import memory_model
 
 from .conftest import settle_batch_norm, tiny_config, tiny_tasks
+from .test_imagenet_backbones import settled
 
 runner = CliRunner()
 PAIRS = [("task1", 3), ("task2", 2)]
@@ -263,3 +264,12 @@ def test_byte_budgets_at_a_precision_refuse_in_one_line(checkpoint, tmp_path):
     assert refused.exit_code == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.output
     assert "a budget in bytes at int8 is counted on a checkpoint's unit blocks" in refused.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2"])
+def test_bytes_at_int8_match_the_export_on_the_other_backbones(arch, tmp_path):
+    """Stem rows, depthwise rows and 1x1 shortcuts: each block's scales counted as the export stores them."""
+    network = settled(arch)
+    checkpoint = load_checkpoint(save_checkpoint(network, tmp_path / "m.safetensors"))
+    manifest = export_shared(checkpoint, tmp_path / "out", [("task0", 3), ("task1", 2)], check=False, precision="int8")
+    assert manifest["weights"]["data_bytes"] == memory_model(network).at("int8").memory({0: 3, 1: 2})
