@@ -237,6 +237,8 @@ def test_plan_fields_and_dict(tiny_network):
         budget_params=17733,
         units={"task1": [3, 2, 1], "task0": [0, 1, 2]},
         left_out=[],
+        memory_bytes=4 * 17733,
+        separate_bytes=4 * (11392 + 11217),
     )
     d = plan.to_dict()
     assert d["memory_bytes"] == 4 * 17733

@@ -10,16 +10,21 @@ import torch
 from typer.testing import CliRunner
 
 from dvn_cli.cli.app import app
+from dvn_cli.core.cost import level_cost
 from dvn_cli.core.network import build_network
 from dvn_cli.deploy.export import export_models
 from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
 from dvn_cli.deploy.precision import quantize_int8
 from dvn_cli.deploy.shared_export import export_shared
 from dvn_cli.errors import BadConfig
+from dvn_cli.modelfile.bundle import save_bundle
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.shared_folder import WEIGHTS_NAME, read_weights_index
+from dvn_cli.planning.budgets import format_bytes
+from dvn_cli.planning.memory import memory_model
 
 from .conftest import settle_batch_norm, tiny_config, tiny_tasks
+from .test_imagenet_backbones import settled
 
 runner = CliRunner()
 PAIRS = [("task1", 3), ("task2", 2)]
@@ -178,3 +183,93 @@ def test_lower_precision_folders_agree_with_fp32_on_real_mnist(real_data_root, t
         assert got.exit_code == 0, got.output
         top1[precision] = [row["top"][0]["class"] for row in json.loads(got.stdout)["rows"]]
     assert top1["int8"] == top1["fp32"]
+
+
+# ---------------------------------------------------------------------------------- budgets in bytes at a precision
+
+
+def _trained(checkpoint, tmp_path):
+    """The fixture's checkpoint with a training summary to plan with (every level more accurate than the last)."""
+    network = checkpoint.network
+    accuracy = {name: [0.5 + level / 10 for level in range(1, network.units + 1)] for name in network.task_names}
+    return save_checkpoint(network, tmp_path / "trained.safetensors", {"val_accuracy": accuracy})
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_plan_bytes_are_the_bytes_the_shared_export_stores(checkpoint, tmp_path, precision):
+    """``dvn plan --precision P`` counts exactly the data of the weights file ``export --shared --precision P``
+    writes for the chosen pairs; the file adds only its header and at most 64 bytes of alignment per tensor
+    (format 3; format 2 pages the large tensors)."""
+    path = _trained(checkpoint, tmp_path)
+    args = ["plan", "-c", str(path), "--budget", "100%", "--tasks", "task1,task2", "--precision", precision]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["precision"] == precision
+    pairs = list(plan["choices"].items())
+    manifest = export_shared(checkpoint, tmp_path / "out", pairs, check=False, precision=precision)
+    weights = manifest["weights"]
+    assert weights["data_bytes"] == plan["memory_bytes"]
+    if precision == "fp32":
+        assert plan["memory_bytes"] == 4 * plan["memory_params"]
+    else:
+        header = 8 + int.from_bytes((tmp_path / "out" / WEIGHTS_NAME).read_bytes()[:8], "little")
+        assert 0 <= weights["bytes"] - header - plan["memory_bytes"] < 64 * weights["tensors"]
+    for task, level in pairs:  # one pair alone: what a budget for one task compares, and ``separate_bytes``
+        alone = export_shared(checkpoint, tmp_path / task, [(task, level)], check=False, precision=precision)
+        assert alone["weights"]["data_bytes"] == memory_model(checkpoint.network).at(precision).memory(
+            {checkpoint.network.task_index(task): level}
+        )
+
+
+def test_a_byte_budget_meets_a_larger_level_at_int8(checkpoint, tmp_path):
+    """The same budget in bytes buys a larger level when the blocks are stored at int8: in ``dvn plan`` (tasks at
+    once) and in ``dvn export --budget`` (one level per task)."""
+    path = _trained(checkpoint, tmp_path)
+    network = checkpoint.network
+    fp32_sizes = [4 * level_cost(network, "task1", level).params_total for level in (1, 2, 3, 4)]
+    budget = f"{fp32_sizes[1]}B"  # exactly level 2 at fp32
+    levels = {}
+    for precision in ("fp32", "int8"):
+        args = ["plan", "-c", str(path), "--budget", budget, "--tasks", "task1", "--precision", precision, "--json"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        plan = json.loads(result.stdout)
+        assert plan["memory_bytes"] <= plan["budget_bytes"] == fp32_sizes[1]
+        levels[precision] = plan["choices"]["task1"]
+        out = tmp_path / precision
+        args = ["export", "-c", str(path), "--shared", "--task", "task1", "--budget", budget, "-o", str(out)]
+        assert runner.invoke(app, [*args, "--precision", precision, "--no-check"]).exit_code == 0
+        exported = json.loads((out / "manifest.json").read_text())
+        assert [m["level"] for m in exported["models"]] == [levels[precision]]
+        assert exported["weights"]["data_bytes"] <= fp32_sizes[1]
+    assert levels["fp32"] == 2 and levels["int8"] > 2, levels
+    plain = runner.invoke(app, ["plan", "-c", str(path), "--budget", budget, "--tasks", "task1", "--precision", "int8"])
+    assert "at int8" in plain.stdout and f"of a budget of {format_bytes(fp32_sizes[1])}" in plain.stdout
+
+
+def test_byte_budgets_at_a_precision_refuse_in_one_line(checkpoint, tmp_path):
+    path = _trained(checkpoint, tmp_path)
+    bad = runner.invoke(app, ["plan", "-c", str(path), "--budget", "2MB", "--precision", "int4"])
+    assert bad.exit_code == 1 and bad.stderr.strip() == "error: unknown precision 'int4'; known: fp32, fp16, int8"
+    tiny = runner.invoke(app, ["plan", "-c", str(path), "--budget", "1kB", "--precision", "int8"])
+    assert tiny.exit_code == 1 and len(tiny.stderr.strip().splitlines()) == 1, tiny.output
+    assert "budget of 1.0 kB at int8 fits no plan of task0, task1, task2: with every task at level 1" in tiny.stderr
+    one = runner.invoke(app, ["export", "-c", str(path), "--task", "task1", "--budget", "1kB", "--precision", "int8"])
+    assert one.exit_code == 1 and "fits no level of task1: the smallest, level 1, has" in one.stderr
+    assert " at int8" in one.stderr and len(one.stderr.strip().splitlines()) == 1
+    bundle = save_bundle(checkpoint.network, {"task1": 3}, tmp_path / "b.safetensors")
+    args = ["export", "-c", str(bundle), "-o", str(tmp_path / "x"), "--budget", "1MB", "--precision", "int8"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.output
+    assert "a budget in bytes at int8 is counted on a checkpoint's unit blocks" in refused.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2"])
+def test_bytes_at_int8_match_the_export_on_the_other_backbones(arch, tmp_path):
+    """Stem rows, depthwise rows and 1x1 shortcuts: each block's scales counted as the export stores them."""
+    network = settled(arch)
+    checkpoint = load_checkpoint(save_checkpoint(network, tmp_path / "m.safetensors"))
+    manifest = export_shared(checkpoint, tmp_path / "out", [("task0", 3), ("task1", 2)], check=False, precision="int8")
+    assert manifest["weights"]["data_bytes"] == memory_model(network).at("int8").memory({0: 3, 1: 2})

@@ -344,6 +344,10 @@ def plan(
     bundle: Annotated[
         Path | None, typer.Option(help="Also write the chosen (task, level)s as one bundle file (shared units once).")
     ] = None,
+    precision: Annotated[
+        str,
+        typer.Option(help="Count bytes as export --shared --precision stores them: fp32, fp16 or int8."),
+    ] = "fp32",
     json_output: JsonOption = False,
 ) -> None:
     """Choose a level per task for tasks that run AT ONCE under one shared memory budget."""
@@ -357,7 +361,7 @@ def plan(
         network = ckpt.network
         names = list(_names(tasks) or network.task_names)
         task_weights = _parse_weights(weights) if weights else None
-        chosen = plan_for_budget(network, ckpt.training, budget, names, task_weights, str(checkpoint))
+        chosen = plan_for_budget(network, ckpt.training, budget, names, task_weights, str(checkpoint), precision)
         if bundle is not None:
             save_bundle(network, chosen.choices, bundle, ckpt.file_sha256, ckpt.training)
     result = chosen.to_dict()
@@ -447,7 +451,7 @@ def export(
         raise typer.BadParameter("--shared writes ONNX graphs; leave --format out", param_hint="--format")
     with user_errors():
         model = _open(checkpoint)
-        pairs = select_pairs(model, _names(task), budget)
+        pairs = select_pairs(model, _names(task), budget, precision)
         if shared:
             from ..deploy.shared_export import export_shared
 

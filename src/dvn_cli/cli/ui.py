@@ -347,9 +347,11 @@ def show_plan(plan: dict[str, Any], budget: str) -> None:
     )
     for task in plan["left_out"]:
         _console().print(f"{visible(task)}: left out (no level fits)")
+    at = "" if plan["precision"] == "fp32" else f" at {plan['precision']}"
+    limit = format_bytes(plan["budget_bytes"]) if plan["budget_bytes"] else format_count(plan["budget_params"])
     _console().print(
-        f"shared memory {format_count(plan['memory_params'])} parameters ({format_bytes(plan['memory_bytes'])}) "
-        f"of a budget of {format_count(plan['budget_params'])}; separate models would need "
+        f"shared memory {format_count(plan['memory_params'])} parameters ({format_bytes(plan['memory_bytes'])}{at}) "
+        f"of a budget of {limit}; separate models would need "
         f"{format_count(plan['separate_params'])} ({format_bytes(plan['separate_bytes'])}), "
         f"{format_count(plan['saved_params'])} more"
     )

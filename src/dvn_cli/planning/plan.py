@@ -4,7 +4,8 @@ Deep Virtual Networks (Kim et al., CVPR 2019) store the physical weights once; e
 them. Tasks that run together therefore pay for a shared unit once, and a plan may give one task a larger level
 for little extra memory when its units overlap those of the others.
 
-Shared memory of a set of choices ``{task: level}`` (at most one level per task), in parameters (bytes = 4x):
+Shared memory of a set of choices ``{task: level}`` (at most one level per task), in parameters (counted by
+``memory.MemoryModel``, which also counts it in bytes stored at a precision):
 
 - every ``UnitConv2d`` layer with split input stores the UNION over the chosen (task, level)s of the unit-pair
   blocks ``W[out(u_o), in(u_i)]`` with ``u_o, u_i`` in that choice's units ``S = order_t[:l]``. This is the union
@@ -25,7 +26,10 @@ already exceed the budget or cannot beat the best score): the answer is the exac
 weighted sum of validation accuracies; ties (within 1e-12) go to the smaller memory, then to the smaller levels.
 More than ``MAX_COMBINATIONS`` combinations is refused rather than approximated.
 
-A plan's budget is a parameter count (``250k``), bytes (``2MB``, 4 bytes per parameter) or a share (``40%``).
+A plan's budget is a parameter count (``250k``), bytes (``2MB``) or a share (``40%``). Bytes are counted at the
+plan's storage precision (``precision``, default fp32: 4 bytes per parameter) as ``dvn export --shared
+--precision`` stores them (``memory.py``), so a budget in bytes fits larger levels at int8; parameters and
+shares count parameters at every precision.
 A share is of the FULL plan: the shared memory of every listed task at its top level (all physical weights, plus
 each listed task's top-level batch norms and head). For one task this is the same as a share in
 ``budgets.resolve_budget``. A level budget has no meaning for several tasks and is refused.
@@ -33,29 +37,28 @@ each listed task's top-level batch norms and head). For one task this is the sam
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-import torch
-
-from ..config import BackboneConfig, TaskSpec
-from ..core.cost import BYTES_PER_PARAM, level_cost
-from ..core.layers import LevelBatchNorm2d, UnitConv2d
+from ..core.cost import level_cost
 from ..core.network import DeepVirtualNetwork
+from ..core.sizes import BYTES_PER_PARAM, check_precision
 from ..errors import BadBudget, BadConfig
 from .budgets import Budget, format_bytes, format_count, parse_budget
+from .memory import MemoryModel, memory_model
 
 __all__ = [
     "MAX_COMBINATIONS",
+    "Limit",
     "Plan",
     "accuracy_from_training",
     "plan_budget_params",
     "plan_for_budget",
     "plan_levels",
+    "plan_limit",
     "separate_params",
     "shared_memory_params",
 ]
@@ -64,69 +67,6 @@ MAX_COMBINATIONS = 1_000_000
 """The most level combinations ``plan_levels`` searches (k^T, or (k+1)^T when tasks may be left out)."""
 
 _SCORE_RTOL = 1e-12
-
-TaskLevel = tuple[int, int]
-
-
-@dataclass(frozen=True)
-class _BlockGroup:
-    """Layers whose (task, level)s use the same blocks: their block sizes add up, their unions are one."""
-
-    block_params: int
-    blocks: dict[TaskLevel, int]  # (task, level) -> bit set of the blocks it uses
-
-
-@dataclass(frozen=True)
-class _MemoryModel:
-    groups: tuple[_BlockGroup, ...]
-    extras: dict[TaskLevel, int]  # (task, level) -> private batch-norm affine params + head weights and bias
-
-    def memory(self, choices: Mapping[int, int]) -> int:
-        shared = 0
-        for group in self.groups:
-            used = 0
-            for t, level in choices.items():
-                used |= group.blocks[t, level]
-            shared += group.block_params * used.bit_count()
-        return shared + sum(self.extras[t, level] for t, level in choices.items())
-
-
-def _memory_model(network: DeepVirtualNetwork) -> _MemoryModel:
-    """The memory model of ``network``'s shape (each shape is walked once; a runtime re-plans on every switch)."""
-    return _shape_memory_model(network.config, network.tasks, network.layout.orders)
-
-
-@functools.lru_cache(maxsize=64)
-def _shape_memory_model(
-    config: BackboneConfig, tasks: tuple[TaskSpec, ...], orders: tuple[tuple[int, ...], ...]
-) -> _MemoryModel:
-    """Walk the unit layers once: per-layer block sizes and the blocks of every (task, level), plus extras.
-
-    The model depends on shapes only (a frozen config, the tasks' classes, the orders), so it is counted on a
-    network built on the ``meta`` device.
-    """
-    with torch.device("meta"):
-        network = DeepVirtualNetwork(config, tasks, orders)
-    layout, k = network.layout, network.units
-    task_levels = [(t, level) for t in range(layout.num_tasks) for level in range(1, k + 1)]
-    groups: dict[tuple[int, ...], int] = {}
-    extras = dict.fromkeys(task_levels, 0)
-    for module in network.modules():
-        if isinstance(module, UnitConv2d):
-            grid = module.grid
-            key = tuple(grid.bits(layout.level_units(t, lv)) for t, lv in task_levels)
-            groups[key] = groups.get(key, 0) + grid.block_params
-        elif isinstance(module, LevelBatchNorm2d):
-            for t, level in task_levels:
-                extras[t, level] += sum(p.numel() for p in module.norm(t, level).parameters())
-    for t, level in task_levels:
-        head = network.heads[t]
-        out_features, in_features = head.active_shape(t, level)
-        extras[t, level] += out_features * in_features + (head.bias.numel() if head.bias is not None else 0)
-    return _MemoryModel(
-        groups=tuple(_BlockGroup(params, dict(zip(task_levels, key, strict=True))) for key, params in groups.items()),
-        extras=extras,
-    )
 
 
 def _task_indices(network: DeepVirtualNetwork, tasks: Sequence[int | str]) -> list[int]:
@@ -147,7 +87,7 @@ def shared_memory_params(network: DeepVirtualNetwork, choices: Mapping[int | str
     Returns:
         The parameter count; float32 bytes are ``4 *`` it.
     """
-    return _memory_model(network).memory(dict(network.resolve_pairs(choices.items(), one_level_per_task=True)))
+    return memory_model(network).memory(dict(network.resolve_pairs(choices.items(), one_level_per_task=True)))
 
 
 def separate_params(network: DeepVirtualNetwork, choices: Mapping[int | str, int]) -> int:
@@ -188,10 +128,31 @@ def plan_budget_params(network: DeepVirtualNetwork, budget: Budget | str, tasks:
     if budget.kind == "params":
         return math.floor(value)
     if budget.kind == "bytes":
-        return math.floor(value / BYTES_PER_PARAM)
+        return math.floor(value / BYTES_PER_PARAM)  # float32: 4 bytes per parameter
     indices = _task_indices(network, tasks)
-    full = _memory_model(network).memory(dict.fromkeys(indices, network.units))
+    full = memory_model(network).memory(dict.fromkeys(indices, network.units))
     return math.floor(value * full / 100)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The most a plan may store: ``amount`` parameters, or bytes at the plan's precision when ``in_bytes``."""
+
+    amount: int
+    in_bytes: bool = False
+
+
+def plan_limit(network: DeepVirtualNetwork, budget: Budget | str, tasks: Sequence[int | str]) -> Limit:
+    """What a plan budget limits: bytes for a budget in bytes (counted at the plan's precision), else the
+    parameters of ``plan_budget_params``.
+
+    Raises:
+        BadBudget: a level budget, or a budget that does not parse.
+    """
+    budget = budget if isinstance(budget, Budget) else parse_budget(budget)
+    if budget.kind == "bytes":
+        return Limit(math.floor(Fraction(repr(budget.value))), in_bytes=True)
+    return Limit(plan_budget_params(network, budget, tasks))
 
 
 @dataclass
@@ -204,9 +165,14 @@ class Plan:
         separate_params: what separate stand-alone models of the choices would store.
         score: the weighted sum of the chosen levels' accuracies that the plan maximises.
         accuracy: task name -> validation accuracy of its chosen level.
-        budget_params: the parameter limit the plan was made for.
+        budget_params: the parameter limit the plan was made for; for a limit in bytes at fp32 the same limit
+            in parameters (``bytes // 4``), at fp16 and int8 0 (bytes then stand for no parameter count).
         units: task name -> the units its chosen level uses, in the task's order.
         left_out: tasks that got no level (only when the plan was allowed to leave tasks out).
+        precision: the storage precision the bytes below count at (``memory.MemoryModel.at``).
+        memory_bytes: shared memory of the choices, in bytes stored at ``precision``.
+        separate_bytes: ``separate_params`` in bytes: each choice alone at ``precision``.
+        budget_bytes: the byte limit the plan was made for (0 for a limit in parameters).
     """
 
     choices: dict[str, int]
@@ -217,14 +183,10 @@ class Plan:
     budget_params: int = 0
     units: dict[str, list[int]] = field(default_factory=dict)
     left_out: list[str] = field(default_factory=list)
-
-    @property
-    def memory_bytes(self) -> int:
-        return BYTES_PER_PARAM * self.memory_params
-
-    @property
-    def separate_bytes(self) -> int:
-        return BYTES_PER_PARAM * self.separate_params
+    precision: str = "fp32"
+    memory_bytes: int = 0
+    separate_bytes: int = 0
+    budget_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -238,6 +200,8 @@ class Plan:
             "separate_bytes": self.separate_bytes,
             "saved_params": self.separate_params - self.memory_params,
             "budget_params": self.budget_params,
+            "budget_bytes": self.budget_bytes,
+            "precision": self.precision,
             "left_out": list(self.left_out),
         }
 
@@ -267,7 +231,7 @@ class _Option:
 
 
 def _task_options(
-    model: _MemoryModel,
+    model: MemoryModel,
     t: int,
     name: str,
     k: int,
@@ -298,9 +262,9 @@ def _check_weights(names: list[str], weights: Mapping[str, float] | None) -> dic
     return {name: float(weights.get(name, 1.0)) for name in names}
 
 
-def _search(model: _MemoryModel, options: list[list[_Option]], budget: int) -> tuple[_Option, ...] | None:
+def _search(model: MemoryModel, options: list[list[_Option]], budget: int) -> tuple[_Option, ...] | None:
     """Exhaustive depth-first search for the best combination of options within ``budget`` (None if none fits)."""
-    block_params = [g.block_params for g in model.groups]
+    block_sizes = [g.block_size for g in model.groups]
     min_extras = [min(o.extras for o in opts) for opts in options]
     max_scores = [max(o.score for o in opts) for opts in options]
     rest_extras = [sum(min_extras[i:]) for i in range(len(options) + 1)]
@@ -308,7 +272,7 @@ def _search(model: _MemoryModel, options: list[list[_Option]], budget: int) -> t
     best: list[Any] = [None, -math.inf, 0]  # combination, score, memory
 
     def visit(i: int, used: tuple[int, ...], extras: int, score: float, picked: tuple[_Option, ...]) -> None:
-        memory = extras + sum(p * bits.bit_count() for p, bits in zip(block_params, used, strict=True))
+        memory = extras + sum(p * bits.bit_count() for p, bits in zip(block_sizes, used, strict=True))
         if memory + rest_extras[i] > budget:
             return  # shared blocks only grow as tasks are added
         if best[0] is not None:
@@ -329,29 +293,34 @@ def _search(model: _MemoryModel, options: list[list[_Option]], budget: int) -> t
 
 def plan_levels(
     network: DeepVirtualNetwork,
-    budget_params: int,
+    budget: int | Limit,
     tasks: Sequence[int | str],
     accuracy: Mapping[tuple[str, int], float],
     weights: Mapping[str, float] | None = None,
     require_all: bool = True,
+    precision: str = "fp32",
 ) -> Plan:
     """The levels that maximise the weighted accuracy of tasks running together within a shared budget.
 
     Args:
         network: the DVN.
-        budget_params: the most parameters the plan may store (see ``plan_budget_params``).
+        budget: the most the plan may store: parameters (an int, see ``plan_budget_params``) or a ``Limit``
+            (``plan_limit``), whose bytes count at ``precision``.
         tasks: the tasks that run together (names or indices), each at most once.
         accuracy: validation accuracy per (task name, level), for every level of every listed task.
         weights: task name -> weight of its accuracy in the score (missing tasks weigh 1).
         require_all: every task must get a level; otherwise a task may be left out (it then scores 0).
+        precision: the storage precision bytes count at (``core.sizes.STORAGE_PRECISIONS``).
 
     Returns:
         The best plan.
 
     Raises:
         BadBudget: ``require_all`` and even every task at level 1 does not fit.
-        BadConfig: no tasks, a task listed twice, a missing accuracy, a bad weight, or too many combinations.
+        BadConfig: no tasks, a task listed twice, a missing accuracy, a bad weight, too many combinations, or an
+            unknown precision.
     """
+    limit = budget if isinstance(budget, Limit) else Limit(budget)
     indices = _task_indices(network, tasks)
     if not indices:
         raise BadConfig("a plan needs at least one task")
@@ -364,31 +333,60 @@ def plan_levels(
             f"{MAX_COMBINATIONS:,} searched exhaustively; plan fewer tasks at once"
         )
     task_weights = _check_weights(names, weights)
-    model = _memory_model(network)
+    params, stored = memory_model(network), memory_model(network).at(check_precision(precision))
+    model = stored if limit.in_bytes else params
     options = [
         _task_options(model, t, name, k, accuracy, task_weights[name], require_all)
         for t, name in zip(indices, names, strict=True)
     ]
     if require_all:
-        smallest = model.memory(dict.fromkeys(indices, 1))
-        if smallest > budget_params:
-            raise BadBudget(
-                f"budget of {format_count(budget_params)} parameters fits no plan of {', '.join(names)}: "
-                f"with every task at level 1 they need {format_count(smallest)} parameters "
-                f"({format_bytes(BYTES_PER_PARAM * smallest)})"
-            )
-    best = _search(model, options, budget_params)
+        _check_smallest(params, stored, indices, names, limit, precision)
+    best = _search(model, options, limit.amount)
     picked = dict(zip(indices, best, strict=True)) if best is not None else {}
     choices = {t: o.level for t, o in picked.items() if o.level > 0}
     return Plan(
         choices={network.task_names[t]: level for t, level in choices.items()},
-        memory_params=model.memory(choices),
+        memory_params=params.memory(choices),
         separate_params=separate_params(network, choices),
         score=sum(o.score for o in picked.values()),
         accuracy={network.task_names[t]: float(accuracy[network.task_names[t], lv]) for t, lv in choices.items()},
-        budget_params=int(budget_params),
+        budget_params=_params_limit(limit, precision),
         units={network.task_names[t]: list(network.layout.level_units(t, lv)) for t, lv in choices.items()},
         left_out=[network.task_names[t] for t in indices if t not in choices],
+        precision=precision,
+        memory_bytes=stored.memory(choices),
+        separate_bytes=sum(stored.memory({t: lv}) for t, lv in choices.items()),
+        budget_bytes=int(limit.amount) if limit.in_bytes else 0,
+    )
+
+
+def _params_limit(limit: Limit, precision: str) -> int:
+    if not limit.in_bytes:
+        return int(limit.amount)
+    return int(limit.amount) // BYTES_PER_PARAM if precision == "fp32" else 0
+
+
+def _check_smallest(
+    params: MemoryModel, stored: MemoryModel, indices: list[int], names: list[str], limit: Limit, precision: str
+) -> None:
+    """Refuse, naming what it needs, a limit below every task at level 1."""
+    smallest = dict.fromkeys(indices, 1)
+    need_params, need_bytes = params.memory(smallest), stored.memory(smallest)
+    if (need_bytes if limit.in_bytes else need_params) <= limit.amount:
+        return
+    at = "" if precision == "fp32" else f" at {precision}"
+    if limit.in_bytes:
+        asked, needed = (
+            f"{format_bytes(limit.amount)}{at}",
+            f"{format_bytes(need_bytes)} ({format_count(need_params)} parameters)",
+        )
+    else:
+        asked, needed = (
+            f"{format_count(limit.amount)} parameters",
+            f"{format_count(need_params)} parameters ({format_bytes(need_bytes)}{at})",
+        )
+    raise BadBudget(
+        f"budget of {asked} fits no plan of {', '.join(names)}: with every task at level 1 they need {needed}"
     )
 
 
@@ -399,17 +397,19 @@ def plan_for_budget(
     tasks: Sequence[str],
     weights: Mapping[str, float] | None = None,
     label: str = "the checkpoint",
+    precision: str = "fp32",
 ) -> Plan:
     """The levels of ``tasks`` that one shared budget plans, on the validation accuracy of a training summary.
 
     The one orchestration of a shared budget: ``dvn plan``, ``SharedRuntime.set_budget``/``for_budget`` and
-    ``dvn predict --budgets`` all plan through it.
+    ``dvn predict --budgets`` all plan through it. A budget in bytes counts them at ``precision``.
 
     Raises:
-        BadConfig: ``training`` holds no validation accuracy to plan with.
+        BadConfig: ``training`` holds no validation accuracy to plan with, or an unknown precision.
         BadBudget: a budget no plan fits, or one that does not parse.
     """
+    check_precision(precision)
     accuracy = accuracy_from_training(training)
     if not accuracy:
         raise BadConfig(f"{label} has no validation accuracy to plan with; train it with dvn train")
-    return plan_levels(network, plan_budget_params(network, budget, tasks), tasks, accuracy, weights)
+    return plan_levels(network, plan_limit(network, budget, tasks), tasks, accuracy, weights, precision=precision)
