@@ -136,11 +136,11 @@ def test_an_export_that_fails_half_way_leaves_nothing_behind(tmp_path, monkeypat
     fmt = export_module.EXPORT_FORMATS["onnx"]
     calls = []
 
-    def fail_second(plain, spec, opset):
+    def fail_second(plain, spec, opset, precision):
         calls.append(spec.task.name)
         if len(calls) == 2:
             raise OSError(36, "File name too long")
-        return fmt.to_bytes(plain, spec, opset)
+        return fmt.to_bytes(plain, spec, opset, precision)
 
     monkeypatch.setitem(
         export_module.EXPORT_FORMATS, "onnx", export_module.ExportFormat(".onnx", fail_second, fmt.check)
