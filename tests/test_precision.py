@@ -274,3 +274,17 @@ def test_bytes_at_int8_match_the_export_on_the_other_backbones(arch, tmp_path):
     checkpoint = load_checkpoint(save_checkpoint(network, tmp_path / "m.safetensors"))
     manifest = export_shared(checkpoint, tmp_path / "out", [("task0", 3), ("task1", 2)], check=False, precision="int8")
     assert manifest["weights"]["data_bytes"] == memory_model(network).at("int8").memory({0: 3, 1: 2})
+
+
+def test_a_byte_budget_on_a_lower_precision_folder_counts_the_bytes_it_stores(checkpoint, tmp_path):
+    """``dvn predict --budget`` and ``dvn serve``'s ``PUT /v1/budget`` on an int8 folder compare the bytes the
+    folder stores per level, not the float32 cost: a budget below level 4's float32 bytes still runs level 4."""
+    from dvn_cli.modelfile.registry import open_model
+    from dvn_cli.planning.select import select_pairs
+
+    export_shared(checkpoint, tmp_path / "int8", [("task0", 2), ("task0", 4)], precision="int8", check=False)
+    folder = open_model(tmp_path / "int8")
+    stored, fp32 = folder.stored_bytes("task0", 4), folder.cost_of("task0", 4).bytes
+    assert stored == folder.files.held_bytes([("task0", 4)]) < 0.4 * fp32
+    assert select_pairs(folder, ["task0"], f"{stored}B") == [("task0", 4)]
+    assert select_pairs(folder, ["task0"], f"{stored - 1}B") == [("task0", 2)]

@@ -123,20 +123,18 @@ class FolderEngine:
             return {task: max(self.levels(task)) for task in self.tasks}, None
         label = str(self.files.folder)
         return {
-            task: held_level(self.levels(task), budget, task, label, SHARED_EXPORT_FORMAT) for task in self.tasks
+            task: held_level(self.levels(task), budget, task, label, SHARED_EXPORT_FORMAT, self._stored(task))
+            for task in self.tasks
         }, None
 
     def fit(self, budget: int) -> tuple[dict[str, int], int]:
         """The running levels for ``budget`` bytes (``budget_rules.fit_held_levels``), a tensor shared by two
         levels counted once, as the runtime holds it."""
-        index = self.files.weights.index
-        sizes = {name: dtype.itemsize * math.prod(shape) for name, (dtype, shape, _) in index.items()}
+        levels = {task: sorted(self.levels(task)) for task in self.tasks}
+        return fit_held_levels(levels, lambda choices: self.files.held_bytes(choices.items()), budget)
 
-        def held(choices: dict[str, int]) -> int:
-            names = {n for task, level in choices.items() for n in self.files.model(task, level)["tensors"]}
-            return sum(sizes[n] for n in names)
-
-        return fit_held_levels({task: sorted(self.levels(task)) for task in self.tasks}, held, budget)
+    def _stored(self, task: str) -> dict[int, int]:
+        return {level: self.files.held_bytes([(task, level)]) for level in self.levels(task)}
 
     def switch(self, choices: dict[str, int]) -> None:
         """Run ``choices``: each level's session is made (its graph checked, its tensors read) before it serves, then

@@ -112,6 +112,11 @@ class ModelFile(ABC):
     def cost_of(self, task: str, level: int) -> LevelCost:
         return self.spec_of(task, level).cost
 
+    def stored_bytes(self, task: str, level: int) -> int:
+        """Bytes the file stores for (task, level) alone, what a budget in bytes compares: its float32 cost, but
+        for a shared export at fp16 or int8, which stores its blocks in fewer."""
+        return self.cost_of(task, level).bytes
+
     def check_task(self, task: str) -> None:
         if task not in self.task_names():
             raise UnknownTask(f"unknown task {task!r}; {self.label} has: {', '.join(self.task_names())}")

@@ -69,6 +69,10 @@ class SharedExport(ModelFile):
         self.check_pair(task, level)
         return self.specs[task, level]
 
+    def stored_bytes(self, task: str, level: int) -> int:
+        self.check_pair(task, level)
+        return self.files.held_bytes([(task, level)])
+
     def plain_of(self, task: str, level: int):
         raise BadConfig(
             f"{self.label} is a shared export: it holds ONNX graphs, not a PyTorch network; use the checkpoint or "

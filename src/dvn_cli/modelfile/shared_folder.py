@@ -16,7 +16,7 @@ import json
 import math
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -438,6 +438,13 @@ class SharedFolder:
             held = ", ".join(f"{t} level {lv}" for t, lv in self.models)
             raise UnknownTask(f"{self.folder} holds no {task} level {level}; it holds {held}")
         return self.models[task, level]
+
+    def held_bytes(self, pairs: Iterable[tuple[str, int]]) -> int:
+        """Bytes of the weights file's tensors that ``pairs`` use, a tensor two of them share counted once: what a
+        runtime running them holds, at the precision the file stores."""
+        index = self.weights.index
+        names = {name for task, level in pairs for name in self.model(task, level)["tensors"]}
+        return sum(index[n][0].itemsize * math.prod(index[n][1]) for n in names)
 
     def graph(self, task: str, level: int) -> Path:
         """The graph file of (task, level), checked to declare exactly its entry's tensors, of the file's shapes."""

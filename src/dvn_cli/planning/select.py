@@ -33,7 +33,8 @@ def file_level(model: ModelFile, task: str, budget: str, precision: str = "fp32"
             f"{model.format}: give a level or parameters, or export from the checkpoint"
         )
     costs = {level: model.cost_of(task, level) for level in model.levels(task)}
-    return held_level(costs, budget, task, model.label, model.format)
+    stored = {level: model.stored_bytes(task, level) for level in costs}
+    return held_level(costs, budget, task, model.label, model.format, stored)
 
 
 def select_pairs(
