@@ -67,9 +67,7 @@ def images() -> dict[str, bytes]:
 
 def held_bytes(folder: Path, choices: dict[str, int]) -> int:
     """Bytes of the tensors the running levels use, each once."""
-    files = SharedFolder(folder)
-    names = {name for task, level in choices.items() for name in files.model(task, level)["tensors"]}
-    return sum(files.weights.index[n][0].itemsize * int(np.prod(files.weights.index[n][1])) for n in names)
+    return SharedFolder(folder).held_bytes(choices.items())
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ and checked by ``modelfile.shared_folder.SharedFolder`` (untrusted input), every
 ``ort_runtime.SharedOrtRuntime`` (each block in memory once), images prepared by ``data.decode`` (PIL and numpy:
 the pixels and float32 inputs ``dvn predict`` computes with torch), rows built by ``rows`` as ``dvn predict --json``
 builds them. A budget picks each task's largest held level within it, by the rule ``dvn predict --budget`` applies
-to the folder (``planning.budget_rules.held_level``), over the costs the manifest records. A process serving a
+to the folder (``planning.budget_rules.held_level``), over the costs the manifest records and, for a budget in
+bytes, the bytes each level's tensors take in the weights file. A process serving a
 folder never imports torch (``tests/test_serve_folder.py`` serves one where ``import torch`` fails).
 """
 

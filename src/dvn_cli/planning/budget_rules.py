@@ -162,8 +162,7 @@ def fit_held_levels(
             raise BadBudget(f"{budget} bytes do not hold even every task's smallest level ({used} bytes)")
         top = max(choices[task] for task in lower)
         steps = [_step_down(choices, task, levels[task]) for task in lower if choices[task] == top]
-        choices = min(steps, key=held_bytes)
-        used = held_bytes(choices)
+        used, choices = min(((held_bytes(step), step) for step in steps), key=lambda counted: counted[0])
     return choices, used
 
 

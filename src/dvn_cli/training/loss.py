@@ -6,6 +6,7 @@ loss = sum_t sum_l lambda_l * CE(f(x_t; t, l), y_t)  [+ distill * KL(top level |
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,24 +17,10 @@ __all__ = ["multitask_loss", "summed", "task_losses"]
 
 
 def multitask_loss(
-    network: DeepVirtualNetwork,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    level_weights: Sequence[float] | None = None,
-    distill: float = 0.0,
-    label_smoothing: float = 0.0,
-    masked: bool = False,
+    network: DeepVirtualNetwork, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], **options: Any
 ) -> tuple[torch.Tensor, list[float]]:
-    """The summed loss of one step and each task's share of it.
-
-    Args:
-        network: the DVN being trained.
-        batches: one ``(images, labels)`` minibatch per task, in task order.
-        level_weights: ``lambda_l`` for levels ``1..k`` (default all 1).
-        distill: weight of distillation from the task's top level into its lower levels (0 = off).
-        label_smoothing: passed to the cross-entropy.
-        masked: run the full-width reference path (for benchmarks and tests).
-    """
-    losses = task_losses(network, batches, level_weights, distill, label_smoothing, masked)
+    """The summed loss of one step and each task's share of it; ``options`` are ``task_losses``'."""
+    losses = task_losses(network, batches, **options)
     return summed(losses), [float(task_loss.detach()) for task_loss in losses]
 
 
@@ -54,8 +41,17 @@ def task_losses(
     masked: bool = False,
     levels: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
-    """Each task's loss over ``levels`` (top first; default all; ``training.levels``), other arguments as
-    ``multitask_loss``, whose sum that function returns."""
+    """Each task's loss over ``levels`` (top first; default all; ``training.levels``).
+
+    Args:
+        network: the DVN being trained.
+        batches: one ``(images, labels)`` minibatch per task, in task order.
+        level_weights: ``lambda_l`` for levels ``1..k`` (default all 1).
+        distill: weight of distillation from the task's top level into its lower levels (0 = off).
+        label_smoothing: passed to the cross-entropy.
+        masked: run the full-width reference path (for benchmarks and tests).
+        levels: the levels run, top first (default all).
+    """
     k = network.units
     weights = level_weights or [1.0] * k
     per_task = []
