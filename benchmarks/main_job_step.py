@@ -10,7 +10,12 @@ is one lever changed from ``base`` (2 threads, channels-last, the optimiser as `
 - ``nchw``: contiguous (NCHW) tensors instead of channels-last;
 - ``threads1``: one intra-op thread instead of two;
 - ``foreach`` / ``fused``: SGD's multi-tensor or fused implementation instead of the per-tensor loop;
-- ``sandwich``: levels 1, k and one random middle level per task (3 of 4 forwards and backwards).
+- ``sandwich``: levels 1, k and one random middle level per task (3 of 4 forwards and backwards);
+- ``depth8``: ResNet-8 (one basic block per stage) instead of ResNet-14 (two);
+- ``taskthreads``: each task's forwards and backward in its own thread with one intra-op thread
+  (``training.task_threads``, what ``dvn train`` does on CPU) instead of one summed backward on every thread.
+
+Levers combine with ``+``: ``sandwich+depth8`` is the sampled step of ResNet-8.
 
 ``levers`` interleaves the modes round by round (each round one timed step per mode after an untimed one) and
 reports medians of wall time and of the process's CPU time (user + system, all threads): wall time moves with
@@ -28,13 +33,13 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from dvn_cli import BackboneConfig, TaskSpec, TrainConfig, build_network
-from dvn_cli.training.loss import summed, task_losses
+from dvn_cli.training.loss import summed, task_loss, task_losses
 from dvn_cli.training.schedule import make_optimizer
+from dvn_cli.training.task_threads import TaskThreads
 
-MODES = ("base", "nchw", "threads1", "foreach", "fused", "sandwich")
+LEVERS = ("base", "nchw", "threads1", "foreach", "fused", "sandwich", "depth8", "taskthreads")
 
 
 def cpu_seconds() -> float:
@@ -45,37 +50,37 @@ def cpu_seconds() -> float:
 
 def make_step(mode: str, batch: int, threads: int):
     """One training step of the main job's network under ``mode`` (a fresh network and optimiser per mode)."""
+    levers = set(mode.split("+"))
+    if unknown := levers - set(LEVERS):
+        raise SystemExit(f"unknown lever(s) {sorted(unknown)}; choose from {', '.join(LEVERS)}")
     torch.manual_seed(0)
-    config = BackboneConfig(depth=14, widths=(32, 64, 128), units=4, in_channels=1, input_size=28, stem_stride=2)
+    depth = 8 if "depth8" in levers else 14
+    config = BackboneConfig(depth=depth, widths=(32, 64, 128), units=4, in_channels=1, input_size=28, stem_stride=2)
     tasks = [TaskSpec(name=f"task{t}", classes=tuple(str(c) for c in range(10))) for t in range(2)]
-    fmt = torch.contiguous_format if mode == "nchw" else torch.channels_last
+    fmt = torch.contiguous_format if "nchw" in levers else torch.channels_last
     network = build_network(config, tasks).train().to(memory_format=fmt)
     batches = [
         (torch.randn(batch, 1, 28, 28).contiguous(memory_format=fmt), torch.randint(0, 10, (batch,))) for _ in tasks
     ]
     optimizer = make_optimizer(network, TrainConfig())
     for group in optimizer.param_groups:
-        group["foreach"] = mode == "foreach"
-        group["fused"] = True if mode == "fused" else None
+        group["foreach"] = "foreach" in levers
+        group["fused"] = True if "fused" in levers else None
     rng = random.Random(0)
     k = config.units
+    pool = TaskThreads.for_cpu_step(len(tasks), threads) if "taskthreads" in levers else None
 
     def step() -> None:
-        torch.set_num_threads(1 if mode == "threads1" else threads)
+        torch.set_num_threads(1 if "threads1" in levers else threads)
         optimizer.zero_grad(set_to_none=True)
-        if mode == "sandwich":
-            loss = summed(sandwich_losses(network, batches, [k, rng.randint(2, k - 1), 1]))
+        levels = [k, rng.randint(2, k - 1), 1] if "sandwich" in levers else None  # None: every level
+        if pool is not None:
+            pool.backward(network, batches, lambda t, x, y: task_loss(network, t, x, y, levels=levels))
         else:
-            loss = summed(task_losses(network, batches))
-        loss.backward()
+            summed(task_losses(network, batches, levels=levels)).backward()
         optimizer.step()
 
     return step
-
-
-def sandwich_losses(network, batches, levels):
-    """Each task's cross-entropy summed over ``levels`` only (what a sampled step computes)."""
-    return [sum(F.cross_entropy(network(x, t, lv), y) for lv in levels) for t, (x, y) in enumerate(batches)]
 
 
 def profile(args) -> None:
@@ -117,14 +122,15 @@ def header(args) -> str:
     return (
         f"machine: {platform.processor() or platform.machine()}, ATen CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, torch {torch.__version__}; "
-        f"main job step: ResNet-14 32/64/128, k=4, 2 tasks, batch {args.batch}/task, 1x28x28, stem stride 2"
+        f"main job step: ResNet-14 (depth8: ResNet-8) 32/64/128, k=4, 2 tasks, batch {args.batch}/task, "
+        "1x28x28, stem stride 2"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("profile", "levers"))
-    parser.add_argument("--mode", default="base", choices=MODES, help="profile: the mode profiled")
+    parser.add_argument("--mode", default="base", help="profile: the mode profiled (levers joined by +)")
     parser.add_argument("--modes", default="base,nchw,threads1,foreach,fused", help="levers: modes, comma-separated")
     parser.add_argument("--steps", type=int, default=5, help="profile: steps profiled")
     parser.add_argument("--top", type=int, default=25, help="profile: operators shown")

@@ -57,7 +57,9 @@ def validate_levels(network, data, levels) -> dict[str, list[float]]:
 
 def train_curve(args) -> list[dict]:
     torch.set_num_threads(args.threads)
-    backbone = BackboneConfig(depth=14, widths=tuple(args.widths), units=4, in_channels=1, input_size=28, stem_stride=2)
+    backbone = BackboneConfig(
+        depth=args.depth, widths=tuple(args.widths), units=4, in_channels=1, input_size=28, stem_stride=2
+    )
     cfg = TrainConfig(
         tasks=("mnist", "fashion-mnist"),
         backbone=backbone,
@@ -131,6 +133,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--level-sampling", default="all")
+    parser.add_argument("--depth", type=int, default=14, help="ResNet depth 6n+2: 14 (n = 2) or 8 (n = 1)")
     parser.add_argument("--widths", type=lambda s: [int(w) for w in s.split(",")], default=[32, 64, 128])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)

@@ -172,6 +172,9 @@ class TrainConfig:
     workers: int = setting(2, "Processes decoding each streamed task (default 2).")
     augment: bool = setting(True, "Data augmentation.")
     channels_last: bool = setting(True, "Channels-last memory format for the training step.")
+    task_threads: bool = setting(
+        True, "On CPU, run each task's forward and backward in its own thread (one intra-op thread each)."
+    )
     device: str = setting("cpu", "cpu, cuda or auto.")
     precision: str = setting("fp32", "fp32, bf16 or fp16: autocast the training forward (fp16 scales gradients).")
     out: str = setting("runs/dvn", "Run folder (default runs/dvn).")
@@ -364,9 +367,9 @@ def build_train_config(values: Mapping[str, Any], backbone: Mapping[str, Any]) -
 
 # --------------------------------------------------------------------------------- what --resume compares
 
-NOT_COMPARED = ("out", "device", "data_root", "precision", "workers")
+NOT_COMPARED = ("out", "device", "data_root", "precision", "workers", "task_threads")
 """Config fields that may change on ``--resume``: where files live and how (not what) the run computes (a streamed
-task's batches do not depend on its number of workers)."""
+task's batches do not depend on its number of workers; task threads change the gradients' rounding only)."""
 
 
 def comparable(cfg: TrainConfig) -> dict[str, Any]:

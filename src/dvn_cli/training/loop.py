@@ -34,6 +34,7 @@ from .run_state import Run, place, together
 from .schedule import make_optimizer, resolve_device, resolve_precision
 from .step import take_step
 from .stops import StopSignals
+from .task_threads import TaskThreads
 
 __all__ = ["fit", "load_tasks"]
 
@@ -119,6 +120,7 @@ def _fit(
         data = [dataclasses.replace(d, augment="none") for d in data]
     together(env, device, lambda: check_memory(cfg, [d.spec for d in data], device))
     lock = together(env, device, lambda: prepare_run_folder(paths, resume, force, env.is_main))
+    run = None
     try:
         run = _new_run(cfg, env, device, paths, data, amp_dtype)
         if resume:
@@ -141,6 +143,8 @@ def _fit(
             raise _saved_after(run, failure) from None
         return result if result is not None else together(env, device, lambda: save_run(run, interrupted=False))
     finally:
+        if run is not None and run.task_threads is not None:
+            run.task_threads.close()
         lock.release()
 
 
@@ -173,6 +177,9 @@ def _new_run(
         memory_format=memory_format,
         epoch_losses=dict.fromkeys((d.spec.name for d in data), 0.0),
     )
+    # one summed backward where the step cannot be split by task: GPU, ranks, fp16's gradient scaler
+    if cfg.task_threads and device.type == "cpu" and not env.distributed and not run.scaler.is_enabled():
+        run.task_threads = TaskThreads.for_cpu_step(len(data), torch.get_num_threads())
     if cfg.order_rule == "affinity":
         if env.distributed:
             raise BadConfig(

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..core.network import DeepVirtualNetwork
 
-__all__ = ["multitask_loss", "summed", "task_losses"]
+__all__ = ["multitask_loss", "summed", "task_loss", "task_losses"]
 
 
 def multitask_loss(
@@ -52,19 +52,34 @@ def task_losses(
         masked: run the full-width reference path (for benchmarks and tests).
         levels: the levels run, top first (default all).
     """
+    return [
+        task_loss(network, task, images, labels, level_weights, distill, label_smoothing, masked, levels)
+        for task, (images, labels) in enumerate(batches)
+    ]
+
+
+def task_loss(
+    network: DeepVirtualNetwork,
+    task: int,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    level_weights: Sequence[float] | None = None,
+    distill: float = 0.0,
+    label_smoothing: float = 0.0,
+    masked: bool = False,
+    levels: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Task ``task``'s loss over ``levels`` on one minibatch; the arguments are ``task_losses``'."""
     k = network.units
     weights = level_weights or [1.0] * k
-    per_task = []
-    for task, (images, labels) in enumerate(batches):
-        task_loss = torch.zeros((), device=images.device)
-        top_probs = None
-        for level in levels or range(k, 0, -1):  # top level first, so it can teach the lower ones
-            logits = network(images, task, level, masked=masked)  # (B, classes_t)
-            loss = weights[level - 1] * F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-            if level == k:
-                top_probs = logits.detach().softmax(-1)
-            elif distill > 0:
-                loss = loss + distill * F.kl_div(logits.log_softmax(-1), top_probs, reduction="batchmean")
-            task_loss = task_loss + loss
-        per_task.append(task_loss)
-    return per_task
+    total = torch.zeros((), device=images.device)
+    top_probs = None
+    for level in levels or range(k, 0, -1):  # top level first, so it can teach the lower ones
+        logits = network(images, task, level, masked=masked)  # (B, classes_t)
+        loss = weights[level - 1] * F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        if level == k:
+            top_probs = logits.detach().softmax(-1)
+        elif distill > 0:
+            loss = loss + distill * F.kl_div(logits.log_softmax(-1), top_probs, reduction="batchmean")
+        total = total + loss
+    return total

@@ -19,6 +19,7 @@ from .affinity import AffinityWarmup, relayout
 from .distributed import DistEnv, ShardedBatches, agree
 from .run_folder import RunPaths
 from .schedule import make_optimizer
+from .task_threads import TaskThreads
 
 __all__ = ["Run", "place", "together"]
 
@@ -40,6 +41,7 @@ class Run:
     amp_dtype: torch.dtype | None
     memory_format: torch.memory_format
     warmup: AffinityWarmup | None = None
+    task_threads: TaskThreads | None = None  # None: the step's tasks run one after the other
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0

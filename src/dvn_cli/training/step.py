@@ -16,7 +16,7 @@ import torch
 from ..errors import DvnError
 from .distributed import all_reduce_gradients
 from .levels import sample_levels
-from .loss import summed, task_losses
+from .loss import summed, task_loss
 from .observer import StepInfo
 from .run_folder import RunPaths
 from .run_state import Run, place
@@ -96,14 +96,25 @@ def forward_backward(run: Run, lr: float) -> tuple[list[tuple[torch.Tensor, torc
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     weights = list(cfg.level_weights) if cfg.level_weights else None
-    with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
-        levels = sample_levels(cfg.level_sampling, network.units, cfg.seed, run.step)
-        losses = task_losses(network, batches, weights, cfg.distill, cfg.label_smoothing, levels=levels)
-        loss = summed(losses)
-    step_losses = [float(task_loss.detach()) for task_loss in losses]
+    levels = sample_levels(cfg.level_sampling, network.units, cfg.seed, run.step)
+    warming_up = run.warmup is not None and run.step < run.warmup.steps
+
+    def loss_of(task: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # autocast is per thread: entered wherever the loss is computed
+        with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+            return task_loss(network, task, images, labels, weights, cfg.distill, cfg.label_smoothing, levels=levels)
+
+    if run.task_threads is not None and not warming_up:
+        losses = run.task_threads.backward(network, batches, loss_of)
+        step_losses = [float(value) for value in losses]
+        check_finite_loss(sum(step_losses), run.step, run.paths)  # before the update, which it prevents
+        return batches, step_losses
+    losses = [loss_of(task, images, labels) for task, (images, labels) in enumerate(batches)]
+    loss = summed(losses)
+    step_losses = [float(value.detach()) for value in losses]
     if not env.distributed:
         check_finite_loss(float(loss.detach()), run.step, run.paths)
-    if run.warmup is not None and run.step < run.warmup.steps:
+    if warming_up:
         run.warmup.backward(network, losses, scaler)  # one backward per task, to measure their affinity
     else:
         scaler.scale(loss).backward()
