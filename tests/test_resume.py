@@ -3,6 +3,7 @@ the weight update, a streamed task that fails) saves a state that resumes bit fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,7 +47,19 @@ def _stream(where: Path):
 
 
 SLOW = pytest.mark.slow
-KINDS = {"memory": _memory, "affinity": _affinity, "stream": _stream}
+KINDS = {"memory": _memory, "affinity": _affinity, "stream": _stream, "threads": _memory}
+TASKS = {"memory": 2, "affinity": 3, "stream": 2, "threads": 2}
+THREADS = {"threads": 2}  # two CPU threads: each task's step runs in its own thread (training.task_threads)
+
+
+@contextlib.contextmanager
+def _cpu_threads(kind: str):
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS.get(kind, 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +83,8 @@ def straight(tmp_path_factory):
     def run(kind: str) -> Path:
         if kind not in runs:
             cfg, data = KINDS[kind](tmp_path_factory.mktemp(kind) / "a")
-            runs[kind] = Path(fit(cfg, data=data()).checkpoint).parent
+            with _cpu_threads(kind):
+                runs[kind] = Path(fit(cfg, data=data()).checkpoint).parent
         return runs[kind]
 
     return run
@@ -89,12 +103,21 @@ def _signal_on_call(monkeypatch, owner, name: str, call: int, signum: int) -> No
     monkeypatch.setattr(owner, name, wrapped)
 
 
-def _stop(monkeypatch, how: str, step: int):
+def _signal_in_loss(monkeypatch, step: int, tasks: int, signum: int, task: int = 0) -> None:
+    """Send ``signum`` from task ``task``'s loss of step ``step`` (``task_loss`` runs once per task and step; in
+    a task's thread when the tasks run side by side, and the main thread then takes the signal while it waits)."""
+    _signal_on_call(monkeypatch, training_step, "task_loss", (step - 1) * tasks + 1 + task, signum)
+
+
+def _stop(monkeypatch, kind: str, how: str, step: int):
     """Arrange the stop; returns the observer and the step the saved state must be at."""
     if how == "observer":  # Ctrl-C between steps (an exception from the progress display)
         return StopAt(step), step
     if how == "forward":  # SIGTERM while the step computes its loss: the step is undone
-        _signal_on_call(monkeypatch, training_step, "task_losses", step, signal.SIGTERM)
+        _signal_in_loss(monkeypatch, step, TASKS[kind], signal.SIGTERM)
+        return None, step - 1
+    if how == "second task":  # SIGTERM once the first task's forwards have updated its batch-norm statistics
+        _signal_in_loss(monkeypatch, step, TASKS[kind], signal.SIGTERM, task=1)
         return None, step - 1
     # SIGINT while the optimiser updates the weights: the update (and the placement after a warm-up) ends first
     _signal_on_call(monkeypatch, torch.amp.GradScaler, "step", step, signal.SIGINT)
@@ -126,31 +149,35 @@ def _assert_same_run(a: Path, b: Path) -> None:
     [
         pytest.param("memory", "observer", 3, marks=SLOW),  # mid-epoch
         pytest.param("memory", "observer", 4, marks=SLOW),  # at an epoch end, before its validation: --resume validates
-        ("memory", "forward", 6),  # the one case not marked slow
+        ("memory", "forward", 6),
+        ("memory", "second task", 3),  # the batch norms' running statistics are undone too
         pytest.param("memory", "update", 5, marks=SLOW),
         pytest.param("affinity", "forward", 4, marks=SLOW),  # inside the warm-up
         pytest.param("affinity", "update", 6, marks=SLOW),  # the step that ends the warm-up and places the tasks
         pytest.param("affinity", "forward", 8, marks=SLOW),  # after it
         pytest.param("stream", "forward", 3, marks=SLOW),  # mid-epoch, the workers restarted where the stream stood
         pytest.param("stream", "update", 1, marks=SLOW),
+        ("threads", "forward", 3),  # the signal raised in a task's thread
+        pytest.param("threads", "update", 6, marks=SLOW),
     ],
 )
 def test_a_stop_at_any_step_resumes_bit_for_bit(tmp_path, monkeypatch, straight, kind, how, step):
     cfg, data = KINDS[kind](tmp_path / "b")
-    observer, saved_step = _stop(monkeypatch, how, step)
-    with pytest.raises(KeyboardInterrupt) as caught:
+    observer, saved_step = _stop(monkeypatch, kind, how, step)
+    with _cpu_threads(kind), pytest.raises(KeyboardInterrupt) as caught:
         fit(cfg, observer=observer, data=data())
     monkeypatch.undo()
     run = Path(cfg.out)
     assert caught.value.result.summary["steps"] == saved_step == read_metadata(run / "train_state.safetensors")["step"]
     assert not (run / ".lock").exists()
-    fit(cfg, resume=True, data=data())
+    with _cpu_threads(kind):
+        fit(cfg, resume=True, data=data())
     _assert_same_run(straight(kind), run)
 
 
 def test_sigterm_saves_and_names_its_signal(tmp_path, monkeypatch, sigterm_is_not_fatal):
     cfg = tiny_train_config(tmp_path, epochs=1)
-    _signal_on_call(monkeypatch, training_step, "task_losses", 3, signal.SIGTERM)
+    _signal_in_loss(monkeypatch, 3, 2, signal.SIGTERM)
     with pytest.raises(Interrupted) as caught:
         fit(cfg, data=two_synthetic_tasks())
     assert caught.value.signum == signal.SIGTERM
@@ -161,7 +188,7 @@ def test_sigterm_saves_and_names_its_signal(tmp_path, monkeypatch, sigterm_is_no
 
 
 def test_a_stop_before_the_first_step_saves_nothing(tmp_path, monkeypatch):
-    _signal_on_call(monkeypatch, training_step, "task_losses", 1, signal.SIGTERM)
+    _signal_in_loss(monkeypatch, 1, 2, signal.SIGTERM)
     with pytest.raises(Interrupted) as caught:
         fit(tiny_train_config(tmp_path, epochs=1), data=two_synthetic_tasks())
     assert caught.value.result is None
@@ -233,15 +260,15 @@ def test_a_file_gone_before_the_first_step_promises_no_resume(tmp_path):
 def test_a_worker_death_reported_outside_next_is_one_line_with_a_checkpoint(tmp_path, monkeypatch):
     """DataLoader's SIGCHLD handler raises RuntimeError wherever the main thread is (here: in the forward)."""
     calls = []
-    original = training_step.task_losses
+    original = training_step.task_loss
 
     def dies(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 5:  # step 3's first task
             raise RuntimeError(f"DataLoader worker (pid {os.getpid()}) is killed by signal: Killed. ")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(training_step, "task_losses", dies)
+    monkeypatch.setattr(training_step, "task_loss", dies)
     with pytest.raises(StreamFailed) as caught:
         fit(tiny_train_config(tmp_path, epochs=1), data=two_synthetic_tasks())
     assert str(caught.value) == (
@@ -252,6 +279,6 @@ def test_a_worker_death_reported_outside_next_is_one_line_with_a_checkpoint(tmp_
 
 
 def test_other_runtime_errors_are_not_taken_for_a_worker_death(tmp_path, monkeypatch):
-    monkeypatch.setattr(training_step, "task_losses", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    monkeypatch.setattr(training_step, "task_loss", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         fit(tiny_train_config(tmp_path, epochs=1), data=two_synthetic_tasks())

@@ -28,16 +28,20 @@ __all__ = ["Mark", "check_finite_loss", "forward_backward", "take_step"]
 
 @dataclass
 class Mark:
-    """What a step changes before the optimiser updates the weights, so a step cut short can be undone."""
+    """What a step changes before the optimiser updates the weights, so a step cut short can be undone: the
+    streams, torch's RNG, the affinity sums, and the batch norms' running statistics (a forward updates them as it
+    goes, and the tasks' threads finish their forwards after the step is cut short)."""
 
     streams: list[dict[str, Any]]
     rng: torch.Tensor
     warmup: tuple[Any, int] | None
+    buffers: list[torch.Tensor]
 
     @classmethod
     def of(cls, run: Run) -> Mark:
         warmup = (run.warmup.sums, run.warmup.measured) if run.warmup is not None else None
-        return cls([s.state_dict() for s in run.streams], torch.get_rng_state(), warmup)
+        buffers = [b.clone() for b in run.network.buffers()]
+        return cls([s.state_dict() for s in run.streams], torch.get_rng_state(), warmup, buffers)
 
     def restore(self, run: Run) -> None:
         for stream, state in zip(run.streams, self.streams, strict=True):
@@ -45,6 +49,9 @@ class Mark:
         torch.set_rng_state(self.rng)
         if self.warmup is not None:
             run.warmup.sums, run.warmup.measured = self.warmup
+        with torch.no_grad():
+            for buffer, saved in zip(run.network.buffers(), self.buffers, strict=True):
+                buffer.copy_(saved)
 
 
 def take_step(run: Run, stops: StopSignals) -> StepInfo:
