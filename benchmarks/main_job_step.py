@@ -13,7 +13,8 @@ is one lever changed from ``base`` (2 threads, channels-last, the optimiser as `
 - ``sandwich``: levels 1, k and one random middle level per task (3 of 4 forwards and backwards);
 - ``depth8``: ResNet-8 (one basic block per stage) instead of ResNet-14 (two);
 - ``taskthreads``: each task's forwards and backward in its own thread with one intra-op thread
-  (``training.task_threads``, what ``dvn train`` does on CPU) instead of one summed backward on every thread.
+  (``training.task_threads``, what ``dvn train`` does on CPU) instead of one summed backward on every thread;
+- ``batch64``: 64 images per task instead of ``--batch`` (compare per image: half the images per step).
 
 Levers combine with ``+``: ``sandwich+depth8`` is the sampled step of ResNet-8.
 
@@ -39,7 +40,7 @@ from dvn_cli.training.loss import summed, task_loss, task_losses
 from dvn_cli.training.schedule import make_optimizer
 from dvn_cli.training.task_threads import TaskThreads
 
-LEVERS = ("base", "nchw", "threads1", "foreach", "fused", "sandwich", "depth8", "taskthreads")
+LEVERS = ("base", "nchw", "threads1", "foreach", "fused", "sandwich", "depth8", "taskthreads", "batch64")
 
 
 def cpu_seconds() -> float:
@@ -55,6 +56,7 @@ def make_step(mode: str, batch: int, threads: int):
         raise SystemExit(f"unknown lever(s) {sorted(unknown)}; choose from {', '.join(LEVERS)}")
     torch.manual_seed(0)
     depth = 8 if "depth8" in levers else 14
+    batch = 64 if "batch64" in levers else batch
     config = BackboneConfig(depth=depth, widths=(32, 64, 128), units=4, in_channels=1, input_size=28, stem_stride=2)
     tasks = [TaskSpec(name=f"task{t}", classes=tuple(str(c) for c in range(10))) for t in range(2)]
     fmt = torch.contiguous_format if "nchw" in levers else torch.channels_last

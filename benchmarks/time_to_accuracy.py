@@ -68,6 +68,7 @@ def train_curve(args) -> list[dict]:
         lr=args.lr,
         warmup_steps=args.warmup,
         label_smoothing=args.label_smoothing,
+        distill=args.distill,
         level_sampling=args.level_sampling,
         seed=args.seed,
         data_root=args.data_root,
@@ -88,7 +89,7 @@ def train_curve(args) -> list[dict]:
             group["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_steps)
         optimizer.zero_grad(set_to_none=True)
         levels = sample_levels(cfg.level_sampling, k, cfg.seed, step)
-        summed(task_losses(network, batches, None, 0.0, cfg.label_smoothing, levels=levels)).backward()
+        summed(task_losses(network, batches, None, cfg.distill, cfg.label_smoothing, levels=levels)).backward()
         optimizer.step()
         train_cpu += cpu_seconds() - start_cpu
         train_wall += time.perf_counter() - start_wall
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--distill", type=float, default=0.0, help="distillation weight from the top level")
     parser.add_argument("--level-sampling", default="all")
     parser.add_argument("--depth", type=int, default=14, help="ResNet depth 6n+2: 14 (n = 2) or 8 (n = 1)")
     parser.add_argument("--widths", type=lambda s: [int(w) for w in s.split(",")], default=[32, 64, 128])
