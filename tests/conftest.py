@@ -26,6 +26,10 @@ torch.set_num_threads(1)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Under `make test` each pytest worker has about one core: the processes its tests start get one thread too.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The processes tests start wait passively at OpenMP barriers, as `dvn` does (cli/__init__.py): a spinning thread
+# takes the core that another test's thread needs (two native-crash scripts side by side on two cores: 106 s with
+# libgomp's default spinning, 21 s passive).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def tiny_config(**overrides) -> BackboneConfig:
