@@ -5,7 +5,7 @@ one is a short OpenMP parallel region, and the cores spend much of the step meet
 cores the main job's step takes 1.37x less time with two threads than with one, not 2x, and under load the
 barriers wait for threads the kernel is not running. The tasks of a step are independent until their gradients
 are added, so each task runs whole on one core instead: one thread per task, one intra-op thread each, and no
-barrier inside the step (docs/results.md §2: 1.30x faster than two intra-op threads on the same step).
+barrier inside the step (docs/results.md §2: 1.34x faster than two intra-op threads on the same step).
 
 Determinism: each task's gradients are computed apart (``torch.autograd.grad``) and added in task order, so a run
 repeats bit for bit whatever the threads' timing. It differs from the one-thread path (one summed backward) in
