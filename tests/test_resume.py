@@ -48,7 +48,6 @@ def _stream(where: Path):
 
 SLOW = pytest.mark.slow
 KINDS = {"memory": _memory, "affinity": _affinity, "stream": _stream, "threads": _memory}
-TASKS = {"memory": 2, "affinity": 3, "stream": 2, "threads": 2}
 THREADS = {"threads": 2}  # two CPU threads: each task's step runs in its own thread (training.task_threads)
 
 
@@ -109,15 +108,15 @@ def _signal_in_loss(monkeypatch, step: int, tasks: int, signum: int, task: int =
     _signal_on_call(monkeypatch, training_step, "task_loss", (step - 1) * tasks + 1 + task, signum)
 
 
-def _stop(monkeypatch, kind: str, how: str, step: int):
+def _stop(monkeypatch, tasks: int, how: str, step: int):
     """Arrange the stop; returns the observer and the step the saved state must be at."""
     if how == "observer":  # Ctrl-C between steps (an exception from the progress display)
         return StopAt(step), step
     if how == "forward":  # SIGTERM while the step computes its loss: the step is undone
-        _signal_in_loss(monkeypatch, step, TASKS[kind], signal.SIGTERM)
+        _signal_in_loss(monkeypatch, step, tasks, signal.SIGTERM)
         return None, step - 1
     if how == "second task":  # SIGTERM once the first task's forwards have updated its batch-norm statistics
-        _signal_in_loss(monkeypatch, step, TASKS[kind], signal.SIGTERM, task=1)
+        _signal_in_loss(monkeypatch, step, tasks, signal.SIGTERM, task=1)
         return None, step - 1
     # SIGINT while the optimiser updates the weights: the update (and the placement after a warm-up) ends first
     _signal_on_call(monkeypatch, torch.amp.GradScaler, "step", step, signal.SIGINT)
@@ -163,7 +162,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
 )
 def test_a_stop_at_any_step_resumes_bit_for_bit(tmp_path, monkeypatch, straight, kind, how, step):
     cfg, data = KINDS[kind](tmp_path / "b")
-    observer, saved_step = _stop(monkeypatch, kind, how, step)
+    observer, saved_step = _stop(monkeypatch, len(cfg.tasks), how, step)
     with _cpu_threads(kind), pytest.raises(KeyboardInterrupt) as caught:
         fit(cfg, observer=observer, data=data())
     monkeypatch.undo()

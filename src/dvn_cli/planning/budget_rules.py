@@ -104,14 +104,14 @@ def held_level(
     task: str,
     label: str,
     kind: str,
-    stored: Mapping[int, int] | None = None,
+    stored: Mapping[int, int],
 ) -> int:
     """The largest level of ``costs`` (the levels a file holds of ``task``) that meets ``budget``.
 
     A level budget must name a held level; a share meets every level (it is a share of the full network, which the
-    file does not hold); a budget in bytes compares ``stored`` (the bytes the file stores per level, fewer than the
-    float32 cost in a shared export at fp16 or int8) when given. ``label`` and ``kind`` (the file and its format)
-    name the file when no level fits.
+    file does not hold); a budget in bytes compares ``stored``, the bytes the file stores per level
+    (``ModelFile.stored_bytes``: the float32 cost, fewer in a shared export at fp16 or int8). ``label`` and
+    ``kind`` (the file and its format) name the file when no level fits.
 
     Raises:
         BadBudget: the budget does not parse, or no held level meets it.
@@ -123,7 +123,7 @@ def held_level(
         return {
             "level": parsed.value == level,
             "params": cost.params_total <= parsed.value,
-            "bytes": (stored[level] if stored is not None else cost.bytes) <= parsed.value,
+            "bytes": stored[level] <= parsed.value,
             "share": True,  # a share of the full network, which this file does not hold: nothing to compare
         }[parsed.kind]
 

@@ -333,7 +333,8 @@ def plan_levels(
             f"{MAX_COMBINATIONS:,} searched exhaustively; plan fewer tasks at once"
         )
     task_weights = _check_weights(names, weights)
-    params, stored = memory_model(network), memory_model(network).at(check_precision(precision))
+    params = memory_model(network)
+    stored = params.at(check_precision(precision))
     model = stored if limit.in_bytes else params
     options = [
         _task_options(model, t, name, k, accuracy, task_weights[name], require_all)

@@ -2,7 +2,7 @@
 
 Why: a DVN step is many small convolutions (8 to 128 channels on 4x4 to 14x14 maps). Split over the cores, each
 one is a short OpenMP parallel region, and the cores spend much of the step meeting at its barriers: on two AVX2
-cores the main job's step takes 1.37x less time with two threads than with one, not 2x, and under load the
+cores ResNet-14's sandwich step takes 1.37x less time with two threads than with one, not 2x, and under load the
 barriers wait for threads the kernel is not running. The tasks of a step are independent until their gradients
 are added, so each task runs whole on one core instead: one thread per task, one intra-op thread each, and no
 barrier inside the step (docs/results.md §2: 1.34x faster than two intra-op threads on the same step).
@@ -71,12 +71,12 @@ class TaskThreads:
                 f.cancel()
             wait(futures)
         for i, p in enumerate(params):
-            grads = [grads[i] for _, grads in results if grads[i] is not None]
-            if not grads:
+            per_task = [task_grads[i] for _, task_grads in results if task_grads[i] is not None]
+            if not per_task:
                 continue
-            total = grads[0]
-            for g in grads[1:]:  # in task order: the same sum whatever thread finished first
-                total = total.add_(g)
+            total = per_task[0]
+            for grad in per_task[1:]:  # in task order: the same sum whatever thread finished first
+                total.add_(grad)
             p.grad = total if p.grad is None else p.grad.add_(total)
         return [loss for loss, _ in results]
 
