@@ -55,10 +55,32 @@ def validate_levels(network, data, levels) -> dict[str, list[float]]:
     return scores
 
 
+def step_lr(args, cfg: TrainConfig, step: int, total: int) -> float:
+    """The library's warm-up and cosine (``lr_at``), or with ``--linear-decay`` a straight line to zero after it."""
+    if args.linear_decay and step >= cfg.warmup_steps:
+        return cfg.lr * (total - step) / (total - cfg.warmup_steps)
+    return lr_at(step, total, cfg.lr, cfg.warmup_steps)
+
+
+def step_levels(args, cfg: TrainConfig, units: int, step: int, total: int) -> list[int]:
+    """The library's level sample, or level k alone during the first ``--top-first`` of the steps."""
+    if step < args.top_first * total:
+        return [units]
+    return sample_levels(cfg.level_sampling, units, cfg.seed, step)
+
+
+def zero_last_norms(network) -> None:
+    """``--zero-init-residual``: every block's last batch norm (each task's, each level's) starts at scale 0."""
+    for name, module in network.named_modules():
+        if name.endswith(".bn2"):
+            for norm in (norm for per_task in module.norms for norm in per_task):
+                torch.nn.init.zeros_(norm.weight)
+
+
 def train_curve(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     backbone = BackboneConfig(
-        depth=args.depth, widths=tuple(args.widths), units=4, in_channels=1, input_size=28, stem_stride=2
+        depth=args.depth, widths=tuple(args.widths), units=4, in_channels=1, input_size=28, stem_stride=args.stem_stride
     )
     cfg = TrainConfig(
         tasks=("mnist", "fashion-mnist"),
@@ -70,6 +92,7 @@ def train_curve(args) -> list[dict]:
         label_smoothing=args.label_smoothing,
         distill=args.distill,
         level_sampling=args.level_sampling,
+        level_weights=args.level_weights,
         seed=args.seed,
         data_root=args.data_root,
         augment=False,
@@ -77,6 +100,8 @@ def train_curve(args) -> list[dict]:
     data = [dataclasses.replace(d, augment="none") for d in load_tasks(cfg)]
     torch.manual_seed(cfg.seed)
     network = build_network(backbone, [d.spec for d in data]).to(memory_format=torch.channels_last).train()
+    if args.zero_init_residual:
+        zero_last_norms(network)
     optimizer = make_optimizer(network, cfg)
     streams = [d.train_batches(cfg.batch_size, seed=cfg.seed, task_index=i) for i, d in enumerate(data)]
     total = max(1, round(cfg.epochs * max(s.batches_per_epoch for s in streams)))
@@ -86,10 +111,11 @@ def train_curve(args) -> list[dict]:
         start_cpu, start_wall = cpu_seconds(), time.perf_counter()
         batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in (next(s) for s in streams)]
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_steps)
+            group["lr"] = step_lr(args, cfg, step, total)
         optimizer.zero_grad(set_to_none=True)
-        levels = sample_levels(cfg.level_sampling, k, cfg.seed, step)
-        summed(task_losses(network, batches, None, cfg.distill, cfg.label_smoothing, levels=levels)).backward()
+        levels = step_levels(args, cfg, k, step, total)
+        losses = task_losses(network, batches, cfg.level_weights, cfg.distill, cfg.label_smoothing, levels=levels)
+        summed(losses).backward()
         optimizer.step()
         train_cpu += cpu_seconds() - start_cpu
         train_wall += time.perf_counter() - start_wall
@@ -137,8 +163,13 @@ def main() -> None:
     parser.add_argument("--level-sampling", default="all")
     parser.add_argument("--depth", type=int, default=14, help="ResNet depth 6n+2: 14 (n = 2) or 8 (n = 1)")
     parser.add_argument("--widths", type=lambda s: [int(w) for w in s.split(",")], default=[32, 64, 128])
+    parser.add_argument("--stem-stride", type=int, default=2)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--level-weights", type=lambda s: [float(w) for w in s.split(",")], default=None)
+    parser.add_argument("--linear-decay", action="store_true", help="linear decay to zero after warm-up")
+    parser.add_argument("--top-first", type=float, default=0.0, help="fraction of steps that train level k alone")
+    parser.add_argument("--zero-init-residual", action="store_true", help="each block's last batch norm starts at 0")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-root", default="data")
