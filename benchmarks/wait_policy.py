@@ -22,7 +22,7 @@ from pathlib import Path
 SETTINGS = [(policy, threads) for policy in ("ACTIVE", "PASSIVE") for threads in (1, 2)]
 
 
-def child(checkpoint: str) -> None:
+def child(checkpoint: str, batches: list[int]) -> None:
     """In a fresh process: medians of the virtual network's forward, ms per call, as one JSON line."""
     import torch
 
@@ -33,7 +33,8 @@ def child(checkpoint: str) -> None:
     k = network.units
     result = {}
     with torch.no_grad():
-        for batch, calls in ((1, 200), (64, 30)):
+        for batch in batches:
+            calls = max(30, 200 // batch)
             x = torch.randn(batch, channels, size, size)
             for level in (1, k):
                 for _ in range(10):
@@ -51,10 +52,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--checkpoint", default="runs/dvn/model.safetensors")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 64])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.checkpoint)
+        child(args.checkpoint, args.batches)
         return
     runs: dict[tuple[str, int], list[dict[str, float]]] = {s: [] for s in SETTINGS}
     loads = [os.getloadavg()[0]]
@@ -62,7 +64,15 @@ def main() -> None:
         for policy, threads in SETTINGS:
             env = {**os.environ, "OMP_WAIT_POLICY": policy, "OMP_NUM_THREADS": str(threads)}
             out = subprocess.run(
-                [sys.executable, __file__, "--child", "-c", args.checkpoint],
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    "-c",
+                    args.checkpoint,
+                    "--batches",
+                    ",".join(map(str, args.batches)),
+                ],
                 env=env,
                 capture_output=True,
                 text=True,

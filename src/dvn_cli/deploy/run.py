@@ -13,6 +13,7 @@ from functools import partial
 
 import torch
 
+from ..core.threads import threads_for_batch
 from ..modelfile.base import ModelFile
 from ..modelfile.bundle import Bundle
 from ..modelfile.checkpoint import Checkpoint
@@ -38,7 +39,7 @@ class ModelRunner:
         model = self.model
         model.check_pair(task, level)
         if isinstance(model, Checkpoint):
-            return partial(model.network.eval(), task=task, level=level)
+            return partial(_run_torch, partial(model.network.eval(), task=task, level=level))
         if isinstance(model, Bundle):
             if self.runtime is None:
                 self.runtime = SharedRuntime.from_model(model, model.choices)
@@ -47,13 +48,18 @@ class ModelRunner:
             if self.runtime is None:
                 self.runtime = SharedOrtRuntime(model.files)  # the folder as already read and checked
             return partial(_run_onnx, self.runtime, task, level)
-        return model.plain_of(task, level)
+        return partial(_run_torch, model.plain_of(task, level))
 
     def forwards(self, choices: Mapping[str, int]) -> dict[str, Forward]:
         """Forwards of tasks that run at once, one level each, holding each block once: a bundle's and a shared
         export's from their one runtime, a checkpoint's from its own network (a runtime made over a loaded
         checkpoint would copy the blocks it already holds)."""
         return {task: self.forward(task, level) for task, level in choices.items()}
+
+
+def _run_torch(forward: Forward, x: torch.Tensor) -> torch.Tensor:
+    with threads_for_batch(x.shape[0]):  # a few images on one intra-op thread (core/threads.py)
+        return forward(x)
 
 
 def _run_onnx(runtime, task: str, level: int, x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..config import BackboneConfig
 from ..core.plain import PlainNetwork, plain_config
+from ..core.threads import threads_for_batch
 from ..core.units import BlockGrid
 from ..errors import BadConfig, UnknownTask, WrongFileFormat
 from ..modelfile.base import BlockKey, ModelFile, UnitParts, UnitSource
@@ -234,7 +235,7 @@ class SharedRuntime:
         channels = network.config.in_channels
         if x.dim() != 4 or x.shape[1] != channels:
             raise BadConfig(f"input of shape {tuple(x.shape)} does not match the network's (B, {channels}, H, W)")
-        with torch.no_grad():
+        with torch.no_grad(), threads_for_batch(x.shape[0]):
             return state.runners[name](x)
 
     def held_blocks(self) -> set[BlockKey]:
