@@ -1,11 +1,13 @@
 """Inference latency under OpenMP's waiting policies and thread counts: what ``dvn``'s passive default costs.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/wait_policy.py [-c runs/dvn/model.safetensors] [--rounds 4]
+    PYTHONPATH=src .venv/bin/python benchmarks/wait_policy.py [-c runs/dvn/model.safetensors] [--rounds 4] \
+        [--batches 1,2,4,8,16,64]
 
 ``dvn`` sets ``OMP_WAIT_POLICY=PASSIVE`` before torch loads (``cli/__init__.py``), for training under load. libgomp
 reads the policy once, when it loads, so each setting runs in a fresh process: (ACTIVE, PASSIVE) x (1, 2 threads),
-alternated round by round. Each process times the checkpoint's virtual network (task 0) at levels 1 and k, batch 1
-and batch 64, as medians of many calls; the table gives the median over rounds of those medians, in ms per call.
+alternated round by round. Each process times the checkpoint's virtual network (task 0) at levels 1 and k, at each of
+``--batches`` (default 1 and 64), as medians of many calls; the table gives the median over rounds of those
+medians, in ms per call.
 """
 
 from __future__ import annotations
