@@ -72,9 +72,10 @@ def step_levels(args, cfg: TrainConfig, units: int, step: int, total: int) -> li
 def zero_last_norms(network) -> None:
     """``--zero-init-residual``: every block's last batch norm (each task's, each level's) starts at scale 0."""
     for name, module in network.named_modules():
-        if name.endswith(".bn2"):
-            for norm in (norm for per_task in module.norms for norm in per_task):
-                torch.nn.init.zeros_(norm.weight)
+        if name.endswith(".bn2"):  # a LevelBatchNorm2d: one BatchNorm2d per (task, level)
+            for norm in module.modules():
+                if isinstance(norm, torch.nn.BatchNorm2d):
+                    torch.nn.init.zeros_(norm.weight)
 
 
 def train_curve(args) -> list[dict]:

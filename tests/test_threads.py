@@ -49,12 +49,12 @@ def test_a_few_images_run_on_one_thread_and_the_count_comes_back(two_threads):
     assert torch.get_num_threads() == 2
 
 
-def _threads_seen(forward, batch: int) -> set[int]:
-    """The intra-op thread counts every module's forward saw during one call of ``forward`` on ``batch`` images."""
+def _threads_seen(forward, images: torch.Tensor) -> set[int]:
+    """The intra-op thread counts every module's forward saw during one call of ``forward`` on ``images``."""
     seen = set()
     hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda *_: seen.add(torch.get_num_threads()))
     try:
-        forward(torch.randn(batch, 3, 12, 12))
+        forward(images)
     finally:
         hook.remove()
     return seen
@@ -67,7 +67,9 @@ def test_the_runners_forwards_of_a_few_images_run_on_one_thread(tiny_network, tw
         "checkpoint (ModelRunner)": ModelRunner(checkpoint).forward("task0", 3),
         "SharedRuntime": lambda x: runtime(x, "task1"),
     }
+    cfg = tiny_network.config
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     for name, forward in forwards.items():
-        assert _threads_seen(forward, 1) == {1}, name
-        assert _threads_seen(forward, SMALL_BATCH + 8) == {2}, name
+        assert _threads_seen(forward, torch.randn(1, *shape)) == {1}, name
+        assert _threads_seen(forward, torch.randn(SMALL_BATCH + 8, *shape)) == {2}, name
         assert torch.get_num_threads() == 2, name

@@ -3,8 +3,8 @@
 A forward of a few images is dozens of short convolutions. Split over the cores, each one is an OpenMP parallel
 region whose barrier costs more than the work it shares out, and with the passive waiting ``dvn`` sets for
 training under load (``cli/__init__.py``) every barrier wakes a sleeping thread. On 2 AVX2 cores a batch-1 call of
-the main job's network took 1.6-1.7 ms on two threads and 0.9-1.1 ms on one; up to 8 images one thread is as fast
-or faster at every level, from 16 images the largest level gains from two (docs/results.md §2). One thread has no
+the main job's network took 1.6-1.7 ms on two threads and 0.9-1.1 ms on one; up to 4 images one thread was faster
+at levels 1 and 4, at 8 they tied, from 16 images level 4 gained from two (docs/results.md §2). One thread has no
 barrier to wait at, so it also keeps its speed when other work shares the cores.
 """
 
