@@ -470,3 +470,31 @@ def test_real_mnist_and_fashion_mnist(real_data_root: Path):
     rgb = load_task("mnist", data_root=real_data_root, channels=3, size=32, limit=100)
     assert rgb.spec.resize == "pad" and rgb.train_images.shape == (100, 3, 32, 32)
     assert rgb.test_images.shape == (10000, 3, 32, 32)
+
+
+def test_sixteen_bit_greyscale_decodes_as_its_eight_bit_twin(tmp_path: Path):
+    """A 16-bit PNG (PIL mode ``I;16``, values x 257) reads as the 8-bit file it was made from, in grey and in RGB;
+    PIL's own ``convert`` clips it to {0, 255}."""
+    from dvn_cli.data.decode import input_image, read_image
+
+    eight = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    Image.fromarray(eight).save(tmp_path / "8.png")
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "16.png")
+    assert Image.open(tmp_path / "16.png").mode == "I;16"
+    Image.fromarray(eight.astype(np.int32) * 257).save(tmp_path / "32.tif")  # mode I
+    for name in ("16.png", "32.tif"):
+        np.testing.assert_array_equal(read_image(tmp_path / name, "L", None), eight)
+        np.testing.assert_array_equal(
+            read_image(tmp_path / name, "RGB", None), read_image(tmp_path / "8.png", "RGB", None)
+        )
+        np.testing.assert_array_equal(input_image(tmp_path / name, 1, 28, "pad"), eight[None])
+
+
+def test_float_images_read_as_zero_to_one_or_not_at_all(tmp_path: Path):
+    from dvn_cli.data.decode import read_image
+
+    eight = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(eight.astype(np.float32) / 255).save(tmp_path / "unit.tif")
+    np.testing.assert_array_equal(read_image(tmp_path / "unit.tif", "L", None), eight)
+    Image.fromarray(eight.astype(np.float32) * 4).save(tmp_path / "wide.tif")  # range unknown: unreadable, not clipped
+    assert read_image(tmp_path / "wide.tif", "L", None) is None

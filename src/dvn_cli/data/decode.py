@@ -53,12 +53,34 @@ def read_image(path: Path | IO[bytes], mode: str, size: int | None) -> np.ndarra
                 im.draft(mode, (size, size))  # JPEG: decode at a reduced scale, much faster for big photos
             if im.mode == "P" and "transparency" in im.info:
                 im = im.convert("RGBA")
+            im = _eight_bit(im)
+            if im is None:
+                return None
             im = im.convert(mode)
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
+
+
+_WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""PIL's modes of 16-bit greyscale (PNG, TIFF; ``I`` is how other Pillow versions open a 16-bit PNG). PIL's own
+``convert`` clips them to 0..255, which binarises an image whose values span 0..65535."""
+
+
+def _eight_bit(im: Image.Image) -> Image.Image | None:
+    """``im`` with 8 bits per channel: 16-bit greyscale scaled by 255/65535 (rounded), as every 8-bit mode is read
+    unscaled; a float image (``F``) read as 0..1 when its values lie there, else None (its range is unknown)."""
+    if im.mode in _WIDE_INTEGER_MODES:
+        values = np.asarray(im).astype(np.float64)
+        return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+    if im.mode == "F":
+        values = np.asarray(im, dtype=np.float64)
+        if not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+            return None
+        return Image.fromarray(np.rint(values * 255.0).astype(np.uint8), mode="L")
+    return im
 
 
 def image_mode(channels: int) -> str:
