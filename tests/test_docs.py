@@ -15,8 +15,9 @@ GROUP = typer.main.get_command(app)
 
 
 def readme_commands() -> list[str]:
-    blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", README.read_text(), flags=re.S)
-    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    blocks = re.findall(r"```(\w*)\n(.*?)```", README.read_text(), flags=re.S)
+    shell = [body for lang, body in blocks if lang in ("", "bash", "sh", "console")]
+    lines = [line.split("  #")[0].strip() for block in shell for line in block.splitlines()]
     return [line for line in lines if line.startswith("dvn ")]
 
 
@@ -72,3 +73,14 @@ def test_version_has_one_source():
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.stdout == f"dvn {__version__}\n"
+
+
+def test_readme_is_short_with_a_quick_start_from_training_to_serving():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 150
+    quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = [line.split("  #")[0].strip() for line in quick.splitlines() if line.startswith("dvn ")]
+    verbs = [shlex.split(c)[1] for c in commands]
+    assert {"train", "eval", "plan", "export", "serve", "predict"} <= set(verbs)
+    for command in commands:
+        parse(command)
