@@ -78,6 +78,25 @@ def test_share_above_100_is_refused():
         parse_budget("101%")
 
 
+HUGE = "1" + "0" * 400
+
+
+@pytest.mark.parametrize("suffix", ["", "k", "%", "B", "kB", "GiB", "TB"])
+def test_a_number_too_large_is_a_bad_budget_not_a_crash(suffix):
+    """400 digits give no float (inf): every form refuses it in one line, without echoing all of it."""
+    with pytest.raises(BadBudget) as info:
+        parse_budget(HUGE + suffix)
+    message = str(info.value)
+    assert message.startswith("bad budget '1000") and "largest budget is 10^18" in message and len(message) < 160
+
+
+def test_the_largest_budget_parses_and_terabytes_are_bytes():
+    assert parse_budget("1000000000000000000B") == Budget("bytes", 1e18, "1000000000000000000B")
+    assert parse_budget("1TB").value == 10**12 and parse_budget("2 TiB").value == 2 * 1024**4
+    with pytest.raises(BadBudget, match="largest budget is 10"):
+        parse_budget("1000001TB")
+
+
 def test_format_count_and_bytes():
     assert [format_count(n) for n in (0, 950, 999, 1000, 44_200, 999_960, 1_200_000, 3.1e9)] == [
         "0",

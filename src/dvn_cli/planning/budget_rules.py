@@ -18,7 +18,16 @@ from typing import Literal
 from ..core.sizes import LevelCost
 from ..errors import BadBudget
 
-__all__ = ["FORMS", "Budget", "BudgetKind", "describe_budget", "fit_held_levels", "held_level", "parse_budget"]
+__all__ = [
+    "FORMS",
+    "MAX_BUDGET",
+    "Budget",
+    "BudgetKind",
+    "describe_budget",
+    "fit_held_levels",
+    "held_level",
+    "parse_budget",
+]
 
 BudgetKind = Literal["level", "params", "share", "bytes"]
 
@@ -33,7 +42,12 @@ _BYTE_SUFFIXES = {  # keys lower-case: byte suffixes are matched case-insensitiv
     "kib": 1024,
     "mib": 1024**2,
     "gib": 1024**3,
+    "tb": 1000**4,
+    "tib": 1024**4,
 }
+MAX_BUDGET = 10**18
+"""The largest number a budget may stand for (parameters, bytes or a level): far beyond any device, and what a
+float holds exactly; a larger number (400 digits, which no float holds) is refused in one line."""
 _BUDGET_RE = re.compile(r"^\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<suffix>[A-Za-z%]*)\s*$")
 
 
@@ -52,8 +66,13 @@ class Budget:
     text: str
 
 
+def _shown(text: str) -> str:
+    """What the user wrote, quoted, cut short when it is long (a message stays one readable line)."""
+    return repr(text) if len(text) <= 40 else f"{text[:24]!r}… ({len(text)} characters)"
+
+
 def _bad(text: str) -> BadBudget:
-    return BadBudget(f"bad budget {text!r}: {FORMS}")
+    return BadBudget(f"bad budget {_shown(text)}: {FORMS}")
 
 
 def parse_budget(text: str) -> Budget:
@@ -70,6 +89,9 @@ def parse_budget(text: str) -> Budget:
     if match is None:
         raise _bad(stripped)
     number, suffix = Decimal(match["number"]), match["suffix"]
+    scale = 100 if suffix == "%" else _COUNT_SUFFIXES.get(suffix) or _BYTE_SUFFIXES.get(suffix.lower(), 1)
+    if number * scale > MAX_BUDGET:
+        raise BadBudget(f"bad budget {_shown(stripped)}: the largest budget is 10^18 (parameters, bytes or a level)")
     if suffix == "":
         if "." in match["number"] or number < 1:
             raise _bad(stripped)
@@ -78,14 +100,14 @@ def parse_budget(text: str) -> Budget:
         raise _bad(stripped)
     if suffix == "%":
         if number > 100:
-            raise BadBudget(f"bad budget {stripped!r}: a share must be above 0% and at most 100%")
+            raise BadBudget(f"bad budget {_shown(stripped)}: a share must be above 0% and at most 100%")
         return Budget("share", float(number), stripped)
     if suffix in _COUNT_SUFFIXES:
         return Budget("params", float(number * _COUNT_SUFFIXES[suffix]), stripped)
     if suffix.lower() in _BYTE_SUFFIXES:
         return Budget("bytes", float(number * _BYTE_SUFFIXES[suffix.lower()]), stripped)
     if suffix == "m":
-        raise BadBudget(f"bad budget {stripped!r}: write millions with a capital M (1.2M); {FORMS}")
+        raise BadBudget(f"bad budget {_shown(stripped)}: write millions with a capital M (1.2M); {FORMS}")
     raise _bad(stripped)
 
 

@@ -7,7 +7,8 @@ A budget is one of four kinds (docs/design.md §4):
   ``1.2M``. A lower-case ``m`` is refused (it reads as milli). A plain integer is a level, never a count.
 - a SHARE of the full network: ``40%`` with ``0 < x <= 100``.
 - BYTES of stored weights: ``123B``, ``500kB``, ``2MB``, ``1GB`` (decimal, 1000^n) or ``800KiB``, ``1.5MiB``,
-  ``1GiB`` (binary, 1024^n). Byte suffixes are case-insensitive (``2mb`` and ``500KB`` are decimal bytes too).
+  ``1GiB``, ``1TiB`` (binary, 1024^n; ``1TB`` decimal). Byte suffixes are case-insensitive (``2mb`` and
+  ``500KB`` are decimal bytes too).
 
 Whitespace is tolerated around the number and between number and suffix (``250 k``).
 
