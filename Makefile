@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
-.PHONY: install data demo test test-fast lint bench clean
+.PHONY: install data demo test test-fast lint typecheck bench clean
 
 install: $(STAMP)
 
@@ -40,6 +40,9 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check src tests examples benchmarks
 	$(BIN)/ruff format --check src tests examples benchmarks
+
+typecheck: install
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python benchmarks/train_step.py

@@ -60,7 +60,7 @@ from dvn_cli.modelfile.shared_folder import WEIGHTS_NAME
 from dvn_cli.planning.memory import memory_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory import CHILD, cpu_model, load  # noqa: E402  (the established memory measurement)
+from memory import CHILD, cpu_model, load
 
 SHARED = ("fp32", "fp16", "int8")
 MIB = 2**20

@@ -130,7 +130,7 @@ def _history(run: Path) -> list[dict]:
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def _assert_same_run(a: Path, b: Path) -> None:

@@ -430,7 +430,7 @@ def _guarded(loader: DataLoader, data: StreamedTask | None = None) -> Iterator[A
             raise StreamFailed(
                 f"a data worker reading {what} died: its connection closed mid-batch ({first_line(exc)})"
             ) from None
-        except Exception as exc:  # noqa: BLE001 - DataLoader re-raises a worker's error with its traceback
+        except Exception as exc:
             lines = [line for line in str(exc).splitlines() if line.strip()]
             detail = lines[-1].strip() if lines else first_line(exc)
             raise StreamFailed(f"a data worker reading {what} failed: {detail}") from None
