@@ -194,6 +194,50 @@ def test_a_stop_before_the_first_step_saves_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json"]
 
 
+_SLOW_LOADING = """
+import sys, time
+from dvn_cli.training import loop
+
+def slow(cfg):
+    print("loading", flush=True)
+    time.sleep(60)
+
+loop.load_tasks = slow
+from dvn_cli.cli.app import app
+app(sys.argv[1:], prog_name="dvn")
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_data_loads_exits_128_plus_it_saying_nothing_saved(tmp_path, signum):
+    """SIGTERM 3 s into dvn train (loading data) once ended in ``AttributeError: 'NoneType' object has no attribute
+    'summary'`` and exit 1."""
+    import subprocess
+    import sys
+
+    from .test_faults import _subprocess_env, _tiny_train_args
+
+    folder = make_image_folder(tmp_path / "colours", per_class=4)
+    args = _tiny_train_args(f"colours={folder}", tmp_path / "run", tmp_path / "data", "--input-channels", 3)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_LOADING, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_subprocess_env(),
+    )
+    try:
+        assert child.stdout.readline().strip() == "loading"
+        child.send_signal(signum)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 128 + signum, stderr[-2000:]
+    what = "interrupted" if signum == signal.SIGINT else "stopped by SIGTERM"
+    assert stderr == f"error: {what}; nothing saved\n"
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_signal_in_a_deferred_block_waits_for_its_end():
     done = []
     with StopSignals() as stops, pytest.raises(Interrupted) as caught:

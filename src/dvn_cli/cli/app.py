@@ -183,11 +183,15 @@ def train(
         except KeyboardInterrupt as interrupt:
             progress.close()
             signum = getattr(interrupt, "signum", signal.SIGINT)  # stops.Interrupted names its signal
-            saved = getattr(interrupt, "result", None)
-            where = f"checkpoint of step {saved.summary['steps']} saved in {cfg.out}; continue with --resume"
+            saved = getattr(interrupt, "result", None)  # None: stopped before a step (loading data, say)
             if main_rank:
                 what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-                ui.print_error(f"{what}; {where if saved else 'nothing saved'}")
+                where = (
+                    f"checkpoint of step {saved.summary['steps']} saved in {cfg.out}; continue with --resume"
+                    if saved is not None
+                    else "nothing saved"
+                )
+                ui.print_error(f"{what}; {where}")
             raise typer.Exit(128 + signum) from None
         finally:
             progress.close()
