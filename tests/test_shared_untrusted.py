@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -513,3 +514,70 @@ def test_a_spec_that_describes_another_pair_is_refused(folder):
     result = runner.invoke(app, ["info", "-c", str(folder)])
     assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.output
     assert "the manifest's spec for task1 level 3 describes another (task, level), units or classes" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ issue 29
+
+
+def _set_values(folder: Path, pick, value: float) -> str:
+    """Set every number of the first float tensor ``pick(name, header)`` selects to ``value`` and reseal."""
+    path = folder / WEIGHTS_NAME
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    name = next(k for k in _tensors(header) if pick(k, header))
+    begin, end = header[name]["data_offsets"]
+    dtype = np.dtype({"F32": np.float32, "F16": np.float16}[header[name]["dtype"]])
+    data[8 + n + begin : 8 + n + end] = np.full((end - begin) // dtype.itemsize, value, dtype).tobytes()
+    path.write_bytes(bytes(data))
+    _reseal(folder)
+    return name
+
+
+def _int8_scale(name: str, header: dict) -> bool:
+    return name.endswith(".scale") and header.get(name.removesuffix(".scale"), {}).get("dtype") == "I8"
+
+
+def test_non_finite_values_and_bad_int8_scales_are_refused_at_open_naming_the_tensor(exports, int8_exports, tmp_path):
+    """A folder whose numbers are NaN or infinite, or whose int8 scales are not > 0, answered NaN (predict exited 0)
+    or 8 % at every level (eval): refused when it is opened, as a checkpoint with such values is."""
+    fp16 = _export(tmp_path, "fp16", 0, "fp16")
+    cases = [
+        (int8_exports["pristine"], _int8_scale, float("nan"), "non-finite values (NaN or infinity)"),
+        (int8_exports["pristine"], _int8_scale, 0.0, "an int8 scale that is not > 0"),
+        (int8_exports["pristine"], _int8_scale, -0.5, "an int8 scale that is not > 0"),
+        (
+            fp16,
+            lambda name, header: header[name]["dtype"] == "F16",
+            float("inf"),
+            "non-finite values (NaN or infinity)",
+        ),
+        (
+            exports["pristine"],
+            lambda name, header: name.endswith(".shift"),
+            float("nan"),
+            "non-finite values (NaN or infinity)",
+        ),
+    ]
+    folders, messages = [], []
+    for i, (source, pick, value, problem) in enumerate(cases):
+        folder = shutil.copytree(source, tmp_path / f"case{i}")
+        name = _set_values(folder, pick, value)
+        folders.append(folder)
+        messages.append(f"{folder / WEIGHTS_NAME} holds {problem} in {name}; it cannot be used")
+    for result, message in zip(_run(*folders), messages, strict=True):
+        _refused([result], message)
+    result = runner.invoke(app, ["predict", str(tmp_path / "x.png"), "-c", str(folders[0]), "--json"])
+    assert result.exit_code == 1 and result.stderr == f"error: {messages[0]}\n", result.output
+
+
+@pytest.mark.parametrize("end", ["trailing bytes", "ends early"])
+def test_a_weights_file_must_end_where_its_last_tensor_ends(folder, end):
+    """The index must tile the data section to the end of the file: bytes after the last tensor, or a last tensor
+    cut short, are refused by the index check itself (the manifest resealed to the new size and sha256)."""
+    path = folder / WEIGHTS_NAME
+    data = path.read_bytes()
+    path.write_bytes(data + bytes(64) if end == "trailing bytes" else data[:-64])
+    _reseal(folder)
+    expected = len(data) - 64 if end == "ends early" else len(data) + 64
+    _refused(_run(folder), f"has an invalid tensor index (its tensors end at byte {len(data)} of {expected})")

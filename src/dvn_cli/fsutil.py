@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import CannotWrite
+from .errors import CannotWrite, WrongFileFormat
 
 __all__ = [
     "SafetensorsHeader",
@@ -35,6 +35,7 @@ __all__ = [
     "refuse_non_regular",
     "safe_file_stem",
     "sha256_file",
+    "unusable_tensor",
     "write_atomic",
 ]
 
@@ -49,6 +50,12 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (or its type name), for one-line user errors."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def unusable_tensor(label: object, name: str, problem: str = "non-finite values (NaN or infinity)") -> WrongFileFormat:
+    """The one refusal of a tensor read from a file that no meaningful result can follow from (``problem``): a
+    checkpoint's, a bundle's or a shared weights file's NaN or infinity, an int8 scale that is not > 0."""
+    return WrongFileFormat(f"{label} holds {problem} in {name}; it cannot be used")
 
 
 def process_umask() -> int:

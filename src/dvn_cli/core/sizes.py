@@ -12,12 +12,16 @@ from dataclasses import asdict, dataclass
 
 from ..errors import BadConfig
 
-__all__ = ["BYTES_PER_PARAM", "STORAGE_PRECISIONS", "LevelCost", "check_precision", "stored_bytes"]
+__all__ = ["BYTES_PER_PARAM", "SCALE_SUFFIX", "STORAGE_PRECISIONS", "LevelCost", "check_precision", "stored_bytes"]
 
 STORAGE_PRECISIONS = {"fp32": 4, "fp16": 2, "int8": 1}
 """Precision a deployed file stores its weight blocks at -> bytes per stored weight (docs/design.md §5)."""
 
 BYTES_PER_PARAM = STORAGE_PRECISIONS["fp32"]
+
+SCALE_SUFFIX = ".scale"
+"""The float32 per-output-channel scale of int8 tensor ``<name>`` is tensor ``<name>.scale`` (written by
+``deploy.precision``, checked by ``modelfile.shared_folder``)."""
 
 
 def check_precision(precision: str) -> str:

@@ -18,13 +18,10 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from ..core.sizes import check_precision
+from ..core.sizes import SCALE_SUFFIX, check_precision
 from ..errors import BadConfig
 
 __all__ = ["SCALE_SUFFIX", "lower_onnx", "lower_graph", "lower_tensors", "quantize_int8"]
-
-SCALE_SUFFIX = ".scale"
-"""The float32 per-output-channel scale of int8 tensor ``<name>`` is tensor ``<name>.scale``."""
 
 _INT8_MAX = 127
 

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from ..errors import MissingData, WrongFileFormat
-from ..fsutil import first_line, write_atomic
+from ..fsutil import first_line, unusable_tensor, write_atomic
 
 __all__ = ["FORMAT_VERSION", "METADATA_KEY", "read_dvn_file", "read_metadata", "write_dvn_file"]
 
@@ -84,4 +84,4 @@ def read_dvn_file(path: str | os.PathLike, formats: tuple[str, ...]) -> tuple[di
 def check_finite(label: object, name: str, tensor: torch.Tensor) -> None:
     """Refuse a floating-point tensor read from a file that holds NaN or infinity: no meaningful result follows."""
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise WrongFileFormat(f"{label} holds non-finite values (NaN or infinity) in {name}; it cannot be used")
+        raise unusable_tensor(label, name)

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..core.sizes import SCALE_SUFFIX
 from ..errors import MissingData, UnknownTask, WrongFileFormat
-from ..fsutil import first_line, read_safetensors_header, sha256_file
+from ..fsutil import first_line, read_safetensors_header, sha256_file, unusable_tensor
 
 __all__ = [
     "ALIGNMENT",
@@ -208,6 +209,21 @@ class WeightsFile:
         self.stamp = _stamp(self.fd)
         _check_file(path, entry, verify, "weights file", fd=self.fd)
         self.index = _index_of(self.fd, self.stamp[2], path, pages)
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Read every tensor once, one at a time and none kept, refusing non-finite numbers and an int8 block's scale
+        that is not > 0, as checkpoints and bundles are refused (``fsutil.unusable_tensor``): such a folder would
+        answer NaN or nonsense rather than fail."""
+        for name, (dtype, _, _) in self.index.items():
+            if dtype.kind != "f":
+                continue
+            values = self.read(name)
+            if not np.isfinite(values).all():
+                raise unusable_tensor(self.path, name)
+            quantized = name.endswith(SCALE_SUFFIX) and self.index.get(name.removesuffix(SCALE_SUFFIX), (None,))[0]
+            if quantized == np.int8 and not (values > 0).all():
+                raise unusable_tensor(self.path, name, "an int8 scale that is not > 0")
 
     def read(self, name: str) -> np.ndarray:
         """Tensor ``name`` as a read-only array of its own (not a view of the file)."""
