@@ -4,6 +4,8 @@ place, and removes only the files of the previous export that its manifest liste
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from dvn_cli.deploy.export import export_models
 from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
 from dvn_cli.deploy.shared_export import export_shared
 from dvn_cli.errors import CannotWrite
-from dvn_cli.fsutil import sha256_file
+from dvn_cli.fsutil import FolderLock, sha256_file
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.shared_folder import WEIGHTS_NAME
 
@@ -179,3 +181,54 @@ def test_a_link_or_folder_under_a_file_name_is_refused_and_nothing_changes(check
             export_models(checkpoint, out, [("task0", 1), pair], check=False)
         assert snapshot(out) == before
     assert target.read_bytes() == b"a file outside"
+
+
+# ------------------------------------------------------------------------------------------------ one export at a time
+
+
+def _in_use(out: Path, pid: int) -> str:
+    return f"error: {out} is in use by another dvn export (pid {pid}); wait for it to end, or choose another --out\n"
+
+
+def test_an_export_into_a_folder_another_export_holds_is_refused_and_changes_nothing(
+    checkpoint, other_checkpoint, tmp_path
+):
+    """Two exports into one folder at once both reported success while one export was gone (issue 29): the folder
+    is locked for the whole export, as dvn train locks its run folder, so the second is one line and exit 1."""
+    out = tmp_path / "served"
+    export_shared(checkpoint, out, check=False)
+    lock = FolderLock.acquire(out, "dvn export", "--out")  # as another export holds it
+    try:
+        before = snapshot(out)
+        args = ["export", "--no-check", "--force", "-c", str(other_checkpoint.path), "-o", str(out)]
+        shared = subprocess.run(
+            [sys.executable, "-m", "dvn_cli", *args, "--shared", "--precision", "int8"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=300,
+        )
+        assert (shared.returncode, shared.stdout, shared.stderr) == (1, "", _in_use(out, os.getpid()))
+        per_pair = runner.invoke(app, args)
+        assert (per_pair.exit_code, per_pair.stderr) == (1, _in_use(out, os.getpid())), per_pair.output
+        assert snapshot(out) == before
+    finally:
+        lock.release()
+    result = runner.invoke(app, [*args, "--shared", "--precision", "int8", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == json.loads((out / "manifest.json").read_text())
+    assert not (out / ".lock").exists()  # released when the export ends
+
+
+def test_a_failed_export_releases_the_folder(checkpoint, tmp_path, monkeypatch):
+    out = tmp_path / "served"
+    monkeypatch.setattr(export_folder.ExportStage, "commit", lambda self, manifest: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        export_shared(checkpoint, out, check=False)
+    assert not out.exists()  # the folder it created is removed again
+    out.mkdir()
+    with pytest.raises(ZeroDivisionError):
+        export_models(checkpoint, out, check=False)
+    assert list(out.iterdir()) == []  # nor does a lock stay behind in a folder that was there
+    monkeypatch.undo()
+    assert export_models(checkpoint, out, check=False)["models"]

@@ -10,6 +10,9 @@ structure, never by a byte or two: a safetensors header length happens to start 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -24,9 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import CannotWrite, WrongFileFormat
+from .errors import BadConfig, CannotWrite, DvnError, WrongFileFormat
 
 __all__ = [
+    "LOCK_NAME",
+    "FolderLock",
     "SafetensorsHeader",
     "file_format",
     "first_line",
@@ -166,6 +171,80 @@ def refuse_non_regular(path: Path) -> None:
         raise CannotWrite(path, exc.strerror or str(exc)) from None
     if not stat.S_ISREG(mode):
         raise CannotWrite(path, "it exists and is not a regular file; dvn replaces regular files only")
+
+
+LOCK_NAME = ".lock"
+
+
+class FolderLock:
+    """An exclusive, non-blocking ``flock`` on ``<folder>/.lock`` for as long as a command writes the folder, so two
+    commands never write one folder at once (``dvn train``'s run folder, an export folder).
+
+    The file holds the holder's process id for the refusal message. ``release`` removes the file while still
+    holding the lock, and ``acquire`` checks that the file it locked is still the one at the path, so a process that
+    opened the file just before it was removed never believes it holds the lock. A process killed outright leaves
+    the file behind, unlocked: the kernel drops the lock with the process, and the next command takes it.
+    """
+
+    def __init__(self, path: Path | None = None, fd: int | None = None) -> None:
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def acquire(cls, folder: Path, command: str, option: str) -> FolderLock:
+        """Lock ``folder`` (which must exist) for ``command`` (``dvn train``), or refuse in one line naming the
+        process that holds it and the ``option`` that chooses another folder."""
+        path = Path(folder) / LOCK_NAME
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise DvnError(f"cannot create {path} ({exc.strerror or exc}); choose another {option}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                raise BadConfig(
+                    f"{folder} is in use by another {command} (pid {holder}); wait for it to end, "
+                    f"or choose another {option}"
+                ) from None
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a filesystem without flock
+                    return cls()
+                raise
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # the holder removed it meanwhile: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (no-op when not held)."""
+        if self.fd is None:
+            return
+        try:
+            if self.path is not None:
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _read_pid(fd: int) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        return str(int(os.pread(fd, 32, 0).decode().strip()))
+    return "unknown"
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (on_path.st_dev, on_path.st_ino)
 
 
 def write_atomic(

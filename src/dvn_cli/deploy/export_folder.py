@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import BadConfig, CannotWrite, DvnError, UnknownTask
-from ..fsutil import refuse_non_regular, safe_file_stem, sha256_file, write_atomic
+from ..fsutil import FolderLock, refuse_non_regular, safe_file_stem, sha256_file, write_atomic
 from ..modelfile.base import ModelFile
 from ..modelfile.spec import CompactSpec
 
@@ -304,18 +304,26 @@ class ExportStage:
         return removed, left
 
 
-def _open_staging(out: Path) -> tuple[bool, Path]:
-    """Create ``out`` when missing (True when this call created it) and a staging folder in it, or say why not."""
+def _open_folder(out: Path) -> bool:
+    """Create ``out`` when missing (True when this call created it), or say why not."""
     try:
         if out.exists() and not out.is_dir():
             raise CannotWrite(out, "it is a file, not a folder")
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out))
-        (staging / _REPLACED).mkdir()
-        return created, staging
+        return created
     except CannotWrite:
         raise
+    except OSError as exc:
+        raise CannotWrite(out, exc.strerror or str(exc)) from None
+
+
+def _open_staging(out: Path) -> Path:
+    """A new staging folder in ``out``, or say why not."""
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out))
+        (staging / _REPLACED).mkdir()
+        return staging
     except OSError as exc:
         raise CannotWrite(out, exc.strerror or str(exc)) from None
 
@@ -324,21 +332,27 @@ def _open_staging(out: Path) -> tuple[bool, Path]:
 def staged_export(out_dir: str | os.PathLike, source: Mapping[str, Any], force: bool) -> Iterator[ExportStage]:
     """A staging folder for a new export into ``out_dir``; on any failure the folder is left as it was.
 
-    An earlier export of another source file (or a manifest dvn did not write) is refused unless ``force``. Write
-    the new files at ``stage.file(name)`` and finish with ``stage.commit(manifest)``. A folder this call created is
-    removed again when the export fails.
+    The folder is locked (``fsutil.FolderLock``, as ``dvn train`` locks its run folder) from before the previous
+    manifest is read until the new one is in place: a second export into it meanwhile is refused in one line, so an
+    export that succeeds has written what it reports. An earlier export of another source file (or a manifest dvn
+    did not write) is refused unless ``force``. Write the new files at ``stage.file(name)`` and finish with
+    ``stage.commit(manifest)``. A folder this call created is removed again when the export fails.
     """
     out = Path(out_dir)
-    previous = _previous_manifest(out, source, force)
-    created, staging = _open_staging(out)
-    stage = ExportStage(out, staging, previous)
+    created = _open_folder(out)
+    lock = FolderLock.acquire(out, "dvn export", "--out")
+    stage = None
     try:
+        stage = ExportStage(out, _open_staging(out), _previous_manifest(out, source, force))
         yield stage
     except BaseException:
-        if not stage.committed:
-            stage.roll_back()
+        if stage is None or not stage.committed:
+            if stage is not None:
+                stage.roll_back()
             if created:
                 shutil.rmtree(out, ignore_errors=True)
         raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage.staging, ignore_errors=True)
+        lock.release()

@@ -7,17 +7,14 @@ run trains, ``.lock`` holds its process id under an exclusive ``flock``; it is r
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import NOT_COMPARED
-from ..errors import BadConfig, DvnError, MissingData, WrongFileFormat
+from ..errors import BadConfig, MissingData, WrongFileFormat
+from ..fsutil import LOCK_NAME, FolderLock
 from ..modelfile.checkpoint import STATE_FORMAT
 from ..modelfile.container import read_metadata
 
@@ -48,75 +45,17 @@ class RunPaths:
 
     @property
     def lock(self) -> Path:
-        return self.out / ".lock"
+        return self.out / LOCK_NAME
 
 
-class RunLock:
-    """An exclusive, non-blocking ``flock`` on ``<out>/.lock`` for the whole run, so two runs never share a folder.
-
-    The file holds the holder's process id for the refusal message. ``release`` removes the file while still
-    holding the lock, and ``acquire`` checks that the file it locked is still the one at the path, so a run that
-    opened the file just before it was removed never believes it holds the lock. A run killed outright leaves the
-    file behind, unlocked: the kernel drops the lock with the process, and the next run takes it.
-    """
-
-    def __init__(self, path: Path | None = None, fd: int | None = None) -> None:
-        self.path, self.fd = path, fd
+class RunLock(FolderLock):
+    """``fsutil.FolderLock`` on the run folder for the whole run, so two runs never share a folder (nor a run and an
+    export into it)."""
 
     @classmethod
     def acquire(cls, paths: RunPaths) -> RunLock:
         """Lock ``paths.out`` (which must exist), or refuse in one line naming the process that holds it."""
-        while True:
-            try:
-                fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise DvnError(f"cannot create {paths.lock} ({exc.strerror or exc}); choose another --out") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_pid(fd)
-                os.close(fd)
-                raise BadConfig(
-                    f"{paths.out} is in use by another dvn train (pid {holder}); wait for it to end, "
-                    "or choose another --out"
-                ) from None
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a filesystem without flock
-                    return cls()
-                raise
-            if _same_file(fd, paths.lock):
-                break
-            os.close(fd)  # the run that held it removed it meanwhile: lock the new one
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        return cls(paths.lock, fd)
-
-    def release(self) -> None:
-        """Remove the lock file and drop the lock (no-op when not held)."""
-        if self.fd is None:
-            return
-        try:
-            if self.path is not None:
-                self.path.unlink(missing_ok=True)
-        finally:
-            os.close(self.fd)
-            self.fd = None
-
-
-def _read_pid(fd: int) -> str:
-    with contextlib.suppress(OSError, ValueError):
-        return str(int(os.pread(fd, 32, 0).decode().strip()))
-    return "unknown"
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        on_path = os.stat(path)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (mine.st_dev, mine.st_ino) == (on_path.st_dev, on_path.st_ino)
+        return super().acquire(paths.out, "dvn train", "--out")
 
 
 def _check_out(paths: RunPaths) -> None:
