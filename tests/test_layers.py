@@ -116,3 +116,20 @@ def test_forward_refuses_bad_task_level_and_shape(tiny_network):
     with pytest.raises(BadConfig, match=r"input of shape \(2, 1, 12, 12\)"):
         tiny_network(torch.randn(2, 1, 12, 12), 0, 1)
     assert tiny_network(x, "task1", 2).shape == (2, 3)
+
+
+def test_unit_linear_starts_and_prints_as_nn_linear():
+    # UnitLinear is no nn.Linear subclass (its forward takes task and level), but a seeded head is the same
+    from dvn_cli.core.units import UnitLayout
+
+    layout = UnitLayout([[0, 1, 2, 3]], 4)
+    torch.manual_seed(7)
+    reference = torch.nn.Linear(16, 10)
+    torch.manual_seed(7)
+    head = UnitLinear(16, 10, layout)
+    assert [n for n, _ in head.named_parameters()] == ["weight", "bias"]
+    torch.testing.assert_close(head.weight, reference.weight, rtol=0, atol=0)
+    torch.testing.assert_close(head.bias, reference.bias, rtol=0, atol=0)
+    assert repr(head) == repr(reference).replace("Linear", "UnitLinear")
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(head(x, 0, 4), reference(x), rtol=0, atol=0)

@@ -13,12 +13,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from torch import nn
-
 from ..config import BackboneConfig
 from ..errors import BadConfig
 from . import mobilenet, resnet
-from .family import Backbone
+from .family import Backbone, Features
 from .units import UnitLayout
 
 __all__ = [
@@ -69,7 +67,7 @@ def backbone_defaults(arch: str, width: float | None = None) -> dict[str, Any]:
     return values
 
 
-def build_features(config: BackboneConfig, layout: UnitLayout) -> nn.Module:
+def build_features(config: BackboneConfig, layout: UnitLayout) -> Features:
     """The unit-split feature extractor named by ``config.arch``."""
     if layout.units != config.units:
         raise BadConfig(f"layout has k={layout.units} units but the backbone config says k={config.units}")

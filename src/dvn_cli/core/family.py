@@ -17,7 +17,14 @@ from ..config import BackboneConfig
 from ..errors import BadConfig
 from .units import UnitLayout
 
-__all__ = ["Backbone", "total_stride_check"]
+__all__ = ["Backbone", "Features", "total_stride_check"]
+
+
+class Features(nn.Module):
+    """A family's feature extractor, unit-split or plain: it ends in global average pooling, so its output is
+    ``(B, out_features)`` (``(B, out_features*l/k)`` for a unit one at level l), what a head reads."""
+
+    out_features: int
 
 
 @dataclass(frozen=True)
@@ -32,8 +39,8 @@ class Backbone:
         widths_at: the widths at a width multiplier; None scales ``defaults["widths"]`` and rounds.
     """
 
-    unit: Callable[[BackboneConfig, UnitLayout], nn.Module]
-    plain: Callable[[BackboneConfig], nn.Module]
+    unit: Callable[[BackboneConfig, UnitLayout], Features]
+    plain: Callable[[BackboneConfig], Features]
     check_input: Callable[[BackboneConfig], None]
     defaults: Mapping[str, Any] = field(default_factory=dict)
     widths_at: Callable[[float], tuple[int, ...]] | None = None

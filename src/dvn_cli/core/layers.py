@@ -9,6 +9,8 @@ switchable batch norm (Yu et al., "Slimmable Neural Networks", ICLR 2019).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -161,7 +163,11 @@ class LevelBatchNorm2d(nn.Module):
         )
 
     def norm(self, task: int, level: int) -> nn.BatchNorm2d:
-        return self.norms[task][level - 1]
+        row = self.norms[task]
+        assert isinstance(row, nn.ModuleList)  # __init__ fills norms with one ModuleList of BatchNorm2d per task
+        norm = row[level - 1]
+        assert isinstance(norm, nn.BatchNorm2d)
+        return norm
 
     def forward(self, x: torch.Tensor, task: int, level: int, masked: bool = False) -> torch.Tensor:
         norm = self.norm(task, level)
@@ -177,11 +183,22 @@ class LevelBatchNorm2d(nn.Module):
         return {name: t.detach().clone() for name, t in self.norm(task, level).state_dict().items()}
 
 
-class UnitLinear(nn.Linear):
-    """A linear layer whose INPUT is split into units (a task's head); its outputs are never split."""
+class UnitLinear(nn.Module):
+    """A linear layer whose INPUT is split into units (a task's head); its outputs are never split.
+
+    Its parameters, their initialisation and its ``repr`` are ``nn.Linear``'s (with a bias); it is no subclass of
+    it, since its ``forward`` takes ``(x, task, level, masked)`` as every unit layer's does.
+    """
 
     def __init__(self, in_features: int, out_features: int, layout: UnitLayout) -> None:
-        super().__init__(in_features, out_features)
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        # nn.Linear.reset_parameters, so a seeded network starts from the same weights
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+        nn.init.uniform_(self.bias, -bound, bound)
         self.layout = layout
 
     def active_weight(self, task: int, level: int) -> torch.Tensor:
@@ -203,3 +220,6 @@ class UnitLinear(nn.Linear):
             "weight": self.active_weight(task, level).detach().contiguous().clone(),
             "bias": self.bias.detach().clone(),
         }
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias=True"

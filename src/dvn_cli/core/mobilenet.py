@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import BackboneConfig
 from ..errors import BadConfig
-from .family import Backbone, total_stride_check
+from .family import Backbone, Features, total_stride_check
 from .layers import LevelBatchNorm2d, UnitConv2d, UnitDepthwiseConv2d
 from .pretrained import ChannelSpace, TorchvisionLayout
 from .units import UnitLayout
@@ -74,7 +74,8 @@ class UnitInvertedResidual(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int, expand: int, layout: UnitLayout) -> None:
         super().__init__()
         hidden = in_channels * expand
-        self.expand_conv = self.expand_bn = None
+        self.expand_conv: UnitConv2d | None = None
+        self.expand_bn: LevelBatchNorm2d | None = None
         if expand != 1:
             self.expand_conv = UnitConv2d(in_channels, hidden, 1, layout)
             self.expand_bn = LevelBatchNorm2d(hidden, layout)
@@ -87,7 +88,7 @@ class UnitInvertedResidual(nn.Module):
     def forward(self, x: torch.Tensor, task: int, level: int, masked: bool = False) -> torch.Tensor:
         # x: (B, C_in*l/k, H, W)
         out = x
-        if self.expand_conv is not None:
+        if self.expand_conv is not None and self.expand_bn is not None:  # both or neither
             out = F.relu6(self.expand_bn(self.expand_conv(out, task, level, masked), task, level, masked))
         # out: (B, t*C_in*l/k, H, W)
         out = F.relu6(self.dw_bn(self.dw_conv(out, task, level, masked), task, level, masked))  # (.., H/s, W/s)
@@ -95,7 +96,7 @@ class UnitInvertedResidual(nn.Module):
         return x + out if self.residual else out
 
 
-class UnitMobileNetV2(nn.Module):
+class UnitMobileNetV2(Features):
     """The physical MobileNetV2 of a DVN: stem, inverted residual blocks, last 1x1 convolution, average pool."""
 
     def __init__(self, config: BackboneConfig, layout: UnitLayout) -> None:
@@ -120,7 +121,11 @@ class UnitMobileNetV2(nn.Module):
 
     def torchvision_layout(self) -> TorchvisionLayout:
         """How a torchvision ``mobilenet_v2`` state dict maps onto this network (``core.pretrained``)."""
-        return torchvision_layout([(b.expand_conv is not None, b.residual) for b in self.blocks])
+        kinds = []
+        for block in self.blocks:
+            assert isinstance(block, UnitInvertedResidual)  # __init__ fills blocks with nothing else
+            kinds.append((block.expand_conv is not None, block.residual))
+        return torchvision_layout(kinds)
 
 
 class PlainInvertedResidual(nn.Module):
@@ -129,7 +134,8 @@ class PlainInvertedResidual(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int, expand: int) -> None:
         super().__init__()
         hidden = in_channels * expand
-        self.expand_conv = self.expand_bn = None
+        self.expand_conv: nn.Conv2d | None = None
+        self.expand_bn: nn.BatchNorm2d | None = None
         if expand != 1:
             self.expand_conv = nn.Conv2d(in_channels, hidden, 1, bias=False)
             self.expand_bn = nn.BatchNorm2d(hidden)
@@ -140,13 +146,15 @@ class PlainInvertedResidual(nn.Module):
         self.residual = stride == 1 and in_channels == out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x if self.expand_conv is None else F.relu6(self.expand_bn(self.expand_conv(x)))
+        out = x
+        if self.expand_conv is not None and self.expand_bn is not None:  # both or neither
+            out = F.relu6(self.expand_bn(self.expand_conv(x)))
         out = F.relu6(self.dw_bn(self.dw_conv(out)))
         out = self.project_bn(self.project_conv(out))
         return x + out if self.residual else out
 
 
-class PlainMobileNetV2(nn.Module):
+class PlainMobileNetV2(Features):
     """The ordinary twin of ``UnitMobileNetV2`` at fixed widths (same attribute names)."""
 
     def __init__(self, config: BackboneConfig) -> None:

@@ -7,7 +7,8 @@ of every layer, that (task, level)'s batch norm and the task's head. Tasks may b
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -19,6 +20,8 @@ from .layers import UnitLinear
 from .units import UnitLayout, make_orders
 
 __all__ = ["DeepVirtualNetwork", "build_network"]
+
+_Key = TypeVar("_Key", bound=Hashable)
 
 
 class DeepVirtualNetwork(nn.Module):
@@ -63,6 +66,12 @@ class DeepVirtualNetwork(nn.Module):
     def task_names(self) -> list[str]:
         return list(self._index)
 
+    def head(self, task: int) -> UnitLinear:
+        """The head of task index ``task``."""
+        head = self.heads[task]
+        assert isinstance(head, UnitLinear)  # __init__ fills heads with nothing else
+        return head
+
     def task_index(self, task: int | str) -> int:
         """Index of a task given by name or index; unknown ones raise ``UnknownTask``."""
         if isinstance(task, str):
@@ -90,13 +99,14 @@ class DeepVirtualNetwork(nn.Module):
             if index is None or not 1 <= index <= self.units:
                 raise BadConfig(f"level {level} does not exist: {self.task_names[t]} has levels 1..{self.units}")
             resolved.append((t, index))
-        keys = [t for t, _ in resolved] if one_level_per_task else resolved
-        twice = list(dict.fromkeys(key for key in keys if keys.count(key) > 1))
-        if twice:
-            if one_level_per_task:
-                names = ", ".join(self.task_names[t] for t in twice)
+        if one_level_per_task:
+            tasks_twice = _repeated([t for t, _ in resolved])
+            if tasks_twice:
+                names = ", ".join(self.task_names[t] for t in tasks_twice)
                 raise BadConfig(f"task(s) listed more than once: {names}; each task gets one level")
-            names = ", ".join(f"{self.task_names[t]} level {level}" for t, level in twice)
+        pairs_twice = _repeated(resolved)
+        if pairs_twice:
+            names = ", ".join(f"{self.task_names[t]} level {level}" for t, level in pairs_twice)
             raise BadConfig(f"(task, level) listed more than once: {names}")
         return resolved
 
@@ -110,6 +120,11 @@ class DeepVirtualNetwork(nn.Module):
             )
         features = self.features(x, t, level, masked)  # (B, w_last*l/k), or (B, w_last) masked
         return self.heads[t](features, t, level, masked)  # (B, classes_t)
+
+
+def _repeated(keys: list[_Key]) -> list[_Key]:
+    """The keys listed more than once, each once, in the order they first appear."""
+    return list(dict.fromkeys(key for key in keys if keys.count(key) > 1))
 
 
 def build_network(

@@ -55,7 +55,7 @@ def plain_state(network: DeepVirtualNetwork, task: int, level: int) -> dict[str,
         if hasattr(module, "plain_state"):
             prefix = f"features.{name}." if name else "features."
             state |= {prefix + key: t for key, t in module.plain_state(task, level).items()}
-    state |= {f"head.{key}": t for key, t in network.heads[task].plain_state(task, level).items()}
+    state |= {f"head.{key}": t for key, t in network.head(task).plain_state(task, level).items()}
     return state
 
 

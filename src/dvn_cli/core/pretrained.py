@@ -19,6 +19,8 @@ starts from the file's classifier when their class counts agree, else it keeps i
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -139,7 +141,9 @@ def init_from_torchvision(
     state = _fit_shapes(state, expected, tv, network, label)
     layout = network.layout
     for space in tv.spaces if mapping == "bn-scale" else ():
-        order = unit_permutation(sum(state[f"{n}.weight"].abs() for n in space.norms), layout)
+        # the sum of the space's |norm weights| (every space has a norm; a sum from 0 would type as int | Tensor)
+        scores = functools.reduce(operator.add, (state[f"{n}.weight"].abs() for n in space.norms))
+        order = unit_permutation(scores, layout)
         for key, dim in space.members():
             state[key] = state[key].index_select(dim, order)
     with torch.no_grad():

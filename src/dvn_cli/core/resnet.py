@@ -39,7 +39,7 @@ from torch import nn
 
 from ..config import BackboneConfig
 from ..errors import BadConfig
-from .family import Backbone, total_stride_check
+from .family import Backbone, Features, total_stride_check
 from .layers import LevelBatchNorm2d, UnitConv2d
 from .pretrained import ChannelSpace, TorchvisionLayout
 from .units import UnitLayout
@@ -97,7 +97,8 @@ class UnitBasicBlock(nn.Module):
         self.bn1 = LevelBatchNorm2d(out_channels, layout)
         self.conv2 = UnitConv2d(out_channels, out_channels, 3, layout, padding=1)
         self.bn2 = LevelBatchNorm2d(out_channels, layout)
-        self.shortcut_conv = self.shortcut_bn = None
+        self.shortcut_conv: UnitConv2d | None = None
+        self.shortcut_bn: LevelBatchNorm2d | None = None
         if stride != 1 or in_channels != out_channels:  # projection shortcut, split into the same units
             self.shortcut_conv = UnitConv2d(in_channels, out_channels, 1, layout, stride=stride)
             self.shortcut_bn = LevelBatchNorm2d(out_channels, layout)
@@ -107,7 +108,7 @@ class UnitBasicBlock(nn.Module):
         out = F.relu(self.bn1(self.conv1(x, task, level, masked), task, level, masked))  # (B, C_out*l/k, H/s, W/s)
         out = self.bn2(self.conv2(out, task, level, masked), task, level, masked)  # (B, C_out*l/k, H/s, W/s)
         shortcut = x
-        if self.shortcut_conv is not None:
+        if self.shortcut_conv is not None and self.shortcut_bn is not None:  # both or neither
             shortcut = self.shortcut_bn(self.shortcut_conv(x, task, level, masked), task, level, masked)
         return F.relu(out + shortcut)  # (B, C_out*l/k, H/s, W/s)
 
@@ -121,7 +122,8 @@ class PlainBasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut_conv = self.shortcut_bn = None
+        self.shortcut_conv: nn.Conv2d | None = None
+        self.shortcut_bn: nn.BatchNorm2d | None = None
         if stride != 1 or in_channels != out_channels:
             self.shortcut_conv = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
             self.shortcut_bn = nn.BatchNorm2d(out_channels)
@@ -129,7 +131,9 @@ class PlainBasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))  # (B, C_out, H/s, W/s)
         out = self.bn2(self.conv2(out))
-        shortcut = x if self.shortcut_conv is None else self.shortcut_bn(self.shortcut_conv(x))
+        shortcut = x
+        if self.shortcut_conv is not None and self.shortcut_bn is not None:  # both or neither
+            shortcut = self.shortcut_bn(self.shortcut_conv(x))
         return F.relu(out + shortcut)
 
 
@@ -149,7 +153,7 @@ def _make_stages(
     return nn.ModuleList(stages)
 
 
-class UnitResNet(nn.Module):
+class UnitResNet(Features):
     """The physical ResNet of a DVN: stem, optional max-pool, stages of basic blocks, global average pool."""
 
     def __init__(self, config: BackboneConfig, layout: UnitLayout, shape: ResNetShape) -> None:
@@ -175,12 +179,12 @@ class UnitResNet(nn.Module):
         if self.max_pool:
             x = F.max_pool2d(x, 3, 2, 1)  # (B, w0*l/k, H/2s, W/2s)
         for stage in self.stages:
-            for block in stage:
+            for block in stage.children():
                 x = block(x, task, level, masked)  # (B, w_i*l/k, H_i, W_i)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # (B, w_last*l/k)
 
 
-class PlainResNet(nn.Module):
+class PlainResNet(Features):
     """The ordinary twin of ``UnitResNet`` at the config's widths (a DVN level's widths; same attribute names)."""
 
     def __init__(self, config: BackboneConfig, shape: ResNetShape) -> None:
@@ -199,7 +203,7 @@ class PlainResNet(nn.Module):
         if self.max_pool:
             x = F.max_pool2d(x, 3, 2, 1)  # (B, w0, H/2s, W/2s)
         for stage in self.stages:
-            for block in stage:
+            for block in stage.children():
                 x = block(x)  # (B, w_i, H_i, W_i)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # (B, w_last)
 
@@ -212,7 +216,7 @@ class UnitResNet18(UnitResNet):
 
     def torchvision_layout(self) -> TorchvisionLayout:
         """How a torchvision ``resnet18`` state dict maps onto this network."""
-        return torchvision_layout(tuple(len(stage) for stage in self.stages))
+        return torchvision_layout(tuple(len(list(stage.children())) for stage in self.stages))
 
 
 def torchvision_layout(blocks: tuple[int, ...]) -> TorchvisionLayout:

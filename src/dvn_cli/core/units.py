@@ -56,7 +56,12 @@ def anchor_units(num_tasks: int, units: int) -> list[int]:
 
 def nearest_orders(num_tasks: int, units: int) -> Orders:
     """Each task takes units by increasing distance from its anchor, ties to the lower index."""
-    return [sorted(range(units), key=lambda u, a=anchor: (abs(u - a), u)) for anchor in anchor_units(num_tasks, units)]
+    return [_by_distance(anchor, units) for anchor in anchor_units(num_tasks, units)]
+
+
+def _by_distance(anchor: int, units: int) -> list[int]:
+    """Units ``0..k-1`` by increasing distance from ``anchor``, ties to the lower index."""
+    return sorted(range(units), key=lambda u: (abs(u - anchor), u))
 
 
 def cyclic_orders(num_tasks: int, units: int) -> Orders:
