@@ -343,7 +343,8 @@ def staged_export(out_dir: str | os.PathLike, source: Mapping[str, Any], force: 
     lock = FolderLock.acquire(out, "dvn export", "--out")
     stage = None
     try:
-        stage = ExportStage(out, _open_staging(out), _previous_manifest(out, source, force))
+        previous = _previous_manifest(out, source, force)
+        stage = ExportStage(out, _open_staging(out), previous)
         yield stage
     except BaseException:
         if stage is None or not stage.committed:
