@@ -325,3 +325,46 @@ def test_options_that_would_be_ignored_are_refused(tmp_path):
         "or give --widths\n"
     )
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------- output paths (issue 29)
+
+
+def _writers(checkpoint: Path, pth: Path, out: Path) -> list[list]:
+    """Every command that writes a file, writing ``out`` (``--force`` where it has one)."""
+    return [
+        ["prune-level", "-c", checkpoint, "--task", "t", "--budget", "1", "-o", out, "--force"],
+        ["plan", "-c", checkpoint, "--budget", "50%", "--bundle", out],
+        ["eval", "-c", checkpoint, "--csv", out],
+        ["eval", "-c", checkpoint, "--plot", out],
+        ["convert", pth, "-o", out, "--force"],
+    ]
+
+
+def test_no_command_writes_over_a_file_it_reads(tmp_path):
+    """prune-level -c F -o F --force replaced the checkpoint with a compact model (plan --bundle F, eval --csv F
+    too): the output is refused when it is the input, by its path or another name (a hard link)."""
+    checkpoint = named_checkpoint(tmp_path, ["t"])
+    pth = tmp_path / "weights.pth"
+    torch.save({"w": torch.zeros(2)}, pth)
+    os.link(checkpoint, tmp_path / "hard.safetensors")
+    before = sha(checkpoint), sha(pth)
+    for out in (checkpoint, tmp_path / "hard.safetensors"):
+        for args in _writers(checkpoint, pth, out)[:4]:
+            assert "it is the file this command reads" in one_line(invoke(*args), f"error: cannot write to {out}: ")
+    result = invoke("convert", pth, "-o", pth, "--force")
+    assert one_line(result) == f"error: cannot write to {pth}: it is the file this command reads; choose another file\n"
+    assert (sha(checkpoint), sha(pth)) == before
+
+
+def test_a_file_in_a_folder_that_does_not_exist_is_refused_before_any_work(tmp_path):
+    """eval --csv /nonexistent/dir/x.csv made the folders (as root, at the filesystem root): every file output needs
+    its folder to exist, and the check comes before the work."""
+    checkpoint = named_checkpoint(tmp_path, ["t"])
+    pth = tmp_path / "weights.pth"
+    torch.save({"w": torch.zeros(2)}, pth)
+    out = tmp_path / "missing" / "deeper" / "x.out"
+    missing = f"{out.parent} does not exist; create the folder first or choose another file"
+    for args in _writers(checkpoint, pth, out):
+        assert one_line(invoke(*args)) == f"error: cannot write to {out}: {missing}\n", args
+    assert not (tmp_path / "missing").exists()

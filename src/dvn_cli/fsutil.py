@@ -22,7 +22,7 @@ import re
 import stat
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +33,7 @@ __all__ = [
     "LOCK_NAME",
     "FolderLock",
     "SafetensorsHeader",
+    "check_output_file",
     "file_format",
     "first_line",
     "process_umask",
@@ -171,6 +172,29 @@ def refuse_non_regular(path: Path) -> None:
         raise CannotWrite(path, exc.strerror or str(exc)) from None
     if not stat.S_ISREG(mode):
         raise CannotWrite(path, "it exists and is not a regular file; dvn replaces regular files only")
+
+
+def check_output_file(path: str | os.PathLike, reads: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """``path`` when dvn may write a file there, checked before any work: it is not an existing non-regular file
+    (``refuse_non_regular``), its folder exists (a file dvn is asked to write gets no folders made for it), and it is
+    none of the files the command reads (``reads``), under any name: the same path, a link, a hard link.
+
+    Raises:
+        CannotWrite: one line saying which.
+    """
+    path = Path(path)
+    refuse_non_regular(path)
+    if not path.parent.is_dir():
+        missing = "does not exist" if not path.parent.exists() else "is not a folder"
+        raise CannotWrite(path, f"{path.parent} {missing}; create the folder first or choose another file")
+    for source in reads:
+        same = False
+        with contextlib.suppress(OSError):  # a path that does not exist is no file being read
+            same = source is not None and os.path.samefile(path, source)
+        if same:
+            other = "" if Path(source) == path else f" ({source}, under another name)"
+            raise CannotWrite(path, f"it is the file this command reads{other}; choose another file")
+    return path
 
 
 LOCK_NAME = ".lock"

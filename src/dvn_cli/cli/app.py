@@ -20,6 +20,7 @@ from typer.core import TyperGroup
 from .. import __version__
 from ..config import BackboneConfig, TrainConfig
 from ..errors import BadConfig, DvnError
+from ..fsutil import check_output_file
 
 _UsageError = typer.BadParameter.__mro__[1]  # click's UsageError, in whichever click this typer uses (or vendors)
 _NoArgsIsHelp = getattr(sys.modules[_UsageError.__module__], "NoArgsIsHelpError", ())
@@ -310,6 +311,9 @@ def eval_(
 
     with user_errors():
         options = EvalOptions(_names(task), budget, split, data_root, limit, latency, workers)
+        for written in (csv, plot):
+            if written is not None:
+                check_output_file(written, reads=(checkpoint,))  # before the evaluation, not after it
         model = _open(checkpoint)
         rows = evaluate_rows(model, options)
         if csv is not None:
@@ -361,6 +365,8 @@ def plan(
     from . import ui
 
     with user_errors():
+        if bundle is not None:
+            check_output_file(bundle, reads=(checkpoint,))
         ckpt = _open(checkpoint, (CHECKPOINT_FORMAT,))
         network = ckpt.network
         names = list(_names(tasks) or network.task_names)

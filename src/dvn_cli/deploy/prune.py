@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from ..errors import BadConfig
-from ..fsutil import refuse_non_regular
+from ..fsutil import check_output_file
 from ..modelfile.base import ModelFile
 from ..modelfile.compact import CompactModel, save_compact
 from ..planning.select import file_level
@@ -35,7 +35,8 @@ def write_compact_level(
 ) -> CompactModel:
     """Resolve ``budget`` for ``task`` in ``source`` and write that level's compact model.
 
-    An existing file is kept unless ``force``, and then only a regular file is replaced.
+    An existing file is kept unless ``force``, and then only a regular file is replaced; the source file itself
+    never is, nor a file in a folder that does not exist (``fsutil.check_output_file``).
     """
     if not source.holds_unit_blocks:
         held = ", ".join(f"{name} level {level}" for name, level in source.pairs())
@@ -44,7 +45,7 @@ def write_compact_level(
         )
     level = file_level(source, task, budget)
     path = Path(out) if out is not None else default_compact_path(source, task, level)
-    refuse_non_regular(path)
+    check_output_file(path, reads=(source.path,))
     if path.exists() and not force:
         raise BadConfig(f"{path} already exists; pass --force to replace it or -o for another file")
     plain, spec = source.plain_of(task, level), source.spec_of(task, level)

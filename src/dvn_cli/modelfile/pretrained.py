@@ -17,7 +17,7 @@ import torch
 
 from ..core.pretrained import InitReport, init_from_torchvision
 from ..errors import BadConfig, WrongFileFormat
-from ..fsutil import file_format, first_line, refuse_non_regular, write_atomic
+from ..fsutil import check_output_file, file_format, first_line, write_atomic
 from .container import check_finite, check_regular_file
 
 __all__ = ["convert_torchvision", "init_from_file", "read_state_file"]
@@ -69,11 +69,9 @@ def convert_torchvision(source: str | os.PathLike, out: str | os.PathLike, force
     from safetensors.torch import save
 
     source, out = Path(source), Path(out)
-    refuse_non_regular(out)
+    check_output_file(out, reads=(source,))
     if out.exists() and not force:
         raise BadConfig(f"{out} already exists; pass --force to replace it")
-    if out.resolve() == source.resolve():
-        raise BadConfig(f"{out} is the file being converted; choose another output file")
     check_regular_file(source)  # as --init and -c: a FIFO would block torch.load for ever
     if file_format(source) == "safetensors":
         raise BadConfig(f"{source} is already a safetensors file; pass it to --init as it is")
