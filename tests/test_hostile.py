@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -368,3 +369,34 @@ def test_a_file_in_a_folder_that_does_not_exist_is_refused_before_any_work(tmp_p
     for args in _writers(checkpoint, pth, out):
         assert one_line(invoke(*args)) == f"error: cannot write to {out}: {missing}\n", args
     assert not (tmp_path / "missing").exists()
+
+
+def test_a_file_that_lists_no_tasks_is_refused_when_opened(tmp_path):
+    """A checkpoint whose metadata says "tasks": [] was shown by info, and predict raised StopIteration, export an
+    IndexError; so did a bundle of no tasks (and no tensors). Both are refused when opened, in one line."""
+    from safetensors import safe_open
+
+    from dvn_cli.modelfile.bundle import save_bundle
+
+    checkpoint = named_checkpoint(tmp_path, ["t"])
+    bundle = save_bundle(open_model(checkpoint).network, {"t": 1}, tmp_path / "bundle.safetensors")
+    with safe_open(str(bundle), framework="pt") as f:
+        meta = json.loads(f.metadata()[METADATA_KEY])
+    meta.update(tasks=[], choices={}, orders={}, costs={})
+    save_file({}, str(bundle), metadata={METADATA_KEY: json.dumps(meta)})
+    edit_metadata(checkpoint, lambda m: {**m, "tasks": []})
+    image = tmp_path / "x.png"
+    Image.new("RGB", (12, 12)).save(image)
+    for path, what in ((checkpoint, "a network has"), (bundle, "a bundle holds")):
+        commands = [
+            ["info"],
+            ["predict", image],
+            ["export", "-o", tmp_path / "export", "--no-check"],
+            ["eval"],
+            ["prune-level", "--task", "t", "--budget", "1", "-o", tmp_path / "t.safetensors"],
+        ]
+        for args in commands:
+            message = f"error: {path} does not match its own metadata (no tasks: {what} at least one)\n"
+            assert one_line(invoke(*args, "-c", path)) == message, args
+    message = f"error: {checkpoint} does not match its own metadata (no tasks: a network has at least one)\n"
+    assert one_line(invoke("plan", "--budget", "1M", "-c", checkpoint)) == message

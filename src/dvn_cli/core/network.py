@@ -42,6 +42,8 @@ class DeepVirtualNetwork(nn.Module):
         order_rule: str = "nearest",
     ) -> None:
         super().__init__()
+        if not tasks:
+            raise BadConfig("no tasks: a network has at least one")
         names = [t.name for t in tasks]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -320,6 +320,8 @@ def _bundle_of(meta: dict[str, Any], path: Path, tensors: FileTensors) -> Bundle
     try:
         specs = [from_dict(TaskSpec, t) for t in meta["tasks"]]
         choices = {str(name): int(level) for name, level in meta["choices"].items()}
+        if not choices:
+            raise BadConfig("no tasks: a bundle holds at least one")
         bundle = Bundle(
             config=from_dict(BackboneConfig, meta["backbone"]),
             k=int(meta["k"]),
