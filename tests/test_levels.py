@@ -40,6 +40,12 @@ def test_task_losses_run_only_the_levels_given(tiny_network):
     assert loss.item() == pytest.approx(manual.item(), rel=1e-5)
 
 
+def test_distillation_without_the_top_level_first_is_refused_in_one_line(tiny_network):
+    x, y = torch.randn(4, 3, 12, 12), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match=r"top level 4; levels \[1, 4\] must start with it"):
+        task_losses(tiny_network, [(x, y)], distill=0.5, levels=[1, 4])
+
+
 def _norms(network, level: int) -> list[torch.nn.BatchNorm2d]:
     return [m.norm(t, level) for m in network.modules() if isinstance(m, LevelBatchNorm2d) for t in range(2)]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -25,7 +26,7 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, Protocol
 
 from .errors import BadConfig, CannotWrite, DvnError, WrongFileFormat
 
@@ -271,9 +272,15 @@ def _same_file(fd: int, path: Path) -> bool:
     return (mine.st_dev, mine.st_ino) == (on_path.st_dev, on_path.st_ino)
 
 
+class BinaryReader(Protocol):
+    """A binary stream ``write_atomic`` copies: an open file, a ``gzip`` file, a ``tarfile`` member, ``BytesIO``."""
+
+    def read(self, size: int = ..., /) -> bytes: ...
+
+
 def write_atomic(
     path: str | os.PathLike,
-    data: bytes | IO[bytes],
+    data: bytes | BinaryReader,
     verify: Callable[[str], None] | None = None,
 ) -> Path:
     """Write ``data`` (bytes or a binary stream) to ``path`` atomically, with the usual permissions.
@@ -297,8 +304,10 @@ def write_atomic(
         digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~process_umask())  # mkstemp makes 0600; a saved model is ordinary
-            is_bytes = isinstance(data, bytes | bytearray | memoryview)
-            chunks = [data] if is_bytes else iter(lambda: data.read(_BLOCK), b"")
+            if isinstance(data, bytes | bytearray | memoryview):
+                chunks: Iterable[bytes | bytearray | memoryview] = [data]
+            else:
+                chunks = iter(functools.partial(data.read, _BLOCK), b"")
             for chunk in chunks:
                 digest.update(chunk)
                 f.write(chunk)

@@ -210,10 +210,11 @@ def load_task(
     val_idx, train_idx = carve_validation(
         len(train_y), val_fraction=val_fraction, seed=seed, limit=limit, val_limit=val_limit, own_val=own_val
     )
-    if val_idx is not None:
-        val_x, val_y = train_x[val_idx], train_y[val_idx]
-    else:  # the folder's own val/
+    if splits.val is not None:  # the folder's own val/
         val_x, val_y = splits.val[0][:val_limit], splits.val[1][:val_limit]
+    else:
+        assert val_idx is not None  # carve_validation holds images out unless the task has its own val split
+        val_x, val_y = train_x[val_idx], train_y[val_idx]
     train_x, train_y = train_x[train_idx], train_y[train_idx]
     if len(train_y) == 0:
         raise MissingData(f"task {name!r} has no training images left after the validation split")

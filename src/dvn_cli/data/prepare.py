@@ -28,11 +28,10 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from .. import settings
 from ..errors import BadConfig
-from ..fsutil import sha256_file, write_atomic
+from ..fsutil import BinaryReader, sha256_file, write_atomic
 from .digits import DIGITS_FILE, DIGITS_FOLDER, DIGITS_SHA256, sklearn_digits_file
 
 __all__ = [
@@ -93,7 +92,7 @@ def _is_ready(raw: Path, names: Iterable[str], expected: Mapping[str, str] | Non
     return True
 
 
-def _write_checked(dest: Path, source: IO[bytes], expected_sha256: str | None, origin: str) -> None:
+def _write_checked(dest: Path, source: BinaryReader, expected_sha256: str | None, origin: str) -> None:
     """Copy a stream to ``dest`` atomically (``fsutil.write_atomic``), refusing it unless its sha256 is expected."""
 
     def verify(digest: str) -> None:

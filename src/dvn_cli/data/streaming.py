@@ -107,7 +107,11 @@ def open_task(
     val_idx, train_idx = carve_validation(
         len(train), val_fraction=val_fraction, seed=seed, limit=limit, val_limit=val_limit, own_val=own_val
     )
-    val = train[val_idx.numpy()] if val_idx is not None else np.asarray(parts.val[0], dtype=np.int64)[:val_limit]
+    if parts.val is not None:  # the folder's own val/
+        val = np.asarray(parts.val[0], dtype=np.int64)[:val_limit]
+    else:
+        assert val_idx is not None  # carve_validation holds images out unless the task has its own val split
+        val = train[val_idx.numpy()]
     train = train[train_idx.numpy()]
     if len(train) == 0:
         raise MissingData(f"task {name!r} has no training images left after the validation split")
@@ -235,8 +239,8 @@ class StreamedTask:
                 empty = torch.empty(0, self.channels, self.size, self.size, dtype=torch.uint8)
                 return empty, torch.empty(0, dtype=torch.int64), str(path)
             images[i] = array.reshape(self.size, self.size, self.channels)
-        images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
-        return images, torch.from_numpy(self.labels[positions]), ""
+        batch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+        return batch, torch.from_numpy(self.labels[positions]), ""
 
 
 class StreamBatches:

@@ -87,7 +87,8 @@ class AffinityWarmup:
                     continue
                 if id(p) in shared:
                     flat.append(p.grad.detach().reshape(-1).to(torch.float64))
-                totals[i] = p.grad if totals[i] is None else totals[i] + p.grad
+                so_far = totals[i]
+                totals[i] = p.grad if so_far is None else so_far + p.grad
                 p.grad = None
             per_task.append(torch.cat(flat))  # every task uses the stem: never empty
         for p, total in zip(params, totals, strict=True):
@@ -99,8 +100,8 @@ class AffinityWarmup:
 
     def place(self, units: int) -> list[list[int]]:
         """Choose the placement from the measured affinity; the orders the network continues with."""
-        self.placement = best_placement(self.matrix, units)
-        return self.orders(units)
+        self.placement = placement = best_placement(self.matrix, units)
+        return placement_orders(placement.slots, units)
 
     def orders(self, units: int) -> list[list[int]] | None:
         """The placement's orders, or None while warming up."""

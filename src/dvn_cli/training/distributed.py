@@ -28,10 +28,10 @@ not equal to, a 1-process run; running statistics are averaged over ranks before
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.distributed as dist
@@ -83,13 +83,13 @@ class DistEnv:
         return self.rank == 0
 
 
-def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
+def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """The ``DistEnv`` that ``torchrun`` describes in ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``."""
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     try:
-        world = int(environ.get("WORLD_SIZE", "1"))
-        rank = int(environ.get("RANK", "0"))
-        local = int(environ.get("LOCAL_RANK", str(rank)))
+        world = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+        local = int(env.get("LOCAL_RANK", str(rank)))
     except ValueError:
         raise BadConfig("RANK, WORLD_SIZE and LOCAL_RANK must be integers (they are set by torchrun)") from None
     if world < 1 or not 0 <= rank < world or local < 0:
@@ -145,6 +145,10 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+@overload
+def all_reduce_gradients(parameters: Sequence[nn.Parameter], extra: torch.Tensor) -> torch.Tensor: ...
+@overload
+def all_reduce_gradients(parameters: Sequence[nn.Parameter], extra: None = None) -> None: ...
 def all_reduce_gradients(parameters: Sequence[nn.Parameter], extra: torch.Tensor | None = None) -> torch.Tensor | None:
     """Average the gradients of ``parameters`` (and the values ``extra``) over all ranks, in one flat all-reduce.
 

@@ -134,7 +134,9 @@ def _fit(
         try:
             result = _train_steps(run, observer, stops)
         except KeyboardInterrupt as interrupt:
-            interrupt.result = save_progress(run)
+            # Any KeyboardInterrupt (stops.Interrupted, or one an observer raises) carries the save as `result`,
+            # which KeyboardInterrupt does not declare; the CLI reads it back with getattr
+            setattr(interrupt, "result", save_progress(run))  # noqa: B010
             raise
         except (StreamFailed, RuntimeError) as exc:
             failure = exc if isinstance(exc, StreamFailed) else worker_failure(exc)

@@ -80,6 +80,8 @@ def task_loss(
         if level == k:
             top_probs = logits.detach().softmax(-1)
         elif distill > 0:
+            if top_probs is None:
+                raise ValueError(f"distillation teaches from the top level {k}; levels {levels} must start with it")
             loss = loss + distill * F.kl_div(logits.log_softmax(-1), top_probs, reduction="batchmean")
         total = total + loss
     return total

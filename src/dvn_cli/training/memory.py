@@ -71,7 +71,7 @@ class MemoryEstimate:
 class Headroom:
     """The memory a run may still take and what limits it (for the refusal message)."""
 
-    bytes: int | None
+    bytes: int
     source: str
 
 
@@ -147,12 +147,12 @@ def available_memory(device: torch.device) -> Headroom | None:
     the cgroup's and the address-space limit's headroom on CPU; the free memory of the GPU on CUDA."""
     if device.type == "cuda":
         return Headroom(torch.cuda.mem_get_info(device)[0], f"the free memory of {device}")
-    candidates = [Headroom(_meminfo("MemAvailable"), "the machine's available memory (MemAvailable)")]
-    candidates.append(Headroom(_cgroup_headroom(), "the cgroup's memory limit"))
+    candidates = [(_meminfo("MemAvailable"), "the machine's available memory (MemAvailable)")]
+    candidates.append((_cgroup_headroom(), "the cgroup's memory limit"))
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
-        candidates.append(Headroom(soft - _status("VmSize"), "the address-space limit (ulimit -v)"))
-    known = [c for c in candidates if c.bytes is not None]
+        candidates.append((soft - _status("VmSize"), "the address-space limit (ulimit -v)"))
+    known = [Headroom(found, source) for found, source in candidates if found is not None]
     return min(known, key=lambda c: c.bytes) if known else None
 
 

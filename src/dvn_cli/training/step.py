@@ -11,9 +11,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import DvnError
+from .affinity import AffinityWarmup
 from .distributed import all_reduce_gradients
 from .levels import sample_levels
 from .loss import summed, task_loss
@@ -34,12 +36,12 @@ class Mark:
 
     streams: list[dict[str, Any]]
     rng: torch.Tensor
-    warmup: tuple[Any, int] | None
+    warmup: tuple[AffinityWarmup, np.ndarray, int] | None
     buffers: list[torch.Tensor]
 
     @classmethod
     def of(cls, run: Run) -> Mark:
-        warmup = (run.warmup.sums, run.warmup.measured) if run.warmup is not None else None
+        warmup = (run.warmup, run.warmup.sums, run.warmup.measured) if run.warmup is not None else None
         buffers = [b.clone() for b in run.network.buffers()]
         return cls([s.state_dict() for s in run.streams], torch.get_rng_state(), warmup, buffers)
 
@@ -48,7 +50,8 @@ class Mark:
             stream.load_state_dict(state)
         torch.set_rng_state(self.rng)
         if self.warmup is not None:
-            run.warmup.sums, run.warmup.measured = self.warmup
+            warmup, sums, measured = self.warmup
+            warmup.sums, warmup.measured = sums, measured
         with torch.no_grad():
             for buffer, saved in zip(run.network.buffers(), self.buffers, strict=True):
                 buffer.copy_(saved)
@@ -67,14 +70,14 @@ def take_step(run: Run, stops: StopSignals) -> StepInfo:
         mark.restore(run)
         raise
     network = run.network
-    warming_up = run.warmup is not None and run.step < run.warmup.steps
+    warmup = _warming_up(run)
     with stops.deferred():
         run.settled = False
         scaler.step(run.optimizer)
         scaler.update()
         run.step += 1
-        if warming_up and run.step == run.warmup.steps:
-            place(run, run.warmup.place(network.units))
+        if warmup is not None and run.step == warmup.steps:
+            place(run, warmup.place(network.units))
         elapsed = time.perf_counter() - tick
         run.seconds += elapsed
         for n, value in zip(names, step_losses, strict=True):
@@ -104,14 +107,14 @@ def forward_backward(run: Run, lr: float) -> tuple[list[tuple[torch.Tensor, torc
     optimizer.zero_grad(set_to_none=True)
     weights = list(cfg.level_weights) if cfg.level_weights else None
     levels = sample_levels(cfg.level_sampling, network.units, cfg.seed, run.step)
-    warming_up = run.warmup is not None and run.step < run.warmup.steps
+    warmup = _warming_up(run)
 
     def loss_of(task: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # autocast is per thread: entered wherever the loss is computed
         with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
             return task_loss(network, task, images, labels, weights, cfg.distill, cfg.label_smoothing, levels=levels)
 
-    if run.task_threads is not None and not warming_up:
+    if run.task_threads is not None and warmup is None:
         losses = run.task_threads.backward(network, batches, loss_of)
         step_losses = [float(value) for value in losses]
         check_finite_loss(sum(step_losses), run.step, run.paths)  # before the update, which it prevents
@@ -121,14 +124,19 @@ def forward_backward(run: Run, lr: float) -> tuple[list[tuple[torch.Tensor, torc
     step_losses = [float(value.detach()) for value in losses]
     if not env.distributed:
         check_finite_loss(float(loss.detach()), run.step, run.paths)
-    if warming_up:
-        run.warmup.backward(network, losses, scaler)  # one backward per task, to measure their affinity
+    if warmup is not None:
+        warmup.backward(network, losses, scaler)  # one backward per task, to measure their affinity
     else:
         scaler.scale(loss).backward()
     if env.distributed:  # one flat all-reduce: averaged gradients and the global batch's task losses
         step_losses = all_reduce_gradients(list(network.parameters()), torch.tensor(step_losses)).tolist()
         check_finite_loss(sum(step_losses), run.step, run.paths)
     return batches, step_losses
+
+
+def _warming_up(run: Run) -> AffinityWarmup | None:
+    """The run's affinity warm-up while its step is one of the warm-up's, else None."""
+    return run.warmup if run.warmup is not None and run.step < run.warmup.steps else None
 
 
 def check_finite_loss(loss: float, step: int, paths: RunPaths) -> None:

@@ -12,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Any
 
 __all__ = ["STOP_SIGNALS", "Interrupted", "StopSignals"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+"""What ``signal.signal`` takes and returns: a function, ``SIG_DFL``/``SIG_IGN``, or None (set outside Python)."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -33,7 +37,7 @@ class StopSignals:
     inside ``deferred()`` they wait until its block ends. The previous handlers come back on exit."""
 
     def __init__(self) -> None:
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, _Handler] = {}
         self._deferring = False
         self._pending: int | None = None
 
