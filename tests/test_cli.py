@@ -295,3 +295,20 @@ def test_eval_of_a_bundle_equals_the_checkpoint_at_its_levels(run_dir, tmp_path)
     assert pruned.exit_code == 0, pruned.output
     from_compact = json.loads(invoke("eval", "-c", compact, "--json", "--data-root", base / "data").stdout)["rows"]
     assert from_compact == [rows[0]]
+
+
+def test_eval_of_a_lower_precision_shared_folder_reports_the_bytes_it_stores(run_dir, tmp_path):
+    """eval -c FOLDER --json showed float32 bytes for an int8 folder: each row's bytes are what the folder stores for
+    its (task, level), as a budget in bytes counts them; a checkpoint's stay float32."""
+    from dvn_cli.modelfile.registry import open_model
+
+    base, checkpoint, _ = run_dir
+    folder = tmp_path / "int8"
+    exported = invoke("export", "-c", checkpoint, "--shared", "--precision", "int8", "--no-check", "-o", folder)
+    assert exported.exit_code == 0, exported.output
+    stored = open_model(folder)
+    rows = json.loads(invoke("eval", "-c", folder, "--json", "--data-root", base / "data").stdout)["rows"]
+    assert [r["bytes"] for r in rows] == [stored.stored_bytes(r["task"], r["level"]) for r in rows]
+    assert all(r["bytes"] < 4 * r["params_total"] / 2 for r in rows)  # int8 blocks: well under float32's bytes
+    rows = json.loads(invoke("eval", "-c", checkpoint, "--json", "--data-root", base / "data").stdout)["rows"]
+    assert [r["bytes"] for r in rows] == [4 * r["params_total"] for r in rows]

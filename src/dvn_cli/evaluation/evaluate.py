@@ -171,17 +171,22 @@ def evaluate_rows(model: ModelFile, options: EvalOptions | None = None) -> list[
         if samples == 0:
             raise MissingData(f"{task} has no {options.split} images: nothing to evaluate")
         for level, forward, right in zip(levels, forwards, correct, strict=True):
-            rows.append(_row(forward, specs[level], right, samples, options))
+            rows.append(_row(forward, specs[level], right, samples, options, model.stored_bytes(task, level)))
     return rows
 
 
-def _row(forward: Forward, spec: CompactSpec, correct: int, samples: int, options: EvalOptions) -> dict:
-    """One evaluation row (docs/design.md §4 schema); latency columns when ``options.latency``."""
+def _row(
+    forward: Forward, spec: CompactSpec, correct: int, samples: int, options: EvalOptions, stored_bytes: int
+) -> dict:
+    """One evaluation row (docs/design.md §4 schema); latency columns when ``options.latency``. ``bytes`` is what
+    the file stores for the (task, level) (``ModelFile.stored_bytes``: fewer than float32 in an fp16 or int8 shared
+    export)."""
     row = {
         "task": spec.task.name,
         "level": spec.level,
         "units": list(spec.units),
         **spec.cost.to_dict(),
+        "bytes": stored_bytes,
         "accuracy": round(correct / samples, 5),
         "split": options.split,
         "samples": samples,
