@@ -244,8 +244,10 @@ def test_a_model_path_that_is_not_a_regular_file(tmp_path):
     os.mkfifo(fifo)
     zero = tmp_path / "zero"
     zero.symlink_to("/dev/zero")
-    for path in (tmp_path, fifo, zero):
+    for path in (fifo, zero):
         assert one_line(invoke("info", "-c", path)) == f"error: {path} is not a regular file\n"
+    without = f"error: {tmp_path} is a folder without manifest.json: pass a model file, or a folder dvn export --shared"
+    assert one_line(invoke("info", "-c", tmp_path)) == f"{without} wrote\n"  # the folder's missing manifest, named
     assert "no such file" in one_line(invoke("eval", "-c", tmp_path / "missing.safetensors"))
 
 

@@ -581,3 +581,14 @@ def test_a_weights_file_must_end_where_its_last_tensor_ends(folder, end):
     _reseal(folder)
     expected = len(data) - 64 if end == "ends early" else len(data) + 64
     _refused(_run(folder), f"has an invalid tensor index (its tensors end at byte {len(data)} of {expected})")
+
+
+def test_a_shared_folder_without_its_manifest_names_the_manifest(folder):
+    """It said "is not a regular file" (the folder was taken for a model file); every command names the manifest."""
+    (folder / "manifest.json").unlink()
+    for args in (["info"], ["predict", str(folder / "x.png")], ["serve", "--port", "0"]):
+        result = runner.invoke(app, [*args, "-c", str(folder)])
+        assert result.exit_code == 1 and result.stderr == (
+            f"error: {folder} is a folder without manifest.json: pass a model file, or a folder dvn export --shared "
+            "wrote\n"
+        ), result.output

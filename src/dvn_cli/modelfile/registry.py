@@ -11,14 +11,14 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..errors import WrongFileFormat
+from ..errors import MissingData, WrongFileFormat
 from .base import ModelFile, UnitSource
 from .bundle import BUNDLE_FORMAT, bundle_source, load_bundle
 from .checkpoint import CHECKPOINT_FORMAT, checkpoint_source, open_checkpoint
 from .compact import COMPACT_FORMAT, load_compact
 from .container import read_metadata
 from .shared import SHARED_EXPORT_FORMAT, SharedExport
-from .shared_folder import is_export_folder
+from .shared_folder import MANIFEST_NAME, is_export_folder
 
 __all__ = ["MODEL_FILES", "UNIT_SOURCES", "open_model", "open_unit_source", "register_model_file"]
 
@@ -55,6 +55,12 @@ def open_model(path: str | os.PathLike, formats: Sequence[str] | None = None) ->
         if SHARED_EXPORT_FORMAT not in wanted:
             raise WrongFileFormat(f"{path} is an export folder; expected a {' or '.join(wanted)} file")
         return MODEL_FILES[SHARED_EXPORT_FORMAT](path)
+    if path.is_dir():  # a folder is read by its manifest: name what is missing, not "not a regular file"
+        if os.path.lexists(path / MANIFEST_NAME):
+            raise WrongFileFormat(f"{path / MANIFEST_NAME} is not a regular file")
+        raise MissingData(
+            f"{path} is a folder without {MANIFEST_NAME}: pass a model file, or a folder dvn export --shared wrote"
+        )
     try:
         meta = read_metadata(path, wanted)
     except WrongFileFormat:
