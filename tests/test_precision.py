@@ -1,6 +1,8 @@
 """Exports at lower precision (issue 23): float16 blocks, int8 blocks with a scale per output channel."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -288,3 +290,20 @@ def test_a_byte_budget_on_a_lower_precision_folder_counts_the_bytes_it_stores(ch
     assert stored == folder.files.held_bytes([("task0", 4)]) < 0.4 * fp32
     assert select_pairs(folder, ["task0"], f"{stored}B") == [("task0", 4)]
     assert select_pairs(folder, ["task0"], f"{stored - 1}B") == [("task0", 2)]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_fp16_beyond_its_range_is_one_line_without_numpy_warning(scrambled_network, tmp_path, shared):
+    """A weight of 1e30 printed numpy's overflow warning (two lines) before dvn's own error; now only the error."""
+    network = settle_batch_norm(scrambled_network)
+    with torch.no_grad():
+        network.features.stem_conv.weight[0, 0, 0, 0] = 1e30  # finite: a checkpoint may hold it
+    path = save_checkpoint(network, tmp_path / "model.safetensors")
+    args = ["export", "-c", path, "-o", tmp_path / "x", "--precision", "fp16", "--no-check", *(["--shared"] * shared)]
+    result = subprocess.run(
+        [sys.executable, "-m", "dvn_cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+    name = "features.stem_conv.weight" + (".0" if shared else "")
+    assert (result.returncode, result.stdout) == (1, ""), result.stderr
+    assert result.stderr == f"error: {name} holds values beyond float16's range (65504); export at fp32 or int8\n"
+    assert not (tmp_path / "x").exists()

@@ -40,7 +40,8 @@ def quantize_int8(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _lower_one(name: str, array: np.ndarray, precision: str) -> dict[str, np.ndarray]:
     if precision == "fp16":
-        half = array.astype(np.float16)
+        with np.errstate(over="ignore"):  # an overflow is refused below in one line, without numpy's warning
+            half = array.astype(np.float16)
         if not np.isfinite(half).all() and np.isfinite(array).all():
             raise BadConfig(f"{name} holds values beyond float16's range (65504); export at fp32 or int8")
         return {name: half}
