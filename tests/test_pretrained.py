@@ -304,3 +304,22 @@ def test_a_pickle_that_would_run_code_is_a_plain_refusal(tmp_path):
     assert "refused without running anything: " in result.stderr and "posix.mkdir" in result.stderr
     assert "weights_only" not in result.stderr
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+
+
+class _Evaluates:
+    """Unpickling this would call eval: a builtin torch's loader does not block but asks to allow-list."""
+
+    def __reduce__(self):
+        return (eval, ("1",))
+
+
+def test_a_refusal_never_passes_on_torchs_advice_to_allow_list_what_the_file_names(tmp_path):
+    """For a global it does not block outright, torch says to allow-list it with add_safe_globals (which would run
+    it): the refusal says only that the file is refused and what it named."""
+    evil = tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(2), "x": _Evaluates()}, evil)
+    result = runner.invoke(app, ["convert", str(evil), "-o", str(tmp_path / "out.safetensors")])
+    assert result.exit_code == 1 and result.stderr == (
+        f"error: {evil} was refused without running anything: it is not a plain state dict of tensors (Unsupported "
+        "global: GLOBAL eval was not an allowed global by default); save the model's state_dict() and convert that\n"
+    ), result.stderr

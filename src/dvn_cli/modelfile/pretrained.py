@@ -10,6 +10,7 @@ units is ``core.pretrained`` (docs/design.md §6).
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -23,8 +24,18 @@ from .container import check_finite, check_regular_file
 __all__ = ["convert_torchvision", "init_from_file", "read_state_file"]
 
 _PICKLES = ("torch-zip", "pickle")  # what torch.save writes (fsutil.file_format's names)
-_TORCH_ADVICE = ("weights_only", "Weights only", "trusted source", "file an issue", "pytorch.org")
-"""Lines of torch's refusal that advise loading the file unsafely or point elsewhere; the rest says what it met."""
+_TORCH_ADVICE = (
+    "weights_only",
+    "Weights only",
+    "trust",
+    "file an issue",
+    "pytorch.org",
+    "safe_globals",
+    "allowlist",
+    "Please use",
+)
+"""Sentences of torch's refusal that advise loading the file unsafely, allow-listing what it names (which would run
+it) or point elsewhere; the rest says what it met."""
 
 
 def read_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -102,7 +113,11 @@ def _load_tensors_only(source: Path) -> object:
 
 
 def _what_torch_met(exc: BaseException) -> str:
-    """The line of torch's error that says what it met, without its advice to load the file unsafely."""
-    lines = [line.strip() for line in str(exc).splitlines()]
-    met = next((line for line in lines if line and not any(a in line for a in _TORCH_ADVICE)), None)
-    return met.rstrip(".") if met else type(exc).__name__
+    """The first line of torch's error that says what it met, without its advice sentences (to load the file
+    unsafely, or to allow-list the function or class it names: ``add_safe_globals``) and without its own label."""
+    for line in str(exc).splitlines():
+        sentences = re.split(r"(?<=\.)\s+", line.strip())
+        met = " ".join(s for s in sentences if s and not any(a in s for a in _TORCH_ADVICE))
+        if met:
+            return met.removeprefix("WeightsUnpickler error: ").rstrip(".")
+    return type(exc).__name__
