@@ -140,7 +140,7 @@ def test_affinity_needs_several_tasks_and_is_reserved():
         TrainConfig(tasks=("mnist",), order_rule="affinity")
     with pytest.raises(BadConfig, match="with one task use nearest"):
         make_orders("affinity", 1, 4)
-    with pytest.raises(BadConfig, match="affinity steps 0 must be at least 1"):
+    with pytest.raises(BadConfig, match="affinity_steps must be at least 1, got 0"):
         TrainConfig(order_rule="affinity", affinity_steps=0)
     with pytest.raises(ValueError, match="reserved"):
         register_order_rule("affinity", nearest_orders)

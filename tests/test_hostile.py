@@ -402,3 +402,64 @@ def test_a_file_that_lists_no_tasks_is_refused_when_opened(tmp_path):
             assert one_line(invoke(*args, "-c", path)) == message, args
     message = f"error: {checkpoint} does not match its own metadata (no tasks: a network has at least one)\n"
     assert one_line(invoke("plan", "--budget", "1M", "-c", checkpoint)) == message
+
+
+_CHECKED_BY_THE_LIBRARY = {
+    ("train", "depth"): "the backbone family: ResNet depths are 6n+2 (core/resnet.py)",
+    ("train", "width"): "core.backbones.backbone_defaults (> 0) and train_config._check_width_splits (MAX_WIDTH)",
+    ("eval", "limit"): "evaluation.evaluate: a limit that leaves nothing to evaluate",
+    ("eval", "workers"): "data.streaming.open_task: 0 or more",
+    ("predict", "top"): "deploy.predict: at least 1",
+    ("serve", "max_batch"): "deploy.serve: at least 1",
+    ("serve", "max_uploads"): "deploy.serve: at least 1",
+    ("serve", "body_timeout"): "deploy.serve: above 0 seconds",
+}
+
+
+def test_every_numeric_option_has_a_declared_range():
+    """A number a user gives is checked against its range before any work: Typer's min/max on the option, a
+    ``config.Range`` on the config field behind a train option, or one named check in the library."""
+    import dataclasses
+
+    import typer
+
+    from dvn_cli.config import BackboneConfig, TrainConfig
+
+    limits = {f.name: f.metadata.get("limits") for c in (BackboneConfig, TrainConfig) for f in dataclasses.fields(c)}
+    numbers = {int, float}
+    unchecked, seen = [], []
+
+    def walk(group, prefix: str) -> None:
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                walk(command, f"{prefix}{name} ")
+                continue
+            for p in command.params:
+                if getattr(p, "hidden", False) or p.type_descriptor.annotation not in numbers:
+                    continue
+                seen.append(p.name)
+                if p.min is not None or p.max is not None or (f"{prefix}{name}", p.name) in _CHECKED_BY_THE_LIBRARY:
+                    continue
+                if name == "train" and limits.get(p.name) is not None:
+                    continue
+                unchecked.append(f"{prefix}{name} --{p.name.replace('_', '-')}")
+
+    walk(typer.main.get_command(app), "")
+    assert len(seen) > 20 and {"seed", "port", "top"} <= set(seen)  # the walk does see the numeric options
+    assert unchecked == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--port", "70000"), "error: Invalid value for '--port': Input should be less than or equal to 65535"),
+        (("--port", "-1"), "error: Invalid value for '--port': Input should be greater than or equal to 0"),
+        (("--max-body", "-1"), "error: Invalid value for '--max-body': Input should be greater than or equal to 1"),
+        (("--max-pixels", "0"), "error: Invalid value for '--max-pixels': Input should be greater than or equal to 1"),
+    ],
+)
+def test_serve_refuses_numbers_out_of_range_before_it_starts(tmp_path, args, message):
+    """``--port 70000`` once served on port 4464 (wrapped) without a word; --max-body -1 and --max-pixels 0 were
+    taken."""
+    path = named_checkpoint(tmp_path, ["a"])
+    assert one_line(invoke("serve", "-c", path, *args)).startswith(message)

@@ -70,6 +70,87 @@ def test_non_finite_settings_are_refused_naming_the_setting(tasks, tmp_path, fla
     assert not (tmp_path / "run").exists()
 
 
+_SEED_RANGE = "[0, 9223372036854775807]"
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [  # once: RuntimeError (label smoothing), ValueError (seed), IndexError (widths 0) tracebacks, or silent runs
+        (["--label-smoothing", "1.5"], "error: label_smoothing must be in [0, 1), got 1.5"),
+        (["--label-smoothing", "-0.1"], "error: label_smoothing must be in [0, 1), got -0.1"),
+        (["--seed", "-1"], f"error: seed must be in {_SEED_RANGE}, got -1"),
+        (["--seed", str(2**63)], f"error: seed must be in {_SEED_RANGE}, got {2**63}"),
+        (["--weight-decay", "-1"], "error: weight_decay must be at least 0, got -1.0"),
+        (["--distill", "-1"], "error: distill must be at least 0, got -1.0"),
+        (["--warmup-steps", "-5"], "error: warmup_steps must be at least 0, got -5"),
+        (["--momentum", "-1"], "error: momentum must be in [0, 1), got -1.0"),
+        (["--momentum", "1"], "error: momentum must be in [0, 1), got 1.0"),
+        (["--level-weights", "0,0,0,0"], "error: level_weights are all 0, so no level would learn; give at least"),
+        (["--level-weights", "1,-1,1,1"], "error: level_weights must each be at least 0, got 1.0,-1.0,1.0,1.0"),
+        (["--val-fraction", "0"], "error: val_fraction must be in (0, 1), got 0.0"),
+        (["--val-fraction", "1"], "error: val_fraction must be in (0, 1), got 1.0"),
+        (["--epochs", "0"], "error: epochs must be more than 0, got 0.0"),
+        (["--batch-size", "0"], "error: batch_size must be at least 1, got 0"),
+        (["--lr", "0"], "error: lr must be more than 0, got 0.0"),
+        (["--workers", "-1"], "error: workers must be at least 0, got -1"),
+        (["--limit", "0"], "error: limit must be at least 1, got 0"),
+        (["--widths", "0,0,0"], "error: widths must each be in [1, 1048576], got 0,0,0"),
+        (["--widths", "-4,8,16"], "error: widths must each be in [1, 1048576], got -4,8,16"),
+        (["--widths", f"{2**21},{2**21},{2**21}"], "error: widths must each be in [1, 1048576], got 2097152,"),
+        (["--units", "0"], "error: units must be at least 1, got 0"),
+        (["--input-size", "0"], "error: input_size must be at least 1, got 0"),
+        (["--stem-stride", "0"], "error: stem_stride must be at least 1, got 0"),
+        (["--input-channels", "0"], "error: in_channels must be at least 1, got 0"),
+        (["--order-rule", "affinity", "--affinity-steps", "0"], "error: affinity_steps must be at least 1, got 0"),
+    ],
+)
+def test_settings_out_of_range_are_refused_before_any_work(tasks, tmp_path, monkeypatch, flags, message):
+    monkeypatch.setattr("dvn_cli.training.loop.load_tasks", lambda cfg: pytest.fail("the data was loaded"))
+    args = _tiny_train_args(tasks, tmp_path / "run", tmp_path / "data", "--input-channels", 3, *flags)
+    one_error_line(invoke(*args), message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_width_multiplier_beyond_the_widest_stage_is_refused_naming_it(tmp_path, monkeypatch):
+    """``--width 1e9`` once built the network (for the memory estimate): RuntimeError: Storage size calculation
+    overflowed."""
+    monkeypatch.setattr("dvn_cli.training.loop.load_tasks", lambda cfg: pytest.fail("the data was loaded"))
+    folder = make_image_folder(tmp_path / "f", per_class=2)
+    args = ["train", "--tasks", f"a={folder}", "--input-size", 12, "--input-channels", 3, "--out", tmp_path / "run"]
+    one_error_line(
+        invoke(*args, "--width", "1e9"),
+        "error: --width 1000000000.0 gives widths 32000000000,64000000000,128000000000, more channels than a stage "
+        "may have (1048576); choose a smaller --width",
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_network_no_tensor_can_hold_is_refused_by_the_memory_estimate():
+    """Shapes beyond 64-bit sizes (a batch of 2^60 images) are a BadConfig from the meta build, not a RuntimeError."""
+    from dvn_cli.training.memory import estimate_memory
+
+    from .conftest import tiny_config, tiny_tasks
+
+    with pytest.raises(BadConfig, match="a training step of 1152921504606846976 images per task cannot run"):
+        estimate_memory(tiny_config(), tiny_tasks(1), 2**60)
+
+
+@pytest.mark.parametrize(
+    "toml,message",
+    [
+        ("seed = -1", f"error: seed must be in {_SEED_RANGE}, got -1"),
+        ("label_smoothing = 1.0", "error: label_smoothing must be in [0, 1), got 1.0"),
+        ("[backbone]\nunits = 0", "error: units must be at least 1, got 0"),
+    ],
+)
+def test_values_out_of_range_in_a_config_file_are_refused(tasks, tmp_path, toml, message):
+    config = tmp_path / "train.toml"
+    config.write_text(toml + "\n")
+    result = invoke(*_tiny_train_args(tasks, tmp_path / "run", tmp_path / "data"), "--config", config)
+    one_error_line(result, message)
+    assert not (tmp_path / "run").exists()
+
+
 def test_non_finite_values_in_a_config_file_are_refused(tasks, tmp_path):
     config = tmp_path / "train.toml"
     config.write_text("momentum = -inf\n")

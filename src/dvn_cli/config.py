@@ -21,8 +21,11 @@ __all__ = [
     "NOT_COMPARED",
     "DATA_MODES",
     "LEVEL_SAMPLINGS",
+    "MAX_WIDTH",
     "PRECISIONS",
+    "SEED_RANGE",
     "BackboneConfig",
+    "Range",
     "TaskSpec",
     "TrainConfig",
     "check_types",
@@ -52,15 +55,50 @@ LEVEL_SAMPLINGS = ("all", "sandwich")
 the sandwich rule (the smallest, the largest and one random level between them)."""
 
 
-def setting(default: Any, help: str, *, flags: tuple[str, ...] = ()) -> Any:
+@dataclass(frozen=True)
+class Range:
+    """The numbers a setting may hold: from ``low`` to ``high`` (None: no bound), each bound included unless open.
+
+    Declared once on the field (``setting(..., limits=Range(...))``) and checked when a config is built, so flags,
+    config files and stored runs are held to the same range (``_check_ranges``).
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'more than' if self.low_open else 'at least'} {self.low}"
+        if self.low is None:
+            return f"{'less than' if self.high_open else 'at most'} {self.high}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+SEED_RANGE = Range(0, 2**63 - 1)
+"""Seeds a run takes: what ``torch.manual_seed`` and a 64-bit signed integer both hold."""
+
+MAX_WIDTH = 2**20
+"""The most channels a stage may have: one 3x3 convolution that wide holds 36 TiB of float32 weights (no machine
+trains it), and below it every weight's element count fits the 64-bit sizes PyTorch counts shapes in."""
+
+
+def setting(default: Any, help: str, *, flags: tuple[str, ...] = (), limits: Range | None = None) -> Any:
     """A config field and its command-line option in one place: ``dvn train`` builds its options from these.
 
     Args:
         default: the field's default.
         help: the option's help text.
         flags: the option's names when they are not ``--field-name`` (``--field-name/--no-field-name`` for a bool).
+        limits: the numbers the field (each item of a list field) may hold; None: any.
     """
-    return field(default=default, metadata={"help": help, "flags": flags})
+    return field(default=default, metadata={"help": help, "flags": flags, "limits": limits})
 
 
 @dataclass(frozen=True)
@@ -80,24 +118,23 @@ class BackboneConfig:
 
     arch: str = setting("resnet", "Backbone family: resnet (CIFAR-style, default), resnet18, mobilenetv2.")
     depth: int = setting(14, "ResNet depth 6n+2.")
-    widths: tuple[int, ...] = setting((32, 64, 128), "Stage widths, e.g. 32,64,128.")
-    units: int = setting(4, "k: units per layer = number of levels.", flags=("--units", "-k"))
-    in_channels: int = setting(1, "Input channels, 1 or 3 (default: from tasks).", flags=("--input-channels",))
-    input_size: int = setting(28, "Input height and width (default: largest task's).")
-    stem_stride: int = setting(1, "Stride of the first convolution.")
+    widths: tuple[int, ...] = setting((32, 64, 128), "Stage widths, e.g. 32,64,128.", limits=Range(1, MAX_WIDTH))
+    units: int = setting(4, "k: units per layer = number of levels.", flags=("--units", "-k"), limits=Range(1))
+    in_channels: int = setting(
+        1, "Input channels, 1 or 3 (default: from tasks).", flags=("--input-channels",), limits=Range(1)
+    )
+    input_size: int = setting(28, "Input height and width (default: largest task's).", limits=Range(1))
+    stem_stride: int = setting(1, "Stride of the first convolution.", limits=Range(1))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-        if self.units < 1:
-            raise BadConfig(f"units k={self.units} must be at least 1")
+        _check_ranges(self)
         for width in self.widths:
             if width % self.units:
                 raise BadConfig(
                     f"channels {width} not divisible by k={self.units}; "
                     f"choose widths that are multiples of {self.units}"
                 )
-        if self.in_channels < 1 or self.input_size < 1 or self.stem_stride < 1:
-            raise BadConfig("in_channels, input_size and stem_stride must be positive")
 
 
 @dataclass(frozen=True)
@@ -148,28 +185,34 @@ class TrainConfig:
     order_table: tuple[tuple[int, ...], ...] | None = setting(
         None, "Explicit orders for --order-rule table, e.g. '0,1,2,3;3,2,1,0'.", flags=("--orders",)
     )
-    affinity_steps: int = setting(200, "Warm-up steps of --order-rule affinity (counted in the run's steps).")
-    epochs: float = setting(3.0, "Epochs over the largest task (may be fractional).")
-    batch_size: int = setting(128, "Images per task per step.")
-    lr: float = setting(0.1, "Peak learning rate (SGD, Nesterov, cosine).")
-    momentum: float = setting(0.9, "SGD momentum.")
-    weight_decay: float = setting(5e-4, "Weight decay of conv/linear weights.")
-    warmup_steps: int = setting(100, "Linear warm-up steps.")
-    label_smoothing: float = setting(0.0, "Label smoothing of the cross-entropy.")
-    level_weights: tuple[float, ...] | None = setting(None, "Loss weight per level, e.g. 1,1,1,1.")
+    affinity_steps: int = setting(
+        200, "Warm-up steps of --order-rule affinity (counted in the run's steps).", limits=Range(1)
+    )
+    epochs: float = setting(3.0, "Epochs over the largest task (may be fractional).", limits=Range(0, low_open=True))
+    batch_size: int = setting(128, "Images per task per step.", limits=Range(1))
+    lr: float = setting(0.1, "Peak learning rate (SGD, Nesterov, cosine).", limits=Range(0, low_open=True))
+    momentum: float = setting(0.9, "SGD momentum.", limits=Range(0, 1, high_open=True))
+    weight_decay: float = setting(5e-4, "Weight decay of conv/linear weights.", limits=Range(0))
+    warmup_steps: int = setting(100, "Linear warm-up steps.", limits=Range(0))
+    label_smoothing: float = setting(0.0, "Label smoothing of the cross-entropy.", limits=Range(0, 1, high_open=True))
+    level_weights: tuple[float, ...] | None = setting(
+        None, "Loss weight per level, e.g. 1,1,1,1 (at least one above 0).", limits=Range(0)
+    )
     level_sampling: str = setting(
         "all", "Levels trained per step: all, or sandwich (level 1, level k and one random level between)."
     )
-    distill: float = setting(0.0, "Distillation weight from the top level (0 = off).")
-    seed: int = setting(0, "Seed for a repeatable run.")
-    limit: int | None = setting(None, "At most N training images per task (quick runs).")
-    val_fraction: float = setting(0.1, "Share of training images held out.")
+    distill: float = setting(0.0, "Distillation weight from the top level (0 = off).", limits=Range(0))
+    seed: int = setting(0, "Seed for a repeatable run.", limits=SEED_RANGE)
+    limit: int | None = setting(None, "At most N training images per task (quick runs).", limits=Range(1))
+    val_fraction: float = setting(
+        0.1, "Share of training images held out for validation.", limits=Range(0, 1, low_open=True, high_open=True)
+    )
     data_root: str = setting("data", "Dataset folder (default ./data or $DVN_DATA_ROOT).")
     download: bool = setting(False, "Let torchvision download data.", flags=("--download",))
     data_mode: str = setting(
         "auto", "Folder tasks: auto (stream those over 256 MiB at the input shape), memory or stream."
     )
-    workers: int = setting(2, "Processes decoding each streamed task (default 2).")
+    workers: int = setting(2, "Processes decoding each streamed task (default 2).", limits=Range(0))
     augment: bool = setting(True, "Data augmentation.")
     channels_last: bool = setting(True, "Channels-last memory format for the training step.")
     task_threads: bool = setting(
@@ -189,24 +232,21 @@ class TrainConfig:
         if self.level_weights is not None:
             object.__setattr__(self, "level_weights", tuple(float(w) for w in self.level_weights))
         _check_finite(self)
+        _check_ranges(self)
+        if self.level_weights is not None and not any(self.level_weights):
+            raise BadConfig("level_weights are all 0, so no level would learn; give at least one weight above 0")
         if not self.tasks:
             raise BadConfig("no tasks given; pass --tasks a,b")
         names = [t.partition("=")[0].strip() for t in self.tasks]  # "name" or "name=path/to/folder"
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise BadConfig(f"task listed twice: {', '.join(dupes)}")
-        if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
-            raise BadConfig("epochs, batch size and learning rate must be positive")
         if self.data_mode not in DATA_MODES:
             raise BadConfig(f"unknown data mode {self.data_mode!r}; use {', '.join(DATA_MODES)}")
-        if self.workers < 0:
-            raise BadConfig(f"workers {self.workers} must be 0 or more")
         if self.level_sampling not in LEVEL_SAMPLINGS:
             raise BadConfig(f"unknown level sampling {self.level_sampling!r}; use {', '.join(LEVEL_SAMPLINGS)}")
         if self.precision not in PRECISIONS:
             raise BadConfig(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
-        if self.affinity_steps < 1:
-            raise BadConfig(f"affinity steps {self.affinity_steps} must be at least 1")
         if self.order_rule == "affinity" and len(self.tasks) < 2:
             raise BadConfig("order rule 'affinity' places several tasks; with one task use nearest")
         if self.level_weights is not None and len(self.level_weights) != self.backbone.units:
@@ -223,6 +263,17 @@ def from_dict(cls: type, data: dict[str, Any]):
     if unknown:
         raise BadConfig(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
     return cls(**data)
+
+
+def _check_ranges(cfg: Any) -> None:
+    """Refuse a number outside its field's declared ``Range`` (each item of a list field), naming the field."""
+    for f in fields(cfg):
+        limits, value = f.metadata.get("limits"), getattr(cfg, f.name)
+        items = value if isinstance(value, tuple) else (value,)
+        if limits is not None and not all(v is None or limits.holds(v) for v in items):
+            shown = ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+            each = " each" if isinstance(value, tuple) else ""
+            raise BadConfig(f"{f.name} must{each} be {limits}, got {shown}")
 
 
 def _check_finite(cfg: TrainConfig) -> None:

@@ -540,7 +540,9 @@ def predict(
 def serve(
     checkpoint: CheckpointOption = DEFAULT_CHECKPOINT,
     host: Annotated[str, typer.Option(help="Address to listen on; loopback unless you say otherwise.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on (0: a free one, named on stderr).")] = 8000,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Port to listen on (0: a free one, named on stderr).")
+    ] = 8000,
     budget: Annotated[
         str | None,
         typer.Option(
@@ -549,9 +551,10 @@ def serve(
         ),
     ] = None,
     reserve: Annotated[str, typer.Option(help="With --budget auto: memory to leave free (e.g. 500MB).")] = "0B",
-    max_body: Annotated[int | None, typer.Option(help="Largest request body, in bytes (default 8 MiB).")] = None,
+    max_body: Annotated[int | None, typer.Option(min=1, help="Largest request body, in bytes (default 8 MiB).")] = None,
     max_pixels: Annotated[
-        int | None, typer.Option(help="Largest image, in pixels (checked before decoding; default 4096x4096).")
+        int | None,
+        typer.Option(min=1, help="Largest image, in pixels (checked before decoding; default 4096x4096)."),
     ] = None,
     max_batch: Annotated[int, typer.Option(help="Most images of concurrent requests run as one batch.")] = 32,
     memory_file: Annotated[Path | None, typer.Option(hidden=True)] = None,

@@ -98,12 +98,16 @@ def _estimate(
     order_table: tuple[tuple[int, ...], ...] | None,
     momentum: bool,
 ) -> MemoryEstimate:
-    with torch.device("meta"):
-        network = build_network(backbone, list(specs), order_rule, order_table)
+    try:  # on the meta device nothing is allocated: an error here is a shape no tensor can have
+        with torch.device("meta"):
+            network = build_network(backbone, list(specs), order_rule, order_table)
+    except RuntimeError as exc:  # e.g. "Storage size calculation overflowed"
+        raise BadConfig(f"a network of widths {backbone.widths} cannot be built: {first_line(exc)}") from None
     params = list(network.parameters())
     try:
         saved = _saved_bytes(network, max(range(len(specs)), key=lambda t: specs[t].num_classes), batch_size)
-    except ValueError as exc:  # what the step itself would raise, e.g. batch norm over a 1x1 map of one image
+    except (ValueError, RuntimeError) as exc:  # what the step would raise: batch norm over a 1x1 map of one image,
+        # a batch whose activations overflow 64-bit sizes
         raise BadConfig(f"a training step of {batch_size} images per task cannot run: {first_line(exc)}") from None
     weights = sum(_nbytes(t) for t in params) + sum(_nbytes(b) for b in network.buffers())
     per_copy = sum(_nbytes(p) for p in params)

@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import settings
 from ..config import (
+    MAX_WIDTH,
     BackboneConfig,
     TrainConfig,
     build_train_config,
@@ -124,6 +125,11 @@ def _check_width_splits(width: float, backbone: Mapping[str, Any]) -> None:
     if not isinstance(units, int) or units < 1:
         return  # BackboneConfig refuses it
     widths = backbone["widths"]
+    if max(widths) > MAX_WIDTH:
+        raise BadConfig(
+            f"--width {width} gives widths {','.join(map(str, widths))}, more channels than a stage may have "
+            f"({MAX_WIDTH}); choose a smaller --width"
+        )
     if any(w % units for w in widths):
         raise BadConfig(
             f"--width {width} gives widths {','.join(map(str, widths))}, which do not split into k={units} units; "
