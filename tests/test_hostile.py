@@ -404,6 +404,48 @@ def test_a_file_that_lists_no_tasks_is_refused_when_opened(tmp_path):
     assert one_line(invoke("plan", "--budget", "1M", "-c", checkpoint)) == message
 
 
+def _strict_json(text: str):
+    """JSON as a strict parser reads it: ``NaN`` and ``Infinity`` are not JSON."""
+
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} in JSON output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_an_older_file_with_nan_accuracies_plans_none_of_them_and_prints_null(tmp_path):
+    """A run with --val-fraction 0 once stored NaN accuracies; ``dvn plan --budget 100%`` then chose level 1
+    (every comparison with NaN is false) and printed ``"accuracy": {"mnist": NaN}``, which is not JSON."""
+    from .conftest import tiny_tasks
+
+    torch.manual_seed(0)
+    nan = float("nan")
+    training = {"steps": 1, "val_accuracy": {"task0": [nan] * 4, "task1": [0.2, 0.4, 0.6, 0.8]}}
+    path = save_checkpoint(build_network(tiny_config(), tiny_tasks(2)), tmp_path / "old.safetensors", training)
+    assert one_line(invoke("plan", "-c", path, "--budget", "100%", "--json")).startswith(
+        "error: no accuracy for task0 at level 1: a plan needs the validation accuracy of every level"
+    )
+    only_known = invoke("plan", "-c", path, "--budget", "100%", "--tasks", "task1", "--json")
+    assert only_known.exit_code == 0, only_known.output
+    assert _strict_json(only_known.stdout)["choices"] == {"task1": 4}
+    described = invoke("info", "-c", path, "--json")
+    assert described.exit_code == 0, described.output
+    text = json.dumps(_strict_json(described.stdout))
+    assert '"val_accuracy": null' in text and '"val_accuracy": 0.8' in text
+    table = invoke("info", "-c", path)
+    assert table.exit_code == 0 and "nan%" not in table.stdout
+
+
+def test_every_json_output_of_the_cli_goes_through_one_helper_that_prints_no_nan(capsys):
+    from dvn_cli.cli import app as app_module
+    from dvn_cli.cli import ui
+
+    source = Path(app_module.__file__).read_text()
+    assert "json.dumps" not in source and source.count("ui.print_json(") >= 6
+    ui.print_json({"a": float("nan"), "b": [float("inf"), 1.5], "c": (float("-inf"),)})
+    assert _strict_json(capsys.readouterr().out) == {"a": None, "b": [None, 1.5], "c": [None]}
+
+
 _CHECKED_BY_THE_LIBRARY = {
     ("train", "depth"): "the backbone family: ResNet depths are 6n+2 (core/resnet.py)",
     ("train", "width"): "core.backbones.backbone_defaults (> 0) and train_config._check_width_splits (MAX_WIDTH)",

@@ -135,6 +135,21 @@ def test_a_network_no_tensor_can_hold_is_refused_by_the_memory_estimate():
         estimate_memory(tiny_config(), tiny_tasks(1), 2**60)
 
 
+def test_a_task_left_without_validation_images_is_refused(tmp_path):
+    """``--val-fraction 0`` once trained with NaN accuracies, which made ``dvn plan`` pick level 1 under 100%; a
+    folder whose own val/ holds no image leaves no validation image either."""
+    folder = tmp_path / "pets"
+    make_image_folder(folder / "train", ("cat", "dog"), per_class=4)
+    (folder / "val" / "cat").mkdir(parents=True)
+    args = ["train", "--tasks", f"pets={folder}", "--input-size", 12, "--input-channels", 3, "--out", tmp_path / "run"]
+    one_error_line(
+        invoke(*args),
+        "error: task 'pets' has no validation images (6 training images); give it more images or a larger "
+        "--val-fraction (or images in its folder's val/)",
+    )
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "toml,message",
     [

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import json
 import signal
 import sys
 import types
@@ -258,7 +257,7 @@ def data_prepare(
     with user_errors():
         rows = prepare_offline_data(data_root, datasets=[d.strip() for d in datasets.split(",") if d.strip()])
     if json_output:
-        typer.echo(json.dumps({"rows": rows}))
+        ui.print_json({"rows": rows})
     else:
         ui.print_table(rows, [("dataset", "dataset"), ("status", "status"), ("path", "path"), ("detail", "detail")])
     if any(r["status"] == "missing" for r in rows):
@@ -325,7 +324,7 @@ def eval_(
 
             plot_accuracy(rows, plot, title=str(checkpoint))
     if json_output:
-        typer.echo(json.dumps({"checkpoint": str(checkpoint), "split": split, "rows": rows}))
+        ui.print_json({"checkpoint": str(checkpoint), "split": split, "rows": rows})
         return
     ui.show_eval(rows, f"{checkpoint} on the {split} split ({rows[0]['samples']} images per task)", latency)
 
@@ -338,7 +337,7 @@ def info(checkpoint: CheckpointOption = DEFAULT_CHECKPOINT, json_output: JsonOpt
     with user_errors():
         described = _open(checkpoint).describe()
     if json_output:
-        typer.echo(json.dumps(described))
+        ui.print_json(described)
     else:
         ui.show_model_file(described)
 
@@ -376,7 +375,7 @@ def plan(
             save_bundle(network, chosen.choices, bundle, ckpt.file_sha256, ckpt.training)
     result = chosen.to_dict()
     if json_output:
-        typer.echo(json.dumps(result))
+        ui.print_json(result)
         return
     ui.show_plan(result, budget)
     if bundle is not None:
@@ -475,7 +474,7 @@ def export(
             f"left {len(manifest.left)} files the previous manifest listed, changed since: {', '.join(manifest.left)}"
         )
     if json_output:
-        typer.echo(json.dumps(manifest))
+        ui.print_json(manifest)
         return
     ui.show_export(manifest, out)
 
@@ -528,7 +527,7 @@ def predict(
                 model, images, _names(budgets) or (), _names(task), top, skipped, on_switch=ui.show_switch
             )
     if json_output:
-        typer.echo(json.dumps({"rows": result.rows} | ({"switches": result.switches} if budgets else {})))
+        ui.print_json({"rows": result.rows} | ({"switches": result.switches} if budgets else {}))
         return
     ui.show_predictions(result.rows)
 

@@ -5,6 +5,7 @@ Tables go to stdout; progress and errors go to stderr, so ``--json`` output stay
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -26,6 +27,7 @@ __all__ = [
     "accuracy_table",
     "format_duration",
     "print_error",
+    "print_json",
     "print_note",
     "print_table",
     "print_warning",
@@ -68,6 +70,25 @@ def print_warning(message: str) -> None:
     _console(stderr=True).print(f"[yellow]warning:[/] {visible(message)}", highlight=False, soft_wrap=True)
 
 
+def print_json(value: Any) -> None:
+    """One JSON document on stdout, for scripts: every ``--json`` prints through here.
+
+    JSON has no NaN or infinity (Python would print ``NaN``, which strict parsers refuse): a number that is not
+    finite (an accuracy an older run could not measure) is printed as null, "unknown".
+    """
+    sys.stdout.write(json.dumps(_finite(value), allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def print_note(message: str) -> None:
     _console(stderr=True).print(visible(message), soft_wrap=True)
 
@@ -89,7 +110,7 @@ def format_cell(key: str, value: Any) -> str:
 
 
 def _cell_text(key: str, value: Any) -> str:
-    if value is None:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):  # unknown (an older run's NaN)
         return "-"
     if isinstance(value, float) and key.startswith(("accuracy", "val_accuracy", "acc_")):
         return f"{100 * value:.2f}%"
@@ -110,7 +131,7 @@ def accuracy_table(val_accuracy: dict[str, list[float]], title: str) -> None:
     for level in range(1, k + 1):
         table.add_column(f"level {level}", justify="right")
     for task, accs in val_accuracy.items():
-        table.add_row(task, *(f"{100 * a:.2f}%" for a in accs))
+        table.add_row(task, *(_cell_text("accuracy", a) for a in accs))
     _console().print(table)
 
 

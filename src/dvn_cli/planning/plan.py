@@ -214,11 +214,17 @@ def accuracy_from_training(training: Mapping[str, Any]) -> dict[tuple[str, int],
             level (level 1 first).
 
     Returns:
-        ``{(task, level): accuracy}``; empty when the summary holds no validation accuracy.
+        ``{(task, level): accuracy}``; empty when the summary holds no validation accuracy. An accuracy that is not
+        a finite number (NaN: a run of an older dvn that held out no validation image) is unknown, so left out: a
+        plan then refuses that task rather than rank its levels by NaN, whose comparisons are all false (which
+        once made level 1 win under a 100% budget).
     """
     per_task = training.get("val_accuracy") or {}
     return {
-        (str(name), level): float(acc) for name, accs in per_task.items() for level, acc in enumerate(accs, start=1)
+        (str(name), level): float(acc)
+        for name, accs in per_task.items()
+        for level, acc in enumerate(accs, start=1)
+        if acc is not None and math.isfinite(float(acc))
     }
 
 

@@ -18,7 +18,7 @@ from ..config import TrainConfig, config_differences
 from ..core.backbones import check_input_shape
 from ..core.network import build_network
 from ..data.streaming import StreamFailed, Task, open_task, worker_failure
-from ..errors import BadConfig, WrongFileFormat
+from ..errors import BadConfig, MissingData, WrongFileFormat
 from ..fsutil import first_line, write_atomic
 from ..modelfile.checkpoint import STATE_FORMAT, load_checkpoint
 from ..modelfile.container import read_dvn_file
@@ -36,7 +36,7 @@ from .step import take_step
 from .stops import StopSignals
 from .task_threads import TaskThreads
 
-__all__ = ["fit", "load_tasks"]
+__all__ = ["check_validation", "fit", "load_tasks"]
 
 
 def load_tasks(cfg: TrainConfig) -> list[Task]:
@@ -57,6 +57,16 @@ def load_tasks(cfg: TrainConfig) -> list[Task]:
         )
         for task in cfg.tasks
     ]
+
+
+def check_validation(data: list[Task]) -> None:
+    """Refuse a task without validation images: its accuracy could not be measured, and plans choose by it."""
+    for d in data:
+        if d.split_size("val") == 0:
+            raise MissingData(
+                f"task {d.spec.name!r} has no validation images ({d.split_size('train')} training images); give it "
+                "more images or a larger --val-fraction (or images in its folder's val/)"
+            )
 
 
 def fit(
@@ -116,6 +126,7 @@ def _fit(
     amp_dtype = resolve_precision(cfg.precision, device)
     if data is None:
         data = together(env, device, lambda: load_tasks(cfg))
+    together(env, device, lambda: check_validation(data))
     if not cfg.augment:  # so that what is reported is what runs
         data = [dataclasses.replace(d, augment="none") for d in data]
     together(env, device, lambda: check_memory(cfg, [d.spec for d in data], device))
