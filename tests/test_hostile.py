@@ -505,3 +505,15 @@ def test_serve_refuses_numbers_out_of_range_before_it_starts(tmp_path, args, mes
     taken."""
     path = named_checkpoint(tmp_path, ["a"])
     assert one_line(invoke("serve", "-c", path, *args)).startswith(message)
+
+
+def test_text_in_an_error_is_printed_as_written_not_as_emoji_or_markup(capsys):
+    """``--port -1`` once printed ``127.0.0.1👎`` for ``127.0.0.1:-1:``: rich turned ``:-1:`` into an emoji."""
+    from dvn_cli.cli import ui
+
+    ui.print_error("cannot listen on 127.0.0.1:-1: [bold]no[/] :smile:")
+    ui.print_warning(":+1: [red]x")
+    ui.print_note(":thumbs_up:")
+    assert capsys.readouterr().err == (
+        "error: cannot listen on 127.0.0.1:-1: [bold]no[/] :smile:\nwarning: :+1: [red]x\n:thumbs_up:\n"
+    )

@@ -45,7 +45,8 @@ PIPE_WIDTH = 200  # tables piped to a file or another program are not cut to 80 
 def _console(stderr: bool = False) -> Console:
     """A console on the CURRENT sys.stdout/stderr (tests swap them), wide when not a terminal."""
     stream = sys.stderr if stderr else sys.stdout
-    return Console(file=stream, highlight=False, width=None if stream.isatty() else PIPE_WIDTH)
+    # emoji=False: text such as ":-1:" in a message or a name is printed as written, never as an emoji
+    return Console(file=stream, highlight=False, emoji=False, width=None if stream.isatty() else PIPE_WIDTH)
 
 
 def visible(value: Any) -> str:
