@@ -135,6 +135,26 @@ def test_a_network_no_tensor_can_hold_is_refused_by_the_memory_estimate():
         estimate_memory(tiny_config(), tiny_tasks(1), 2**60)
 
 
+def test_more_workers_than_cores_is_warned_not_refused(tasks, tmp_path, monkeypatch, recwarn):
+    """``--workers 64`` on 2 cores: dvn warns once, in one line (PyTorch's four multi-line warnings per loader are
+    silenced); the run goes on, since a config may come from a larger machine and decoding also waits on storage."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+
+    def args(out: str, workers: int) -> list:
+        extra = ("--epochs", 1, "--data-mode", "stream", "--workers", workers)
+        return _tiny_train_args(tasks, tmp_path / out, tmp_path / "data", *extra)
+
+    result = invoke(*args("run", 3))
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[0] == (
+        "warning: --workers 3 is more than the 2 CPU cores here: each streamed task starts 3 decoding processes, "
+        "which only take turns"
+    )
+    assert not [w for w in recwarn if "DataLoader will create" in str(w.message)]
+    quiet = invoke(*args("run2", 2))
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr, quiet.output
+
+
 def test_a_task_left_without_validation_images_is_refused(tmp_path):
     """``--val-fraction 0`` once trained with NaN accuracies, which made ``dvn plan`` pick level 1 under 100%; a
     folder whose own val/ holds no image leaves no validation image either."""

@@ -158,6 +158,7 @@ def train(
     """
     # Every option but --width, --resume, --force and --config is a field of config.TrainConfig or
     # config.BackboneConfig, where its flag and help live (config.setting); the signature below is built from them.
+    from ..data.streaming import excess_workers
     from ..training.distributed import detect_env
     from ..training.loop import fit
     from ..training.observer import TrainObserver
@@ -177,6 +178,8 @@ def train(
             ui.print_note(
                 "note: fp16 on CPU has no fast kernels (about 13x slower than fp32 where measured); use fp32 or bf16"
             )
+        if main_rank and (too_many := excess_workers(cfg.workers)):
+            ui.print_warning(too_many)
         progress = ui.TrainProgress() if main_rank else TrainObserver()
         try:
             result = fit(cfg, resume=resume, force=force, observer=progress)
@@ -305,9 +308,12 @@ def eval_(
 
     -c takes a full checkpoint, a compact model (prune-level) or a bundle (plan --bundle).
     """
+    from ..data.streaming import excess_workers
     from ..evaluation.evaluate import EvalOptions, evaluate_rows
     from . import ui
 
+    if too_many := excess_workers(workers):
+        ui.print_warning(too_many)
     with user_errors():
         options = EvalOptions(_names(task), budget, split, data_root, limit, latency, workers)
         for written in (csv, plot):

@@ -45,6 +45,7 @@ __all__ = [
     "StreamedTask",
     "Task",
     "epoch_order",
+    "excess_workers",
     "open_task",
     "worker_failure",
 ]
@@ -55,6 +56,23 @@ than this: 256 MiB, e.g. 21,000 images at 3x64x64, 1,700 at 3x224x224. Smaller o
 which is faster (no decoding per epoch) and small enough not to matter."""
 
 SCAN_CHUNK = 256  # files per work item of the opening scan
+
+
+def excess_workers(workers: int) -> str | None:
+    """A warning when ``workers`` decoding processes per streamed task outnumber this machine's CPU cores (beyond
+    the default 2), else None.
+
+    Warned, not refused: a config file may come from a larger machine, decoding also waits on storage, and the
+    setting changes nothing but speed (``config.NOT_COMPARED``). But each worker is a process of its own, with its
+    own memory, and past the cores they only take turns.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers <= max(cores, 2):
+        return None
+    return (
+        f"--workers {workers} is more than the {cores} CPU cores here: each streamed task starts {workers} decoding "
+        "processes, which only take turns"
+    )
 
 
 class StreamFailed(MissingData):
@@ -404,13 +422,21 @@ def _one_thread(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+class _Loader(DataLoader):
+    """A ``DataLoader`` that leaves more workers than cores to dvn to say: PyTorch would say it in two multi-line
+    warnings at every start of every loader, dvn says it once, in one line (``excess_workers``)."""
+
+    def check_worker_number_rationality(self) -> None:
+        pass
+
+
 def _loader(dataset: Dataset, keys: Iterable[Any], workers: int) -> DataLoader:
     """Work items ``keys`` of ``dataset`` run by ``workers`` processes, results in the order of ``keys``.
 
     The loader draws its workers' base seed from a generator of its own, not from torch's global one: the
     training process's random state then does not depend on how often a stream was (re)started, so a resumed
     run's state equals an uninterrupted one's (the batches are seeded by their keys anyway)."""
-    return DataLoader(
+    return _Loader(
         dataset,
         sampler=keys,
         batch_size=None,  # every work item is already a batch
