@@ -26,7 +26,7 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .errors import BadConfig, CannotWrite, DvnError, WrongFileFormat
 
@@ -189,9 +189,11 @@ def check_output_file(path: str | os.PathLike, reads: Iterable[str | os.PathLike
         missing = "does not exist" if not path.parent.exists() else "is not a folder"
         raise CannotWrite(path, f"{path.parent} {missing}; create the folder first or choose another file")
     for source in reads:
+        if source is None:
+            continue
         same = False
         with contextlib.suppress(OSError):  # a path that does not exist is no file being read
-            same = source is not None and os.path.samefile(path, source)
+            same = os.path.samefile(path, source)
         if same:
             other = "" if Path(source) == path else f" ({source}, under another name)"
             raise CannotWrite(path, f"it is the file this command reads{other}; choose another file")
@@ -199,6 +201,8 @@ def check_output_file(path: str | os.PathLike, reads: Iterable[str | os.PathLike
 
 
 LOCK_NAME = ".lock"
+
+_Lock = TypeVar("_Lock", bound="FolderLock")
 
 
 class FolderLock:
@@ -215,7 +219,7 @@ class FolderLock:
         self.path, self.fd = path, fd
 
     @classmethod
-    def acquire(cls, folder: Path, command: str, option: str) -> FolderLock:
+    def acquire(cls: type[_Lock], folder: Path, command: str, option: str) -> _Lock:
         """Lock ``folder`` (which must exist) for ``command`` (``dvn train``), or refuse in one line naming the
         process that holds it and the ``option`` that chooses another folder."""
         path = Path(folder) / LOCK_NAME

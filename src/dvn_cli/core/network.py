@@ -7,8 +7,8 @@ of every layer, that (task, level)'s batch norm and the task's head. Tasks may b
 from __future__ import annotations
 
 import operator
-from collections.abc import Hashable, Iterable, Sequence
-from typing import TypeVar
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import TypeAlias, TypeVar
 
 import torch
 from torch import nn
@@ -19,7 +19,11 @@ from .backbones import build_features
 from .layers import UnitLinear
 from .units import UnitLayout, make_orders
 
-__all__ = ["DeepVirtualNetwork", "build_network"]
+__all__ = ["DeepVirtualNetwork", "TaskLevels", "build_network"]
+
+TaskLevels: TypeAlias = Mapping[str, int] | Mapping[int, int] | Mapping[str | int, int]
+"""One level per task, tasks by name or index (``resolve_pairs`` reads it; a ``Mapping`` is invariant in its
+keys, so a ``dict[str, int]`` is no ``Mapping[str | int, int]``)."""
 
 _Key = TypeVar("_Key", bound=Hashable)
 

@@ -95,7 +95,7 @@ def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d) or len(node.args) != 1:
             continue
@@ -103,6 +103,7 @@ def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
         if (
             isinstance(src, torch.fx.Node)
             and src.op == "call_module"
+            and isinstance(src.target, str)  # always, for call_module: the called module's name
             and isinstance(modules[src.target], nn.Conv2d)
             and len(src.users) == 1
             and calls[src.target] == calls[node.target] == 1  # a module called twice cannot be fused in place
@@ -125,6 +126,7 @@ def fold_batchnorm(plain: nn.Module) -> nn.Module:
     folded = copy.deepcopy(plain).eval()
     for conv_name, bn_name in _conv_bn_pairs(folded):
         conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
+        assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)  # what _conv_bn_pairs found
         _set_submodule(folded, conv_name, torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn))
         _set_submodule(folded, bn_name, nn.Identity())
     return folded.requires_grad_(False)
@@ -137,9 +139,12 @@ def _example_input(config, batch: int = 1, device: torch.device | str = "cpu") -
     return torch.zeros(batch, config.in_channels, config.input_size, config.input_size, device=device)
 
 
-def _sample_batches(plain: PlainNetwork, inputs: Inputs) -> list[torch.Tensor]:
-    """Batches to compare on: the given ones, plus the first image alone; else seeded noise of batch 1 and 4."""
+def _sample_batches(plain: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
+    """Batches to compare on: the given ones, plus the first image alone; else seeded noise of batch 1 and 4 (of a
+    ``PlainNetwork``'s input shape)."""
     if inputs is None:
+        if not isinstance(plain, PlainNetwork):
+            raise TypeError(f"sample inputs are needed to check a {type(plain).__name__}, which has no input shape")
         generator = torch.Generator().manual_seed(0)
         cfg = plain.config
         shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -178,7 +183,7 @@ def non_finite_stops_export(label: str, task: str, level: int) -> Iterator[None]
         ) from None
 
 
-def _logit_difference(label: Path | str, got: torch.Tensor, expected: torch.Tensor) -> tuple[float, int]:
+def _logit_difference(label: str | os.PathLike, got: torch.Tensor, expected: torch.Tensor) -> tuple[float, int]:
     """(largest |got - expected|, rows with the same top class); a non-finite logit is an error naming ``label``."""
     if not (bool(torch.isfinite(got).all()) and bool(torch.isfinite(expected).all())):
         raise NonFiniteLogits(f"{label} gives non-finite logits (NaN or infinity)")
@@ -186,7 +191,7 @@ def _logit_difference(label: Path | str, got: torch.Tensor, expected: torch.Tens
 
 
 def compare_logits(
-    run: Callable[[torch.Tensor], torch.Tensor], plain: nn.Module, inputs: Inputs, label: Path | str
+    run: Callable[[torch.Tensor], torch.Tensor], plain: nn.Module, inputs: Inputs, label: str | os.PathLike
 ) -> LogitCheck:
     """``run`` against ``plain`` over the sample batches of ``inputs``: how every export is checked.
 
@@ -236,7 +241,9 @@ def trace_onnx(module: nn.Module, config, opset: int, constant_folding: bool) ->
         torch.onnx.export(
             module,
             (_example_input(config),),
-            buffer,
+            # torch annotates f as a path, but its TorchScript exporter (dynamo=False) writes to a BytesIO too
+            # (torch.onnx._internal.torchscript_exporter.onnx_proto_utils._export_file takes io.BytesIO | str)
+            buffer,  # type: ignore[arg-type]
             dynamo=False,
             input_names=["input"],
             output_names=["logits"],

@@ -289,7 +289,8 @@ class ExportStage:
         if self.previous is None:
             return [], []
         keep = listed_files(manifest)
-        removed, left = [], []
+        removed: list[str] = []
+        left: list[str] = []
         for name, sha256 in listed_files(self.previous).items():
             path = self.out / name
             if name in keep or not os.path.lexists(path):

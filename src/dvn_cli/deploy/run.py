@@ -41,11 +41,11 @@ class ModelRunner:
         if isinstance(model, Checkpoint):
             return partial(_run_torch, partial(model.network.eval(), task=task, level=level))
         if isinstance(model, Bundle):
-            if self.runtime is None:
+            if not isinstance(self.runtime, SharedRuntime):  # None until the first forward
                 self.runtime = SharedRuntime.from_model(model, model.choices)
             return partial(self.runtime, task=task)
         if isinstance(model, SharedExport):
-            if self.runtime is None:
+            if not isinstance(self.runtime, SharedOrtRuntime):  # None until the first forward
                 self.runtime = SharedOrtRuntime(model.files)  # the folder as already read and checked
             return partial(_run_onnx, self.runtime, task, level)
         return partial(_run_torch, model.plain_of(task, level))

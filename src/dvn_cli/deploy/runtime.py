@@ -28,13 +28,14 @@ import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import BackboneConfig
+from ..core.network import TaskLevels
 from ..core.plain import PlainNetwork, plain_config
 from ..core.threads import threads_for_batch
 from ..core.units import BlockGrid
@@ -44,6 +45,8 @@ from ..modelfile.registry import open_unit_source
 from ..planning.plan import Plan, plan_for_budget
 
 __all__ = ["CONV_MODES", "SharedRuntime"]
+
+_Module = TypeVar("_Module", bound=nn.Module)
 
 ConvMode = Literal["assemble", "blockwise"]
 CONV_MODES: tuple[str, ...] = ("assemble", "blockwise")
@@ -75,6 +78,7 @@ class _Strip:
         view = self.tensor.narrow(0, self.units_out.index(unit_out) * rows, rows)
         if unit_in is None:
             return view
+        assert self.units_in is not None  # a block with an input unit is in a strip whose input is split
         cols = grid.in_channels // grid.units
         return view.narrow(1, self.units_in.index(unit_in) * cols, cols)
 
@@ -134,11 +138,10 @@ class _BlockConv(nn.Module):
             )
         inputs = x.split(self.blocks[0][0].shape[1], dim=1)  # one chunk per input unit (the stem: the whole image)
         outputs = []
-        for row in self.blocks:
-            out = None
-            for block, chunk in zip(row, inputs, strict=True):
-                y = F.conv2d(chunk, block, None, self.stride, self.padding, self.dilation)
-                out = y if out is None else out.add_(y)
+        for row in self.blocks:  # every row has a block per input chunk, so at least one
+            out = F.conv2d(inputs[0], row[0], None, self.stride, self.padding, self.dilation)
+            for block, chunk in zip(row[1:], inputs[1:], strict=True):
+                out = out.add_(F.conv2d(chunk, block, None, self.stride, self.padding, self.dilation))
             outputs.append(out)
         return torch.cat(outputs, dim=1)
 
@@ -192,7 +195,7 @@ class SharedRuntime:
         WrongFileFormat: the file is damaged, changed since it was opened, or contradicts its metadata.
     """
 
-    def __init__(self, source: UnitSource, choices: Mapping[str | int, int], conv: ConvMode = "assemble") -> None:
+    def __init__(self, source: UnitSource, choices: TaskLevels, conv: ConvMode = "assemble") -> None:
         if conv not in CONV_MODES:
             raise BadConfig(f"unknown conv mode {conv!r}; use one of {', '.join(CONV_MODES)}")
         self.source, self.conv = source, conv
@@ -200,17 +203,13 @@ class SharedRuntime:
         self.set_levels(choices)
 
     @classmethod
-    def from_model(
-        cls, model: ModelFile, choices: Mapping[str | int, int], conv: ConvMode = "assemble"
-    ) -> SharedRuntime:
+    def from_model(cls, model: ModelFile, choices: TaskLevels, conv: ConvMode = "assemble") -> SharedRuntime:
         """A runtime of a loaded checkpoint or bundle; one that was written is read again from its file, so the
         runtime keeps none of ``model``'s tensors."""
         return cls(model.unit_source(), choices, conv)
 
     @classmethod
-    def open(
-        cls, path: str | os.PathLike, choices: Mapping[str | int, int], conv: ConvMode = "assemble"
-    ) -> SharedRuntime:
+    def open(cls, path: str | os.PathLike, choices: TaskLevels, conv: ConvMode = "assemble") -> SharedRuntime:
         """A runtime of a checkpoint or bundle file that reads nothing but the header and the blocks it needs."""
         return cls(open_unit_source(path), choices, conv)
 
@@ -262,7 +261,7 @@ class SharedRuntime:
 
     # -------------------------------------------------------------------------------------------- switching
 
-    def set_levels(self, choices: Mapping[str | int, int]) -> dict[str, int]:
+    def set_levels(self, choices: TaskLevels) -> dict[str, int]:
         """Run ``choices`` (task -> level) from now on: read the blocks they lack, release the ones they do not use.
 
         Returns:
@@ -339,14 +338,14 @@ class SharedRuntime:
         """Refuse blocks and private parts whose shapes are not the ones the network's layers imply."""
         network = self.source.network
         for (conv, uo, ui), block in parts.blocks.items():
-            expected = self.source.grids[conv].block(_meta_weight(network, conv), uo, ui).shape
-            if block.shape != expected:
+            shape = self.source.grids[conv].block(_meta_weight(network, conv), uo, ui).shape
+            if block.shape != shape:
                 raise WrongFileFormat(
                     f"{self.source.label} does not match its own metadata (block {conv} {uo},{ui} has shape "
-                    f"{tuple(block.shape)}, expected {tuple(expected)})"
+                    f"{tuple(block.shape)}, expected {tuple(shape)})"
                 )
         for (t, level), state in parts.private.items():
-            out_features, in_features = network.heads[t].active_shape(t, level)
+            out_features, in_features = network.head(t).active_shape(t, level)
             expected = {"head.weight": (out_features, in_features), "head.bias": (out_features,)}
             for name, module in self.source.norms.items():
                 channels = (module.norm(t, level).num_features,)
@@ -452,11 +451,14 @@ def _plain_skeleton(config: BackboneConfig, level: int, num_classes: int) -> Pla
         return PlainNetwork(plain_config(config, level), num_classes)
 
 
-def _copy_tree(module: nn.Module) -> nn.Module:
+def _copy_tree(module: _Module) -> _Module:
     """A copy of every module of the tree (attributes shared, child maps new), so replacing a child of the copy
     leaves the original as it was."""
     copied = copy.copy(module)
-    copied._modules = {name: _copy_tree(child) for name, child in module._modules.items()}
+    copied._modules = {
+        name: None if child is None else _copy_tree(child)  # a child registered as None stays None
+        for name, child in module._modules.items()
+    }
     return copied
 
 

@@ -50,9 +50,17 @@ class ModelFile(ABC):
     kind: ClassVar[str]  # what messages call it: "checkpoint", "compact model", "bundle"
     holds_unit_blocks: ClassVar[bool] = False  # shared unit blocks (runtime, prune-level), not plain networks
     path: Path | None
-    split: DataSplit  # the training run's validation split settings
-    training: dict[str, Any]  # the training run's summary (empty when the file does not carry it)
     _sha256: str | None = None  # the file's sha256, computed on first use
+
+    if TYPE_CHECKING:  # each kind holds these as attributes or derives them in properties: read-only here
+
+        @property
+        def split(self) -> DataSplit:
+            """The training run's validation split settings."""
+
+        @property
+        def training(self) -> dict[str, Any]:
+            """The training run's summary (empty when the file does not carry it)."""
 
     @abstractmethod
     def pairs(self) -> list[tuple[str, int]]:
@@ -156,11 +164,11 @@ class TensorReader:
 
     def __init__(self, label: str, path: Path | None = None, tensors: Mapping[str, torch.Tensor] | None = None):
         self.label, self.path, self.tensors = label, path, tensors
-        self._stamp = self._file_stamp() if path is not None else None
+        self._stamp = self._file_stamp(path) if path is not None else None
 
-    def _file_stamp(self) -> tuple[int, int, int]:
+    def _file_stamp(self, path: Path) -> tuple[int, int, int]:
         try:
-            st = self.path.stat()
+            st = path.stat()
         except OSError as exc:
             raise WrongFileFormat(f"{self.label} cannot be read any more ({exc.strerror})") from None
         return st.st_ino, st.st_size, st.st_mtime_ns
@@ -182,9 +190,11 @@ class TensorReader:
         tensor, or copied into ``out``. Nothing returned refers to the file (a tensor from safetensors may be a
         view of the mapped file: one held would keep the whole file resident)."""
         if self.path is None:
+            tensors = self.tensors
+            assert tensors is not None  # a reader is made with a path or with the tensors
 
             def read_memory(name: str, index: tuple[slice, ...] | None = None, out=None) -> torch.Tensor:
-                tensor = self.tensors[name]
+                tensor = tensors[name]
                 return self._copy(name, tensor if index is None else tensor[index], out)
 
             try:
@@ -192,7 +202,7 @@ class TensorReader:
             except KeyError as exc:
                 raise WrongFileFormat(f"{self.label} has no tensor {exc}") from None
             return
-        if self._file_stamp() != self._stamp:
+        if self._file_stamp(self.path) != self._stamp:
             raise WrongFileFormat(f"{self.label} changed since it was opened; open it again")
         from safetensors import safe_open
 
@@ -344,11 +354,11 @@ class UnitSource(ABC):
             return parts  # everything is held already: the source is not even opened
         with self.reader.open() as read:
             into = into or {}
-            for key in blocks:
-                if key in into:
-                    read(*self.block_tensor(*key), out=into[key])
+            for block in blocks:
+                if block in into:
+                    read(*self.block_tensor(*block), out=into[block])
                 else:
-                    parts.blocks[key] = read(*self.block_tensor(*key))
+                    parts.blocks[block] = read(*self.block_tensor(*block))
             for t, level in private:
                 state = {
                     f"features.{norm}.{key}": read(self.norm_tensor(norm, t, level, key))

@@ -33,7 +33,7 @@ from .. import __version__
 from ..config import BackboneConfig, TaskSpec, from_dict
 from ..core.cost import LevelCost, level_cost
 from ..core.layers import LevelBatchNorm2d, UnitConv2d
-from ..core.network import DeepVirtualNetwork
+from ..core.network import DeepVirtualNetwork, TaskLevels
 from ..core.plain import PlainNetwork, plain_config
 from ..core.units import BlockGrid
 from ..errors import BadConfig, UnknownTask, WrongFileFormat
@@ -68,13 +68,13 @@ def _conv_grid(conv: Mapping[str, Any], k: int) -> BlockGrid:
     return BlockGrid(int(conv["out_channels"]), int(conv["in_channels"]), 1, k, bool(conv["split_input"]))
 
 
-def _resolve_choices(network: DeepVirtualNetwork, choices: Mapping[str | int, int]) -> dict[int, int]:
+def _resolve_choices(network: DeepVirtualNetwork, choices: TaskLevels) -> dict[int, int]:
     if not choices:
         raise BadConfig("a bundle needs at least one (task, level)")
     return dict(network.resolve_pairs(choices.items(), one_level_per_task=True))
 
 
-def bundle_tensors(network: DeepVirtualNetwork, choices: Mapping[str | int, int]) -> dict[str, torch.Tensor]:
+def bundle_tensors(network: DeepVirtualNetwork, choices: TaskLevels) -> dict[str, torch.Tensor]:
     """Every tensor of the bundle of ``choices``: shared conv blocks once, per-task batch norms and heads."""
     resolved = _resolve_choices(network, choices)
     layout = network.layout
@@ -94,14 +94,14 @@ def bundle_tensors(network: DeepVirtualNetwork, choices: Mapping[str | int, int]
                     tensors[f"features.{name}.{task_name}.{key}"] = value
     for t, level in resolved.items():
         task_name = network.task_names[t]
-        for key, value in network.heads[t].plain_state(t, level).items():
+        for key, value in network.head(t).plain_state(t, level).items():
             tensors[f"head.{task_name}.{key}"] = value
     return tensors
 
 
 def save_bundle(
     network: DeepVirtualNetwork,
-    choices: Mapping[str | int, int],
+    choices: TaskLevels,
     path: str | os.PathLike,
     source_sha256: str = "",
     training: Mapping[str, Any] | None = None,
@@ -292,7 +292,7 @@ class Bundle(ModelFile):
         state: dict[str, torch.Tensor] = {}
         for name, conv in self.convs.items():
             blocks = _conv_grid(conv, self.k).blocks(units)  # row-major: one row of blocks per output unit
-            rows = {uo: [] for uo, _ in blocks}
+            rows: dict[int, list[torch.Tensor]] = {uo: [] for uo, _ in blocks}
             for uo, ui in blocks:
                 rows[uo].append(self.tensors[_block_key(name, uo, ui)])
             state[f"features.{name}.weight"] = torch.cat([torch.cat(row, dim=1) for row in rows.values()], dim=0)

@@ -52,6 +52,7 @@ class Checkpoint(ModelFile):
     format: ClassVar[str] = CHECKPOINT_FORMAT
     kind: ClassVar[str] = "checkpoint"
     holds_unit_blocks: ClassVar[bool] = True
+    training: dict[str, Any]
 
     def __init__(
         self,
@@ -61,9 +62,10 @@ class Checkpoint(ModelFile):
         meta: dict[str, Any] | None = None,
         shape: DeepVirtualNetwork | None = None,
     ) -> None:
-        if network is None and (shape is None or path is None):
+        known = shape if shape is not None else network
+        if known is None or network is None and path is None:
             raise ValueError("a checkpoint needs its network, or the shape of one and the file holding its weights")
-        self._network, self._shape = network, shape if shape is not None else network
+        self._network, self._shape = network, known
         self.path, self.training, self.meta = path, training or {}, meta or {}
 
     @property
@@ -75,6 +77,7 @@ class Checkpoint(ModelFile):
     def network(self) -> DeepVirtualNetwork:
         """The network with its weights, read from the file on first use (which must still hold the same shape)."""
         if self._network is None:
+            assert self.path is not None  # __init__ refuses a checkpoint without its network and without its file
             loaded = load_checkpoint(self.path).network
             if _shape_of(loaded) != _shape_of(self.shape):
                 raise WrongFileFormat(f"{self.path} changed since it was opened: its network is not the same shape")
@@ -177,7 +180,7 @@ class CheckpointSource(UnitSource):
     def head_tensor(self, task: int, level: int, key: str) -> tuple[str, list[int] | None]:
         if key != "weight":
             return f"heads.{task}.{key}", None
-        in_features = self.network.heads[task].in_features
+        in_features = self.network.head(task).in_features
         return f"heads.{task}.weight", self.network.layout.channel_indices(in_features, task, level)
 
 

@@ -18,7 +18,7 @@ from ..config import TaskSpec
 from ..errors import BadConfig, WrongFileFormat
 from .base import ModelFile
 from .shared_folder import SHARED_EXPORT_FORMAT, SharedFolder
-from .spec import CompactSpec
+from .spec import CompactSpec, DataSplit
 
 __all__ = ["SHARED_EXPORT_FORMAT", "SharedExport"]
 
@@ -33,6 +33,7 @@ class SharedExport(ModelFile):
 
     format: ClassVar[str] = SHARED_EXPORT_FORMAT
     kind: ClassVar[str] = "shared export"
+    split: DataSplit
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)

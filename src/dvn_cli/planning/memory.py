@@ -97,7 +97,7 @@ def _shape_memory_model(
             for t, level in task_levels:
                 extras[t, level] += sum(p.numel() for p in module.norm(t, level).parameters())
     for t, level in task_levels:
-        head = network.heads[t]
+        head = network.head(t)
         out_features, in_features = head.active_shape(t, level)
         extras[t, level] += out_features * in_features + (head.bias.numel() if head.bias is not None else 0)
     return MemoryModel(

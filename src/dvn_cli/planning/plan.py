@@ -44,7 +44,7 @@ from fractions import Fraction
 from typing import Any
 
 from ..core.cost import level_cost
-from ..core.network import DeepVirtualNetwork
+from ..core.network import DeepVirtualNetwork, TaskLevels
 from ..core.sizes import BYTES_PER_PARAM, check_precision
 from ..errors import BadBudget, BadConfig
 from .budgets import Budget, format_bytes, format_count, parse_budget
@@ -77,7 +77,7 @@ def _task_indices(network: DeepVirtualNetwork, tasks: Sequence[int | str]) -> li
     return indices
 
 
-def shared_memory_params(network: DeepVirtualNetwork, choices: Mapping[int | str, int]) -> int:
+def shared_memory_params(network: DeepVirtualNetwork, choices: TaskLevels) -> int:
     """Parameters stored when the chosen (task, level)s run at the same time, shared units counted once.
 
     Args:
@@ -90,7 +90,7 @@ def shared_memory_params(network: DeepVirtualNetwork, choices: Mapping[int | str
     return memory_model(network).memory(dict(network.resolve_pairs(choices.items(), one_level_per_task=True)))
 
 
-def separate_params(network: DeepVirtualNetwork, choices: Mapping[int | str, int]) -> int:
+def separate_params(network: DeepVirtualNetwork, choices: TaskLevels) -> int:
     """Parameters that separate stand-alone models of the chosen (task, level)s would store together.
 
     Args:

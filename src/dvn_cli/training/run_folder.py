@@ -53,9 +53,10 @@ class RunLock(FolderLock):
     export into it)."""
 
     @classmethod
-    def acquire(cls, paths: RunPaths) -> RunLock:
-        """Lock ``paths.out`` (which must exist), or refuse in one line naming the process that holds it."""
-        return super().acquire(paths.out, "dvn train", "--out")
+    def acquire(cls, folder: RunPaths | Path, command: str = "dvn train", option: str = "--out") -> RunLock:
+        """Lock the run folder ``folder.out`` (which must exist), or refuse in one line naming the process that
+        holds it; a plain folder, command and option are taken as ``FolderLock.acquire`` takes them."""
+        return super().acquire(folder.out if isinstance(folder, RunPaths) else folder, command, option)
 
 
 def _check_out(paths: RunPaths) -> None:
