@@ -94,7 +94,8 @@ def test_folder_task_loads_mixed_formats_modes_and_sizes(image_folder: Path):
     assert data.spec.source == str(image_folder)
     assert data.spec.resize == "bilinear"
     assert data.augment == "natural"
-    assert data.skipped == 2
+    assert data.skipped == (str(image_folder / "dog" / "notes.txt"), str(image_folder / "fox" / "broken.png"))
+    assert data.summary()["skipped"] == 2
     total = len(data.train_labels) + len(data.val_labels) + len(data.test_labels)
     assert total == 15
     assert len(data.test_labels) == 3  # 20% of each class: 1 + 1 + 1

@@ -393,15 +393,35 @@ def test_missing_folder_and_folder_without_classes_are_refused(tmp_path):
     one_error_line(_train_folder(tmp_path, tmp_path / "flat"), f"error: {tmp_path / 'flat'} has no class sub-folders")
 
 
-def test_unreadable_files_are_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_unreadable_files_are_skipped_counted_and_named(tmp_path, mode):
+    """Training once only counted them ("3 unreadable files skipped"); each is named as dvn predict names it."""
     folder = make_image_folder(tmp_path / "pets", ("cat", "dog"), per_class=6)
     (folder / "cat" / "notes.txt").write_text("not an image")
     (folder / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     (folder / "dog" / "empty.jpg").write_bytes(b"")
-    result = _train_folder(tmp_path, folder)
+    result = _train_folder(tmp_path, folder, "--data-mode", mode, "--workers", 0)
     assert result.exit_code == 0, result.output
     assert "pets: 9 train / 1 val / 2 test images, 2 classes" in result.stderr
     assert "3 unreadable files skipped" in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: cannot read {folder / name} as an image; skipped"
+        for name in ("cat/notes.txt", "dog/broken.png", "dog/empty.jpg")
+    ]
+
+
+def test_many_unreadable_files_are_named_up_to_ten(tmp_path):
+    folder = make_image_folder(tmp_path / "pets", ("cat", "dog"), per_class=6)
+    for i in range(12):
+        (folder / "cat" / f"notes{i:02d}.txt").write_text("not an image")
+    result = _train_folder(tmp_path, folder)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings[:10] == [
+        f"warning: cannot read {folder / 'cat'}/notes{i:02d}.txt as an image; skipped" for i in range(10)
+    ]
+    assert warnings[10:] == ["warning: and 2 more unreadable files of pets; skipped"]
 
 
 def test_mixed_sizes_and_modes_train(tmp_path):

@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 PIPE_WIDTH = 200  # tables piped to a file or another program are not cut to 80 columns
+NAMED_SKIPS = 10  # unreadable files of a training task named one by one; the rest are counted
 
 
 def _console(stderr: bool = False) -> Console:
@@ -230,6 +231,10 @@ class TrainProgress(TrainObserver):
                 + (f"streamed from disk by {s['workers']} workers" if s["storage"] == "stream" else "in memory")
                 + (f", {s['skipped']} unreadable files skipped" if s["skipped"] else "")
             )
+            for path in d.skipped[:NAMED_SKIPS]:  # the sentence dvn predict gives a file it skips
+                print_warning(f"cannot read {path} as an image; skipped")
+            if len(d.skipped) > NAMED_SKIPS:
+                print_warning(f"and {len(d.skipped) - NAMED_SKIPS} more unreadable files of {s['task']}; skipped")
         self.progress.start()
         self.started = True
         self.bar = self.progress.add_task(

@@ -65,7 +65,7 @@ class TaskData:
         test_images: uint8, the dataset's own test split (a fixed 20% carve for a plain folder).
         test_labels: int64.
         augment: augmentation policy name (see ``AUGMENT_POLICIES``).
-        skipped: files of a folder task that PIL could not read.
+        skipped: the files of a folder task that PIL could not read (``summary`` counts them).
     """
 
     spec: TaskSpec
@@ -76,7 +76,7 @@ class TaskData:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     augment: str = "none"
-    skipped: int = 0
+    skipped: tuple[str, ...] = ()
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(images, labels)`` of ``train``, ``val`` or ``test``."""
@@ -118,7 +118,7 @@ class TaskData:
             "mean": list(self.spec.mean),
             "std": list(self.spec.std),
             "augment": self.augment,
-            "skipped": self.skipped,
+            "skipped": len(self.skipped),
             "storage": "memory",
         }
 

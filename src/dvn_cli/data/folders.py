@@ -61,7 +61,7 @@ class NativeSplits:
     test: tuple[torch.Tensor, torch.Tensor]
     val: tuple[torch.Tensor, torch.Tensor] | None
     classes: tuple[str, ...]
-    skipped: int = 0
+    skipped: tuple[str, ...] = ()  # files of a folder task that could not be read as images
 
 
 PerClass = dict[int, list[Path]]
@@ -130,26 +130,25 @@ class FolderSplits:
     train: Items
     val: Items | None
     test: Items
-    skipped: int
+    skipped: tuple[str, ...]  # the files that could not be read, in listing order
 
 
 def carve_folder(layout: FolderLayout, read: Callable[[list[Path]], list[Any]]) -> FolderSplits:
     """Keep the readable files of every split and, without a ``test/`` folder, carve the test split.
 
     ``read(files)`` gives one item per file (an image, or where a streamed task keeps it), None where the file
-    cannot be read; unreadable files are skipped and counted. Without ``test/``, a stratified 20% of each class
-    becomes the test split (fixed seed, independent of ``--seed``). In memory or streamed, a folder task gets
-    the same files in every split.
+    cannot be read; unreadable files are skipped and listed (``skipped``). Without ``test/``, a stratified 20% of
+    each class becomes the test split (fixed seed, independent of ``--seed``). In memory or streamed, a folder task
+    gets the same files in every split.
     """
-    skipped = 0
+    skipped: list[str] = []
 
     def keep(per_class: PerClass, *, require_all: bool) -> dict[int, list[Any]]:
-        nonlocal skipped
         kept = {}
         for c, files in per_class.items():
             items = read(files)
             good = [item for item in items if item is not None]
-            skipped += len(items) - len(good)
+            skipped.extend(str(f) for f, item in zip(files, items, strict=True) if item is None)
             if require_all and not good:
                 folder = layout.train_root / layout.classes[c]
                 raise MissingData(f"class folder {folder} has no readable images; add images or remove the folder")
@@ -164,7 +163,7 @@ def carve_folder(layout: FolderLayout, read: Callable[[list[Path]], list[Any]]) 
     val = flatten(keep(layout.val, require_all=False)) if layout.val is not None else None
     if layout.test is not None:
         test = flatten(keep(layout.test, require_all=False))
-        return FolderSplits(flatten(train_pc), val, test, skipped)
+        return FolderSplits(flatten(train_pc), val, test, tuple(skipped))
     generator = torch.Generator().manual_seed(FOLDER_TEST_SEED)
     test_pc: dict[int, list[Any]] = {}
     for c, items in train_pc.items():
@@ -173,7 +172,7 @@ def carve_folder(layout: FolderLayout, read: Callable[[list[Path]], list[Any]]) 
         perm = torch.randperm(n, generator=generator).tolist()
         test_pc[c] = [items[i] for i in sorted(perm[:n_test])]
         train_pc[c] = [items[i] for i in sorted(perm[n_test:])]
-    return FolderSplits(flatten(train_pc), val, flatten(test_pc), skipped)
+    return FolderSplits(flatten(train_pc), val, flatten(test_pc), tuple(skipped))
 
 
 def load_folder(name: str, folder: Path, channels: int, size: int) -> NativeSplits:

@@ -6,7 +6,7 @@ worker processes read each batch with the same decoder as the in-memory path (``
 every image with ``torchvision.transforms.v2`` (random crop of the padded image, horizontal flip) and normalise
 the batch (``datasets.normalize_batch``). Resident memory does not grow with the number of images.
 
-Opening a streamed task reads every file once (in the workers): unreadable files are skipped and counted, and
+Opening a streamed task reads every file once (in the workers): unreadable files are skipped and named, and
 the per-channel pixel sums of the training images give the task's normalisation, so the splits and statistics
 are exactly those of the in-memory path (``datasets.carve_folder``, ``datasets.stats_from_sums``).
 
@@ -183,7 +183,7 @@ class StreamedTask:
         train_index, val_index, test_index: positions in ``names`` of each split's files, in split order.
         channels, size: the model's input shape.
         augment: augmentation policy name (see ``AUGMENT_POLICIES``).
-        skipped: files PIL could not read when the task was opened.
+        skipped: the files PIL could not read when the task was opened (``summary`` counts them).
         workers: decoding worker processes (0: in this process).
     """
 
@@ -197,7 +197,7 @@ class StreamedTask:
     channels: int
     size: int
     augment: str = "natural"
-    skipped: int = 0
+    skipped: tuple[str, ...] = ()
     workers: int = 2
 
     def index(self, name: str) -> np.ndarray:
@@ -240,7 +240,7 @@ class StreamedTask:
             "mean": list(self.spec.mean),
             "std": list(self.spec.std),
             "augment": self.augment,
-            "skipped": self.skipped,
+            "skipped": len(self.skipped),
             "storage": "stream",
             "workers": self.workers,
         }
