@@ -248,6 +248,22 @@ def test_plan_fields_and_dict(tiny_network):
     assert d["left_out"] == []
 
 
+def test_a_plan_writes_null_for_the_limit_it_does_not_have(tiny_network):
+    """``dvn plan --json``: a budget in parameters has no byte limit, one in bytes at int8 no parameter limit; each
+    absent limit is null, not 0 (a limit of 0 would fit nothing)."""
+    import json
+
+    from dvn_cli.planning.plan import plan_limit
+
+    accuracy = random_accuracy(tiny_network, 0)
+    names = tiny_network.task_names
+    in_params = plan_levels(tiny_network, plan_limit(tiny_network, "20k", names), names, accuracy).to_dict()
+    assert in_params["budget_params"] == 20_000 and in_params["budget_bytes"] is None
+    int8 = plan_levels(tiny_network, plan_limit(tiny_network, "80kB", names), names, accuracy, precision="int8")
+    assert int8.to_dict()["budget_bytes"] == 80_000 and int8.to_dict()["budget_params"] is None
+    assert '"budget_params": null' in json.dumps(int8.to_dict())
+
+
 def test_infeasible_plan_names_the_minimum(tiny_network):
     accuracy = random_accuracy(tiny_network, 0)
     assert shared_memory_params(tiny_network, {"task0": 1, "task1": 1}) == 2777

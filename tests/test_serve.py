@@ -1,7 +1,9 @@
-"""``dvn serve``: a real server process on a free loopback port, talked to over HTTP."""
+"""``dvn serve``: a real server process on a free loopback port, talked to over HTTP; and the same ASGI app driven
+in this process (``InProcess``: no port, no subprocess), fast enough for ``make test-fast``."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import io
 import json
@@ -14,6 +16,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,7 +27,8 @@ from dvn_cli.deploy.memory_source import AutoBudget, cgroup_available, reserve_b
 from dvn_cli.deploy.shared_export import export_shared
 from dvn_cli.errors import BadConfig
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
-from dvn_cli.planning.plan import shared_memory_params
+from dvn_cli.modelfile.registry import open_model
+from dvn_cli.planning.plan import plan_for_budget, shared_memory_params
 
 from .conftest import require_module, settle_batch_norm, tiny_config, tiny_tasks
 
@@ -113,6 +117,63 @@ class Served:
         return self.proc.wait(timeout=BOUND_S)
 
 
+class InProcess:
+    """A ``deploy.serve.Server``'s ASGI app run in this process: its lifespan (the worker thread) started, each
+    request one ASGI call on one event loop. ``options`` are ``ServeOptions`` fields."""
+
+    def __init__(self, engine, **options: Any) -> None:
+        from dvn_cli.deploy.serve import ServeOptions, Server
+
+        self.lines: list[str] = []
+        self.server = Server(engine, ServeOptions(**options), self.lines.append)
+        self.loop = asyncio.new_event_loop()
+        self.lifespan = self.server._lifespan(self.server.app)
+        self.loop.run_until_complete(self.lifespan.__aenter__())
+
+    def request(self, method: str, path: str, body: bytes = b"", headers=None) -> tuple[int, Any]:
+        return self.loop.run_until_complete(_asgi(self.server.app, method, path, body, headers or {}))
+
+    def budget(self, budget) -> tuple[int, Any]:
+        return self.request("PUT", "/v1/budget", json.dumps({"budget": budget}).encode())
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.lifespan.__aexit__(None, None, None))
+        self.loop.close()
+
+
+async def _asgi(app, method: str, target: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+    path, _, query = target.partition("?")
+    raw = [(b"content-length", str(len(body)).encode())]
+    raw += [(key.lower().encode(), value.encode()) for key, value in headers.items()]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": raw,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return pending.pop() if pending else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    data = b"".join(m.get("body", b"") for m in sent[1:])
+    kind = dict(sent[0]["headers"]).get(b"content-type", b"").decode()
+    return sent[0]["status"], json.loads(data) if kind.startswith("application/json") else data.decode()
+
+
 @pytest.fixture
 def served(model):
     server = Served(model[0], "--budget", "100%")
@@ -152,6 +213,51 @@ def expected_top(network, image: bytes, task: str, level: int) -> list[str]:
     with torch.no_grad():
         probs = torch.softmax(network.eval()(x, task, level), dim=1)[0]
     return [spec.classes[i] for i in probs.topk(min(5, len(spec.classes))).indices.tolist()]
+
+
+def expected_probabilities(network, image: bytes, task: str, level: int) -> list[float]:
+    """The top probabilities ``network`` gives ``image`` for (task, level), largest first, as a row lists them."""
+    from dvn_cli.data.batches import normalize_batch
+    from dvn_cli.data.pixels import load_image
+
+    spec = network.tasks[network.task_index(task)]
+    x = normalize_batch(load_image(io.BytesIO(image), 3, 12, spec.resize).unsqueeze(0), spec)
+    with torch.no_grad():
+        probs = torch.softmax(network.eval()(x, task, level), dim=1)[0]
+    return probs.topk(min(5, len(spec.classes))).values.tolist()
+
+
+HUGE = "1" + "0" * 400
+
+
+def test_a_budget_switch_changes_what_the_checkpoint_server_runs(model):
+    """In process, no training: PUT /v1/budget plans as dvn plan does, the runtime itself switches (its blocks, the
+    rows' levels and probabilities), and budgets nothing fits, levels or 400 digits are a 422 that changes nothing."""
+    from dvn_cli.deploy.serve_model import ModelEngine
+
+    path, network = model
+    engine = ModelEngine(open_model(path))
+    served = InProcess(engine, budget="100%")
+    try:
+        top = {"task0": 4, "task1": 4}
+        assert engine.runtime.choices == top and served.request("GET", "/v1/status")[1]["met"] is True
+        status, out = served.budget("35%")
+        small = plan_for_budget(network, {"val_accuracy": ACCURACY}, "35%", list(top)).choices
+        assert status == 200 and out["tasks"] == small != top and out["met"] is True, out
+        assert engine.runtime.choices == small  # the block store itself switched, not only the reported levels
+        assert out["held_bytes"] == 4 * engine.runtime.held_params() == 4 * shared_memory_params(network, small)
+        status, rows = served.request("POST", "/v1/predict", png())
+        assert status == 200 and [(r["task"], r["level"]) for r in rows["rows"]] == list(small.items())
+        for row in rows["rows"]:
+            want = expected_probabilities(network, png(), row["task"], row["level"])
+            assert [c["probability"] for c in row["top"]] == pytest.approx(want, abs=1e-5)
+        for bad, words in [("1B", "fits no plan"), ("3", "is a level"), (HUGE, "largest budget is 10^18")]:
+            status, out = served.budget(bad)
+            assert status == 422 and words in out["error"] and "\n" not in out["error"], out
+        status, state = served.request("GET", "/v1/status")
+        assert state["tasks"] == small == engine.runtime.choices and state["switches"] == 1 and state["met"] is True
+    finally:
+        served.close()
 
 
 # ---------------------------------------------------------------------------------------------- serving
@@ -263,7 +369,7 @@ def test_cli_refusals_are_one_line(model, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     for args, words in [
         (["--budget", "1B"], "fits no plan"),
-        (["--budget", "auto", "--reserve", "lots"], "bad budget"),
+        (["--budget", "auto", "--reserve", "lots"], "--reserve 'lots' is not a size in bytes"),
         (["--host", "256.1.1.1"], "cannot listen on 256.1.1.1"),
     ]:
         command = [sys.executable, "-m", "dvn_cli", "serve", "-c", str(model[0]), "--port", "0", *args]
@@ -275,13 +381,52 @@ def test_cli_refusals_are_one_line(model, tmp_path):
 
 
 def test_reserve_and_hysteresis():
-    assert reserve_bytes("0B") == 0 and reserve_bytes("2MB") == 2_000_000
-    with pytest.raises(BadConfig):
-        reserve_bytes("30%")
+    assert reserve_bytes("0B") == 0 and reserve_bytes("2MB") == 2_000_000 and reserve_bytes("1TB") == 10**12
+    for text in ["30%", "lots", "3", HUGE + "B"]:
+        with pytest.raises(BadConfig, match=r"^--reserve '.*' is not a size in bytes; write e.g. 500MB"):
+            reserve_bytes(text)
     auto = AutoBudget(reserve=100, margin=0.1)
     assert auto.budget(available=50, held=1000) == (950, True)  # the reserve eats into what is held: shrink now
     assert auto.budget(available=150, held=1000) == (945, False)  # fits: only a plan smaller than held, no switch
     assert auto.budget(available=1100, held=1000) == (1800, False)  # grow to a plan that fits with 10 % to spare
+
+
+def test_auto_budget_refusals_name_the_memory_and_the_reserve(model, tmp_path):
+    """In process: a reserve above the memory seen, or a room no plan fits, says both numbers, not "1 bytes"; a
+    --reserve without --budget auto is refused, not ignored."""
+    from dvn_cli.deploy.serve_model import ModelEngine
+    from dvn_cli.errors import BadBudget
+    from dvn_cli.planning.budget_rules import format_bytes
+
+    path, network = model
+    engine = ModelEngine(open_model(path))
+    memory = tmp_path / "free"
+    memory.write_text(str(10**9))
+    with pytest.raises(BadBudget) as info:
+        InProcess(engine, budget="auto", reserve=900 * 10**9, memory_file=memory)
+    assert str(info.value) == "--budget auto: 1.0 GB free, less --reserve 900.0 GB, leaves no room for any level"
+    smallest = 4 * shared_memory_params(network, {"task0": 1, "task1": 1})
+    memory.write_text(str(smallest + 1000))
+    with pytest.raises(BadBudget) as info:
+        InProcess(engine, budget="auto", reserve=2000, memory_file=memory)
+    room = format_bytes((smallest - 1000) * 0.9)
+    assert str(info.value).startswith(
+        f"--budget auto: {format_bytes(smallest + 1000)} free, less --reserve 2.0 kB and the 10% margin, "
+        f"leaves {room}: "
+    )
+    assert f"they need {format_bytes(smallest)}" in str(info.value)
+    with pytest.raises(BadConfig, match=r"^--reserve is the memory --budget auto leaves free"):
+        InProcess(engine, budget="30%", reserve=0)
+    from typer.testing import CliRunner
+
+    from dvn_cli.cli.app import app
+
+    for args, words in [
+        (["--reserve", "1TB"], "error: --reserve is the memory --budget auto leaves free"),
+        (["--budget", "auto", "--reserve", "lots"], "error: --reserve 'lots' is not a size in bytes"),
+    ]:
+        done = CliRunner().invoke(app, ["serve", "-c", str(path), "--port", "0", *args])
+        assert done.exit_code == 1 and done.output.startswith(words) and done.output.count("\n") == 1, done.output
 
 
 def test_cgroup_room_is_the_tightest_limit(tmp_path):
@@ -426,13 +571,11 @@ def test_a_shared_export_folder_is_served(model, tmp_path):
         status, out = server.predict(png())
         assert status == 200 and [(r["task"], r["level"]) for r in out["rows"]] == [("task0", 4), ("task1", 3)]
         assert [c["class"] for c in out["rows"][0]["top"]] == expected_top(network, png(), "task0", 4)
-        from dvn_cli.modelfile.registry import open_model
-
         export = open_model(folder)
-        budget = max(export.cost_of("task0", 2).bytes, export.cost_of("task1", 3).bytes)
-        assert export.cost_of("task0", 4).bytes > budget
-        status, out = server.budget(f"{budget}B")  # fixed levels: each task's largest held level within it
-        assert status == 200 and out["tasks"] == {"task0": 2, "task1": 3}, out
+        budget = export.files.held_bytes([("task0", 2), ("task1", 3)])
+        assert export.files.held_bytes([("task0", 4), ("task1", 3)]) > budget
+        status, out = server.budget(f"{budget}B")  # fixed levels: what both hold together, each tensor once
+        assert status == 200 and out["tasks"] == {"task0": 2, "task1": 3} and out["held_bytes"] == budget, out
         assert [r["level"] for r in server.predict(png())[1]["rows"]] == [2, 3]
     finally:
         assert server.stop() == 0, "".join(server.lines)

@@ -26,10 +26,9 @@ from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.registry import open_model
 from dvn_cli.modelfile.shared_folder import SharedFolder
 from dvn_cli.planning.budget_rules import fit_held_levels
-from dvn_cli.planning.select import select_pairs
 
 from .conftest import require_module, settle_batch_norm, tiny_config, tiny_tasks
-from .test_serve import BOUND_S, WITHOUT_TORCH, Served, multipart, wait_for, write_atomically
+from .test_serve import BOUND_S, HUGE, WITHOUT_TORCH, InProcess, Served, multipart, wait_for, write_atomically
 
 PAIRS = [("task0", 2), ("task0", 4), ("task1", 3)]
 
@@ -97,15 +96,13 @@ def test_a_shared_folder_is_served_without_torch(folder, tmp_path):
         assert status == 200 and state["tasks"] == running and state["requests"] == 2 and state["switches"] == 0
         assert state["held_bytes"] == held_bytes(folder, running)
 
-        export = open_model(folder)  # a budget picks each task's level as dvn predict --budget does
-        budget = f"{max(export.cost_of('task0', 2).bytes, export.cost_of('task1', 3).bytes)}B"
+        budget = f"{held_bytes(folder, {'task0': 2, 'task1': 3})}B"  # what both tasks hold together, not each
         status, out = server.budget(budget)
-        assert status == 200 and out["tasks"] == dict(select_pairs(export, None, budget)) == {"task0": 2, "task1": 3}
+        assert status == 200 and out["tasks"] == {"task0": 2, "task1": 3} and out["met"] is True
         assert out["held_bytes"] == held_bytes(folder, out["tasks"]) < state["held_bytes"]
         assert [r["level"] for r in server.predict(files["same.png"])[1]["rows"]] == [2, 3]
-        with pytest.raises(BadBudget) as refused:
-            select_pairs(export, None, "1B")
-        assert server.budget("1B") == (422, {"error": str(refused.value)})  # dvn predict --budget's words
+        status, out = server.budget("1B")
+        assert status == 422 and out["error"].startswith("budget 1B (1 B) fits no plan of task0, task1: "), out
         status, out = server.budget("lots")
         assert status == 422 and list(out) == ["error"] and out["error"].startswith("bad budget 'lots'"), out
 
@@ -161,6 +158,48 @@ def test_fit_held_levels_steps_down_the_highest_level_first():
     assert fit_held_levels(levels, held, 45) == ({"a": 1, "b": 2}, 30)  # a's level 1 is in b's already
     with pytest.raises(BadBudget, match="do not hold even every task's smallest level"):
         fit_held_levels(levels, held, 29)
+
+
+def test_a_budget_switch_changes_what_the_folder_server_runs(folder, tmp_path):
+    """In process, no training: a budget is what both tasks hold together, each tensor once (as dvn plan counts
+    it), not a limit per task; the runtime itself switches (its tensors, the rows' levels and probabilities); a
+    budget nothing fits, a level, a share of a folder without every top level and 400 digits are a 422 that
+    changes nothing."""
+    from dvn_cli.deploy.serve_folder import FolderEngine
+
+    engine = FolderEngine(folder)
+    served = InProcess(engine)
+    try:
+        small = {"task0": 2, "task1": 3}
+        both = held_bytes(folder, small)
+        assert max(held_bytes(folder, {"task0": 2}), held_bytes(folder, {"task1": 3})) < both - 1
+        status, out = served.budget(f"{both - 1}B")  # each task's level 2 and 3 fit it alone; together they do not
+        assert status == 422 and "fits no plan of task0, task1" in out["error"], out
+        assert engine.choices == {"task0": 4, "task1": 3} and served.request("GET", "/v1/status")[1]["met"] is None
+        status, out = served.budget(f"{both}B")
+        assert status == 200 and out["tasks"] == small and out["held_bytes"] == both and out["met"] is True, out
+        used = {name for pair in small.items() for name in SharedFolder(folder).model(*pair)["tensors"]}
+        assert set(engine.runtime.arrays) == used  # the runtime holds the running levels' tensors only
+        image = images()["same.png"]
+        status, rows = served.request("POST", "/v1/predict", image)
+        assert status == 200 and [(r["task"], r["level"]) for r in rows["rows"]] == list(small.items())
+        (tmp_path / "same.png").write_bytes(image)
+        want = predict_images(open_model(folder), [tmp_path / "same.png"], ["task0"], "2").rows[0]["top"]
+        got = rows["rows"][0]["top"]
+        assert [c["probability"] for c in got] == pytest.approx([c["probability"] for c in want], abs=1e-5)
+        status, out = served.budget(f"{held_bytes(folder, {'task0': 4, 'task1': 3})}B")
+        assert status == 200 and out["tasks"] == {"task0": 4, "task1": 3}
+        for bad, words in [
+            ("3", "is a level"),
+            ("50%", "a share is of every task at its top level (4)"),
+            (HUGE, "largest budget is 10^18"),
+        ]:
+            status, out = served.budget(bad)
+            assert status == 422 and words in out["error"] and "\n" not in out["error"], out
+        state = served.request("GET", "/v1/status")[1]
+        assert state["tasks"] == engine.choices == {"task0": 4, "task1": 3} and state["switches"] == 2
+    finally:
+        served.close()
 
 
 def out_held(server: Served) -> int:

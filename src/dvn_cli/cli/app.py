@@ -351,7 +351,15 @@ def info(checkpoint: CheckpointOption = DEFAULT_CHECKPOINT, json_output: JsonOpt
 @app.command()
 def plan(
     budget: Annotated[str, typer.Option(help="Shared budget: parameters (250k), bytes (2MB) or a share (40%).")],
-    checkpoint: CheckpointOption = DEFAULT_CHECKPOINT,
+    checkpoint: Annotated[
+        Path,
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            help="A dvn checkpoint: a plan weighs its validation accuracy (a bundle or an export holds fixed levels; "
+            "dvn serve --budget chooses among those).",
+        ),
+    ] = DEFAULT_CHECKPOINT,
     tasks: Annotated[str | None, typer.Option(help="Tasks that run at once (default: all).")] = None,
     weights: Annotated[str | None, typer.Option(help="Task weights, e.g. mnist=2,fashion-mnist=1.")] = None,
     bundle: Annotated[
@@ -555,7 +563,9 @@ def serve(
             "Default: each task's largest level."
         ),
     ] = None,
-    reserve: Annotated[str, typer.Option(help="With --budget auto: memory to leave free (e.g. 500MB).")] = "0B",
+    reserve: Annotated[
+        str | None, typer.Option(help="With --budget auto: memory to leave free (e.g. 500MB; default none).")
+    ] = None,
     max_body: Annotated[int | None, typer.Option(min=1, help="Largest request body, in bytes (default 8 MiB).")] = None,
     max_pixels: Annotated[
         int | None,
@@ -582,7 +592,7 @@ def serve(
             host=host,
             port=port,
             budget=budget,
-            reserve=reserve_bytes(reserve),
+            reserve=None if reserve is None else reserve_bytes(reserve),
             memory_file=memory_file,
             poll_s=poll,
             max_batch=max_batch,

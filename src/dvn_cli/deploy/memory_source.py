@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BadConfig
+from ..errors import BadBudget, BadConfig
 from ..planning.budget_rules import parse_budget
 
 __all__ = [
@@ -125,7 +125,11 @@ def reserve_bytes(text: str) -> int:
     stripped = str(text).strip()
     if stripped.rstrip("bB").strip() in ("0", "0.0"):
         return 0
-    budget = parse_budget(stripped)
-    if budget.kind != "bytes":
-        raise BadConfig(f"--reserve {stripped!r} is not a size in bytes; write e.g. 500MB or 1GiB")
+    try:
+        budget = parse_budget(stripped)
+    except BadBudget:
+        budget = None
+    if budget is None or budget.kind != "bytes":
+        shown = stripped if len(stripped) <= 40 else f"{stripped[:24]}…"
+        raise BadConfig(f"--reserve {shown!r} is not a size in bytes; write e.g. 500MB, 1GiB or 1TB")
     return int(budget.value)

@@ -9,8 +9,10 @@ process serving a folder never loads PyTorch). The CLI picks the engine by what 
 - ``GET /health``, ``GET /v1/status``, ``GET /metrics`` (Prometheus text);
 - ``POST /v1/predict?task=NAME&top=5``: one image as the body, or several as ``multipart/form-data``; the rows are
   those of ``dvn predict --json`` (``rows.prediction_rows`` builds them all);
-- ``PUT /v1/budget`` ``{"budget": "30%"}``: re-plan (``dvn plan``'s plan for a checkpoint with validation accuracy,
-  else ``dvn predict --budget``'s level per task) and switch.
+- ``PUT /v1/budget`` ``{"budget": "30%"}``: re-plan and switch. A budget is what every task served holds together,
+  each shared block once, as ``dvn plan`` counts it (the engine's ``plan``: ``dvn plan``'s joint plan for a
+  checkpoint with validation accuracy, else ``planning.budget_rules.plan_held_levels``); one that even the
+  smallest levels exceed is a 422 and changes nothing. The answer and ``/v1/status`` say whether it is ``met``.
 
 ONE worker thread runs every forward and every switch, in the order they were asked for: a batch that has started
 finishes on the levels it started with, and the levels a response names are the levels that computed it. Requests
@@ -43,6 +45,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from ..errors import BadBudget, BadConfig, DvnError, UnknownTask
+from ..planning.budget_rules import format_bytes
 from .images import ImageSet
 from .memory_source import AutoBudget, MemorySource, file_memory, system_memory
 
@@ -66,7 +69,7 @@ class ServeOptions:
 
     Args:
         budget: a budget ``dvn plan`` takes, ``auto`` (follow the memory), or None (each task's largest level).
-        reserve: bytes ``auto`` leaves free.
+        reserve: bytes ``auto`` leaves free (None: not given, 0; refused without ``auto``).
         memory_file: ``auto`` reads the bytes it may use from this file instead of the system (tests, benchmarks).
         max_batch: most images run in one batch (1: no batching of concurrent requests).
     """
@@ -74,7 +77,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     budget: str | None = None
-    reserve: int = 0
+    reserve: int | None = None
     memory_file: Path | None = None
     poll_s: float = 1.0
     margin: float = 0.1
@@ -113,7 +116,8 @@ class Engine(Protocol):
     shared: bool  # whether each block of the running levels is held once
 
     def plan(self, budget: str | None) -> tuple[dict[str, int], int | None]:
-        """The levels a budget picks and the bytes the plan counts (None when the engine cannot plan)."""
+        """The levels a budget picks for every task together, and the bytes they hold (None: not counted); raises
+        ``BadBudget`` for a budget that does not parse, a level, or one nothing fits."""
         ...
 
     def fit(self, budget: int) -> tuple[dict[str, int], int]:
@@ -202,30 +206,32 @@ class Server:
     """The ASGI app (``app``) of one engine, its worker thread and its memory watcher.
 
     Raises:
-        DvnError: a budget that does not parse or that no plan fits, ``auto`` on a file that cannot plan.
+        DvnError: a budget that does not parse or that no plan fits, ``auto`` on an engine that cannot plan or with
+            a room nothing fits, ``--reserve`` without ``auto``, a ``max_batch`` below 1.
     """
 
     def __init__(self, engine: Engine, options: ServeOptions, log: Callable[[str], None]) -> None:
         _check_stack()
         self.options, self.log = options, log
         self.engine = engine
-        self.auto = AutoBudget(options.reserve, options.margin) if options.budget == "auto" else None
+        if options.reserve is not None and options.budget != "auto":
+            raise BadConfig("--reserve is the memory --budget auto leaves free: give --budget auto, or no --reserve")
+        self.auto = AutoBudget(options.reserve or 0, options.margin) if options.budget == "auto" else None
         self.memory: MemorySource = file_memory(options.memory_file) if options.memory_file else system_memory
         if options.max_batch < 1:
             raise BadConfig(f"--max-batch must be at least 1, got {options.max_batch}")
         if self.auto is not None and not self.engine.plans:
-            raise BadConfig(
-                "--budget auto needs a checkpoint with validation accuracy to plan with (dvn train), or a shared "
-                "export folder"
-            )
+            raise BadConfig("--budget auto cannot follow the memory with --per-pair")
         if self.auto is not None:
-            budget, _ = self.auto.budget(self.memory(), 0)
+            available = self.memory()
+            budget, shrink = self.auto.budget(available, 0)
             self.budget: str | None = f"auto: {budget}B"
-            choices, _ = self.engine.fit(max(budget, 1))
+            choices, _ = self._fit(available, 0, budget, shrink)
         else:
             self.budget = options.budget
             choices, _ = self.engine.plan(options.budget)
         self.engine.switch(choices)
+        self.met: bool | None = None if options.budget is None else True  # whether the levels keep the budget
         self.metrics = _Metrics()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -241,6 +247,23 @@ class Server:
             Route("/v1/budget", self._endpoint("budget", self.set_budget), methods=["PUT"]),
         ]
         self.app = Starlette(routes=routes, lifespan=self._lifespan, exception_handlers={404: _http, 405: _http})
+
+    def _fit(self, available: int, held: int, budget: int, shrink: bool) -> tuple[dict[str, int], int]:
+        """``engine.fit`` for the bytes ``--budget auto`` leaves (``AutoBudget.budget``: what is ``held`` and
+        ``available``, less the reserve, and less the margin unless it must ``shrink``), or a ``BadBudget`` naming
+        each of those."""
+        assert self.auto is not None
+        seen = f"{format_bytes(available)} free"
+        seen += f" and {format_bytes(held)} held" if held else ""
+        less = [f"--reserve {format_bytes(self.auto.reserve)}"] if self.auto.reserve else []
+        less += [] if shrink or not self.auto.margin else [f"the {self.auto.margin:.0%} margin"]
+        seen += f", less {' and '.join(less)}," if less else ""
+        if budget < 1:
+            raise BadBudget(f"--budget auto: {seen} leaves no room for any level")
+        try:
+            return self.engine.fit(budget)
+        except BadBudget as exc:
+            raise BadBudget(f"--budget auto: {seen} leaves {format_bytes(budget)}: {_one_line(exc)}") from None
 
     # ------------------------------------------------------------------------------------------- lifecycle
 
@@ -289,6 +312,7 @@ class Server:
                 "tasks": self.engine.choices,
                 "held_bytes": self.engine.held_bytes(),
                 "budget": self.budget,
+                "met": self.met,
                 "switches": self.metrics.switches,
                 "requests": self.metrics.served,
                 "shared": self.engine.shared,
@@ -325,10 +349,17 @@ class Server:
                 raise TypeError
         except (ValueError, KeyError, TypeError, RecursionError):
             raise RequestError(400, 'send a JSON object {"budget": "30%"}') from None
-        choices, _ = await asyncio.to_thread(self.engine.plan, budget)
+        choices, _ = await asyncio.to_thread(self.engine.plan, budget)  # a budget nothing fits: BadBudget, 422
         switch_ms = await self._switch(choices, budget)
+        self.met = True
         return JSONResponse(
-            {"budget": budget, "tasks": choices, "held_bytes": self.engine.held_bytes(), "switch_ms": switch_ms}
+            {
+                "budget": budget,
+                "tasks": choices,
+                "held_bytes": self.engine.held_bytes(),
+                "met": True,
+                "switch_ms": switch_ms,
+            }
         )
 
     # --------------------------------------------------------------------------------------------- helpers
@@ -411,21 +442,28 @@ class Server:
             await asyncio.sleep(self.options.poll_s)
             try:
                 await self._follow_memory()
-            except DvnError as exc:
-                self._say_once(f"--budget auto: {_one_line(exc)}")
+            except DvnError as exc:  # ``_fit``'s words already start so
+                message = _one_line(exc)
+                self._say_once(message if message.startswith("--budget auto") else f"--budget auto: {message}")
 
     async def _follow_memory(self) -> None:
+        """One reading: shrink to what fits the room (a room nothing fits: the levels keep running, ``met`` false,
+        said once), or grow to a plan that fits it with the margin to spare."""
         assert self.auto is not None
         available = await asyncio.to_thread(self.memory)
         held = self.engine.held_bytes()
         budget, shrink = self.auto.budget(available, held)
-        if budget < 1:
-            raise BadBudget(f"{available} bytes free leave no room for any plan after the reserve")
-        choices, planned = await asyncio.to_thread(self.engine.fit, budget)
+        try:
+            choices, planned = await asyncio.to_thread(self._fit, available, held, budget, shrink)
+        except BadBudget:
+            if not shrink:  # what runs fits the room; only nothing smaller than it fits the margin: no switch
+                self.met, self._stuck = True, ""
+                return
+            self.met = False
+            raise
+        self.met, self._stuck = True, ""
         if choices == self.engine.choices or (not shrink and planned <= held):
-            self._stuck = ""
             return
-        self._stuck = ""
         await self._switch(choices, f"auto: {budget}B")
 
     def _say_once(self, message: str) -> None:

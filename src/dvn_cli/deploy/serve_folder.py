@@ -4,10 +4,11 @@
 and checked by ``modelfile.shared_folder.SharedFolder`` (untrusted input), every (task, level) run by ONE
 ``ort_runtime.SharedOrtRuntime`` (each block in memory once), images prepared by ``data.decode`` (PIL and numpy:
 the pixels and float32 inputs ``dvn predict`` computes with torch), rows built by ``rows`` as ``dvn predict --json``
-builds them. A budget picks each task's largest held level within it, by the rule ``dvn predict --budget`` applies
-to the folder (``planning.budget_rules.held_level``), over the costs the manifest records and, for a budget in
-bytes, the bytes each level's tensors take in the weights file. A process serving a
-folder never imports torch (``tests/test_serve_folder.py`` serves one where ``import torch`` fails).
+builds them. A budget means what it means to ``dvn plan``: what every task served holds together, each tensor
+counted once (the bytes of the weights file's tensors, or their parameters); with no validation accuracy to plan
+with, the levels are chosen by ``planning.budget_rules.plan_held_levels``, and a budget that even the smallest
+levels exceed is refused. A process serving a folder never imports torch (``tests/test_serve_folder.py`` serves
+one where ``import torch`` fails).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import numpy as np
 
 from ..core.sizes import LevelCost
 from ..data.decode import RESIZE_METHODS, input_image, normalize_images
-from ..errors import WrongFileFormat
-from ..modelfile.shared_folder import MANIFEST_NAME, SHARED_EXPORT_FORMAT
-from ..planning.budget_rules import fit_held_levels, held_level
+from ..errors import BadBudget, WrongFileFormat
+from ..modelfile.shared_folder import MANIFEST_NAME
+from ..planning.budget_rules import plan_held_levels
 from .images import ImageSet
 from .ort_runtime import SharedOrtRuntime
+from .precision import SCALE_SUFFIX
 from .rows import prediction_rows, softmax, top_classes
 
 __all__ = ["FolderEngine", "FolderPair"]
@@ -35,7 +37,8 @@ __all__ = ["FolderEngine", "FolderPair"]
 @dataclass(frozen=True)
 class FolderPair:
     """What serving one (task, level) takes from its manifest entry: classes in output order, how an image becomes
-    its input, and its cost (the counts ``dvn predict --budget`` compares, from the entry's spec)."""
+    its input, its cost (the counts ``dvn predict --budget`` compares, from the entry's spec) and ``k``, the
+    network's number of units (a share is of every task at level ``k``)."""
 
     classes: tuple[str, ...]
     channels: int
@@ -44,6 +47,7 @@ class FolderPair:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     cost: LevelCost
+    k: int
 
     @classmethod
     def of(cls, entry: Mapping[str, Any], where: str) -> FolderPair:
@@ -64,6 +68,7 @@ class FolderPair:
             "spec counts": all(
                 type(counts.get(k)) is int and counts[k] >= 0 for k in ("params", "params_total", "macs")
             ),
+            "spec k": type(counts.get("k")) is int and counts["k"] >= entry["level"],
         }
         wrong = next((what for what, ok in checks.items() if not ok), None)
         if wrong is not None:
@@ -72,8 +77,21 @@ class FolderPair:
             )
         cost = LevelCost(counts["params"], counts["params_total"], counts["macs"])
         return cls(
-            tuple(classes), pre["channels"], pre["height"], pre["resize"], tuple(pre["mean"]), tuple(pre["std"]), cost
+            tuple(classes),
+            pre["channels"],
+            pre["height"],
+            pre["resize"],
+            tuple(pre["mean"]),
+            tuple(pre["std"]),
+            cost,
+            counts["k"],
         )
+
+
+def _block_scale(name: str, index: Mapping[str, tuple]) -> bool:
+    """Whether tensor ``name`` is the float32 scale of an int8 block (not a parameter of the model)."""
+    base = name.removesuffix(SCALE_SUFFIX)
+    return base != name and base in index and index[base][0] == np.int8
 
 
 def _numbers(values: Any, channels: int) -> bool:
@@ -118,24 +136,42 @@ class FolderEngine:
         """The levels the folder holds of ``task`` and their costs."""
         return {level: pair.cost for (name, level), pair in self.pairs.items() if name == task}
 
-    def plan(self, budget: str | None) -> tuple[dict[str, int], None]:
-        """Each task's largest held level within ``budget`` (every task's largest without one)."""
+    def plan(self, budget: str | None) -> tuple[dict[str, int], int]:
+        """The levels ``budget`` picks for every task together (``budget_rules.plan_held_levels``: what they hold,
+        each tensor once, within it), and the bytes they hold; every task's largest level without one.
+
+        Raises:
+            BadBudget: a budget that does not parse, a level, a share of a folder without every task's top level,
+                or a budget that every task's smallest level together exceeds.
+        """
         if budget is None:
-            return {task: max(self.levels(task)) for task in self.tasks}, None
-        label = str(self.files.folder)
-        return {
-            task: held_level(self.levels(task), budget, task, label, SHARED_EXPORT_FORMAT, self._stored(task))
-            for task in self.tasks
-        }, None
+            choices = {task: max(self.levels(task)) for task in self.tasks}
+            return choices, self._held_bytes(choices)
+        levels = {task: sorted(self.levels(task)) for task in self.tasks}
+        return plan_held_levels(budget, levels, self._held_bytes, self._held_params, self._full_params)
 
     def fit(self, budget: int) -> tuple[dict[str, int], int]:
-        """The running levels for ``budget`` bytes (``budget_rules.fit_held_levels``), a tensor shared by two
-        levels counted once, as the runtime holds it."""
-        levels = {task: sorted(self.levels(task)) for task in self.tasks}
-        return fit_held_levels(levels, lambda choices: self.files.held_bytes(choices.items()), budget)
+        """The running levels for ``budget`` bytes: ``plan`` of that many bytes."""
+        return self.plan(f"{budget}B")
 
-    def _stored(self, task: str) -> dict[int, int]:
-        return {level: self.files.held_bytes([(task, level)]) for level in self.levels(task)}
+    def _held_bytes(self, choices: dict[str, int]) -> int:
+        return self.files.held_bytes(choices.items())
+
+    def _held_params(self, choices: dict[str, int]) -> int:
+        """Parameters of the tensors ``choices`` use, each once: every number but an int8 block's scales."""
+        index = self.files.weights.index
+        names = {name for pair in choices.items() for name in self.files.model(*pair)["tensors"]}
+        return sum(math.prod(index[name][1]) for name in names if not _block_scale(name, index))
+
+    def _full_params(self) -> int:
+        """Parameters of every task at level ``k`` (what a share is of), when the folder holds those levels."""
+        k = max(pair.k for pair in self.pairs.values())
+        if any((task, k) not in self.pairs for task in self.tasks):
+            raise BadBudget(
+                f"a share is of every task at its top level ({k}), which {self.files.folder} does not hold: "
+                "give bytes (2MB) or parameters (250k)"
+            )
+        return self._held_params(dict.fromkeys(self.tasks, k))
 
     def switch(self, choices: dict[str, int]) -> None:
         """Run ``choices``: each level's session is made (its graph checked, its tensors read) before it serves, then

@@ -15,8 +15,7 @@ from typing import Any
 from ..core.cost import BYTES_PER_PARAM
 from ..data.pixels import load_image
 from ..modelfile.base import ModelFile
-from ..planning.plan import plan_for_budget
-from ..planning.select import select_pairs
+from ..planning.select import shared_levels
 from .images import ImageSet
 from .predict import classify, image_inputs
 from .run import ModelRunner
@@ -37,8 +36,7 @@ class ModelEngine:
         self.model, self.per_pair, self.runner = model, per_pair, ModelRunner(model)
         self.tasks = model.task_names()
         self.source = model.unit_source() if model.holds_unit_blocks else None
-        self.joint = bool(self.source and self.source.fixed is None and self.source.training.get("val_accuracy"))
-        self.plans = self.joint and not per_pair  # per-pair models hold more than the plan counts
+        self.plans = not per_pair  # per-pair models hold more than a plan counts
         self.specs = {task: model.spec_of(task, model.levels(task)[-1]) for task in self.tasks}
         self.runtime: SharedRuntime | None = None
         self.choices: dict[str, int] = {}
@@ -49,21 +47,17 @@ class ModelEngine:
         return self.runtime is not None
 
     def plan(self, budget: str | None) -> tuple[dict[str, int], int | None]:
-        """The levels a budget picks: ``dvn plan``'s joint plan for a checkpoint with validation accuracy, else each
-        task's level as ``dvn predict --budget`` picks it; and the bytes the plan counts (None without a plan)."""
+        """The levels a budget picks for every task together (``planning.select.shared_levels``: ``dvn plan``'s
+        joint plan for a checkpoint with validation accuracy, else the held levels whose shared blocks fit), and
+        the bytes they hold together; every task's largest level without a budget (bytes not counted: None)."""
         if budget is None:
             return {task: self.model.levels(task)[-1] for task in self.tasks}, None
-        if self.joint:
-            plan = plan_for_budget(
-                self.source.network, self.source.training, budget, self.tasks, label=self.source.label
-            )
-            return dict(plan.choices), plan.memory_bytes
-        return dict(select_pairs(self.model, self.tasks, budget)), None
+        return shared_levels(self.model, self.tasks, budget)
 
     def fit(self, budget: int) -> tuple[dict[str, int], int]:
-        """``dvn plan``'s joint plan for ``budget`` bytes (engines that ``plans`` only)."""
+        """The levels for ``budget`` bytes: ``plan`` of that many bytes."""
         choices, planned = self.plan(f"{budget}B")
-        assert planned is not None, "fit needs a checkpoint with validation accuracy"
+        assert planned is not None
         return choices, planned
 
     def switch(self, choices: dict[str, int]) -> None:

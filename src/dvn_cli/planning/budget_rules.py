@@ -9,10 +9,12 @@ shared export folder (``deploy/serve_folder.py``), which reads the costs from th
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from fractions import Fraction
 from typing import Literal
 
 from ..core.sizes import LevelCost
@@ -23,10 +25,15 @@ __all__ = [
     "MAX_BUDGET",
     "Budget",
     "BudgetKind",
+    "Limit",
     "describe_budget",
     "fit_held_levels",
+    "format_bytes",
+    "format_count",
     "held_level",
     "parse_budget",
+    "plan_held_levels",
+    "shared_limit",
 ]
 
 BudgetKind = Literal["level", "params", "share", "bytes"]
@@ -111,6 +118,25 @@ def parse_budget(text: str) -> Budget:
     raise _bad(stripped)
 
 
+def _scaled(n: float, units: tuple[tuple[int, str, int], ...]) -> str:
+    """``n`` in the largest unit it reaches, moving up one unit when rounding would show 1000 of it."""
+    i = max((i for i, (scale, _, _) in enumerate(units) if abs(n) >= scale), default=0)
+    if i + 1 < len(units) and round(abs(n) / units[i][0], units[i][2]) >= 1000:
+        i += 1
+    scale, name, digits = units[i]
+    return f"{n / scale:.{digits}f}{name}"
+
+
+def format_count(n: float) -> str:
+    """A parameter count for people: ``950``, ``44.2k``, ``1.20M``, ``3.10G``."""
+    return _scaled(n, ((1, "", 0), (10**3, "k", 1), (10**6, "M", 2), (10**9, "G", 2)))
+
+
+def format_bytes(n: float) -> str:
+    """A byte count in decimal units for people: ``123 B``, ``176.9 kB``, ``2.8 MB``, ``1.2 GB``."""
+    return _scaled(n, ((1, " B", 0), (10**3, " kB", 1), (10**6, " MB", 1), (10**9, " GB", 1)))
+
+
 def describe_budget(budget: Budget) -> str:
     """The budget as a phrase: ``250k parameters``, ``40%``, ``2MB``, ``level 3``."""
     if budget.kind == "level":
@@ -160,18 +186,93 @@ def held_level(
     return max(fitting)
 
 
-def fit_held_levels(
-    levels: Mapping[str, Sequence[int]], held_bytes: Callable[[dict[str, int]], int], budget: int
-) -> tuple[dict[str, int], int]:
-    """The levels of tasks running at once, among fixed held ones, whose blocks together fit ``budget`` bytes.
+@dataclass(frozen=True)
+class Limit:
+    """The most a plan may store: ``amount`` parameters, or bytes at the plan's precision when ``in_bytes``."""
 
-    For files without validation accuracy to plan with (a shared export folder under ``dvn serve --budget auto``):
-    start from every task's largest level and, while the union does not fit, step down the task at the highest
-    level (ties: the step that frees the most bytes). ``held_bytes(choices)`` counts a block shared by two tasks
-    once, as the runtime holds it.
+    amount: int
+    in_bytes: bool = False
+
+
+def shared_limit(budget: Budget | str, full_params: Callable[[], int]) -> Limit:
+    """What one budget for tasks that run at once limits, whichever way the levels are then chosen (``dvn plan``'s
+    joint plan, ``plan_held_levels`` over fixed levels): bytes for a budget in bytes, else parameters, a share
+    being of ``full_params()`` (every task at its top level). Whole numbers, floored: the decimal the user typed,
+    not its float approximation.
+
+    Raises:
+        BadBudget: a level budget (it means nothing for several tasks at once), or a budget that does not parse.
+    """
+    budget = budget if isinstance(budget, Budget) else parse_budget(budget)
+    value = Fraction(repr(budget.value))
+    if budget.kind == "level":
+        raise BadBudget(
+            f"budget {budget.text!r} is a level, which means nothing for several tasks at once: "
+            "give parameters (250k, 1.2M), a share (40%) or bytes (2MB)"
+        )
+    if budget.kind == "bytes":
+        return Limit(math.floor(value), in_bytes=True)
+    if budget.kind == "params":
+        return Limit(math.floor(value))
+    return Limit(math.floor(value * full_params() / 100))
+
+
+Counter = Callable[[dict[str, int]], int]
+"""What (task -> level) choices running at once hold, each shared part counted once: bytes or parameters."""
+
+
+def plan_held_levels(
+    budget: Budget | str,
+    levels: Mapping[str, Sequence[int]],
+    held_bytes: Counter,
+    held_params: Counter,
+    full_params: Callable[[], int],
+) -> tuple[dict[str, int], int]:
+    """The levels one shared budget picks for tasks running at once when there is no validation accuracy to plan
+    with (a shared export folder, a bundle, a checkpoint without it): what ``dvn plan`` limits (``shared_limit``:
+    the shared bytes, or parameters, of every task, each shared part counted once), filled by
+    ``fit_held_levels``. Both engines of ``dvn serve`` choose through it or ``dvn plan``'s joint plan.
+
+    Args:
+        budget: parameters, bytes or a share (of ``full_params()``); a level is refused.
+        levels: task -> the levels it may run at.
+        held_bytes, held_params: what choices hold together, each shared part once.
+        full_params: the parameters of every task at its top level (asked only for a share; it may refuse).
 
     Returns:
         The choices and the bytes they hold.
+
+    Raises:
+        BadBudget: a budget that does not parse, a level, or one that even every task's smallest level exceeds.
+    """
+    budget = budget if isinstance(budget, Budget) else parse_budget(budget)
+    limit = shared_limit(budget, full_params)
+    count = held_bytes if limit.in_bytes else held_params
+    smallest = {task: min(held) for task, held in levels.items()}
+    if count(smallest) > limit.amount:
+        need_bytes, need_params = held_bytes(smallest), held_params(smallest)
+        asked = format_bytes(limit.amount) if limit.in_bytes else f"{format_count(limit.amount)} parameters"
+        at = ", ".join(f"{task} {level}" for task, level in smallest.items())
+        raise BadBudget(
+            f"budget {budget.text} ({asked}) fits no plan of {', '.join(levels)}: at their smallest levels "
+            f"({at}) they need {format_bytes(need_bytes)} ({format_count(need_params)} parameters)"
+        )
+    choices, _ = fit_held_levels(levels, count, limit.amount)
+    return choices, held_bytes(choices)
+
+
+def fit_held_levels(
+    levels: Mapping[str, Sequence[int]], held_bytes: Counter, budget: int
+) -> tuple[dict[str, int], int]:
+    """The levels of tasks running at once, among fixed held ones, whose blocks together fit ``budget`` bytes (or
+    parameters, when ``held_bytes`` counts those).
+
+    For files without validation accuracy to plan with (``plan_held_levels``): start from every task's largest
+    level and, while the union does not fit, step down the task at the highest level (ties: the step that frees
+    the most). ``held_bytes(choices)`` counts a block shared by two tasks once, as the runtime holds it.
+
+    Returns:
+        The choices and what they hold.
 
     Raises:
         BadBudget: even every task's smallest level does not fit.

@@ -34,7 +34,7 @@ from ..core.cost import LevelCost, level_cost
 from ..core.network import DeepVirtualNetwork
 from ..core.sizes import check_precision
 from ..errors import BadBudget
-from .budget_rules import Budget, BudgetKind, describe_budget, parse_budget
+from .budget_rules import Budget, BudgetKind, describe_budget, format_bytes, format_count, parse_budget
 from .memory import memory_model
 
 __all__ = [
@@ -51,25 +51,6 @@ __all__ = [
 # A share is a decimal the user typed; a level fits it when within this relative slack, so that a share printed
 # with full float precision (e.g. by ``eval --json``) still selects its own level.
 _SHARE_RTOL = 1e-9
-
-
-def _scaled(n: float, units: tuple[tuple[int, str, int], ...]) -> str:
-    """``n`` in the largest unit it reaches, moving up one unit when rounding would show 1000 of it."""
-    i = max((i for i, (scale, _, _) in enumerate(units) if abs(n) >= scale), default=0)
-    if i + 1 < len(units) and round(abs(n) / units[i][0], units[i][2]) >= 1000:
-        i += 1
-    scale, name, digits = units[i]
-    return f"{n / scale:.{digits}f}{name}"
-
-
-def format_count(n: float) -> str:
-    """A parameter count for people: ``950``, ``44.2k``, ``1.20M``, ``3.10G``."""
-    return _scaled(n, ((1, "", 0), (10**3, "k", 1), (10**6, "M", 2), (10**9, "G", 2)))
-
-
-def format_bytes(n: float) -> str:
-    """A byte count in decimal units for people: ``123 B``, ``176.9 kB``, ``2.8 MB``, ``1.2 GB``."""
-    return _scaled(n, ((1, " B", 0), (10**3, " kB", 1), (10**6, " MB", 1), (10**9, " GB", 1)))
 
 
 def level_costs(network: DeepVirtualNetwork, task: int | str) -> list[LevelCost]:

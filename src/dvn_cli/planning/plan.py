@@ -40,14 +40,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any
 
 from ..core.cost import level_cost
 from ..core.network import DeepVirtualNetwork, TaskLevels
 from ..core.sizes import BYTES_PER_PARAM, check_precision
 from ..errors import BadBudget, BadConfig
-from .budgets import Budget, format_bytes, format_count, parse_budget
+from .budget_rules import Limit, shared_limit
+from .budgets import Budget, format_bytes, format_count
 from .memory import MemoryModel, memory_model
 
 __all__ = [
@@ -118,41 +118,22 @@ def plan_budget_params(network: DeepVirtualNetwork, budget: Budget | str, tasks:
     Raises:
         BadBudget: a level budget, or a budget that does not parse.
     """
-    budget = budget if isinstance(budget, Budget) else parse_budget(budget)
-    value = Fraction(repr(budget.value))  # the decimal the user typed, not its float approximation
-    if budget.kind == "level":
-        raise BadBudget(
-            f"budget {budget.text!r} is a level, which means nothing for several tasks at once: "
-            "give parameters (250k, 1.2M), a share (40%) or bytes (2MB)"
-        )
-    if budget.kind == "params":
-        return math.floor(value)
-    if budget.kind == "bytes":
-        return math.floor(value / BYTES_PER_PARAM)  # float32: 4 bytes per parameter
-    indices = _task_indices(network, tasks)
-    full = memory_model(network).memory(dict.fromkeys(indices, network.units))
-    return math.floor(value * full / 100)
-
-
-@dataclass(frozen=True)
-class Limit:
-    """The most a plan may store: ``amount`` parameters, or bytes at the plan's precision when ``in_bytes``."""
-
-    amount: int
-    in_bytes: bool = False
+    limit = plan_limit(network, budget, tasks)
+    return limit.amount // BYTES_PER_PARAM if limit.in_bytes else limit.amount  # float32: 4 bytes per parameter
 
 
 def plan_limit(network: DeepVirtualNetwork, budget: Budget | str, tasks: Sequence[int | str]) -> Limit:
-    """What a plan budget limits: bytes for a budget in bytes (counted at the plan's precision), else the
-    parameters of ``plan_budget_params``.
+    """What a plan budget limits (``budget_rules.shared_limit``, the one rule): bytes for a budget in bytes
+    (counted at the plan's precision), else parameters, a share being of every listed task at its top level.
 
     Raises:
         BadBudget: a level budget, or a budget that does not parse.
     """
-    budget = budget if isinstance(budget, Budget) else parse_budget(budget)
-    if budget.kind == "bytes":
-        return Limit(math.floor(Fraction(repr(budget.value))), in_bytes=True)
-    return Limit(plan_budget_params(network, budget, tasks))
+
+    def full() -> int:
+        return memory_model(network).memory(dict.fromkeys(_task_indices(network, tasks), network.units))
+
+    return shared_limit(budget, full)
 
 
 @dataclass
@@ -166,13 +147,13 @@ class Plan:
         score: the weighted sum of the chosen levels' accuracies that the plan maximises.
         accuracy: task name -> validation accuracy of its chosen level.
         budget_params: the parameter limit the plan was made for; for a limit in bytes at fp32 the same limit
-            in parameters (``bytes // 4``), at fp16 and int8 0 (bytes then stand for no parameter count).
+            in parameters (``bytes // 4``), at fp16 and int8 None (bytes then stand for no parameter count).
         units: task name -> the units its chosen level uses, in the task's order.
         left_out: tasks that got no level (only when the plan was allowed to leave tasks out).
         precision: the storage precision the bytes below count at (``memory.MemoryModel.at``).
         memory_bytes: shared memory of the choices, in bytes stored at ``precision``.
         separate_bytes: ``separate_params`` in bytes: each choice alone at ``precision``.
-        budget_bytes: the byte limit the plan was made for (0 for a limit in parameters).
+        budget_bytes: the byte limit the plan was made for (None for a limit in parameters).
     """
 
     choices: dict[str, int]
@@ -180,13 +161,13 @@ class Plan:
     separate_params: int
     score: float
     accuracy: dict[str, float]
-    budget_params: int = 0
+    budget_params: int | None = None
     units: dict[str, list[int]] = field(default_factory=dict)
     left_out: list[str] = field(default_factory=list)
     precision: str = "fp32"
     memory_bytes: int = 0
     separate_bytes: int = 0
-    budget_bytes: int = 0
+    budget_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -363,14 +344,14 @@ def plan_levels(
         precision=precision,
         memory_bytes=stored.memory(choices),
         separate_bytes=sum(stored.memory({t: lv}) for t, lv in choices.items()),
-        budget_bytes=int(limit.amount) if limit.in_bytes else 0,
+        budget_bytes=int(limit.amount) if limit.in_bytes else None,
     )
 
 
-def _params_limit(limit: Limit, precision: str) -> int:
+def _params_limit(limit: Limit, precision: str) -> int | None:
     if not limit.in_bytes:
         return int(limit.amount)
-    return int(limit.amount) // BYTES_PER_PARAM if precision == "fp32" else 0
+    return int(limit.amount) // BYTES_PER_PARAM if precision == "fp32" else None
 
 
 def _check_smallest(
