@@ -4,11 +4,13 @@ in this process (``InProcess``: no port, no subprocess), fast enough for ``make 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import io
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -375,6 +377,51 @@ def test_cli_refusals_are_one_line(model, tmp_path):
         command = [sys.executable, "-m", "dvn_cli", "serve", "-c", str(model[0]), "--port", "0", *args]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=BOUND_S)
         assert done.returncode == 1 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_slow_uploads_are_cut_off_and_at_most_max_uploads_are_read_at_once(model):
+    """Clients that declare a 1000-byte body and then send a byte now and then (slowloris): a real server reads at
+    most --max-uploads bodies at once and refuses the others at once (503), cuts each one it reads off after
+    --body-timeout (408), and closes every connection itself, within seconds; then it still answers."""
+    server = Served(model[0], "--body-timeout", "1", "--max-uploads", "4")
+    clients: list[socket.socket] = []
+    try:
+        start = time.monotonic()
+        for _ in range(12):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=BOUND_S)
+            sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: dvn\r\nContent-Length: 1000\r\n\r\nx")
+            clients.append(sock)
+        stop = threading.Event()
+
+        def trickle() -> None:  # one byte to each client every 0.2 s, until the server has closed them all
+            while not stop.wait(0.2):
+                for sock in clients:
+                    with contextlib.suppress(OSError):
+                        sock.send(b"x")
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        for sock in clients:  # until the server closes the connection (a timeout fails the test)
+            with contextlib.suppress(ConnectionResetError):  # closed with trickled bytes unread: a reset
+                while sock.recv(4096):
+                    pass
+        elapsed = time.monotonic() - start
+        stop.set()
+        thread.join(BOUND_S)
+        assert elapsed < 10, elapsed  # a 1 s body timeout: not held until the client stops
+        assert server.predict(png())[0] == 200
+        text = server.get("/metrics")[1]
+        codes = {code: count(text, f'dvn_requests_total{{endpoint="predict",code="{code}"}} ') for code in (408, 503)}
+        assert codes[408] >= 4 and codes[503] >= 1 and codes[408] + codes[503] == 12, codes
+    finally:
+        for sock in clients:
+            sock.close()
+        assert server.stop() == 0, "".join(server.lines)
+
+
+def count(text: str, prefix: str) -> int:
+    """The number after ``prefix`` on its line of ``text`` (0 without such a line)."""
+    return next((int(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)), 0)
 
 
 # ------------------------------------------------------------------------------------------------- auto

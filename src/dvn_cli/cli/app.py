@@ -567,6 +567,12 @@ def serve(
         str | None, typer.Option(help="With --budget auto: memory to leave free (e.g. 500MB; default none).")
     ] = None,
     max_body: Annotated[int | None, typer.Option(min=1, help="Largest request body, in bytes (default 8 MiB).")] = None,
+    body_timeout: Annotated[
+        float | None, typer.Option(help="Seconds a request body may take to arrive (default 10; then 408).")
+    ] = None,
+    max_uploads: Annotated[
+        int | None, typer.Option(help="Request bodies read at once (default 16; one more is a 503).")
+    ] = None,
     max_pixels: Annotated[
         int | None,
         typer.Option(min=1, help="Largest image, in pixels (checked before decoding; default 4096x4096)."),
@@ -598,6 +604,8 @@ def serve(
             max_batch=max_batch,
             max_body=max_body or ServeOptions.max_body,  # the limits live in deploy/serve.py, once
             max_pixels=max_pixels or ServeOptions.max_pixels,
+            body_timeout_s=ServeOptions.body_timeout_s if body_timeout is None else body_timeout,
+            max_uploads=ServeOptions.max_uploads if max_uploads is None else max_uploads,
         )
         if is_export_folder(checkpoint):  # imports no torch: a deployment may not have it
             from ..deploy.serve_folder import FolderEngine

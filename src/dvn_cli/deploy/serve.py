@@ -17,8 +17,10 @@ process serving a folder never loads PyTorch). The CLI picks the engine by what 
 ONE worker thread runs every forward and every switch, in the order they were asked for: a batch that has started
 finishes on the levels it started with, and the levels a response names are the levels that computed it. Requests
 for the same tasks waiting together run as one batch (up to ``max_batch`` images). Bodies and images are bounded
-before anything is decoded (``max_body``, ``max_pixels``, ``MAX_IMAGES``); a bad request is a 4xx with
-``{"error": "one line"}``. With ``--budget auto`` a watcher reads a ``memory_source.MemorySource`` every
+before anything is decoded (``max_body``, ``max_pixels``, ``MAX_IMAGES``), and must arrive within
+``body_timeout_s``, at most ``max_uploads`` at a time (a slow client is cut off, not waited for); a bad request is a
+4xx with ``{"error": "one line"}``. With
+``--budget auto`` a watcher reads a ``memory_source.MemorySource`` every
 ``poll_s`` seconds and switches to the plan that fits (``memory_source.AutoBudget``, with hysteresis).
 """
 
@@ -58,6 +60,12 @@ MAX_BODY = 8 * 2**20
 """Largest request body in bytes, refused before it is all read."""
 MAX_IMAGES = 64
 """Most images in one multipart request."""
+BODY_TIMEOUT_S = 10.0
+"""Longest a request body may take to arrive (``--body-timeout``): a client sending a byte a second is cut off (408)."""
+MAX_UPLOADS = 16
+"""Most request bodies read at once (``--max-uploads``); one more is refused at once (503), before its body."""
+_CLOSE = (408, 413, 503)
+"""Answers sent before the body was read: the connection is closed, not kept for a client still sending."""
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 """Formats a request may send: PIL's plain raster decoders (no EPS, which would run Ghostscript)."""
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -72,6 +80,8 @@ class ServeOptions:
         reserve: bytes ``auto`` leaves free (None: not given, 0; refused without ``auto``).
         memory_file: ``auto`` reads the bytes it may use from this file instead of the system (tests, benchmarks).
         max_batch: most images run in one batch (1: no batching of concurrent requests).
+        body_timeout_s: longest a request body may take to arrive (408 after it).
+        max_uploads: most request bodies read at once (503 beyond).
     """
 
     host: str = "127.0.0.1"
@@ -85,6 +95,8 @@ class ServeOptions:
     max_body: int = MAX_BODY
     max_pixels: int = MAX_PIXELS
     drain_s: float = 30.0
+    body_timeout_s: float = BODY_TIMEOUT_S
+    max_uploads: int = MAX_UPLOADS
 
 
 class RequestError(DvnError):
@@ -207,7 +219,7 @@ class Server:
 
     Raises:
         DvnError: a budget that does not parse or that no plan fits, ``auto`` on an engine that cannot plan or with
-            a room nothing fits, ``--reserve`` without ``auto``, a ``max_batch`` below 1.
+            a room nothing fits, ``--reserve`` without ``auto``, a limit below 1.
     """
 
     def __init__(self, engine: Engine, options: ServeOptions, log: Callable[[str], None]) -> None:
@@ -218,8 +230,11 @@ class Server:
             raise BadConfig("--reserve is the memory --budget auto leaves free: give --budget auto, or no --reserve")
         self.auto = AutoBudget(options.reserve or 0, options.margin) if options.budget == "auto" else None
         self.memory: MemorySource = file_memory(options.memory_file) if options.memory_file else system_memory
-        if options.max_batch < 1:
-            raise BadConfig(f"--max-batch must be at least 1, got {options.max_batch}")
+        for flag, value in [("--max-batch", options.max_batch), ("--max-uploads", options.max_uploads)]:
+            if value < 1:
+                raise BadConfig(f"{flag} must be at least 1, got {value}")
+        if not options.body_timeout_s > 0:
+            raise BadConfig(f"--body-timeout must be above 0 seconds, got {options.body_timeout_s}")
         if self.auto is not None and not self.engine.plans:
             raise BadConfig("--budget auto cannot follow the memory with --per-pair")
         if self.auto is not None:
@@ -232,6 +247,7 @@ class Server:
             choices, _ = self.engine.plan(options.budget)
         self.engine.switch(choices)
         self.met: bool | None = None if options.budget is None else True  # whether the levels keep the budget
+        self._uploads = 0  # request bodies being read
         self.metrics = _Metrics()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -289,7 +305,9 @@ class Server:
             try:
                 response = await handler(request)
             except DvnError as exc:
-                response = JSONResponse({"error": _one_line(exc)}, status_code=_status_of(exc))
+                status = _status_of(exc)
+                headers = {"Connection": "close"} if status in _CLOSE else None
+                response = JSONResponse({"error": _one_line(exc)}, status_code=status, headers=headers)
             except Exception as exc:  # a bug: still one line, and the server keeps serving
                 response = JSONResponse({"error": f"internal error: {_one_line(exc)}"}, status_code=500)
             self.metrics.record(name, response.status_code, time.perf_counter() - start)
@@ -330,7 +348,7 @@ class Server:
 
         tasks = self._tasks(request.query_params.get("task"))
         top = _top(request.query_params.get("top", "5"))
-        body = await _read_body(request, self.options.max_body)
+        body = await self._body(request, self.options.max_body)
         uploads = _uploads(request.headers.get("content-type", ""), body)
         images = await asyncio.to_thread(self._decode, uploads)
         rows = await self._submit(_Predict(tasks, images, top))
@@ -342,7 +360,7 @@ class Server:
 
         if self.auto is not None:
             raise RequestError(409, "the budget follows the memory (--budget auto); serve without it to set one")
-        body = await _read_body(request, 2**16)
+        body = await self._body(request, 2**16)
         try:
             budget = json.loads(body)["budget"]
             if not isinstance(budget, str):
@@ -363,6 +381,16 @@ class Server:
         )
 
     # --------------------------------------------------------------------------------------------- helpers
+
+    async def _body(self, request, limit: int) -> bytes:
+        """The request's body (``_read_body``), refused at once (503) when ``max_uploads`` bodies are being read."""
+        if self._uploads >= self.options.max_uploads:
+            raise RequestError(503, f"{self._uploads} uploads are being read already; try again later")
+        self._uploads += 1
+        try:
+            return await _read_body(request, limit, self.options.body_timeout_s)
+        finally:
+            self._uploads -= 1
 
     def _tasks(self, text: str | None) -> tuple[str, ...]:
         """The tasks a request names (comma-separated), or () for every running task."""
@@ -533,18 +561,26 @@ def _top(text: str) -> int:
     return top
 
 
-async def _read_body(request, limit: int) -> bytes:
-    """The body, refused (413) as soon as it is known to exceed ``limit`` bytes: from its length, or while read."""
+async def _read_body(request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed ``limit`` bytes: from its length, or while read;
+    and refused (408) when all of it has not arrived within ``timeout_s`` seconds (a client trickling bytes)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"a body of {declared} bytes is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"the body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"the body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the body did not arrive within {timeout_s:g} s") from None
 
 
 def _uploads(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
