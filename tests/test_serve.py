@@ -628,6 +628,39 @@ def test_a_shared_export_folder_is_served(model, tmp_path):
         assert server.stop() == 0, "".join(server.lines)
 
 
+class NanEngine:
+    """An engine whose one task answers NaN: what a damaged model could give."""
+
+    tasks, choices, plans, shared = ["t"], {}, False, False
+
+    def plan(self, budget):
+        return {"t": 1}, None
+
+    def switch(self, choices):
+        self.choices = dict(choices)
+
+    def held_bytes(self):
+        return 0
+
+    def decode(self, sources, on_skipped):
+        from dvn_cli.deploy.images import ImageSet
+
+        return ImageSet(list(sources), [], {})
+
+    def classify(self, images, running, top):
+        return [{"image": "image", "task": "t", "level": 1, "top": [{"class": "a", "probability": float("nan")}]}]
+
+
+def test_an_answer_never_holds_nan():
+    """A number JSON cannot write is null in the answer: not NaN (invalid JSON), not a 500."""
+    served = InProcess(NanEngine())
+    try:
+        status, out = served.request("POST", "/v1/predict", png())
+        assert status == 200 and out["rows"][0]["top"] == [{"class": "a", "probability": None}], out
+    finally:
+        served.close()
+
+
 def test_waiting_predictions_for_the_same_tasks_form_one_batch():
     """The worker's grouping: in order, a switch alone, same-task predictions together up to max_batch images."""
     from dvn_cli.deploy.predict import ImageSet

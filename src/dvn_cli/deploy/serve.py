@@ -19,7 +19,7 @@ finishes on the levels it started with, and the levels a response names are the 
 for the same tasks waiting together run as one batch (up to ``max_batch`` images). Bodies and images are bounded
 before anything is decoded (``max_body``, ``max_pixels``, ``MAX_IMAGES``), and must arrive within
 ``body_timeout_s``, at most ``max_uploads`` at a time (a slow client is cut off, not waited for); a bad request is a
-4xx with ``{"error": "one line"}``. With
+4xx with ``{"error": "one line"}``, and no answer holds NaN (a number JSON cannot write is null). With
 ``--budget auto`` a watcher reads a ``memory_source.MemorySource`` every
 ``poll_s`` seconds and switches to the plan that fits (``memory_source.AutoBudget``, with hysteresis).
 """
@@ -31,6 +31,7 @@ import contextlib
 import io
 import itertools
 import json
+import math
 import queue
 import signal
 import socket
@@ -353,7 +354,7 @@ class Server:
         images = await asyncio.to_thread(self._decode, uploads)
         rows = await self._submit(_Predict(tasks, images, top))
         self.metrics.served += 1
-        return JSONResponse({"rows": rows})
+        return JSONResponse(_finite({"rows": rows}))
 
     async def set_budget(self, request):
         from starlette.responses import JSONResponse
@@ -581,6 +582,18 @@ async def _read_body(request, limit: int, timeout_s: float) -> bytes:
         return await asyncio.wait_for(read(), timeout_s)
     except asyncio.TimeoutError:
         raise RequestError(408, f"the body did not arrive within {timeout_s:g} s") from None
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every float that JSON cannot write (NaN, infinity) as None (null), so that an answer never
+    fails, or says NaN, for one bad number."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _uploads(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
