@@ -306,6 +306,24 @@ def test_every_skipped_file_is_named(setup, tmp_path):
     ]
 
 
+def test_a_sub_folder_without_files_is_named_not_passed_over(setup, tmp_path):
+    """A sub-folder named ``x.png`` was once ignored without a word; one that holds images is read."""
+    base, _, checkpoint, _, _ = setup
+    folder = tmp_path / "mixed"
+    (folder / "x.png").mkdir(parents=True)
+    (folder / "more" / "empty").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(folder / "good.png")
+    Image.new("RGB", (20, 20), (200, 10, 30)).save(folder / "more" / "inner.png")
+    result = invoke("predict", folder, "-c", checkpoint, "--task", "colours", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [r["image"] for r in rows] == [str(folder / "good.png"), str(folder / "more" / "inner.png")]
+    assert result.stderr.splitlines() == [
+        f"warning: {folder / 'more' / 'empty'} is a folder without image files; skipped",
+        f"warning: {folder / 'x.png'} is a folder without image files; skipped",
+    ]
+
+
 def png_header(path: Path, width: int, height: int) -> Path:
     """A PNG whose header declares ``width`` x ``height`` grey pixels, with (almost) no pixel data."""
     import struct

@@ -36,7 +36,8 @@ def image_files(paths: Sequence[str | os.PathLike], on_skipped: OnSkipped | None
     """Every file named, and every regular file under every folder named (sorted, hidden ones left out), in order.
 
     A folder's entries that are not regular files (a FIFO, a device or a link to one, a broken link) are skipped
-    and reported to ``on_skipped``: reading one could block or never end.
+    and reported to ``on_skipped``: reading one could block or never end. So is a sub-folder that holds no file
+    (an empty ``x.png/``, say), which once was passed over without a word; the files under the others are read.
 
     Raises:
         MissingData: a path that does not exist.
@@ -48,8 +49,13 @@ def image_files(paths: Sequence[str | os.PathLike], on_skipped: OnSkipped | None
     for path in map(Path, paths):
         if path.is_dir():
             found = []
-            for entry in sorted(p for p in path.rglob("*") if not p.name.startswith(".") and not p.is_dir()):
-                if entry.is_file():
+            entries = sorted(p for p in path.rglob("*") if not p.name.startswith("."))
+            held = {parent for p in entries if not p.is_dir() for parent in p.parents}  # folders with a file below
+            for entry in entries:
+                if entry.is_dir():
+                    if entry not in held and on_skipped is not None:  # an empty x.png/ is named, not passed over
+                        on_skipped(entry, f"{entry} is a folder without image files")
+                elif entry.is_file():
                     found.append(entry)
                 elif on_skipped is not None:
                     on_skipped(entry, f"{entry} is not a regular file")
