@@ -247,6 +247,47 @@ def test_a_signal_in_a_deferred_block_waits_for_its_end():
     assert done == ["after the signal"] and caught.value.signum == signal.SIGTERM
 
 
+class _GlobalRngStates(observer.TrainObserver):
+    """Torch's global RNG state when the steps start and after every step."""
+
+    def __init__(self) -> None:
+        self.states: list[torch.Tensor] = []
+
+    def on_start(self, total_steps, start_step, data) -> None:
+        self.states.append(torch.get_rng_state())
+
+    def on_step(self, info) -> None:
+        self.states.append(torch.get_rng_state())
+
+
+@pytest.mark.parametrize("kind", ["memory", "threads"])
+def test_no_step_draws_from_torchs_global_generator(tmp_path, kind):
+    """Why the training state keeps no RNG state (it once held ``rng.torch``, saved and restored for nothing): the
+    initialisation is seeded, and every draw of a step (batch order, augmentation, the sandwich's level) comes from a
+    generator of its own. A step that drew from the global one would need it back; this test would then fail."""
+    record = _GlobalRngStates()
+    cfg = tiny_train_config(tmp_path, epochs=1, level_sampling="sandwich")
+    with _cpu_threads(kind):
+        fit(cfg, observer=record, data=two_synthetic_tasks())
+    assert len(record.states) == 5 and all(torch.equal(s, record.states[0]) for s in record.states)  # 4 steps
+    assert not [k for k in _tensors(tmp_path / "run" / "train_state.safetensors") if k.startswith("rng.")]
+
+
+def test_a_state_file_of_an_older_dvn_with_its_rng_state_still_resumes(tmp_path):
+    """Files written before ``rng.torch`` was dropped hold it; resume ignores it and matches an uninterrupted run."""
+    from safetensors.torch import save_file
+
+    straight = Path(fit(tiny_train_config(tmp_path / "a", epochs=1), data=two_synthetic_tasks()).checkpoint).parent
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_train_config(tmp_path / "b", epochs=1), observer=StopAt(3), data=two_synthetic_tasks())
+    state = tmp_path / "b" / "run" / "train_state.safetensors"
+    with safe_open(str(state), framework="pt") as f:
+        metadata = f.metadata()
+    save_file({**_tensors(state), "rng.torch": torch.get_rng_state()}, str(state), metadata=metadata)
+    fit(tiny_train_config(tmp_path / "b", epochs=1), resume=True, data=two_synthetic_tasks())
+    _assert_same_run(straight, tmp_path / "b" / "run")
+
+
 def test_the_running_loss_survives_a_resume(tmp_path):
     """The epoch's logged train_loss was once the mean of the steps after the resume only."""
     straight = fit(tiny_train_config(tmp_path / "a", epochs=1), data=two_synthetic_tasks())

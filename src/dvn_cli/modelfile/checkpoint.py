@@ -37,7 +37,7 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "dvn-checkpoint"
 STATE_FORMAT = "dvn-train-state"
-"""Optimizer, RNG and batch-order state of a run, for ``dvn train --resume`` (written by ``training``)."""
+"""Weights, optimizer and batch-order state of a run, for ``dvn train --resume`` (written by ``training``)."""
 
 
 class Checkpoint(ModelFile):

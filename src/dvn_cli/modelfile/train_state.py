@@ -1,7 +1,9 @@
 """The train-state file's tensors (``dvn-train-state``, docs/design.md §5): all ``--resume`` needs, weights included.
 
-Written beside the checkpoint at every save; the state of a run's optimiser, gradient scaler, batch streams and
-random generator, so that a resumed run continues bit for bit.
+Written beside the checkpoint at every save; the state of a run's optimiser, gradient scaler and batch streams,
+so that a resumed run continues bit for bit. No random generator's state: a run seeds its initialisation, and
+every draw of a step comes from a generator of its own (batch streams, augmentation, level sampling), so torch's
+global one holds nothing to resume. Files of older dvn versions also hold ``rng.torch``; it is ignored.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def train_state_tensors(
     network: torch.nn.Module, optimizer, scaler, streams: Sequence[Resumable], names: list[str]
 ) -> dict[str, torch.Tensor]:
     """Everything resume needs, the weights included (so the state file alone restarts the run)."""
-    tensors = {"rng.torch": torch.get_rng_state()}
+    tensors: dict[str, torch.Tensor] = {}
     for name, value in network.state_dict().items():
         tensors[f"model.{name}"] = value
     for i, state in optimizer.state_dict()["state"].items():
@@ -46,7 +48,6 @@ def train_state_tensors(
 def load_train_state_tensors(
     tensors: Mapping[str, torch.Tensor], optimizer, scaler, streams: Sequence[Resumable], names: list[str]
 ) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):

@@ -209,7 +209,7 @@ def _new_run(
 
 
 def _resume(run: Run) -> None:
-    """Load the run's training state: weights, optimizer, scaler, batch streams, RNG, step and history."""
+    """Load the run's training state: weights, optimizer, scaler, batch streams, step and history."""
     paths = run.paths
     state_tensors, state_meta = read_dvn_file(paths.state, (STATE_FORMAT,))
     differences = config_differences(state_meta.get("config", {}), run.cfg)

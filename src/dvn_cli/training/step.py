@@ -31,11 +31,11 @@ __all__ = ["Mark", "check_finite_loss", "forward_backward", "take_step"]
 @dataclass
 class Mark:
     """What a step changes before the optimiser updates the weights, so a step cut short can be undone: the
-    streams, torch's RNG, the affinity sums, and the batch norms' running statistics (a forward updates them as it
-    goes, and the tasks' threads finish their forwards after the step is cut short)."""
+    streams, the affinity sums, and the batch norms' running statistics (a forward updates them as it goes, and the
+    tasks' threads finish their forwards after the step is cut short). Torch's global RNG is not among them: no
+    step draws from it (every draw has a generator of its own; tests/test_resume.py checks)."""
 
     streams: list[dict[str, Any]]
-    rng: torch.Tensor
     warmup: tuple[AffinityWarmup, np.ndarray, int] | None
     buffers: list[torch.Tensor]
 
@@ -43,12 +43,11 @@ class Mark:
     def of(cls, run: Run) -> Mark:
         warmup = (run.warmup, run.warmup.sums, run.warmup.measured) if run.warmup is not None else None
         buffers = [b.clone() for b in run.network.buffers()]
-        return cls([s.state_dict() for s in run.streams], torch.get_rng_state(), warmup, buffers)
+        return cls([s.state_dict() for s in run.streams], warmup, buffers)
 
     def restore(self, run: Run) -> None:
         for stream, state in zip(run.streams, self.streams, strict=True):
             stream.load_state_dict(state)
-        torch.set_rng_state(self.rng)
         if self.warmup is not None:
             warmup, sums, measured = self.warmup
             warmup.sums, warmup.measured = sums, measured
