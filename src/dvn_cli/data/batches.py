@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TaskSpec
-from ..errors import BadConfig, MissingData
+from ..errors import BadConfig
+from .task import EpochStream, check_batch_size
 
 __all__ = [
     "AUGMENT_POLICIES",
@@ -96,8 +97,7 @@ def iterate_split(
     images: torch.Tensor, labels: torch.Tensor, spec: TaskSpec, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised ``(x, y)`` batches of a split in order, without augmentation (for evaluation)."""
-    if batch_size < 1:
-        raise BadConfig(f"batch size {batch_size} must be at least 1")
+    check_batch_size(batch_size)
     for i in range(0, len(labels), batch_size):
         yield normalize_batch(images[i : i + batch_size], spec), labels[i : i + batch_size]
 
@@ -111,7 +111,7 @@ class TrainImages(Protocol):
     augment: str
 
 
-class TaskBatches:
+class TaskBatches(EpochStream):
     """Infinite, seeded, resumable stream of augmented, normalised training batches of one task.
 
     Every epoch is a fresh permutation of the training split drawn from the stream's own generator, seeded
@@ -130,26 +130,15 @@ class TaskBatches:
     def __init__(
         self, data: TrainImages, batch_size: int, *, seed: int = 0, task_index: int = 0, augment: bool = True
     ) -> None:
-        if batch_size < 1:
-            raise BadConfig(f"batch size {batch_size} must be at least 1")
+        super().__init__(data.spec, len(data.train_labels), batch_size)
         self.data = data
-        self.num_images = len(data.train_labels)
-        if self.num_images == 0:
-            raise MissingData(f"task {data.spec.name!r} has no training images")
-        self.batch_size = min(batch_size, self.num_images)
-        self.batches_per_epoch = self.num_images // self.batch_size
         self.policy = data.augment if augment else "none"
         self.generator = seeded_generator(seed, task_index)
-        self.epoch = 0
-        self.position = 0
         self._start_epoch()
 
     def _start_epoch(self) -> None:
         self._epoch_state = self.generator.get_state()
         self._perm = torch.randperm(self.num_images, generator=self.generator)
-
-    def __iter__(self) -> TaskBatches:
-        return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.position >= self.batches_per_epoch:
@@ -173,13 +162,7 @@ class TaskBatches:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state_dict()`` output; ints may also come as 0-d tensors (safetensors)."""
-        num_images = int(state["num_images"])
-        if num_images != self.num_images:
-            raise BadConfig(
-                f"task {self.data.spec.name!r} has {self.num_images} training images, the saved state "
-                f"{num_images}; resume with the same data, --limit and --seed"
-            )
+        self._check_state(state)
         self.generator.set_state(state["epoch_generator_state"].to(torch.uint8).cpu())
         self._start_epoch()
         self.generator.set_state(state["generator_state"].to(torch.uint8).cpu())

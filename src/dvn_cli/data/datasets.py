@@ -14,7 +14,6 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -25,6 +24,7 @@ from .batches import TaskBatches, seeded_generator
 from .folders import FOLDER_SIZE_RANGE, NativeSplits, first_image_size, load_folder
 from .pixels import channel_stats, convert_images
 from .registry import DATASETS, load_registered, parse_task, unknown_task
+from .task import Task, check_batch_size, check_split
 
 __all__ = ["TaskData", "carve_validation", "check_load_arguments", "load_task", "native_shape"]
 
@@ -53,7 +53,7 @@ def native_shape(task: str, data_root: str | os.PathLike[str] | None = None) -> 
 
 
 @dataclass
-class TaskData:
+class TaskData(Task):
     """One task's images in memory at the model's input shape.
 
     Args:
@@ -80,21 +80,23 @@ class TaskData:
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(images, labels)`` of ``train``, ``val`` or ``test``."""
-        if name not in ("train", "val", "test"):
-            raise BadConfig(f"unknown split {name!r}; use train, val or test")
+        check_split(name)
         return getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
 
     def split_size(self, name: str) -> int:
-        """Images in split ``name``."""
         return len(self.split(name)[1])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        c, h, w = self.train_images.shape[1:]
+        return c, h, w
 
     def batches(
         self, name: str, batch_size: int, start: int = 0, stop: int | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """uint8 ``(images, labels)`` batches of images ``[start, stop)`` of split ``name``, in order (for
         evaluation; a streamed task answers the same, reading from disk)."""
-        if batch_size < 1:
-            raise BadConfig(f"batch size {batch_size} must be at least 1")
+        check_batch_size(batch_size)
         images, labels = self.split(name)
         images, labels = images[start:stop], labels[start:stop]
         for i in range(0, len(labels), batch_size):
@@ -103,24 +105,6 @@ class TaskData:
     def train_batches(self, batch_size: int, *, seed: int, task_index: int) -> TaskBatches:
         """The task's seeded, resumable stream of training batches."""
         return TaskBatches(self, batch_size, seed=seed, task_index=task_index)
-
-    def summary(self) -> dict[str, Any]:
-        """A row for tables and JSON: sizes of the splits, classes, shape, normalisation."""
-        return {
-            "task": self.spec.name,
-            "source": self.spec.source,
-            "classes": self.spec.num_classes,
-            "train": len(self.train_labels),
-            "val": len(self.val_labels),
-            "test": len(self.test_labels),
-            "shape": list(self.train_images.shape[1:]),
-            "resize": self.spec.resize,
-            "mean": list(self.spec.mean),
-            "std": list(self.spec.std),
-            "augment": self.augment,
-            "skipped": len(self.skipped),
-            "storage": "memory",
-        }
 
 
 def check_load_arguments(

@@ -37,6 +37,7 @@ from .datasets import TaskData, carve_validation, check_load_arguments, load_tas
 from .folders import carve_folder, folder_layout
 from .pixels import image_mode, read_image, stats_from_sums
 from .registry import parse_task
+from .task import EpochStream, Task, check_batch_size, check_split
 
 __all__ = [
     "STREAM_ABOVE_BYTES",
@@ -93,7 +94,7 @@ def open_task(
     download: bool = False,
     mode: str = "auto",
     workers: int = 2,
-) -> TaskData | StreamedTask:
+) -> Task:
     """A task in memory (``datasets.load_task``) or streamed from its folder, as ``mode`` and its size say.
 
     Args:
@@ -172,7 +173,7 @@ def _in_memory(task, data_root, channels, size, val_fraction, seed, limit, val_l
 
 
 @dataclass
-class StreamedTask:
+class StreamedTask(Task):
     """One folder task read from disk batch by batch; answers what ``TaskData`` answers, without its images.
 
     Args:
@@ -202,21 +203,21 @@ class StreamedTask:
 
     def index(self, name: str) -> np.ndarray:
         """Positions in ``names`` of split ``name``'s files."""
-        if name not in ("train", "val", "test"):
-            raise BadConfig(f"unknown split {name!r}; use train, val or test")
-        return getattr(self, f"{name}_index")
+        return getattr(self, f"{check_split(name)}_index")
 
     def split_size(self, name: str) -> int:
-        """Images in split ``name``."""
         return len(self.index(name))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.channels, self.size, self.size
 
     def batches(
         self, name: str, batch_size: int, start: int = 0, stop: int | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """uint8 ``(images, labels)`` batches of images ``[start, stop)`` of split ``name``, in order, decoded
         by the workers (as ``TaskData.batches``, without holding the split)."""
-        if batch_size < 1:
-            raise BadConfig(f"batch size {batch_size} must be at least 1")
+        check_batch_size(batch_size)
         dataset = _SplitImages(self, self.index(name)[start:stop], batch_size)
         for images, labels, unreadable in _guarded(_loader(dataset, range(len(dataset)), self.workers), self):
             _refuse_unreadable(unreadable, self)
@@ -226,24 +227,8 @@ class StreamedTask:
         """The task's seeded, resumable stream of training batches, decoded by the workers."""
         return StreamBatches(self, batch_size, seed=seed, task_index=task_index)
 
-    def summary(self) -> dict[str, Any]:
-        """A row for tables and JSON, as ``TaskData.summary``, with how the task is read."""
-        return {
-            "task": self.spec.name,
-            "source": self.spec.source,
-            "classes": self.spec.num_classes,
-            "train": len(self.train_index),
-            "val": len(self.val_index),
-            "test": len(self.test_index),
-            "shape": [self.channels, self.size, self.size],
-            "resize": self.spec.resize,
-            "mean": list(self.spec.mean),
-            "std": list(self.spec.std),
-            "augment": self.augment,
-            "skipped": len(self.skipped),
-            "storage": "stream",
-            "workers": self.workers,
-        }
+    def storage(self) -> dict[str, Any]:
+        return {"storage": "stream", "workers": self.workers}
 
     def read(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, str]:
         """Decode the files at ``positions``: uint8 ``(B, C, H, W)``, labels, and the first unreadable file's
@@ -261,7 +246,7 @@ class StreamedTask:
         return batch, torch.from_numpy(self.labels[positions]), ""
 
 
-class StreamBatches:
+class StreamBatches(EpochStream):
     """Infinite, seeded, resumable stream of augmented, normalised training batches of a streamed task.
 
     As ``TaskBatches`` (only full batches; a split smaller than ``batch_size`` is yielded whole), but each batch
@@ -270,21 +255,10 @@ class StreamBatches:
     """
 
     def __init__(self, data: StreamedTask, batch_size: int, *, seed: int = 0, task_index: int = 0) -> None:
-        if batch_size < 1:
-            raise BadConfig(f"batch size {batch_size} must be at least 1")
+        super().__init__(data.spec, len(data.train_index), batch_size)
         self.data = data
-        self.num_images = len(data.train_index)
-        if self.num_images == 0:
-            raise MissingData(f"task {data.spec.name!r} has no training images")
-        self.batch_size = min(batch_size, self.num_images)
-        self.batches_per_epoch = self.num_images // self.batch_size
         self.seed, self.task_index = seed, task_index
-        self.epoch = 0
-        self.position = 0
         self._batches: Iterator[Any] | None = None
-
-    def __iter__(self) -> StreamBatches:
-        return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -314,20 +288,9 @@ class StreamBatches:
         return {"epoch": self.epoch, "position": self.position, "num_images": self.num_images}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state_dict()`` output; ints may also come as 0-d tensors (safetensors)."""
-        num_images = int(state["num_images"])
-        if num_images != self.num_images:
-            raise BadConfig(
-                f"task {self.data.spec.name!r} has {self.num_images} training images, the saved state "
-                f"{num_images}; resume with the same data, --limit and --seed"
-            )
+        self._check_state(state)
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._batches = None  # the workers start again at (epoch, position)
-
-
-Task = TaskData | StreamedTask
-"""A task as training and evaluation see it: ``spec``, ``augment``, ``skipped``, ``summary()``, ``split_size``,
-``batches`` (uint8, for evaluation) and ``train_batches`` (the resumable training stream)."""
 
 
 # ------------------------------------------------------------------------------------- what the workers run

@@ -11,7 +11,7 @@ import torch
 
 from ..config import comparable
 from ..core.network import DeepVirtualNetwork
-from ..data.streaming import Task
+from ..data.task import Task
 from ..errors import DvnError
 from ..evaluation.evaluate import count_correct
 from ..fsutil import write_atomic

@@ -7,7 +7,6 @@ Every step takes a minibatch from EVERY task and sums the loss over all levels (
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -17,7 +16,8 @@ import torch
 from ..config import TrainConfig, config_differences
 from ..core.backbones import check_input_shape
 from ..core.network import build_network
-from ..data.streaming import StreamFailed, Task, open_task, worker_failure
+from ..data.streaming import StreamFailed, open_task, worker_failure
+from ..data.task import Task
 from ..errors import BadConfig, MissingData, WrongFileFormat
 from ..fsutil import first_line, write_atomic
 from ..modelfile.checkpoint import STATE_FORMAT, load_checkpoint
@@ -128,7 +128,7 @@ def _fit(
         data = together(env, device, lambda: load_tasks(cfg))
     together(env, device, lambda: check_validation(data))
     if not cfg.augment:  # so that what is reported is what runs
-        data = [dataclasses.replace(d, augment="none") for d in data]
+        data = [d.with_augment("none") for d in data]
     together(env, device, lambda: check_memory(cfg, [d.spec for d in data], device))
     lock = together(env, device, lambda: prepare_run_folder(paths, resume, force, env.is_main))
     run = None

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # a type only: the CLI's rendering imports this module, and a torch-free dvn serve runs it
-    from ..data.streaming import Task
+    from ..data.task import Task
 
 __all__ = ["EpochInfo", "StepInfo", "TrainObserver", "TrainResult"]
 

@@ -12,8 +12,7 @@ import torch
 
 from ..config import TrainConfig
 from ..core.network import DeepVirtualNetwork
-from ..data.batches import TaskBatches
-from ..data.streaming import StreamBatches, Task
+from ..data.task import EpochStream, Task
 from ..errors import DvnError
 from .affinity import AffinityWarmup, relayout
 from .distributed import DistEnv, ShardedBatches, agree
@@ -36,8 +35,8 @@ class Run:
     network: DeepVirtualNetwork
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    streams: list[TaskBatches | StreamBatches]
-    feeds: list[TaskBatches | StreamBatches] | list[ShardedBatches]
+    streams: list[EpochStream]
+    feeds: list[EpochStream] | list[ShardedBatches]
     amp_dtype: torch.dtype | None
     memory_format: torch.memory_format
     warmup: AffinityWarmup | None = None
