@@ -20,7 +20,13 @@ from dvn_cli.errors import BadConfig, DvnError, MissingData, UnknownTask, WrongF
 from dvn_cli.modelfile.bundle import load_bundle, save_bundle
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.compact import load_compact, save_compact
-from dvn_cli.modelfile.shared_folder import ALIGNMENT, WEIGHTS_NAME, read_weights_index, tensor_alignment
+from dvn_cli.modelfile.shared_folder import (
+    ALIGNMENT,
+    WEIGHTS_NAME,
+    SharedFolder,
+    read_weights_index,
+    tensor_alignment,
+)
 from dvn_cli.planning.plan import shared_memory_params
 
 from .conftest import require_module, settle_batch_norm, tiny_config, tiny_tasks
@@ -145,8 +151,12 @@ def test_a_bundle_exports_the_same_graphs(scrambled_network, scrambled_checkpoin
         np.testing.assert_allclose(a.run(task, level, _batch()), b.run(task, level, _batch()), atol=1e-6)
 
 
-def test_runtime_reads_each_tensor_once_and_shares_it(shared_dir):
-    runtime = SharedOrtRuntime(shared_dir)
+@pytest.mark.parametrize("mode", ["concat", "canonical"])
+def test_runtime_reads_each_tensor_once_and_shares_it(checkpoint, tmp_path, mode):
+    shared_dir = tmp_path / mode
+    manifest = export_shared(checkpoint, shared_dir, [("task0", 2), ("task1", 3)], check=False, mode=mode)
+    assert manifest["graph_mode"] == mode
+    runtime = SharedOrtRuntime(shared_dir, cache=False)  # the folder's tensors (the engine cache's: test_engine_cache)
     assert runtime.pairs() == [("task0", 2), ("task1", 3)]
     assert runtime.arrays == {}  # nothing is read before a session needs it
     runtime.session("task0", 2)
@@ -154,9 +164,16 @@ def test_runtime_reads_each_tensor_once_and_shares_it(shared_dir):
     logits = runtime.run("task1", 3, _batch(n=2))
     index = read_weights_index(shared_dir / WEIGHTS_NAME)
     assert set(runtime.arrays) == set(index)  # every tensor once, for both sessions
-    assert all(runtime._values[name] is value for name, value in first.items())  # a shared block is not read again
+    if mode == "concat":  # a shared block is not read again (a canonical tensor grows to the rows both read)
+        assert all(runtime._values[name] is value for name, value in first.items())
     for name, array in runtime.arrays.items():
         assert array.shape == index[name][1] and not array.flags.writeable
+    views = {name: view[0] for entry in manifest["models"] for name, view in entry.get("views", {}).items()}
+    assert bool(views) == (mode == "canonical")
+    for name, value in runtime._values.items():  # one copy: every OrtValue is a range of its tensor's array
+        array = runtime.arrays[views.get(name, name)]
+        start = array.__array_interface__["data"][0]
+        assert start <= value.data_ptr() and value.data_ptr() + 4 * np.prod(value.shape()) <= start + array.nbytes
     assert logits.shape == (2, 3) and np.isfinite(logits).all()
     assert runtime.session("task1", 3) is runtime.session("task1", 3)
     with pytest.raises(UnknownTask, match="holds no task0 level 4"):
@@ -174,7 +191,7 @@ large = rt.session("task0", 4)
 expected = rt.run("task0", 4, x)
 small = rt.run("task0", 1, x)
 rt.keep([("task0", 1)])
-assert set(rt.arrays) == set(rt.model("task0", 1)["tensors"]), sorted(rt.arrays)
+assert set(rt.arrays) == set(rt._entry("task0", 1)["tensors"]), sorted(rt.arrays)
 assert list(rt._sessions) == [("task0", 1)]
 gc.collect()
 junk = [np.full(n, 7.0, np.float32) for n in (64, 1024, 8192, 65536) for _ in range(50)]  # reuse freed memory
@@ -436,3 +453,85 @@ def test_cli_refuses_damaged_or_foreign_folders_in_one_line(checkpoint, shared_d
     result = runner.invoke(app, ["eval", "-c", str(shared_dir)])
     assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.output
     assert "is truncated" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ issue 30
+
+
+def _ops(path) -> set[str]:
+    onnx = require_module("onnx")
+    return {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def test_canonical_graphs_read_every_weight_in_place(tiny_network, checkpoint, tmp_path):
+    """Under nearest orders every (task, level)'s units are one contiguous run: the graphs read each weight as a
+    tensor or a range of rows of one (no Concat), each alone in plain onnxruntime computes the per-pair export's
+    logits, and the weights file holds each parameter once."""
+    manifest = export_shared(checkpoint, tmp_path / "shared")
+    assert manifest["graph_mode"] == "canonical" and manifest["shared_format_version"] == 4
+    per_pair = export_models(checkpoint, tmp_path / "per-pair", check=False)
+    runtime, x = SharedOrtRuntime(tmp_path / "shared"), _batch()
+    for entry, reference in zip(manifest["models"], per_pair["models"], strict=True):
+        path = tmp_path / "shared" / entry["file"]
+        assert "Concat" not in _ops(path) and "BatchNormalization" in _ops(path)
+        assert entry["check_max_abs_diff"] < 1e-4
+        (expected,) = ort.InferenceSession(str(tmp_path / "per-pair" / reference["file"])).run(["logits"], {"input": x})
+        (alone,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"input": x})
+        np.testing.assert_allclose(alone, expected, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(runtime.run(entry["task"], entry["level"], x), expected, atol=1e-4, rtol=0)
+    blocks = sum(array.size for array in shared_tensors(checkpoint).values())  # each block once, every batch norm
+    assert manifest["weights"]["stored_params"] == blocks and manifest["weights"]["data_bytes"] == 4 * blocks
+    assert any(entry["views"] for entry in manifest["models"])  # lower levels read ranges of rows
+
+
+def test_top_levels_alone_read_each_layer_whole(checkpoint, tmp_path):
+    manifest = export_shared(checkpoint, tmp_path / "top", [("task0", 4), ("task1", 4)])
+    assert all(not entry["views"] for entry in manifest["models"])
+    for entry in manifest["models"]:
+        assert {"Concat", "Split"}.isdisjoint(_ops(tmp_path / "top" / entry["file"]))
+        assert entry["check_max_abs_diff"] < 1e-4
+    first, second = (set(entry["tensors"]) for entry in manifest["models"])
+    assert {n for n in first & second if n.endswith(".weight")}  # both read the same full weights
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_the_runtime_holds_the_rows_the_running_levels_read(tiny_network, checkpoint, tmp_path, cache):
+    """A canonical tensor serves several levels; the runtime reads only the rows of the levels running (what
+    ``held_bytes`` and a plan count), grows it when a larger level starts and shrinks it on ``keep``; from an
+    engine cache the same, counted in the cache's tensors."""
+    export_shared(checkpoint, tmp_path / "shared", [("task0", 1), ("task0", 4), ("task1", 2)], check=False)
+    files = SharedFolder(tmp_path / "shared")
+    runtime, x = SharedOrtRuntime(files, cache=cache), _batch()
+    assert (runtime.engine is not None) == cache, runtime.cache_note
+    held_bytes = runtime.engine.held_bytes if cache else files.held_bytes
+    for choices in ({"task0": 1}, {"task0": 4, "task1": 2}):
+        assert files.held_bytes(choices.items()) == 4 * shared_memory_params(tiny_network, choices)
+    # a stem row between two runs ({0} and {2, 3}) is held with them: the stem's rows are one tensor
+    gap = files.held_bytes([("task0", 1), ("task1", 2)]) - 4 * shared_memory_params(
+        tiny_network, {"task0": 1, "task1": 2}
+    )
+    assert gap == 4 * tiny_network.features.stem_conv.weight[:2].numel()
+    small = runtime.run("task0", 1, x)
+    assert sum(a.nbytes for a in runtime.arrays.values()) == held_bytes([("task0", 1)])
+    runtime.run("task1", 2, x)
+    large = runtime.run("task0", 4, x)
+    held = [("task0", 1), ("task0", 4), ("task1", 2)]
+    assert sum(a.nbytes for a in runtime.arrays.values()) == held_bytes(held)
+    runtime.keep([("task0", 1)])
+    assert sum(a.nbytes for a in runtime.arrays.values()) == held_bytes([("task0", 1)])
+    assert list(runtime._sessions) == [("task0", 1)]  # made again over the smaller arrays
+    np.testing.assert_array_equal(runtime.run("task0", 1, x), small)
+    np.testing.assert_array_equal(runtime.run("task0", 4, x), large)
+    standard = SharedOrtRuntime(files, cache=False)
+    np.testing.assert_allclose(large, standard.run("task0", 4, x), atol=1e-4, rtol=0)
+
+
+def test_canonical_graphs_need_contiguous_runs_and_float32(checkpoint, scrambled_checkpoint, tmp_path):
+    manifest = export_shared(scrambled_checkpoint, tmp_path / "scrambled", [("task0", 2), ("task1", 3)], check=False)
+    assert manifest["graph_mode"] == "concat"  # table orders: units {0, 2} are no run
+    assert (
+        export_shared(checkpoint, tmp_path / "fp16", [("task0", 2)], check=False, precision="fp16")["graph_mode"]
+        == "concat"
+    )
+    with pytest.raises(BadConfig, match="canonical graphs need"):
+        export_shared(scrambled_checkpoint, tmp_path / "x", [("task0", 2)], mode="canonical")

@@ -28,8 +28,6 @@ open a graph on its own (it reads the external data itself), without the sharing
 
 from __future__ import annotations
 
-import io
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -48,12 +46,10 @@ from ..modelfile.registry import open_model
 from ..modelfile.shared_folder import (
     ALIGNMENT,
     PACKED_FORMAT_VERSION,
-    PAD_PREFIX,
     SHARED_LAYOUT,
     SMALL_ALIGNMENT,
     WEIGHTS_FORMAT,
     WEIGHTS_NAME,
-    tensor_alignment,
 )
 from ..modelfile.spec import CompactSpec
 from .export import (
@@ -77,6 +73,8 @@ from .export_folder import (
 )
 from .ort_runtime import SharedOrtRuntime
 from .precision import lower_graph, lower_tensors
+from .shared_canonical import CANONICAL_MODE, CanonicalLayout, unit_runs
+from .shared_weights import write_weights_file
 
 __all__ = [
     "GRAPH_MODES",
@@ -87,8 +85,14 @@ __all__ = [
 ]
 
 SHARED_MODEL_FORMAT = "onnx-shared"
-GRAPH_MODES = ("concat", "blockwise")
-"""How a graph assembles a layer from its blocks: one Concat then one op (default), or one op per block, summed."""
+GRAPH_MODES = (CANONICAL_MODE, "concat", "blockwise")
+"""How a graph reads a layer: in canonical unit order with no weight assembled (``deploy.shared_canonical``: the
+default at fp32 when every pair's units are a contiguous run), from its blocks with one Concat then one op (the
+default otherwise), or one op per block, summed."""
+
+CANONICAL_FORMAT_VERSION = 4
+"""The shared format of a canonical export (``deploy.shared_canonical``): graph initializers that are ranges of
+the weights file's tensors (``views`` in the manifest entries), which a dvn reading format 3 would not give."""
 
 
 # ------------------------------------------------------------------------------------------------ tensors
@@ -267,89 +271,6 @@ def shared_tensors(
 # ------------------------------------------------------------------------------------------------ weights file
 
 
-_DTYPES = {
-    np.dtype(np.float32): "F32",
-    np.dtype(np.float16): "F16",
-    np.dtype(np.int8): "I8",
-    np.dtype(np.uint8): "U8",
-}
-
-
-def write_weights_file(
-    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], pages: bool = True
-) -> dict[str, int]:
-    """Write ``tensors`` as safetensors, each where ``tensor_alignment(nbytes, pages)`` says (``_placements``); atomic.
-
-    Returns:
-        Tensor name -> its absolute byte offset in the file.
-    """
-    arrays = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
-    offsets = _placements({name: array.nbytes for name, array in arrays.items()}, pages)
-    header: dict[str, Any] = {"__metadata__": {"dvn": json.dumps({"format": WEIGHTS_FORMAT, "version": 1})}}
-    chunks: list[bytes] = []
-    position, pads = 0, 0
-    for name in sorted(arrays, key=offsets.__getitem__):  # the index lists the tensors in file order
-        array, begin = arrays[name], offsets[name]
-        if begin > position:
-            header[f"{PAD_PREFIX}{pads}"] = {
-                "dtype": "U8",
-                "shape": [begin - position],
-                "data_offsets": [position, begin],
-            }
-            chunks.append(bytes(begin - position))
-            pads += 1
-        header[name] = {
-            "dtype": _DTYPES[array.dtype],
-            "shape": list(array.shape),
-            "data_offsets": [begin, begin + array.nbytes],
-        }
-        chunks.append(array.tobytes())
-        position = begin + array.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-(8 + len(text)) % ALIGNMENT)  # the data starts on a page boundary
-    start = 8 + len(text)
-    buffer = io.BytesIO()
-    buffer.write(len(text).to_bytes(8, "little"))
-    buffer.write(text)
-    for chunk in chunks:
-        buffer.write(chunk)
-    buffer.seek(0)
-    write_atomic(path, buffer)
-    return {name: start + offsets[name] for name in tensors}
-
-
-def _placements(sizes: Mapping[str, int], pages: bool) -> dict[str, int]:
-    """Offset of each tensor from the (page-aligned) start of the data, so that padding stays small.
-
-    With ``pages``, a tensor of a page or more starts on a page boundary, in the order given; each smaller one
-    (largest first) goes into the first gap that a page boundary left before a large tensor and that still fits it,
-    else at the end, on a ``SMALL_ALIGNMENT`` boundary. A 10-float batch norm then costs 64 bytes, not a page.
-    Without ``pages`` (a lower-precision file) every tensor is such a smaller one.
-    """
-    offsets: dict[str, int] = {}
-    gaps: list[list[int]] = []  # [first free byte, page boundary]
-    end = 0
-    for name, size in sizes.items():
-        if tensor_alignment(size, pages) == ALIGNMENT:
-            begin = _round_up(end, ALIGNMENT)
-            if begin > end:
-                gaps.append([end, begin])
-            offsets[name], end = begin, begin + size
-    for name in sorted((n for n in sizes if n not in offsets), key=lambda n: -sizes[n]):
-        gap = next((g for g in gaps if _round_up(g[0], SMALL_ALIGNMENT) + sizes[name] <= g[1]), None)
-        begin = _round_up(end if gap is None else gap[0], SMALL_ALIGNMENT)
-        offsets[name] = begin
-        if gap is None:
-            end = begin + sizes[name]
-        else:
-            gap[0] = begin + sizes[name]
-    return offsets
-
-
-def _round_up(position: int, alignment: int) -> int:
-    return position + -position % alignment
-
-
 # ------------------------------------------------------------------------------------------------ graphs
 
 
@@ -362,11 +283,13 @@ def _graph_bytes(
     offsets: Mapping[str, int],
     opset: int,
     lowered: tuple[set[str], str] = (set(), "fp32"),
+    inline: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[bytes, list[str]]:
     """ONNX bytes of one (task, level) whose weights are external ranges of the weights file; and their names.
 
     ``stored`` holds the weights file's tensors as written; ``lowered`` = (the blocks stored at lower precision,
-    that precision): each is converted back to float32 in the graph (``precision.lower_graph``).
+    that precision): each is converted back to float32 in the graph (``precision.lower_graph``); ``inline``:
+    constants that are not parameters, stored in the graph itself.
     """
     onnx = import_optional("onnx")
     # The exporter merges initializers of equal value (e.g. the batch norms of an untrained network), which would
@@ -388,6 +311,8 @@ def _graph_bytes(
     lower_graph(model.graph, stored, blocks & set(keys.values()), precision)
     used = []
     for init in model.graph.initializer:
+        if inline and init.name in inline:
+            init.CopyFrom(onnx.numpy_helper.from_array(inline[init.name], init.name))
         if init.name not in stored:
             continue
         init.ClearField("raw_data")
@@ -419,7 +344,7 @@ def export_shared(
     sample_inputs: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
     opset: int = 17,
     force: bool = False,
-    mode: str = "concat",
+    mode: str | None = None,
     precision: str = "fp32",
 ) -> WrittenManifest:
     """Write the shared export of ``pairs`` into ``out_dir``: one weights file, one graph per pair, a manifest.
@@ -439,14 +364,15 @@ def export_shared(
         sample_inputs: preprocessed batches to check on, one for all tasks or one per task name; default noise.
         opset: ONNX opset.
         force: replace an export of ANOTHER source, or a manifest dvn did not write, in ``out_dir``.
-        mode: ``concat`` (default) or ``blockwise``: see ``GRAPH_MODES``.
+        mode: ``canonical``, ``concat`` or ``blockwise`` (see ``GRAPH_MODES``); None: ``canonical`` at fp32 when
+            every pair's units are a contiguous run, else ``concat``.
         precision: what the unit blocks are stored at: ``fp32`` (default), ``fp16`` or ``int8`` (per output channel
             of each block: ``deploy.precision``); batch norms and heads stay float32.
 
     Returns:
         The manifest written, with the files of the previous export it no longer lists (``removed``, ``left``).
     """
-    if mode not in GRAPH_MODES:
+    if mode is not None and mode not in GRAPH_MODES:
         raise BadConfig(f"unknown graph mode {mode!r}; known: {', '.join(GRAPH_MODES)}")
     check_precision(precision)
     onnx = import_optional("onnx")
@@ -454,38 +380,74 @@ def export_shared(
     model = source if isinstance(source, ModelFile) else open_model(source)
     selected = requested_pairs(model, pairs)
     split, names = _split_inputs(model), model.task_names()
-    store = _Collector(model.label)
+    runs = unit_runs(model, selected)
+    if mode is None:
+        mode = CANONICAL_MODE if runs is not None and precision == "fp32" else "concat"
+    elif mode == CANONICAL_MODE and (runs is None or precision != "fp32"):
+        raise BadConfig(
+            "canonical graphs need float32 and every (task, level)'s units in one contiguous run (nearest orders); "
+            "leave the graph mode out"
+        )
     built = []
-    for task, level in selected:
-        module, plain, spec = _shared_module(model, task, level, names.index(task), split, store, mode)
-        params = {id(p): n for n, p in module.named_parameters()}
-        keys = {params[id(store_param)]: key for key, store_param in _params_by_key(module, store).items()}
-        built.append((task, level, module, plain, spec, keys))
+    views: dict[str, tuple[str, int, int]] = {}
+    constants: dict[str, np.ndarray] = {}
+    if mode == CANONICAL_MODE:
+        canonical = CanonicalLayout(model, selected, runs, split)
+        for task, level in selected:
+            built.append((task, level, *canonical.module(task, level)))
+        tensors, blocks, views, constants = canonical.stored.tensors, set(), canonical.views, canonical.constants
+    else:
+        store = _Collector(model.label)
+        for task, level in selected:
+            module, plain, spec = _shared_module(model, task, level, names.index(task), split, store, mode)
+            params = {id(p): n for n, p in module.named_parameters()}
+            keys = {params[id(store_param)]: key for key, store_param in _params_by_key(module, store).items()}
+            built.append((task, level, module, plain, spec, keys))
+        tensors, blocks = store.tensors, store.blocks
     source_info = source_entry(model, selected[0])
-    stored = lower_tensors(store.tensors, store.blocks, precision)
-    version = 2 if precision == "fp32" else PACKED_FORMAT_VERSION  # float32 files stay as they were
+    stored = lower_tensors(tensors, blocks, precision)
+    if mode == CANONICAL_MODE:
+        version = CANONICAL_FORMAT_VERSION
+    else:
+        version = 2 if precision == "fp32" else PACKED_FORMAT_VERSION  # float32 files stay as they were
     with staged_export(out_dir, source_info, force) as stage:
         weights = stage.file(WEIGHTS_NAME)
-        offsets = write_weights_file(weights, stored, pages=version < PACKED_FORMAT_VERSION)
+        offsets = write_weights_file(weights, stored, pages=version != PACKED_FORMAT_VERSION)
+        readable, places = _with_views(stored, offsets, views)
         models = []
         for task, level, module, plain, spec, keys in built:
-            lowered = (store.blocks, precision)
-            data, used = _graph_bytes(module, plain, spec, keys, stored, offsets, opset, lowered)
+            lowered = (blocks, precision)
+            data, used = _graph_bytes(module, plain, spec, keys, readable, places, opset, lowered, constants)
             graph = write_atomic(stage.file(pair_file_name(task, level, ".onnx")), data)
             onnx.checker.check_model(str(graph))  # beside the weights file its external data names
-            extra = {"precision": precision, "tensors": used, "spec": spec.to_dict()}
+            extra = {"precision": precision, "tensors": sorted({views.get(n, (n,))[0] for n in used})}
+            if mode == CANONICAL_MODE:
+                extra["views"] = {n: list(views[n]) for n in used if n in views}
+            extra["spec"] = spec.to_dict()
             models.append(model_entry(spec, graph.name, data, SHARED_MODEL_FORMAT, **extra))
         layout = {"layout": SHARED_LAYOUT, "shared_format_version": version, "graph_mode": mode}
-        weights_entry = _weights_entry(weights, store.tensors, stored, precision)
+        weights_entry = _weights_entry(weights, tensors, stored, precision)
         manifest = build_manifest(source_info, models, **layout, weights=weights_entry)
         if check:
             stage.write_manifest(manifest)  # the runtime opens the staged folder
-            runtime = SharedOrtRuntime(stage.staging)
+            runtime = SharedOrtRuntime(stage.staging, cache=False)  # the standard graphs: what other engines run
             for entry, (task, level, _, plain, _, _) in zip(models, built, strict=True):
                 result = _check_pair(runtime, task, level, plain, task_inputs(sample_inputs, task), model.label)
                 entry["check_max_abs_diff"], entry["check_top1_agreement"] = result.max_abs_diff, result.top1_agreement
             del runtime
         return stage.commit(manifest)
+
+
+def _with_views(
+    stored: Mapping[str, np.ndarray], offsets: Mapping[str, int], views: Mapping[str, tuple[str, int, int]]
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The tensors and file offsets a graph may name: the weights file's, and each view (rows of one of them)."""
+    arrays, places = dict(stored), dict(offsets)
+    for name, (tensor, begin, end) in views.items():
+        base = stored[tensor]
+        arrays[name] = base[begin:end]
+        places[name] = offsets[tensor] + begin * (base.nbytes // base.shape[0])
+    return arrays, places
 
 
 def _params_by_key(module: nn.Module, store: _Collector) -> dict[str, nn.Parameter]:

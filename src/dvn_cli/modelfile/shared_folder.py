@@ -41,6 +41,8 @@ __all__ = [
     "SharedFolder",
     "WeightsFile",
     "check_initializers",
+    "graph_initializers",
+    "rows_held",
     "is_export_folder",
     "read_weights_index",
     "tensor_alignment",
@@ -52,13 +54,15 @@ WEIGHTS_FORMAT = "dvn-shared-weights"
 
 SHARED_LAYOUT = "shared"
 
-SHARED_FORMAT_VERSION = 3
-"""The newest format read. 3: a file at fp16 or int8, every tensor packed on ``SMALL_ALIGNMENT`` boundaries;
+SHARED_FORMAT_VERSION = 4
+"""The newest format read. 4: canonical graphs (``deploy.shared_canonical``) whose initializers may be ranges of rows
+of the weights file's tensors (an entry's ``views``), tensors placed as in 2;
+3: a file at fp16 or int8, every tensor packed on ``SMALL_ALIGNMENT`` boundaries;
 2: tensors under a page are packed (``SMALL_ALIGNMENT``), the others start on a page; 1 put every tensor on a page
-of its own. A float32 export is still written as 2."""
+of its own. A float32 export of ``Concat`` graphs is still written as 2."""
 
 PACKED_FORMAT_VERSION = 3
-"""From this format on no tensor is page-aligned: a lower-precision block is converted to float32 when it runs, so
+"""In this format no tensor is page-aligned: a lower-precision block is converted to float32 when it runs, so
 none is ever used in place, and page boundaries would only add padding (a quarter of an int8 file's bytes)."""
 
 ALIGNMENT = 4096
@@ -225,9 +229,12 @@ class WeightsFile:
             if quantized == np.int8 and not (values > 0).all():
                 raise unusable_tensor(self.path, name, "an int8 scale that is not > 0")
 
-    def read(self, name: str) -> np.ndarray:
-        """Tensor ``name`` as a read-only array of its own (not a view of the file)."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor ``name`` (or its ``rows`` ``begin:end``) as a read-only array of its own (not a view of the file)."""
         dtype, shape, offset = self.index[name]
+        if rows is not None:
+            row_bytes = dtype.itemsize * math.prod(shape[1:])
+            offset, shape = offset + rows[0] * row_bytes, (rows[1] - rows[0], *shape[1:])
         count = dtype.itemsize * math.prod(shape)
         data = os.pread(self.fd, count, offset)
         if len(data) != count or _stamp(self.fd) != self.stamp:
@@ -287,12 +294,20 @@ def _check_model_entry(path: Path, i: int, entry: Any) -> None:
         wrong += ["tensors"] if not all(isinstance(name, str) for name in entry["tensors"]) else []
     if wrong:
         raise WrongFileFormat(f"{path} is a damaged shared-export manifest (models[{i}] has no valid {wrong[0]})")
+    views = entry.get("views", {})
+    if not isinstance(views, dict) or not all(_valid_view(v, entry["tensors"]) for v in views.values()):
+        raise WrongFileFormat(f"{path} is a damaged shared-export manifest (models[{i}] has no valid views)")
     names = entry["tensors"]
     twice = next((name for j, name in enumerate(names) if name in names[:j]), None)
     if twice is not None:
         raise WrongFileFormat(
             f"{path} lists tensor {twice} twice for {entry['task']} level {entry['level']} (models[{i}]); export again"
         )
+
+
+def _valid_view(view: Any, tensors: list[str]) -> bool:
+    """Whether a manifest entry's view is ``[tensor it lists, first row, end row]`` (the rows checked later)."""
+    return type(view) is list and len(view) == 3 and view[0] in tensors and all(type(n) is int for n in view[1:])
 
 
 def _inside(folder: Path, entry: Mapping[str, Any], what: str) -> Path:
@@ -326,6 +341,37 @@ def _check_file(path: Path, entry: Mapping[str, Any], verify: bool, what: str, f
         raise WrongFileFormat(f"{what} {path} has changed since the export (sha256 differs from the manifest)")
 
 
+def graph_initializers(entry: Mapping[str, Any]) -> dict[str, tuple[str, int, int] | None]:
+    """Initializer name -> None for a whole tensor of the weights file, or ``(tensor, first row, end row)`` for a
+    view (format 4: a range of rows of a tensor); the entry's ``tensors`` read only through views are not
+    initializers themselves."""
+    views = {name: tuple(view) for name, view in entry.get("views", {}).items()}
+    viewed = {view[0] for view in views.values()}
+    return {**{name: None for name in entry["tensors"] if name not in viewed}, **views}
+
+
+def rows_held(entries: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, int] | None]:
+    """Tensor -> the rows ``(begin, end)`` that the graphs of ``entries`` read, or None for all of it: a canonical
+    graph reads a range of rows (a view), and the views of one tensor that running graphs read overlap, so their
+    union is one range; what a runtime running them holds."""
+    held: dict[str, tuple[int, int] | None] = {}
+    for entry in entries:
+        for name, view in graph_initializers(entry).items():
+            tensor = name if view is None else view[0]
+            rows = held.get(tensor, view[1:] if view is not None else None)
+            if tensor in held and rows is not None and view is not None:
+                rows = (min(rows[0], view[1]), max(rows[1], view[2]))
+            held[tensor] = None if view is None else rows
+    return held
+
+
+def _declared_as(index: Mapping[str, tuple], name: str, view: tuple[str, int, int] | None) -> tuple:
+    """(dims, ONNX data type) an initializer must declare: its tensor's, or its view's rows of it."""
+    dtype, shape, _ = index[name if view is None else view[0]]
+    dims = shape if view is None else (view[2] - view[1], *shape[1:])
+    return tuple(dims), _ONNX_TYPES[dtype]
+
+
 def check_initializers(path: Path, entry: Mapping[str, Any], index: Mapping[str, tuple]) -> None:
     """Refuse a graph whose initializers are not the weights file's tensors its entry names, of the same shapes
     and element types.
@@ -338,8 +384,8 @@ def check_initializers(path: Path, entry: Mapping[str, Any], index: Mapping[str,
         declared = _graph_initializers(path.read_bytes())
     except (OSError, ValueError, IndexError, TypeError, AttributeError) as exc:
         raise WrongFileFormat(f"graph {path} is not an ONNX model dvn can read ({first_line(exc)})") from None
-    names = set(entry["tensors"])
-    wrong = [n for n in entry["tensors"] if declared.get(n, (None,))[:2] != (index[n][1], _ONNX_TYPES[index[n][0]])]
+    names = graph_initializers(entry)
+    wrong = [n for n, view in names.items() if declared.get(n, (None,))[:2] != _declared_as(index, n, view)]
     wrong += [n for n, (_, _, external) in declared.items() if external and n not in names]
     if wrong:
         raise WrongFileFormat(
@@ -434,13 +480,22 @@ class SharedFolder:
             _inside(self.folder, self.manifest["weights"], "weights file"),
             self.manifest["weights"],
             verify,
-            pages=self.manifest["shared_format_version"] < PACKED_FORMAT_VERSION,
+            pages=self.manifest["shared_format_version"] != PACKED_FORMAT_VERSION,
         )
         self.models: dict[tuple[str, int], dict[str, Any]] = {}
         for entry in self.manifest["models"]:
             path = _inside(self.folder, entry, "graph")
             _check_file(path, entry, verify, "graph")
             lacking = [name for name in entry["tensors"] if name not in self.weights.index]
+            outside = [
+                name
+                for name, (tensor, begin, end) in entry.get("views", {}).items()
+                if tensor in self.weights.index and not 0 <= begin < end <= (self.weights.index[tensor][1] or (0,))[0]
+            ]
+            if outside:
+                raise WrongFileFormat(
+                    f"{path} reads rows {outside[0]} outside its tensor of {self.weights.path.name}; export again"
+                )
             if lacking:
                 raise WrongFileFormat(
                     f"{path} names {len(lacking)} tensor(s) that {self.weights.path.name} lacks, "
@@ -459,8 +514,12 @@ class SharedFolder:
         """Bytes of the weights file's tensors that ``pairs`` use, a tensor two of them share counted once: what a
         runtime running them holds, at the precision the file stores."""
         index = self.weights.index
-        names = {name for task, level in pairs for name in self.model(task, level)["tensors"]}
-        return sum(index[n][0].itemsize * math.prod(index[n][1]) for n in names)
+        held = rows_held(self.model(task, level) for task, level in pairs)
+        whole = {n: (0, index[n][1][0] if index[n][1] else 1) for n, rows in held.items() if rows is None}
+        return sum(
+            index[n][0].itemsize * math.prod(index[n][1][1:]) * (end - begin)
+            for n, (begin, end) in {**held, **whole}.items()
+        )
 
     def graph(self, task: str, level: int) -> Path:
         """The graph file of (task, level), checked to declare exactly its entry's tensors, of the file's shapes."""
