@@ -34,6 +34,7 @@ IDENT = r"[A-Za-z_]\w*"
 DOTTED = re.compile(rf"{IDENT}(?:\.{IDENT})+")
 CALL = re.compile(rf"({IDENT})\(.*\)")
 FILE_SUFFIXES = {"py", "json", "jsonl", "safetensors", "onnx", "pth", "toml", "md", "gz", "sh", "csv", "txt", "png"}
+FILE_SUFFIXES |= {"key"}  # ``engine.key``: a file, not the module ``serve.engine``
 PLACED = re.compile(rf"((?:`{IDENT}(?:\(\))?`(?:,\s|\sand\s|\sor\s)?)+)\s\(`([\w/]+\.py)`\)")
 
 

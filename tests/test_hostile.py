@@ -452,9 +452,9 @@ _CHECKED_BY_THE_LIBRARY = {
     ("eval", "limit"): "evaluation.evaluate: a limit that leaves nothing to evaluate",
     ("eval", "workers"): "data.streaming.open_task: 0 or more",
     ("predict", "top"): "deploy.predict: at least 1",
-    ("serve", "max_batch"): "deploy.serve: at least 1",
-    ("serve", "max_uploads"): "deploy.serve: at least 1",
-    ("serve", "body_timeout"): "deploy.serve: above 0 seconds",
+    ("serve", "max_batch"): "serve.options: at least 1",
+    ("serve", "max_uploads"): "serve.options: at least 1",
+    ("serve", "body_timeout"): "serve.options: above 0 seconds",
 }
 
 

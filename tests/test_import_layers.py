@@ -2,9 +2,9 @@
 crossing modules.
 
 Layers, lowest first: the top-level modules (``config``, ``errors``, ``fsutil``, ``settings``); ``core`` and
-``data``; ``modelfile``; ``planning``; ``deploy``, ``training`` and ``evaluation``; ``cli``. Registries (backbone
-families, model-file kinds) import what they register, never the other way round. Imports are read with ``ast``,
-lazy ones (inside functions) included, so an import hidden in a function is caught.
+``data``; ``modelfile``; ``planning``; ``deploy``; ``evaluation`` and ``serve``; ``training``; ``cli``. Registries
+(backbone families, model-file kinds) import what they register, never the other way round. Imports are read with
+``ast``, lazy ones (inside functions) included, so an import hidden in a function is caught.
 """
 
 from __future__ import annotations
@@ -14,7 +14,17 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "dvn_cli"
-RANK = {"core": 1, "data": 1, "modelfile": 2, "planning": 3, "deploy": 4, "training": 4, "evaluation": 4, "cli": 5}
+RANK = {
+    "core": 1,
+    "data": 1,
+    "modelfile": 2,
+    "planning": 3,
+    "deploy": 4,
+    "evaluation": 5,
+    "serve": 5,
+    "training": 6,
+    "cli": 7,
+}
 """Sub-package -> its layer; modules at the top of the package are layer 0."""
 
 
@@ -89,8 +99,15 @@ def test_no_import_runs_upward():
     graph = import_graph()
     assert "dvn_cli.core.mobilenet" in graph["dvn_cli.core.backbones"]  # the walk sees ``from . import mobilenet``
     assert "dvn_cli.training.train_config" in graph["dvn_cli.cli.app"]  # and imports inside functions
+    assert "dvn_cli.deploy.runtime" in graph["dvn_cli.serve.model_engine"]  # serve (5) runs on deploy (4)
     upward = [f"{m} imports {t}" for m, targets in graph.items() for t in targets if rank(t) > rank(m)]
     assert upward == []
+
+
+def test_every_package_has_a_layer():
+    """A new sub-package is given its layer here, not left at layer 0 (where anything may import it)."""
+    packages = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
+    assert packages == set(RANK)
 
 
 def test_no_module_imports_one_that_imports_it_back():

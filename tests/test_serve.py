@@ -25,12 +25,12 @@ import torch
 from PIL import Image
 
 from dvn_cli.core.network import build_network
-from dvn_cli.deploy.memory_source import AutoBudget, cgroup_available, reserve_bytes
 from dvn_cli.deploy.shared_export import export_shared
 from dvn_cli.errors import BadConfig
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.registry import open_model
 from dvn_cli.planning.plan import plan_for_budget, shared_memory_params
+from dvn_cli.serve.memory import AutoBudget, cgroup_available, reserve_bytes
 
 from .conftest import require_module, settle_batch_norm, tiny_config, tiny_tasks
 
@@ -120,11 +120,12 @@ class Served:
 
 
 class InProcess:
-    """A ``deploy.serve.Server``'s ASGI app run in this process: its lifespan (the worker thread) started, each
+    """A ``serve.app.Server``'s ASGI app run in this process: its lifespan (the worker thread) started, each
     request one ASGI call on one event loop. ``options`` are ``ServeOptions`` fields."""
 
     def __init__(self, engine, **options: Any) -> None:
-        from dvn_cli.deploy.serve import ServeOptions, Server
+        from dvn_cli.serve.app import Server
+        from dvn_cli.serve.options import ServeOptions
 
         self.lines: list[str] = []
         self.server = Server(engine, ServeOptions(**options), self.lines.append)
@@ -235,7 +236,7 @@ HUGE = "1" + "0" * 400
 def test_a_budget_switch_changes_what_the_checkpoint_server_runs(model):
     """In process, no training: PUT /v1/budget plans as dvn plan does, the runtime itself switches (its blocks, the
     rows' levels and probabilities), and budgets nothing fits, levels or 400 digits are a 422 that changes nothing."""
-    from dvn_cli.deploy.serve_model import ModelEngine
+    from dvn_cli.serve.model_engine import ModelEngine
 
     path, network = model
     engine = ModelEngine(open_model(path))
@@ -353,6 +354,33 @@ def test_bad_requests_are_4xx_one_line_and_the_server_keeps_serving(limited, bod
     assert limited.predict(png())[0] == 200
 
 
+def test_multipart_parts_are_the_images_and_bad_bodies_are_4xx(model):
+    """In process: the parts of a multipart body (python-multipart, once the body is read within its limits) are the
+    images, named by file name, else by field name; more than MAX_IMAGES parts, a body that does not parse, one
+    without parts or without a boundary are a 4xx in one line."""
+    from dvn_cli.serve.model_engine import ModelEngine
+
+    served = InProcess(ModelEngine(open_model(model[0])))
+    try:
+        body, headers = multipart({"red.png": png(), "grey.png": png(colour=(90, 90, 90))})
+        status, out = served.request("POST", "/v1/predict?task=task0", body, headers)
+        assert status == 200 and [r["image"] for r in out["rows"]] == ["red.png", "grey.png"], out
+        field = b'--b\r\nContent-Disposition: form-data; name="photo"\r\n\r\n' + png() + b"\r\n--b--\r\n"
+        status, out = served.request("POST", "/v1/predict", field, {"Content-Type": "multipart/form-data; boundary=b"})
+        assert status == 200 and [r["image"] for r in out["rows"]] == ["photo", "photo"], out
+        for body, headers, code, words in [
+            (*multipart({f"{i}.png": png() for i in range(65)}), 413, "at most 64"),
+            (b"--x--\r\n", {"Content-Type": "multipart/form-data; boundary=y"}, 400, "multipart body that does not"),
+            (b"--y--\r\n", {"Content-Type": "multipart/form-data; boundary=y"}, 400, "without parts"),
+            (png(), {"Content-Type": "multipart/form-data"}, 400, "boundary"),
+        ]:
+            status, out = served.request("POST", "/v1/predict", body, headers)
+            assert status == code and list(out) == ["error"] and words in out["error"], out
+            assert "\n" not in out["error"]
+    finally:
+        served.close()
+
+
 @pytest.mark.slow
 def test_unknown_paths_and_methods_are_json_too(limited):
     assert limited.request("GET", "/nowhere") == (404, {"error": "GET /nowhere: Not Found"})
@@ -441,9 +469,9 @@ def test_reserve_and_hysteresis():
 def test_auto_budget_refusals_name_the_memory_and_the_reserve(model, tmp_path):
     """In process: a reserve above the memory seen, or a room no plan fits, says both numbers, not "1 bytes"; a
     --reserve without --budget auto is refused, not ignored."""
-    from dvn_cli.deploy.serve_model import ModelEngine
     from dvn_cli.errors import BadBudget
     from dvn_cli.planning.budget_rules import format_bytes
+    from dvn_cli.serve.model_engine import ModelEngine
 
     path, network = model
     engine = ModelEngine(open_model(path))
@@ -664,19 +692,19 @@ def test_an_answer_never_holds_nan():
 def test_waiting_predictions_for_the_same_tasks_form_one_batch():
     """The worker's grouping: in order, a switch alone, same-task predictions together up to max_batch images."""
     from dvn_cli.deploy.predict import ImageSet
-    from dvn_cli.deploy.serve import _groups, _Predict, _Switch
+    from dvn_cli.serve.jobs import Predict, Switch, groups
 
     def job(tasks, n):
-        return _Predict(tasks, ImageSet([f"i{k}" for k in range(n)], [], {}), 5)
+        return Predict(tasks, ImageSet([f"i{k}" for k in range(n)], [], {}), 5)
 
     a1, a2, b, switch, a3, a4 = (
         job(("a",), 2),
         job(("a",), 3),
         job(("b",), 1),
-        _Switch({}),
+        Switch({}),
         job(("a",), 4),
         job(("a",), 1),
     )
-    assert _groups([a1, a2, b, switch, a3, a4, None], max_batch=5) == [[a1, a2], [b], [switch], [a3, a4], None]
-    assert _groups([a1, a2, a3], max_batch=4) == [[a1], [a2], [a3]]  # 2 + 3 > 4
-    assert _groups([a1, a2], max_batch=1) == [[a1], [a2]]
+    assert groups([a1, a2, b, switch, a3, a4, None], max_batch=5) == [[a1, a2], [b], [switch], [a3, a4], None]
+    assert groups([a1, a2, a3], max_batch=4) == [[a1], [a2], [a3]]  # 2 + 3 > 4
+    assert groups([a1, a2], max_batch=1) == [[a1], [a2]]

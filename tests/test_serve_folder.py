@@ -165,7 +165,7 @@ def test_a_budget_switch_changes_what_the_folder_server_runs(folder, tmp_path):
     it), not a limit per task; the runtime itself switches (its tensors, the rows' levels and probabilities); a
     budget nothing fits, a level, a share of a folder without every top level and 400 digits are a 422 that
     changes nothing."""
-    from dvn_cli.deploy.serve_folder import FolderEngine
+    from dvn_cli.serve.folder_engine import FolderEngine
 
     engine = FolderEngine(folder)
     served = InProcess(engine)
@@ -221,8 +221,9 @@ def test_a_damaged_folder_is_refused_in_one_line_without_torch(folder, tmp_path)
 def test_the_folder_path_imports_no_torch():
     """Every module a process serving a folder runs imports with ``import torch`` failing (no server needed)."""
     modules = (
-        "dvn_cli.cli.app, dvn_cli.cli.ui, dvn_cli.deploy.serve, dvn_cli.deploy.serve_folder, "
-        "dvn_cli.deploy.memory_source, dvn_cli.planning.budget_rules, dvn_cli.modelfile.shared_folder"
+        "dvn_cli.cli.app, dvn_cli.cli.ui, dvn_cli.serve.listen, dvn_cli.serve.app, dvn_cli.serve.folder_engine, "
+        "dvn_cli.serve.memory, dvn_cli.serve.watcher, dvn_cli.serve.uploads, dvn_cli.serve.jobs, "
+        "dvn_cli.planning.budget_rules, dvn_cli.modelfile.shared_folder"
     )
     code = f"import sys; sys.modules['torch'] = None; import {modules}"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}

@@ -587,10 +587,11 @@ def serve(
     -c takes a checkpoint or a bundle (every task from one block store, PyTorch) or a shared export folder
     (onnxruntime, without PyTorch). SIGTERM finishes the requests in flight and exits 0.
     """
-    from ..deploy.memory_source import reserve_bytes
-    from ..deploy.serve import ServeOptions
-    from ..deploy.serve import serve as run_server
     from ..modelfile.shared_folder import is_export_folder
+    from ..serve.engine import Engine
+    from ..serve.listen import serve as run_server
+    from ..serve.memory import reserve_bytes
+    from ..serve.options import ServeOptions
     from . import ui
 
     with user_errors():
@@ -602,17 +603,18 @@ def serve(
             memory_file=memory_file,
             poll_s=poll,
             max_batch=max_batch,
-            max_body=max_body or ServeOptions.max_body,  # the limits live in deploy/serve.py, once
+            max_body=max_body or ServeOptions.max_body,  # the limits live in serve/options.py, once
             max_pixels=max_pixels or ServeOptions.max_pixels,
             body_timeout_s=ServeOptions.body_timeout_s if body_timeout is None else body_timeout,
             max_uploads=ServeOptions.max_uploads if max_uploads is None else max_uploads,
         )
+        engine: Engine
         if is_export_folder(checkpoint):  # imports no torch: a deployment may not have it
-            from ..deploy.serve_folder import FolderEngine
+            from ..serve.folder_engine import FolderEngine
 
             engine = FolderEngine(checkpoint)
         else:
-            from ..deploy.serve_model import ModelEngine
+            from ..serve.model_engine import ModelEngine
 
             engine = ModelEngine(_open(checkpoint), per_pair)
         run_server(engine, options, ui.print_note)

@@ -1,14 +1,14 @@
 """The engine of ``dvn serve`` for a shared export folder, without PyTorch: onnxruntime and numpy only.
 
-``FolderEngine`` is what ``deploy.serve.Server`` runs for a folder ``dvn export --shared`` wrote: the folder read
+``FolderEngine`` is what ``serve.app.Server`` runs for a folder ``dvn export --shared`` wrote: the folder read
 and checked by ``modelfile.shared_folder.SharedFolder`` (untrusted input), every (task, level) run by ONE
-``ort_runtime.SharedOrtRuntime`` (each block in memory once), images prepared by ``data.decode`` (PIL and numpy:
-the pixels and float32 inputs ``dvn predict`` computes with torch), rows built by ``rows`` as ``dvn predict --json``
-builds them. A budget means what it means to ``dvn plan``: what every task served holds together, each tensor
-counted once (the bytes of the weights file's tensors, or their parameters); with no validation accuracy to plan
-with, the levels are chosen by ``planning.budget_rules.plan_held_levels``, and a budget that even the smallest
-levels exceed is refused. A process serving a folder never imports torch (``tests/test_serve_folder.py`` serves
-one where ``import torch`` fails).
+``deploy.ort_runtime.SharedOrtRuntime`` (each block in memory once), images prepared by ``data.decode`` (PIL and
+numpy: the pixels and float32 inputs ``dvn predict`` computes with torch), rows built by ``deploy.rows`` as ``dvn
+predict --json`` builds them. A budget means what it means to ``dvn plan``: what every task served holds together,
+each tensor counted once (the bytes of the weights file's tensors, or their parameters); with no validation accuracy
+to plan with, the levels are chosen by ``planning.budget_rules.plan_held_levels``, and a budget that even the
+smallest levels exceed is refused. A process serving a folder never imports torch (``tests/test_serve_folder.py``
+serves one where ``import torch`` fails).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import numpy as np
 
 from ..core.sizes import LevelCost
 from ..data.decode import RESIZE_METHODS, input_image, normalize_images
+from ..deploy.images import ImageSet
+from ..deploy.ort_runtime import SharedOrtRuntime
+from ..deploy.precision import SCALE_SUFFIX
+from ..deploy.rows import prediction_rows, softmax, top_classes
 from ..errors import BadBudget, WrongFileFormat
 from ..modelfile.shared_folder import MANIFEST_NAME
 from ..planning.budget_rules import plan_held_levels
-from .images import ImageSet
-from .ort_runtime import SharedOrtRuntime
-from .precision import SCALE_SUFFIX
-from .rows import prediction_rows, softmax, top_classes
 
 __all__ = ["FolderEngine", "FolderPair"]
 
@@ -58,7 +58,7 @@ class FolderPair:
         """
         pre, spec = entry["preprocess"], entry.get("spec")
         counts = spec if isinstance(spec, dict) else {}
-        classes = entry.get("classes")
+        classes: Any = entry.get("classes")
         checks = {
             "classes": isinstance(classes, list) and len(classes) > 0 and all(isinstance(c, str) for c in classes),
             "preprocess.resize": pre.get("resize") in RESIZE_METHODS,
@@ -104,7 +104,7 @@ def _numbers(values: Any, channels: int) -> bool:
 
 
 class FolderEngine:
-    """The (task, level)s of a shared export folder, run by onnxruntime, and how they switch (``deploy.serve.Engine``).
+    """The (task, level)s of a shared export folder, run by onnxruntime, and how they switch (``serve.engine.Engine``).
 
     Args:
         folder: the folder ``dvn export --shared`` wrote.

@@ -1,10 +1,10 @@
 """The PyTorch engine of ``dvn serve``: a checkpoint or a bundle, every task from ONE block store.
 
-``ModelEngine`` is what ``deploy.serve.Server`` runs for a model file: a checkpoint or a bundle from one
+``ModelEngine`` is what ``serve.app.Server`` runs for a model file: a checkpoint or a bundle from one
 ``SharedRuntime`` (every unit-pair block held once, whatever the number of tasks), or with ``per_pair`` one plain
 model per running (task, level) (the benchmark's comparison); another kind (a compact model) runs as
 ``deploy.run.ModelRunner`` runs it. Images decode and rows are built as ``dvn predict`` does (``predict.classify``).
-A shared export folder is served without PyTorch by ``deploy.serve_folder.FolderEngine`` instead.
+A shared export folder is served without PyTorch by ``serve.folder_engine.FolderEngine`` instead.
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ from typing import Any
 
 from ..core.cost import BYTES_PER_PARAM
 from ..data.pixels import load_image
+from ..deploy.images import ImageSet
+from ..deploy.predict import classify, image_inputs
+from ..deploy.run import ModelRunner
+from ..deploy.runtime import SharedRuntime
 from ..modelfile.base import ModelFile
 from ..planning.select import shared_levels
-from .images import ImageSet
-from .predict import classify, image_inputs
-from .run import ModelRunner
-from .runtime import SharedRuntime
 
 __all__ = ["ModelEngine"]
 
 
 class ModelEngine:
-    """The (task, level)s of one model file running in PyTorch, and how they switch (``deploy.serve.Engine``).
+    """The (task, level)s of one model file running in PyTorch, and how they switch (``serve.engine.Engine``).
 
     Args:
         model: a checkpoint or a bundle (any model file runs).
