@@ -6,7 +6,13 @@ Network: random weights, DVN ResNet-14 (widths 128/256/512 by default), k = 4, t
 0 1 2 3 and 3 2 1 0), input 1x28x28, stem stride 1 (``--stem-stride``); level pairs (4,4), (3,3), (2,2), (4,2). Ways:
 
 - ``per-pair ONNX``: two ``dvn export`` graphs (batch norm folded), two onnxruntime sessions, default settings;
-- ``shared ONNX``: the ``dvn export --shared`` folder run by ``SharedOrtRuntime`` (each block one OrtValue);
+- ``shared ONNX, Concat graphs``: ``dvn export --shared`` as it was before issue 30 (``mode="concat"``), run by
+  ``SharedOrtRuntime`` (each block one OrtValue, each weight assembled by ``Concat`` on every run);
+- ``canonical graphs, standard``: the canonical export (issue 30, the default under nearest orders) run from its
+  standard graphs (``cache=False``: no ``Concat``, weights not constant, so no NCHWc kernels);
+- ``canonical graphs from the engine cache``: the same folder as ``SharedOrtRuntime`` runs it by default, from the
+  engine cache built before the rounds (graphs optimised once, NCHWc weights held once); the first open's cost
+  (seconds, bytes on disk) is measured after the rounds on a fresh copy;
 - ``PyTorch runtime``: ``SharedRuntime.open(checkpoint, choices)`` (the header and the blocks it needs);
 - ``bundle path``: a bundle opened and run as ``dvn eval -c`` / ``dvn predict -c`` run it
   (``ModelRunner(open_model(bundle)).forwards``);
@@ -19,13 +25,14 @@ layout: what the shared graphs lose), the shared graphs with constant folding on
 per session and kept) and blockwise shared graphs (constant block weights, no ``Concat``).
 
 Each (levels, way) runs in a FRESH process: modules imported and the same way run on a tiny network of the same
-kind first (lazy set-up paid before the baseline), VmRSS read as the baseline and the peak reset
+kind first (lazy set-up paid before the baseline), VmRSS and PSS (``/proc/self/smaps_rollup``: a file page
+mapped by several processes counts once over them) read as the baseline and the peak reset
 (``/proc/self/clear_refs``), both tasks made ready and one batch of 8 run through each; ``held`` is the resident
-memory added after ``malloc_trim(0)``, ``peak`` the VmHWM added. Then the same process times both tasks one after
-the other, batch 1 first (median of ``--reps1`` runs), then batch 64 (median of ``--reps64``), one thread. The
-rounds repeat every (levels, way) process in turn (interleaved), and the table gives the median over rounds, with
-held against the float32 union of the two tasks' weights (``plan.shared_memory_params`` x 4) and speed against
-per-pair ONNX (its ms over the way's ms: above 1 is faster). ``--switch`` adds the time of budget switches.
+memory (RSS, and PSS) added after ``malloc_trim(0)``, ``peak`` the VmHWM added. Then the same process times both
+tasks one after the other, batch 1 first (median of ``--reps1`` runs), then batch 64 (median of ``--reps64``), one
+thread. The rounds repeat every (levels, way) process in turn (interleaved), and the table gives the median over
+rounds, with held against the float32 union of the two tasks' weights (``plan.shared_memory_params`` x 4) and speed
+against per-pair ONNX (its ms over the way's ms: above 1 is faster). ``--switch`` adds the time of budget switches.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,6 +55,7 @@ import torch
 from dvn_cli import BackboneConfig, TaskSpec, build_network
 from dvn_cli.core.plain import extract_plain
 from dvn_cli.deploy.export import export_models
+from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
 from dvn_cli.deploy.runtime import SharedRuntime
 from dvn_cli.deploy.shared_export import export_shared
 from dvn_cli.modelfile.bundle import save_bundle
@@ -78,6 +87,12 @@ def status(key):
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 
+def pss():
+    # proportional set size: a page shared with another process counts once over them (RSS counts it in each)
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+
+
 def onnx_runs(sessions):
     return [lambda x, s=s: s.run(["logits"], {"input": x}) for s in sessions]
 
@@ -91,9 +106,14 @@ def build(files):
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         return "np", onnx_runs([ort.InferenceSession(files[t], options, providers=["CPUExecutionProvider"])
                                 for t in choices])
-    if way.startswith("shared"):
+    if way.startswith("shared") or way in ("canonical", "engine"):
         kwargs = {"disabled_optimizers": ()} if "folding" in way else {}
-        rt = SharedOrtRuntime(files["blockwise" if "blockwise" in way else "shared"], threads=1, verify=False, **kwargs)
+        folder = "blockwise" if "blockwise" in way else "shared"
+        if way in ("canonical", "engine"):
+            folder, kwargs = "canonical", {"cache": way == "engine"}
+        rt = SharedOrtRuntime(files[folder], threads=1, verify=False, **kwargs)
+        if way == "engine" and rt.engine is None:
+            raise SystemExit(f"no engine cache: {rt.cache_note}")
         return "np", [lambda x, t=t, lv=lv: rt.run(t, lv, x) for t, lv in choices.items()]
     if way == "pytorch":
         rt = SharedRuntime.open(files["checkpoint"], choices)
@@ -128,13 +148,13 @@ gc.collect()
 ctypes.CDLL("libc.so.6").malloc_trim(0)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # VmHWM := VmRSS
-base = status("VmRSS")
+base, base_pss = status("VmRSS"), pss()
 kind, runs = build(files)
 run_all(runs, batch(kind, 8))
 gc.collect()
 peak = status("VmHWM") - base
 ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap memory back: what is left is what is held
-result = {"held": status("VmRSS") - base, "peak": peak}
+result = {"held": status("VmRSS") - base, "held_pss": pss() - base_pss, "peak": peak}
 for n, repeat in ((1, reps[0]), (64, reps[1])):  # batch 1 first
     x = batch(kind, n)
     run_all(runs, x)
@@ -149,7 +169,9 @@ print(json.dumps(result))
 
 WAYS = {
     "per-pair": "per-pair ONNX (2 sessions, default settings)",
-    "shared": "**shared ONNX** (`SharedOrtRuntime`, Concat graphs)",
+    "shared": "shared ONNX, Concat graphs (`--shared` before issue 30)",
+    "canonical": "shared ONNX, canonical graphs, standard (no engine cache)",
+    "engine": "**shared ONNX, canonical graphs from the engine cache** (the default)",
     "pytorch": "**PyTorch runtime** (`SharedRuntime.open`)",
     "bundle": "**bundle path** (`eval`/`predict -c bundle`)",
     "checkpoint": "**checkpoint path** (`predict --budgets`/`serve -c checkpoint`)",
@@ -181,8 +203,10 @@ def write_files(network, checkpoint, tmp: Path, choices: dict[str, int], tag: st
     files = {"checkpoint": str(checkpoint)}
     manifest = export_models(source, tmp / f"pp-{tag}", pairs, check=False)
     files |= {m["task"]: str(tmp / f"pp-{tag}" / m["file"]) for m in manifest["models"]}
-    export_shared(source, tmp / f"sh-{tag}", pairs, check=False)
+    export_shared(source, tmp / f"sh-{tag}", pairs, check=False, mode="concat")
     files["shared"] = str(tmp / f"sh-{tag}")
+    export_shared(source, tmp / f"can-{tag}", pairs, check=False)
+    files["canonical"] = str(tmp / f"can-{tag}")
     if levers:
         export_shared(source, tmp / f"bw-{tag}", pairs, check=False, mode="blockwise")
         files["blockwise"] = str(tmp / f"bw-{tag}")
@@ -191,6 +215,24 @@ def write_files(network, checkpoint, tmp: Path, choices: dict[str, int], tag: st
         plain, spec = extract_plain(network, t, level), compact_spec(network, t, level)
         files[f"compact_{t}"] = str(save_compact(plain, spec, tmp / f"{t}{level}-{tag}.safetensors"))
     return files
+
+
+def first_open(folder: str) -> dict:
+    """The engine cache's one-time cost, in a fresh process: seconds of the first open (building it), its bytes on
+    disk against the folder's weights file, and the seconds of the next open."""
+    code = (
+        "import json, sys, time; from dvn_cli.deploy.ort_runtime import SharedOrtRuntime\n"
+        "t = time.perf_counter(); rt = SharedOrtRuntime(sys.argv[1], threads=1); first = time.perf_counter() - t\n"
+        "t = time.perf_counter(); SharedOrtRuntime(sys.argv[1], threads=1); again = time.perf_counter() - t\n"
+        "print(json.dumps({'first_s': first, 'again_s': again, 'note': rt.cache_note,"
+        " 'cache_bytes': sum(p.stat().st_size for p in rt.engine.path.iterdir()),"
+        " 'cache_weights': (rt.engine.path / 'weights.safetensors').stat().st_size,"
+        " 'folder_weights': rt.files.weights.stamp[2]}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, folder], capture_output=True, text=True, env=os.environ)
+    if out.returncode:
+        raise SystemExit(f"first open of {folder}: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure(way: str, files: dict, warm: dict, choices: dict[str, int], reps: tuple[int, int]) -> dict:
@@ -203,17 +245,18 @@ def measure(way: str, files: dict, warm: dict, choices: dict[str, int], reps: tu
 
 def table(results: dict, union: dict, ways: dict[str, str]) -> list[str]:
     lines = [
-        "| levels | way | held MiB (x union) | peak MiB | batch 1 ms (speed vs per-pair) |"
+        "| levels | way | held MiB RSS (x union) | held MiB PSS (x union) | peak MiB | batch 1 ms (speed vs per-pair) |"
         " batch 64 ms (speed vs per-pair) |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for levels, by_way in results.items():
         ref = by_way["per-pair"]
-        lines.append(f"| {levels} | float32 union of the two tasks' weights | {union[levels]:.1f} | | | |")
+        lines.append(f"| {levels} | float32 union of the two tasks' weights | {union[levels]:.1f} | | | | |")
         for way, label in ways.items():
             r = by_way[way]
             lines.append(
-                f"| {levels} | {label} | {r['held']:.1f} ({r['held'] / union[levels]:.2f}x) | {r['peak']:.1f} | "
+                f"| {levels} | {label} | {r['held']:.1f} ({r['held'] / union[levels]:.2f}x) | "
+                f"{r['held_pss']:.1f} ({r['held_pss'] / union[levels]:.2f}x) | {r['peak']:.1f} | "
                 f"{r['b1_ms']:.2f} ({ref['b1_ms'] / r['b1_ms']:.2f}x) | "
                 f"{r['b64_ms']:.1f} ({ref['b64_ms'] / r['b64_ms']:.2f}x) |"
             )
@@ -277,6 +320,7 @@ def main() -> None:
     start_load = load()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        os.environ["DVN_CACHE_DIR"] = str(tmp / "user-cache")  # the engine key and any cache: never the home folder
         checkpoint = save_checkpoint(network, tmp / "model.safetensors")
         warm_checkpoint = save_checkpoint(warm_network, tmp / "warm.safetensors")
         files, warm, union = {}, {}, {}
@@ -285,6 +329,9 @@ def main() -> None:
             files[key] = write_files(network, checkpoint, tmp, choices, f"{a}{b}", args.levers)
             warm[key] = write_files(warm_network, warm_checkpoint, tmp, choices, f"w{a}{b}", args.levers)
             union[key] = 4 * shared_memory_params(network, choices) / MIB
+            if "engine" in ways:  # each folder's engine cache built before any measurement (its first open)
+                for folder in (files[key]["canonical"], warm[key]["canonical"]):
+                    SharedOrtRuntime(folder, threads=1)
         raw: dict[str, dict[str, list[dict]]] = {key: {way: [] for way in ways} for key in files}
         for r in range(args.rounds):
             for (a, b), key in zip(levels, files, strict=True):
@@ -297,6 +344,12 @@ def main() -> None:
             for key, by_way in raw.items()
         }
         switch = switch_table(tmp) if args.switch else []
+        opens = {}
+        if "engine" in ways:  # after the rounds, on fresh copies: the caches above were built by the warm-ups
+            for key, f in files.items():
+                fresh = tmp / f"fresh-{key}"
+                shutil.copytree(f["canonical"], fresh, ignore=shutil.ignore_patterns(".dvn-engine"))
+                opens[key] = first_open(str(fresh))
     command = "PYTHONPATH=src .venv/bin/python benchmarks/memory.py " + " ".join(sys.argv[1:])
     import onnxruntime
 
@@ -308,6 +361,18 @@ def main() -> None:
         "",
         *table(medians, union, ways),
     ]
+    if opens:
+        lines += [
+            "",
+            "| levels | first open s (builds the cache) | next open s | cache on disk bytes |"
+            " cache weights / folder weights |",
+            "|---|---|---|---|---|",
+        ]
+        for key, o in opens.items():
+            lines.append(
+                f"| {key} | {o['first_s']:.2f} | {o['again_s']:.3f} | {o['cache_bytes']:,} | "
+                f"{o['cache_weights'] / o['folder_weights']:.3f} |"
+            )
     if switch:
         lines += ["", *switch]
     text = "\n".join(lines) + "\n"

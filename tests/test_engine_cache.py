@@ -101,6 +101,9 @@ def test_the_cache_runs_the_optimised_graphs_on_one_copy(folder):
     # and the cache holds about the folder's weights, not one copy per graph
     cache_bytes = (runtime.engine.path / WEIGHTS_NAME).stat().st_size
     assert cache_bytes <= 1.2 * runtime.files.weights.stamp[2]
+    graphs = {Path(entry["file"]).name for entry in runtime.files.models.values()}
+    assert {p.name for p in runtime.engine.path.iterdir()} == {INDEX_NAME, WEIGHTS_NAME, *graphs}  # nothing else
+    assert all((runtime.engine.path / g).stat().st_size < 64 * 1024 for g in graphs)  # weights are not in them
 
 
 def test_sessions_run_on_the_runtime_buffers_not_on_the_cache_file(folder):

@@ -343,6 +343,8 @@ def _optimise(onnx, ort, files: SharedFolder, pair, entry, stage: Path, i: int, 
             arrays[init.name] = np.frombuffer(raw, np.float32)
         else:
             init.raw_data = raw
+    for leftover in (f"{i}.optimised.onnx", f"{i}.data"):  # not part of the cache: the stage becomes it
+        (stage / leftover).unlink(missing_ok=True)
     for node in optimised.graph.node:  # the renamed ones
         node.input[:] = [f"{i}/{n}" if f"{i}/{n}" in arrays else n for n in node.input]
     del optimised.metadata_props[:]
