@@ -61,8 +61,19 @@ _ISA_FLAGS = {
 _ALIGN = 64  # bytes: where a tensor handed to onnxruntime may start
 
 
+MAX_GROWTH = 1.2
+"""A cache whose weights would be more than this times the folder's is not used (onnxruntime pads each convolution's
+channels to its blocks: 16 on AVX-512, so a level of 4-channel units would hold 16x its weights); the standard
+graphs run instead, and the decision is kept in the cache (signed) so that it is not made again."""
+
+
 class CacheUnusable(DvnError):
-    """Why no engine cache is used (the standard graphs run instead); never shown as an error."""
+    """Why no engine cache is used (the standard graphs run instead); never shown as an error. ``final``: a
+    decision the cache records (rebuilding would decide the same)."""
+
+    def __init__(self, message: str, final: bool = False) -> None:
+        super().__init__(message)
+        self.final = final
 
 
 def isa() -> str:
@@ -144,6 +155,8 @@ class EngineCache:
                 raise CacheUnusable(f"{index_path} is not signed by this user's dvn (edited, or made elsewhere)")
             if body["key"] != dict(key):
                 raise CacheUnusable(f"{path} was made for another onnxruntime, CPU or folder")
+            if body.get("refused"):
+                raise CacheUnusable(str(body["refused"]), final=True)
             self.weights = WeightsFile(path / WEIGHTS_NAME, body["weights"], verify=True)
             self.entries: dict[tuple[str, int], dict[str, Any]] = {}
             self._graphs: dict[tuple[str, int], bytes] = {}
@@ -200,6 +213,8 @@ def open_engine_cache(files: SharedFolder, ort, build: bool = True) -> EngineCac
             try:
                 return EngineCache(place, key, pairs)
             except CacheUnusable as exc:
+                if exc.final:
+                    raise
                 reasons.append(str(exc))
     if not build:
         raise CacheUnusable("; ".join(reasons) or "no engine cache")
@@ -209,7 +224,7 @@ def open_engine_cache(files: SharedFolder, ort, build: bool = True) -> EngineCac
         except OSError as exc:  # this place cannot be written: try the next
             reasons.append(f"cannot write {place}: {first_line(exc)}")
             continue
-        return EngineCache(place, key, pairs)
+        return EngineCache(place, key, pairs)  # or the refusal it recorded (final)
     raise CacheUnusable("; ".join(reasons))
 
 
@@ -230,6 +245,17 @@ def _build(files: SharedFolder, ort, key: Mapping[str, Any], place: Path) -> Non
         for i, (pair, entry) in enumerate(files.models.items()):
             models[pair] = _optimise(onnx, ort, files, pair, entry, stage, i, arrays)
         pieces, refs = _pack(arrays)
+        stored = sum(dtype.itemsize * int(np.prod(shape)) for dtype, shape, _ in files.weights.index.values())
+        grown = sum(piece.nbytes for piece in pieces) / max(stored, 1)
+        if grown > MAX_GROWTH:
+            refused = (
+                f"the optimised graphs would hold {grown:.2f}x the folder's weights (onnxruntime pads narrow "
+                "layers to its channel blocks)"
+            )
+            body = {"key": dict(key), "refused": refused}
+            write_atomic(stage / INDEX_NAME, json.dumps({"body": body, "hmac": _sign(_secret(), body)}).encode())
+            _commit(stage, place)
+            return
         offsets = write_weights_file(stage / WEIGHTS_NAME, {f"piece.{i}": p for i, p in enumerate(pieces)})
         graphs = []
         for pair, model in models.items():
@@ -283,15 +309,21 @@ def _build(files: SharedFolder, ort, key: Mapping[str, Any], place: Path) -> Non
             "graphs": graphs,
         }
         write_atomic(stage / INDEX_NAME, json.dumps({"body": body, "hmac": _sign(_secret(), body)}).encode())
-        if place.exists():  # stale or damaged (a usable one was taken before building): out of the way first
-            shutil.rmtree(place, ignore_errors=True)
-        try:
-            os.rename(stage, place)
-        except OSError:
-            if not (place / INDEX_NAME).exists():  # not another process's finished cache
-                raise
+        _commit(stage, place)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _commit(stage: Path, place: Path) -> None:
+    """Rename the built ``stage`` to ``place`` in one step; a stale cache there goes first, one another process
+    finished in the meantime is kept."""
+    if place.exists():  # stale or damaged (a usable one was taken before building): out of the way first
+        shutil.rmtree(place, ignore_errors=True)
+    try:
+        os.rename(stage, place)
+    except OSError:
+        if not (place / INDEX_NAME).exists():  # not another process's finished cache
+            raise
 
 
 def _sha256(path: Path) -> str:

@@ -71,6 +71,9 @@ ALIGNMENT = 4096
 SMALL_ALIGNMENT = 64
 """A tensor smaller than a page starts at a multiple of this many bytes (a cache line), packed with others."""
 
+ARRAY_ALIGNMENT = 64
+"""Where a tensor read into memory starts (``WeightsFile.read``): onnxruntime's kernels want 64-byte aligned buffers."""
+
 PAD_PREFIX = "__pad__."
 
 MANIFEST_NAME = "manifest.json"
@@ -236,13 +239,20 @@ class WeightsFile:
             row_bytes = dtype.itemsize * math.prod(shape[1:])
             offset, shape = offset + rows[0] * row_bytes, (rows[1] - rows[0], *shape[1:])
         count = dtype.itemsize * math.prod(shape)
-        data = os.pread(self.fd, count, offset)
-        if len(data) != count or _stamp(self.fd) != self.stamp:
+        # 64-byte aligned, as onnxruntime's kernels want the buffers they are given (a bytes object's data is not:
+        # the same graphs ran at 0.8x on buffers at 16 mod 64, docs/results.md §4)
+        buffer = np.empty(count + ARRAY_ALIGNMENT, np.uint8)
+        start = -buffer.ctypes.data % ARRAY_ALIGNMENT
+        data = buffer[start : start + count]
+        got = os.preadv(self.fd, [data], offset) if count else 0
+        if got != count or _stamp(self.fd) != self.stamp:
             raise WrongFileFormat(
                 f"weights file {self.path} changed while in use (it was written after it was checked); "
                 "start again to use the new file"
             )
-        return np.frombuffer(data, dtype=dtype).reshape(shape)
+        array = data.view(dtype).reshape(shape)
+        array.flags.writeable = False
+        return array
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
