@@ -2,7 +2,7 @@
 
 import pytest
 
-from dvn_cli.cli.ui import TimeLeft, TrainProgress, format_duration
+from dvn_cli.cli.progress import TimeLeft, TrainProgress, format_duration
 from dvn_cli.training.observer import EpochInfo, StepInfo
 
 from .conftest import two_synthetic_tasks

@@ -311,16 +311,16 @@ def test_the_smallest_inputs_that_pass_the_check_run():
 
 def _stop_at(monkeypatch, step: int) -> None:
     """Ctrl-C after ``step`` of the next ``dvn train``."""
-    from dvn_cli.cli import ui
+    from dvn_cli.cli.progress import TrainProgress
 
-    on_step = ui.TrainProgress.on_step
+    on_step = TrainProgress.on_step
 
     def stop(self, info):
         on_step(self, info)
         if info.step == step:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(ui.TrainProgress, "on_step", stop)
+    monkeypatch.setattr(TrainProgress, "on_step", stop)
 
 
 def test_bare_resume_continues_the_stored_run_and_matches_an_uninterrupted_one(tasks, tmp_path, monkeypatch):
@@ -380,21 +380,32 @@ def test_resume_refuses_flags_that_differ_from_the_stored_run(tasks, tmp_path):
 
 
 def test_every_config_setting_is_a_train_option_with_the_help_it_declares():
-    """One place per setting: the options of ``dvn train`` are built from the config dataclasses' fields."""
+    """One place per setting: each config field is exactly one ``dvn train`` option, named after the field (but for
+    the flags ``cli/train.py`` writes otherwise), showing the help the field declares, None when not given."""
     import dataclasses
+    import typing
 
     import typer
 
     from dvn_cli.cli.app import app
 
-    params = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
+    options = typer.main.get_command(app).commands["train"].params
+    params = {p.name: p for p in options}
     fields = [f for cls in (BackboneConfig, TrainConfig) for f in dataclasses.fields(cls) if f.name != "backbone"]
-    for f in fields:
-        assert params[f.name].help == f.metadata["help"], f.name
+    assert len(options) == len(params)  # no name twice
     assert set(params) == {f.name for f in fields} | {"width", "resume", "force", "config"}
-    assert params["units"].opts == ["--units", "-k"] and params["in_channels"].opts == ["--input-channels"]
-    assert params["channels_last"].secondary_opts == ["--no-channels-last"]  # a bool field gets both flags
-    assert params["download"].secondary_opts == []  # unless it declares its own
+    written_otherwise = {"units": ["--units", "-k"], "in_channels": ["--input-channels"], "order_table": ["--orders"]}
+    hints = {**typing.get_type_hints(BackboneConfig), **typing.get_type_hints(TrainConfig)}
+    for f in fields:
+        p = params[f.name]
+        assert p.help == f.metadata["help"], f.name
+        assert p.opts == written_otherwise.get(f.name, [f"--{f.name.replace('_', '-')}"]), f.name
+        if hints[f.name] is bool and f.name != "download":  # a bool field gets both flags
+            assert p.secondary_opts == [f"--no-{f.name.replace('_', '-')}"], f.name
+        else:
+            assert p.secondary_opts == [], f.name
+        assert p.default is None, f.name  # not given: the config file or the resumed run fills it
+    assert params["download"].opts == ["--download"]  # a flag alone: no --no-download
 
 
 def test_list_options_are_parsed_into_their_fields(tmp_path):

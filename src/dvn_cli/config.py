@@ -89,16 +89,15 @@ MAX_WIDTH = 2**20
 trains it), and below it every weight's element count fits the 64-bit sizes PyTorch counts shapes in."""
 
 
-def setting(default: Any, help: str, *, flags: tuple[str, ...] = (), limits: Range | None = None) -> Any:
-    """A config field and its command-line option in one place: ``dvn train`` builds its options from these.
+def setting(default: Any, help: str, *, limits: Range | None = None) -> Any:
+    """A config field with the help and range of its ``dvn train`` option (the option is written in ``cli/train.py``).
 
     Args:
         default: the field's default.
         help: the option's help text.
-        flags: the option's names when they are not ``--field-name`` (``--field-name/--no-field-name`` for a bool).
         limits: the numbers the field (each item of a list field) may hold; None: any.
     """
-    return field(default=default, metadata={"help": help, "flags": flags, "limits": limits})
+    return field(default=default, metadata={"help": help, "limits": limits})
 
 
 @dataclass(frozen=True)
@@ -119,10 +118,8 @@ class BackboneConfig:
     arch: str = setting("resnet", "Backbone family: resnet (CIFAR-style, default), resnet18, mobilenetv2.")
     depth: int = setting(14, "ResNet depth 6n+2.")
     widths: tuple[int, ...] = setting((32, 64, 128), "Stage widths, e.g. 32,64,128.", limits=Range(1, MAX_WIDTH))
-    units: int = setting(4, "k: units per layer = number of levels.", flags=("--units", "-k"), limits=Range(1))
-    in_channels: int = setting(
-        1, "Input channels, 1 or 3 (default: from tasks).", flags=("--input-channels",), limits=Range(1)
-    )
+    units: int = setting(4, "k: units per layer = number of levels.", limits=Range(1))
+    in_channels: int = setting(1, "Input channels, 1 or 3 (default: from tasks).", limits=Range(1))
     input_size: int = setting(28, "Input height and width (default: largest task's).", limits=Range(1))
     stem_stride: int = setting(1, "Stride of the first convolution.", limits=Range(1))
 
@@ -183,7 +180,7 @@ class TrainConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     order_rule: str = setting("nearest", "Unit order rule: nearest, cyclic, table or affinity (measured).")
     order_table: tuple[tuple[int, ...], ...] | None = setting(
-        None, "Explicit orders for --order-rule table, e.g. '0,1,2,3;3,2,1,0'.", flags=("--orders",)
+        None, "Explicit orders for --order-rule table, e.g. '0,1,2,3;3,2,1,0'."
     )
     affinity_steps: int = setting(
         200, "Warm-up steps of --order-rule affinity (counted in the run's steps).", limits=Range(1)
@@ -208,7 +205,7 @@ class TrainConfig:
         0.1, "Share of training images held out for validation.", limits=Range(0, 1, low_open=True, high_open=True)
     )
     data_root: str = setting("data", "Dataset folder (default ./data or $DVN_DATA_ROOT).")
-    download: bool = setting(False, "Let torchvision download data.", flags=("--download",))
+    download: bool = setting(False, "Let torchvision download data.")
     data_mode: str = setting(
         "auto", "Folder tasks: auto (stream those over 256 MiB at the input shape), memory or stream."
     )
@@ -327,9 +324,8 @@ def _describe(kind: Any, plural: bool = False) -> str:
 
 
 def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)
+    """A value as a config file writes it: ``true`` and ``false`` for booleans, else its repr."""
+    return ("true" if value else "false") if isinstance(value, bool) else repr(value)
 
 
 def check_types(cls: type, values: Mapping[str, Any], prefix: str = "") -> None:
