@@ -191,7 +191,7 @@ def test_the_checks_find_stale_references():
 
 
 def test_design_names_every_setting_resume_may_change():
-    from dvn_cli.config import NOT_COMPARED
+    from dvn_cli.user_config import NOT_COMPARED
 
     text = DOCS[0].read_text()
     state = re.search(r"`config` \(the `TrainConfig` less (.*?), which may change on resume\)", text, re.S)

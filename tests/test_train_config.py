@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dvn_cli.config import PRECISIONS, BackboneConfig, TrainConfig, check_types
+from dvn_cli.config import PRECISIONS, BackboneConfig, TrainConfig
 from dvn_cli.core.backbones import check_input_shape
 from dvn_cli.core.network import build_network
 from dvn_cli.errors import BadConfig
@@ -20,6 +20,7 @@ from dvn_cli.modelfile.checkpoint import load_checkpoint
 from dvn_cli.modelfile.container import read_metadata
 from dvn_cli.training.schedule import AUTOCAST_DTYPES
 from dvn_cli.training.train_config import load_train_config
+from dvn_cli.user_config import check_types
 
 from .conftest import make_image_folder, tiny_tasks
 from .test_faults import _tiny_train_args, invoke, one_error_line, sha256

@@ -64,7 +64,7 @@ def excess_workers(workers: int) -> str | None:
     the default 2), else None.
 
     Warned, not refused: a config file may come from a larger machine, decoding also waits on storage, and the
-    setting changes nothing but speed (``config.NOT_COMPARED``). But each worker is a process of its own, with its
+    setting changes nothing but speed (``user_config.NOT_COMPARED``). But each worker is a process of its own, with its
     own memory, and past the cores they only take turns.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from ..config import comparable
 from ..core.network import DeepVirtualNetwork
 from ..data.task import Task
 from ..errors import DvnError
@@ -18,6 +17,7 @@ from ..fsutil import write_atomic
 from ..modelfile.checkpoint import STATE_FORMAT, save_checkpoint
 from ..modelfile.container import write_dvn_file
 from ..modelfile.train_state import train_state_tensors
+from ..user_config import comparable
 from .distributed import DistEnv, average_buffers
 from .observer import EpochInfo, TrainObserver, TrainResult
 from .run_state import Run, together

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig, config_differences
+from ..config import TrainConfig
 from ..core.backbones import check_input_shape
 from ..core.network import build_network
 from ..data.streaming import StreamFailed, open_task, worker_failure
@@ -24,6 +24,7 @@ from ..modelfile.checkpoint import STATE_FORMAT, load_checkpoint
 from ..modelfile.container import read_dvn_file
 from ..modelfile.pretrained import init_from_file
 from ..modelfile.train_state import load_train_state_tensors
+from ..user_config import config_differences
 from .affinity import AffinityWarmup
 from .distributed import DistEnv, ShardedBatches, broadcast_module, detect_env, init_distributed, shutdown_distributed
 from .epoch import end_epoch, epoch_end_due, save_progress, save_run

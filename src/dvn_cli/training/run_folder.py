@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import NOT_COMPARED
 from ..errors import BadConfig, MissingData, WrongFileFormat
 from ..fsutil import LOCK_NAME, FolderLock
 from ..modelfile.checkpoint import STATE_FORMAT
 from ..modelfile.container import read_metadata
+from ..user_config import NOT_COMPARED
 
 __all__ = ["RunLock", "RunPaths", "prepare_run_folder", "stored_config"]
 

@@ -13,18 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import settings
-from ..config import (
-    MAX_WIDTH,
-    BackboneConfig,
-    TrainConfig,
-    build_train_config,
-    comparable,
-    config_differences,
-    given_settings,
-)
+from ..config import MAX_WIDTH, BackboneConfig, TrainConfig
 from ..core.backbones import backbone_defaults
 from ..data.datasets import native_shape
 from ..errors import BadConfig
+from ..user_config import build_train_config, comparable, config_differences, given_settings
 from .run_folder import RunPaths, stored_config
 
 __all__ = ["load_train_config", "resumed_config"]
@@ -41,7 +34,7 @@ def load_train_config(
 
     A new run takes the backbone's ``in_channels`` and ``input_size`` from its tasks' data when neither gives
     them. With ``resume`` the run in ``out`` supplies every setting (see ``resumed_config``): what the file and
-    flags give must equal it, except the settings of ``config.NOT_COMPARED``. The data root is the flag, else
+    flags give must equal it, except the settings of ``user_config.NOT_COMPARED``. The data root is the flag, else
     ``$DVN_DATA_ROOT``, else the file's (or the stored run's), else ``data``.
 
     Args:
@@ -88,7 +81,7 @@ def resumed_config(
     """The stored configuration of the run in ``given["out"]`` (default ``runs/dvn``), with the settings given.
 
     A given setting that differs from the stored one is refused, naming it, unless it is one of
-    ``config.NOT_COMPARED`` (where the files live and how the run computes), which the given value replaces.
+    ``user_config.NOT_COMPARED`` (where the files live and how the run computes), which the given value replaces.
     """
     out = str(given.get("out") or TrainConfig.out)
     stored = stored_config(RunPaths(Path(out)))
