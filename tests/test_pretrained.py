@@ -239,7 +239,7 @@ def _safetensors_with_header_low_byte(tensors: dict, low: int) -> bytes:
 def test_formats_are_told_apart_by_parsing_not_by_a_byte(tmp_path):
     """Issue 18 row 8: a safetensors file whose header length starts with 0x80 (a pickle's first byte) is read,
     and the NaN-weights message that misfire hid is shown again; real pickles are still recognised."""
-    from dvn_cli.fsutil import file_format
+    from dvn_cli.fileformats import file_format
 
     state = {k: v.contiguous() for k, v in random_torchvision("resnet18").state_dict().items()}
     good = tmp_path / "r18abc.safetensors"

@@ -3,7 +3,7 @@
 A ``.pth`` is untrusted input: it is loaded with ``torch.load(weights_only=True)``, which builds tensors and
 containers only and refuses, without running it, any other object the pickle names; the refusal says so and
 never suggests loading the file another way. ``--init`` reads safetensors only. Formats are told apart by parsing
-(``fsutil.file_format``), so a safetensors file is never taken for a pickle. The mapping of a state dict onto
+(``fileformats.file_format``), so a safetensors file is never taken for a pickle. The mapping of a state dict onto
 units is ``core.pretrained`` (docs/design.md §6).
 """
 
@@ -18,12 +18,13 @@ import torch
 
 from ..core.pretrained import InitReport, init_from_torchvision
 from ..errors import BadConfig, WrongFileFormat
-from ..fsutil import check_output_file, file_format, first_line, write_atomic
+from ..fileformats import file_format
+from ..fsutil import check_output_file, first_line, write_atomic
 from .container import check_finite, check_regular_file
 
 __all__ = ["convert_torchvision", "init_from_file", "read_state_file"]
 
-_PICKLES = ("torch-zip", "pickle")  # what torch.save writes (fsutil.file_format's names)
+_PICKLES = ("torch-zip", "pickle")  # what torch.save writes (fileformats.file_format's names)
 _TORCH_ADVICE = (
     "weights_only",
     "Weights only",

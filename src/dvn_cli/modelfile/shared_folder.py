@@ -25,7 +25,8 @@ import numpy as np
 from .. import __version__
 from ..core.sizes import SCALE_SUFFIX
 from ..errors import MissingData, UnknownTask, WrongFileFormat
-from ..fsutil import first_line, read_safetensors_header, sha256_file, unusable_tensor
+from ..fileformats import read_safetensors_header
+from ..fsutil import first_line, sha256_file, unusable_tensor
 
 __all__ = [
     "ALIGNMENT",
