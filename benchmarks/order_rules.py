@@ -85,7 +85,7 @@ def step_overhead(backbone: BackboneConfig, num_tasks: int, batch_size: int, rou
     of the placement (search + relayout) once."""
     from dvn_cli.config import TaskSpec
     from dvn_cli.core.network import build_network
-    from dvn_cli.training.affinity import AffinityWarmup, relayout
+    from dvn_cli.training.affinity_warmup import AffinityWarmup, relayout
     from dvn_cli.training.loss import task_losses
 
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ from dvn_cli.core.network import build_network
 from dvn_cli.core.units import make_orders, nearest_orders, register_order_rule
 from dvn_cli.errors import BadConfig
 from dvn_cli.modelfile.checkpoint import load_checkpoint
-from dvn_cli.training.affinity import AffinityWarmup, shared_parameters
+from dvn_cli.training.affinity_warmup import AffinityWarmup, shared_parameters
 from dvn_cli.training.loop import fit
 from dvn_cli.training.loss import multitask_loss, task_losses
 

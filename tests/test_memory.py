@@ -13,8 +13,8 @@ import torch
 
 from dvn_cli.config import TaskSpec
 from dvn_cli.errors import BadConfig
-from dvn_cli.training import memory
-from dvn_cli.training.memory import Headroom, check_memory, estimate_memory
+from dvn_cli.training import memory_estimate as memory
+from dvn_cli.training.memory_estimate import Headroom, check_memory, estimate_memory
 from dvn_cli.training.train_config import load_train_config
 
 from .conftest import REPO, make_image_folder, tiny_config, tiny_tasks, tiny_train_config

@@ -21,7 +21,7 @@ from dvn_cli.core.pretrained import init_from_torchvision, unit_permutation
 from dvn_cli.core.units import UnitLayout
 from dvn_cli.errors import BadConfig, WrongFileFormat
 from dvn_cli.modelfile.checkpoint import load_checkpoint
-from dvn_cli.modelfile.pretrained import convert_torchvision, init_from_file, read_state_file
+from dvn_cli.modelfile.torchvision_file import convert_torchvision, init_from_file, read_state_file
 
 from .conftest import make_image_folder, require_module
 
@@ -213,7 +213,7 @@ def test_a_fifo_given_to_init_is_refused_not_waited_on(tmp_path):
     fifo = tmp_path / "weights.safetensors"
     os.mkfifo(fifo)
     script = (
-        "from dvn_cli.modelfile.pretrained import read_state_file\n"
+        "from dvn_cli.modelfile.torchvision_file import read_state_file\n"
         "from dvn_cli.errors import DvnError\n"
         f"try:\n    read_state_file({str(fifo)!r})\nexcept DvnError as exc:\n    print(exc)\n"
     )

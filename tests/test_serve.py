@@ -30,7 +30,7 @@ from dvn_cli.errors import BadConfig
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.registry import open_model
 from dvn_cli.planning.plan import plan_for_budget, shared_memory_params
-from dvn_cli.serve.memory import AutoBudget, cgroup_available, reserve_bytes
+from dvn_cli.serve.memory_source import AutoBudget, cgroup_available, reserve_bytes
 
 from .conftest import require_module, settle_batch_norm, tiny_config, tiny_tasks
 

@@ -222,7 +222,7 @@ def test_the_folder_path_imports_no_torch():
     """Every module a process serving a folder runs imports with ``import torch`` failing (no server needed)."""
     modules = (
         "dvn_cli.cli.app, dvn_cli.cli.ui, dvn_cli.serve.listen, dvn_cli.serve.app, dvn_cli.serve.folder_engine, "
-        "dvn_cli.serve.memory, dvn_cli.serve.watcher, dvn_cli.serve.uploads, dvn_cli.serve.jobs, "
+        "dvn_cli.serve.memory_source, dvn_cli.serve.watcher, dvn_cli.serve.uploads, dvn_cli.serve.jobs, "
         "dvn_cli.planning.budget_rules, dvn_cli.modelfile.shared_folder"
     )
     code = f"import sys; sys.modules['torch'] = None; import {modules}"

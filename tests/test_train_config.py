@@ -128,7 +128,7 @@ def test_a_width_multiplier_beyond_the_widest_stage_is_refused_naming_it(tmp_pat
 
 def test_a_network_no_tensor_can_hold_is_refused_by_the_memory_estimate():
     """Shapes beyond 64-bit sizes (a batch of 2^60 images) are a BadConfig from the meta build, not a RuntimeError."""
-    from dvn_cli.training.memory import estimate_memory
+    from dvn_cli.training.memory_estimate import estimate_memory
 
     from .conftest import tiny_config, tiny_tasks
 

@@ -19,7 +19,7 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
 ) -> None:
     """Turn a torchvision .pth state dict into the safetensors file that dvn train --init reads (weights_only)."""
-    from ..modelfile.pretrained import convert_torchvision  # imports torch
+    from ..modelfile.torchvision_file import convert_torchvision  # imports torch
 
     with user_errors():
         written = convert_torchvision(source, out, force=force)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..serve.memory import reserve_bytes
+from ..serve.memory_source import reserve_bytes
 from ..serve.options import ServeOptions
 from . import ui
 from .common import DEFAULT_CHECKPOINT, CheckpointOption, open_model_file, user_errors

@@ -1,7 +1,7 @@
 """Placing tasks on the line of anchors from a measured task affinity (``--order-rule affinity``).
 
 The fixed rules (``nearest``, ``cyclic``) give task ``t`` the anchor of slot ``t``, so the order of ``--tasks``
-decides which tasks share units. The affinity rule measures instead (``training/affinity.py``: the cosine of the
+decides which tasks share units. The affinity rule measures instead (``training/affinity_warmup.py``: the cosine of the
 tasks' gradients on the shared weights during a warm-up) and then chooses the PLACEMENT, task -> slot, that gives
 the most sharing to the tasks with the highest affinity; the ``nearest`` rule of each slot gives the orders.
 

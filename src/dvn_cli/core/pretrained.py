@@ -1,7 +1,7 @@
 """Start a DVN from pretrained weights: a torchvision state dict, each layer's channels mapped into units.
 
 ``dvn train --init FILE`` fills the physical network from a torchvision ``resnet18`` or ``mobilenet_v2`` state dict
-stored as safetensors (``dvn convert`` writes one from a ``.pth`` once; ``modelfile.pretrained`` reads and writes
+stored as safetensors (``dvn convert`` writes one from a ``.pth`` once; ``modelfile.torchvision_file`` reads and writes
 both files and refuses non-finite values: this module only maps tensors). A backbone says how torchvision's names
 map onto its layers and which CHANNEL SPACES its layers share (``torchvision_layout()`` on its unit feature
 extractor): a space is a set of channels that every layer writing or reading it must permute alike (a residual
@@ -126,7 +126,7 @@ def init_from_torchvision(
     Raises:
         BadConfig: an unknown mapping, or a backbone without a torchvision counterpart.
         WrongFileFormat: a state dict of another architecture or other widths (a file's non-finite values are
-            refused by its reader, ``modelfile.pretrained.read_state_file``).
+            refused by its reader, ``modelfile.torchvision_file.read_state_file``).
     """
     if mapping not in INIT_MAPPINGS:
         raise BadConfig(f"unknown init mapping {mapping!r}; use {', '.join(INIT_MAPPINGS)}")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BadConfig, DvnError, UnknownTask
 from .engine import Engine, RequestError, one_line, status_of
 from .jobs import Worker
-from .memory import AutoBudget, file_memory, system_memory
+from .memory_source import AutoBudget, file_memory, system_memory
 from .metrics import Metrics
 from .options import ServeOptions
 from .uploads import BodyReader, decode_uploads, split_uploads

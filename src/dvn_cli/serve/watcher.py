@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from ..errors import BadBudget, DvnError
 from ..planning.budget_rules import format_bytes
 from .engine import Engine, one_line
-from .memory import AutoBudget, MemorySource
+from .memory_source import AutoBudget, MemorySource
 
 __all__ = ["MemoryWatcher"]
 

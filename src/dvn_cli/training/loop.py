@@ -22,13 +22,13 @@ from ..errors import BadConfig, MissingData, WrongFileFormat
 from ..fsutil import first_line, write_atomic
 from ..modelfile.checkpoint import STATE_FORMAT, load_checkpoint
 from ..modelfile.container import read_dvn_file
-from ..modelfile.pretrained import init_from_file
+from ..modelfile.torchvision_file import init_from_file
 from ..modelfile.train_state import load_train_state_tensors
 from ..user_config import config_differences
-from .affinity import AffinityWarmup
+from .affinity_warmup import AffinityWarmup
 from .distributed import DistEnv, ShardedBatches, broadcast_module, detect_env, init_distributed, shutdown_distributed
 from .epoch import end_epoch, epoch_end_due, save_progress, save_run
-from .memory import check_memory
+from .memory_estimate import check_memory
 from .observer import TrainObserver, TrainResult
 from .run_folder import RunPaths, prepare_run_folder
 from .run_state import Run, place, together

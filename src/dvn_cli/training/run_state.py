@@ -14,7 +14,7 @@ from ..config import TrainConfig
 from ..core.network import DeepVirtualNetwork
 from ..data.task import EpochStream, Task
 from ..errors import DvnError
-from .affinity import AffinityWarmup, relayout
+from .affinity_warmup import AffinityWarmup, relayout
 from .distributed import DistEnv, ShardedBatches, agree
 from .run_folder import RunPaths
 from .schedule import make_optimizer

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import DvnError
-from .affinity import AffinityWarmup
+from .affinity_warmup import AffinityWarmup
 from .distributed import all_reduce_gradients
 from .levels import sample_levels
 from .loss import summed, task_loss
