@@ -313,7 +313,8 @@ def main() -> None:
     orders = [[0, 1, 2, 3], [3, 2, 1, 0]]
     torch.manual_seed(0)
     network = build_network(config, tasks, "table", orders).eval()
-    warm_network = build_network(replace(config, widths=(8, 16, 32)), tasks, "table", orders).eval()
+    # units of 16 channels, onnxruntime's blocks: narrower ones would pad, and the engine cache refuses those
+    warm_network = build_network(replace(config, widths=(64, 64, 64)), tasks, "table", orders).eval()
     levels = [tuple(int(v) for v in pair.split(",")) for pair in args.levels]
     ways = {w: label for w, label in WAYS.items() if not args.only or w in args.only or w == "per-pair"}
     ways |= LEVERS if args.levers else {}

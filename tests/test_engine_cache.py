@@ -241,3 +241,14 @@ def test_a_cache_that_would_grow_the_weights_is_not_used(tiny_network, tmp_path,
     again = SharedOrtRuntime(tmp_path / "narrow")
     assert again.engine is None and again.cache_note == runtime.cache_note
     assert again.run("task1", 4, _batch()[:, :, :12, :12]).shape == (3, 3)
+
+
+def test_two_users_of_one_folder_keep_a_cache_each(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("DVN_CACHE_DIR", str(tmp_path / "alice"))
+    alice = SharedOrtRuntime(folder).engine.path
+    monkeypatch.setenv("DVN_CACHE_DIR", str(tmp_path / "bob"))
+    bob = SharedOrtRuntime(folder).engine.path
+    assert alice != bob and alice.parent == bob.parent == folder / CACHE_DIR
+    monkeypatch.setenv("DVN_CACHE_DIR", str(tmp_path / "alice"))
+    monkeypatch.setattr(engine_cache, "_build", lambda *a: pytest.fail("built again"))
+    assert SharedOrtRuntime(folder).engine.path == alice  # bob's open did not replace it

@@ -8,14 +8,17 @@ graphs are packed into ONE weights file: a tensor whose bytes occur in one alrea
 another graph) is a range of it, and two tensors where the end of one is the start of the other (two levels' row
 ranges of one input unit's weight: the blocked layout keeps output channel blocks outermost) are merged into one
 (``_pack``). Later opens read that file and run the saved graphs at ``ORT_DISABLE_ALL``, every session getting
-``OrtValue``s over the same memory: the layout transform is never run again, nothing is copied per session.
+``OrtValue``s over the same memory: the layout transform is never run again, nothing is copied per session. A cache
+that would hold more than ``MAX_GROWTH`` times the folder's weights (narrow layers padded to onnxruntime's channel
+blocks) is recorded as refused and the standard graphs run.
 
 Layout (``<folder>/.dvn-engine/<id>/``, or ``<user cache>/engine/<id>/`` when the folder cannot be written;
 ``DVN_CACHE_DIR`` moves the user cache): ``cache.json`` (the key, every graph's file, sha256 and initializers as
 ranges of the weights file, an HMAC), ``weights.safetensors`` (``modelfile.shared_folder``'s weights file: pieces
 as 1-D float32 tensors, large ones page-aligned) and one ``.onnx`` per (task, level). The id is the key's
 sha256: dvn's cache version, onnxruntime's version, the CPU's instruction set (``isa``: the optimised layout is
-tied to it) and the folder's manifest sha256 (which holds every file's sha256). A cache is untrusted input like the
+tied to it) and the folder's manifest sha256 (which holds every file's sha256), with this user's cache key (so two
+users of one folder keep a cache each). A cache is untrusted input like the
 folder: ``cache.json`` must carry the HMAC of this user's cache key (``<user cache>/engine.key``, made once, mode
 0600), so a cache edited, copied from another user or machine, or left by another onnxruntime or CPU is never
 used; its weights file must match its size and sha256 and pass ``WeightsFile``'s checks. Anything wrong is rebuilt
@@ -204,7 +207,11 @@ def open_engine_cache(files: SharedFolder, ort, build: bool = True) -> EngineCac
     if files.manifest.get("graph_mode") != "canonical":
         raise CacheUnusable("only canonical graphs are cached (Concat graphs would copy every weight per pair)")
     key = _key(files, ort)
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    try:  # each user's caches apart: two users of one writable folder never replace each other's
+        owner = hashlib.sha256(_secret()).hexdigest()
+    except OSError as exc:
+        raise CacheUnusable(f"cannot write the cache key in {user_cache_dir()}: {first_line(exc)}") from None
+    name = hashlib.sha256((json.dumps(key, sort_keys=True) + owner).encode()).hexdigest()[:24]
     places = [files.folder / CACHE_DIR / name, user_cache_dir() / "engine" / name]
     pairs = list(files.models)
     reasons = []
