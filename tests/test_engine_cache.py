@@ -252,3 +252,14 @@ def test_two_users_of_one_folder_keep_a_cache_each(folder, tmp_path, monkeypatch
     monkeypatch.setenv("DVN_CACHE_DIR", str(tmp_path / "alice"))
     monkeypatch.setattr(engine_cache, "_build", lambda *a: pytest.fail("built again"))
     assert SharedOrtRuntime(folder).engine.path == alice  # bob's open did not replace it
+
+
+def test_a_build_that_finishes_second_keeps_the_first(folder):
+    """Another process's build finishing after this cache arrived must not remove it under this process."""
+    first = SharedOrtRuntime(folder)
+    inode = (first.engine.path / INDEX_NAME).stat().st_ino
+    files = SharedFolder(folder)
+    engine_cache._build(files, ort, engine_cache._key(files, ort), first.engine.path)  # the late builder
+    assert (first.engine.path / INDEX_NAME).stat().st_ino == inode
+    assert len(list((folder / CACHE_DIR).iterdir())) == 1
+    np.testing.assert_allclose(first.run("task1", 4, _batch()), SharedOrtRuntime(folder).run("task1", 4, _batch()))

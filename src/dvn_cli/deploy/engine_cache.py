@@ -223,6 +223,7 @@ def open_engine_cache(files: SharedFolder, ort, build: bool = True) -> EngineCac
                 if exc.final:
                     raise
                 reasons.append(str(exc))
+                _discard(place)
     if not build:
         raise CacheUnusable("; ".join(reasons) or "no engine cache")
     for place in places:
@@ -321,11 +322,21 @@ def _build(files: SharedFolder, ort, key: Mapping[str, Any], place: Path) -> Non
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _discard(place: Path) -> None:
+    """Move a stale or damaged cache out of its place in one step, then remove it (another process may be doing the
+    same: whichever rename fails has nothing left to do). A cache in its place is always complete (it arrives by one
+    rename), so a usable one another process just finished is never taken for a stale one."""
+    trash = place.parent / f".stale-{place.name}-{os.urandom(4).hex()}"
+    try:
+        os.rename(place, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _commit(stage: Path, place: Path) -> None:
-    """Rename the built ``stage`` to ``place`` in one step; a stale cache there goes first, one another process
-    finished in the meantime is kept."""
-    if place.exists():  # stale or damaged (a usable one was taken before building): out of the way first
-        shutil.rmtree(place, ignore_errors=True)
+    """Rename the built ``stage`` to ``place`` in one step; a cache another process finished there in the meantime
+    is kept (and ours dropped)."""
     try:
         os.rename(stage, place)
     except OSError:
