@@ -26,7 +26,7 @@ from dvn_cli import BackboneConfig, TaskSpec, build_network
 from dvn_cli.core.backbones import backbone_defaults
 from dvn_cli.core.cost import level_cost
 from dvn_cli.core.plain import extract_plain
-from dvn_cli.deploy.export import fold_batchnorm
+from dvn_cli.export.pairs import fold_batchnorm
 from dvn_cli.training.loss import multitask_loss
 
 

@@ -26,7 +26,7 @@ import torch
 from dvn_cli import BackboneConfig, TaskSpec, build_network
 from dvn_cli.core.cost import level_cost
 from dvn_cli.core.plain import extract_plain
-from dvn_cli.deploy.export import fold_batchnorm
+from dvn_cli.export.pairs import fold_batchnorm
 from dvn_cli.modelfile.checkpoint import load_checkpoint
 from dvn_cli.modelfile.compact import save_compact
 from dvn_cli.modelfile.spec import compact_spec

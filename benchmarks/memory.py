@@ -54,15 +54,15 @@ import torch
 
 from dvn_cli import BackboneConfig, TaskSpec, build_network
 from dvn_cli.core.plain import extract_plain
-from dvn_cli.deploy.export import export_models
-from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
-from dvn_cli.deploy.runtime import SharedRuntime
-from dvn_cli.deploy.shared_export import export_shared
+from dvn_cli.export.pairs import export_models
+from dvn_cli.export.shared import export_shared
 from dvn_cli.modelfile.bundle import save_bundle
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.compact import save_compact
 from dvn_cli.modelfile.spec import compact_spec
 from dvn_cli.planning.plan import shared_memory_params
+from dvn_cli.runtime.ort import SharedOrtRuntime
+from dvn_cli.runtime.shared import SharedRuntime
 
 LEVELS = [(4, 4), (3, 3), (2, 2), (4, 2)]
 TASKS = ("task0", "task1")
@@ -73,9 +73,9 @@ import ctypes, gc, json, statistics, sys, time
 import numpy as np
 import onnxruntime as ort
 import torch
-from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
-from dvn_cli.deploy.run import ModelRunner
-from dvn_cli.deploy.runtime import SharedRuntime
+from dvn_cli.runtime.ort import SharedOrtRuntime
+from dvn_cli.runtime.runner import ModelRunner
+from dvn_cli.runtime.shared import SharedRuntime
 from dvn_cli.modelfile.registry import open_model
 
 way, files, warm_files, choices, reps = json.loads(sys.argv[1])
@@ -221,7 +221,7 @@ def first_open(folder: str) -> dict:
     """The engine cache's one-time cost, in a fresh process: seconds of the first open (building it), its bytes on
     disk against the folder's weights file, and the seconds of the next open."""
     code = (
-        "import json, sys, time; from dvn_cli.deploy.ort_runtime import SharedOrtRuntime\n"
+        "import json, sys, time; from dvn_cli.runtime.ort import SharedOrtRuntime\n"
         "t = time.perf_counter(); rt = SharedOrtRuntime(sys.argv[1], threads=1); first = time.perf_counter() - t\n"
         "t = time.perf_counter(); SharedOrtRuntime(sys.argv[1], threads=1); again = time.perf_counter() - t\n"
         "print(json.dumps({'first_s': first, 'again_s': again, 'note': rt.cache_note,"

@@ -15,7 +15,7 @@ Ways, for every (task, level) of the checkpoint:
   on ``--calibration`` training-split images of the task) of each per-pair file (``--no-static`` leaves it out).
 
 Accuracy: top-1 on the task's test split, every way counted in one pass over the data with the evaluation code
-(``evaluation.evaluate.count_correct``; the checkpoint and the shared folders through ``deploy.run.ModelRunner``,
+(``evaluation.evaluate.count_correct``; the checkpoint and the shared folders through ``runtime.runner.ModelRunner``,
 as ``dvn eval -c`` runs them), against the checkpoint's own (PyTorch, float32). Speed: median ms of one forward at
 batch 1 and at batch 64 (random input), one thread, the ways interleaved round by round. Memory: two tasks at their
 top level in a fresh process per way (``benchmarks/memory.py``'s child: warm-up, VmRSS baseline, both tasks made
@@ -49,15 +49,15 @@ from onnxruntime.quantization import (
 from dvn_cli.data.batches import normalize_batch
 from dvn_cli.data.datasets import load_task
 from dvn_cli.data.registry import task_string
-from dvn_cli.deploy.export import export_models
-from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
-from dvn_cli.deploy.run import ModelRunner
-from dvn_cli.deploy.shared_export import export_shared
 from dvn_cli.evaluation.evaluate import count_correct, load_split
+from dvn_cli.export.pairs import export_models
+from dvn_cli.export.shared import export_shared
 from dvn_cli.modelfile.checkpoint import load_checkpoint
 from dvn_cli.modelfile.registry import open_model
 from dvn_cli.modelfile.shared_folder import WEIGHTS_NAME
 from dvn_cli.planning.memory import memory_model
+from dvn_cli.runtime.ort import SharedOrtRuntime
+from dvn_cli.runtime.runner import ModelRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import CHILD, cpu_model, load

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from dvn_cli import BackboneConfig, TaskSpec, build_network
-from dvn_cli.deploy.shared_export import export_shared
+from dvn_cli.export.shared import export_shared
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.planning.plan import shared_memory_params
 
@@ -34,8 +34,8 @@ CHILD = r"""
 import ctypes, gc, json, sys
 import numpy as np
 import torch
-from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
-from dvn_cli.deploy.runtime import SharedRuntime
+from dvn_cli.runtime.ort import SharedOrtRuntime
+from dvn_cli.runtime.shared import SharedRuntime
 
 def rss():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024

@@ -13,7 +13,7 @@ Usage::
 prints one ``path: class (probability)`` line per image. ``--level`` defaults to the largest level exported for
 the task; ``--task`` may be left out when the manifest holds a single task. A graph of a shared export
 (``dvn export --shared``) runs too: its blocks are read from the weights file beside it (to keep each block in
-memory once for several tasks in one process, use ``dvn_cli.deploy.ort_runtime.SharedOrtRuntime``).
+memory once for several tasks in one process, use ``dvn_cli.runtime.ort.SharedOrtRuntime``).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def tiny_tasks(num_tasks: int = 2) -> list[TaskSpec]:
 
 @pytest.fixture(scope="session", autouse=True)
 def user_cache_dir(tmp_path_factory) -> Path:
-    """dvn's user cache (engine caches, ``deploy/engine_cache.py``) under pytest's tmp folder, for the processes
+    """dvn's user cache (engine caches, ``runtime/engine_cache.py``) under pytest's tmp folder, for the processes
     tests start too: a test never writes to the home folder."""
     path = tmp_path_factory.mktemp("user-cache")
     os.environ["DVN_CACHE_DIR"] = str(path)

@@ -9,15 +9,15 @@ import torch
 
 from dvn_cli.core.cost import level_cost
 from dvn_cli.core.plain import PlainNetwork
-from dvn_cli.deploy.predict import predict_under_budgets
-from dvn_cli.deploy.run import ModelRunner
-from dvn_cli.deploy.runtime import SharedRuntime
 from dvn_cli.errors import BadConfig, UnknownTask, WrongFileFormat
 from dvn_cli.modelfile.bundle import BUNDLE_FORMAT, RUNNING_KEYS, load_bundle, save_bundle, stored_params
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.container import read_metadata
 from dvn_cli.modelfile.registry import open_model
 from dvn_cli.planning.plan import shared_memory_params
+from dvn_cli.runtime.predict import predict_under_budgets
+from dvn_cli.runtime.runner import ModelRunner
+from dvn_cli.runtime.shared import SharedRuntime
 
 from .conftest import make_image_folder, settle_batch_norm
 

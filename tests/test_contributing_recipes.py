@@ -69,7 +69,7 @@ def test_the_export_format_recipe_exports_and_checks_a_model(tmp_path: Path):
 
         from dvn_cli.config import BackboneConfig, TaskSpec
         from dvn_cli.core.network import build_network
-        from dvn_cli.deploy.export import export_models
+        from dvn_cli.export.pairs import export_models
         from dvn_cli.modelfile.checkpoint import save_checkpoint
 
         torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The engine cache of a canonical shared folder (``deploy/engine_cache.py``): optimised once, weights held once,
+"""The engine cache of a canonical shared folder (``runtime/engine_cache.py``): optimised once, weights held once,
 never trusted when stale, edited or foreign, the standard graphs as the fallback."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from dvn_cli.deploy import engine_cache
-from dvn_cli.deploy.engine_cache import CACHE_DIR, INDEX_NAME, WEIGHTS_NAME, open_engine_cache
-from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
-from dvn_cli.deploy.shared_export import export_shared
+
+from dvn_cli.export.shared import export_shared
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.shared_folder import SharedFolder
+from dvn_cli.runtime.engine_cache import CACHE_DIR, INDEX_NAME, WEIGHTS_NAME, open_engine_cache
+from dvn_cli.runtime.ort import SharedOrtRuntime
 
 from .conftest import require_module, settle_batch_norm, tiny_config, tiny_tasks
 
@@ -29,7 +29,7 @@ PAIRS = [("task0", 1), ("task0", 4), ("task1", 2), ("task1", 4)]
 RUN = """
 import json, sys
 import numpy as np
-from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
+from dvn_cli.runtime.ort import SharedOrtRuntime
 
 rt = SharedOrtRuntime(sys.argv[1])
 x = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)

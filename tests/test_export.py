@@ -20,7 +20,8 @@ from dvn_cli.core.network import build_network
 from dvn_cli.core.plain import extract_plain
 from dvn_cli.data.batches import normalize_batch
 from dvn_cli.data.pixels import convert_images
-from dvn_cli.deploy.export import (
+from dvn_cli.errors import BadConfig, DvnError, UnknownTask
+from dvn_cli.export.pairs import (
     CHECK_TOLERANCE,
     check_onnx,
     check_torch_program,
@@ -29,7 +30,6 @@ from dvn_cli.deploy.export import (
     export_torch_program,
     fold_batchnorm,
 )
-from dvn_cli.errors import BadConfig, DvnError, UnknownTask
 from dvn_cli.fsutil import sha256_file
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.compact import CompactModel, load_compact, save_compact
@@ -167,7 +167,7 @@ def test_missing_onnx_runtime_says_how_to_install(checkpoint, tmp_path, monkeypa
     with pytest.raises(DvnError, match=re.escape("onnxruntime is missing): pip install 'dvn-cli[export]'")):
         export_models(checkpoint, tmp_path / "a")
     assert not (tmp_path / "a").exists()
-    blocked = "import sys; sys.modules['onnx'] = sys.modules['onnxruntime'] = None; import dvn_cli.deploy.export"
+    blocked = "import sys; sys.modules['onnx'] = sys.modules['onnxruntime'] = None; import dvn_cli.export.pairs"
     result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr  # dvn imports without the export extra
 

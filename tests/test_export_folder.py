@@ -9,17 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from dvn_cli.deploy import export_folder
 from typer.testing import CliRunner
 
 from dvn_cli.cli.app import app
-from dvn_cli.deploy import export_folder
-from dvn_cli.deploy.export import export_models
-from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
-from dvn_cli.deploy.shared_export import export_shared
 from dvn_cli.errors import CannotWrite
+from dvn_cli.export.pairs import export_models
+from dvn_cli.export.shared import export_shared
 from dvn_cli.fsutil import FolderLock, sha256_file
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.shared_folder import WEIGHTS_NAME
+from dvn_cli.runtime.ort import SharedOrtRuntime
 
 from .conftest import settle_batch_norm
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dvn_cli.deploy import export as export_module
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -20,10 +21,9 @@ from typer.testing import CliRunner
 from dvn_cli.cli.app import app
 from dvn_cli.config import TaskSpec
 from dvn_cli.core.network import build_network
-from dvn_cli.deploy import export as export_module
-from dvn_cli.deploy.export import MANIFEST_NAME, NonFiniteLogits, export_models
-from dvn_cli.deploy.prune import write_compact_level
 from dvn_cli.errors import CannotWrite, WrongFileFormat
+from dvn_cli.export.pairs import MANIFEST_NAME, NonFiniteLogits, export_models
+from dvn_cli.export.prune import write_compact_level
 from dvn_cli.fsutil import safe_file_stem, write_atomic
 from dvn_cli.modelfile.checkpoint import save_checkpoint
 from dvn_cli.modelfile.container import METADATA_KEY
@@ -274,9 +274,9 @@ def test_edited_task_specs_are_refused(tmp_path, edit_task):
 
 
 def test_a_smaller_exports_weights_file_is_changed_not_truncated(tmp_path):
-    from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
-    from dvn_cli.deploy.shared_export import export_shared
+    from dvn_cli.export.shared import export_shared
     from dvn_cli.modelfile.shared_folder import WEIGHTS_NAME
+    from dvn_cli.runtime.ort import SharedOrtRuntime
 
     checkpoint = open_model(named_checkpoint(tmp_path, ["t", "u"]))
     export_shared(checkpoint, tmp_path / "big", [("t", 4), ("u", 4)], check=False)
@@ -451,7 +451,7 @@ _CHECKED_BY_THE_LIBRARY = {
     ("train", "width"): "core.backbones.backbone_defaults (> 0) and train_config._check_width_splits (MAX_WIDTH)",
     ("eval", "limit"): "evaluation.evaluate: a limit that leaves nothing to evaluate",
     ("eval", "workers"): "data.streaming.open_task: 0 or more",
-    ("predict", "top"): "deploy.predict: at least 1",
+    ("predict", "top"): "runtime.predict: at least 1",
     ("serve", "max_batch"): "serve.options: at least 1",
     ("serve", "max_uploads"): "serve.options: at least 1",
     ("serve", "body_timeout"): "serve.options: above 0 seconds",

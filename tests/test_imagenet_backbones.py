@@ -16,13 +16,13 @@ from dvn_cli.core.layers import UnitDepthwiseConv2d
 from dvn_cli.core.mobilenet import widths_at
 from dvn_cli.core.network import build_network
 from dvn_cli.core.plain import extract_plain
-from dvn_cli.deploy.prune import write_compact_level
-from dvn_cli.deploy.runtime import CONV_MODES, SharedRuntime
 from dvn_cli.errors import BadConfig
+from dvn_cli.export.prune import write_compact_level
 from dvn_cli.modelfile.bundle import save_bundle
 from dvn_cli.modelfile.checkpoint import Checkpoint, save_checkpoint
 from dvn_cli.modelfile.registry import open_model
 from dvn_cli.planning.plan import shared_memory_params
+from dvn_cli.runtime.shared import CONV_MODES, SharedRuntime
 from dvn_cli.training.train_config import load_train_config
 
 from .conftest import all_task_levels, require_module, tiny_tasks
@@ -154,9 +154,9 @@ def test_prune_level_and_bundles_compute_the_virtual_network(arch, tmp_path):
 @ARCHS
 def test_onnx_exports_equal_torch_per_pair_and_shared(arch, tmp_path):
     ort = require_module("onnxruntime")
-    from dvn_cli.deploy.export import export_models
-    from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
-    from dvn_cli.deploy.shared_export import export_shared
+    from dvn_cli.export.pairs import export_models
+    from dvn_cli.export.shared import export_shared
+    from dvn_cli.runtime.ort import SharedOrtRuntime
 
     network = settled(arch)
     checkpoint = open_model(save_checkpoint(network, tmp_path / "model.safetensors"))

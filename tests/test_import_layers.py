@@ -2,9 +2,9 @@
 crossing modules.
 
 Layers, lowest first: the top-level modules (``config``, ``errors``, ``fsutil``, ``settings``); ``core`` and
-``data``; ``modelfile``; ``planning``; ``deploy``; ``evaluation`` and ``serve``; ``training``; ``cli``. Registries
-(backbone families, model-file kinds) import what they register, never the other way round. Imports are read with
-``ast``, lazy ones (inside functions) included, so an import hidden in a function is caught.
+``data``; ``modelfile``; ``planning``; ``export`` and ``runtime``; ``evaluation`` and ``serve``; ``training``;
+``cli``. Registries (backbone families, model-file kinds) import what they register, never the other way round.
+Imports are read with ``ast``, lazy ones (inside functions) included, so an import hidden in a function is caught.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ RANK = {
     "data": 1,
     "modelfile": 2,
     "planning": 3,
-    "deploy": 4,
+    "export": 4,
+    "runtime": 4,
     "evaluation": 5,
     "serve": 5,
     "training": 6,
@@ -99,7 +100,7 @@ def test_no_import_runs_upward():
     graph = import_graph()
     assert "dvn_cli.core.mobilenet" in graph["dvn_cli.core.backbones"]  # the walk sees ``from . import mobilenet``
     assert "dvn_cli.training.train_config" in graph["dvn_cli.cli.train"]  # and imports inside functions
-    assert "dvn_cli.deploy.runtime" in graph["dvn_cli.serve.model_engine"]  # serve (5) runs on deploy (4)
+    assert "dvn_cli.runtime.shared" in graph["dvn_cli.serve.model_engine"]  # serve (5) runs on deploy (4)
     upward = [f"{m} imports {t}" for m, targets in graph.items() for t in targets if rank(t) > rank(m)]
     assert upward == []
 

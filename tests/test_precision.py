@@ -14,16 +14,16 @@ from typer.testing import CliRunner
 from dvn_cli.cli.app import app
 from dvn_cli.core.cost import level_cost
 from dvn_cli.core.network import build_network
-from dvn_cli.deploy.export import export_models
-from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
-from dvn_cli.deploy.precision import quantize_int8
-from dvn_cli.deploy.shared_export import export_shared
 from dvn_cli.errors import BadConfig
+from dvn_cli.export.pairs import export_models
+from dvn_cli.export.precision import quantize_int8
+from dvn_cli.export.shared import export_shared
 from dvn_cli.modelfile.bundle import save_bundle
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.shared_folder import WEIGHTS_NAME, read_weights_index
 from dvn_cli.planning.budgets import format_bytes
 from dvn_cli.planning.memory import memory_model
+from dvn_cli.runtime.ort import SharedOrtRuntime
 
 from .conftest import settle_batch_norm, tiny_config, tiny_tasks
 from .test_imagenet_backbones import settled
@@ -144,9 +144,9 @@ def test_lower_precision_folders_agree_with_fp32_on_real_mnist(real_data_root, t
     agrees with the fp32 folder's on at least 98 % of 1000 test images at every level."""
     from PIL import Image
 
-    from dvn_cli.deploy.run import ModelRunner
     from dvn_cli.evaluation.evaluate import load_split, predictions
     from dvn_cli.modelfile.registry import open_model
+    from dvn_cli.runtime.runner import ModelRunner
 
     run = tmp_path / "run"
     trained = runner.invoke(

@@ -201,8 +201,8 @@ def planned(setup):
 
 
 def test_budgets_switch_one_runtime_and_every_row_equals_its_level(setup, planned, monkeypatch):
-    from dvn_cli.deploy.runtime import SharedRuntime
     from dvn_cli.planning.plan import accuracy_from_training, plan_budget_params, plan_levels, shared_memory_params
+    from dvn_cli.runtime.shared import SharedRuntime
 
     made, switches = [], []  # every runtime made; (runtime, choices, blocks it newly holds) per set_levels
     init, set_levels = SharedRuntime.__init__, SharedRuntime.set_levels
@@ -345,6 +345,7 @@ def test_images_declaring_too_many_pixels_are_refused_before_decoding(setup, tmp
     import warnings
 
     from dvn_cli.deploy import predict as predict_module
+
     from dvn_cli.modelfile.registry import open_model
 
     base, _, checkpoint, _, _ = setup

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from dvn_cli.core.units import BlockGrid
-from dvn_cli.deploy.runtime import CONV_MODES, SharedRuntime
 from dvn_cli.errors import BadBudget, BadConfig, UnknownTask, WrongFileFormat
 from dvn_cli.modelfile.bundle import save_bundle
 from dvn_cli.modelfile.checkpoint import Checkpoint, save_checkpoint
@@ -18,6 +17,7 @@ from dvn_cli.modelfile.compact import save_compact
 from dvn_cli.modelfile.registry import open_model, open_unit_source
 from dvn_cli.modelfile.spec import compact_spec
 from dvn_cli.planning.plan import accuracy_from_training, plan_budget_params, plan_levels, shared_memory_params
+from dvn_cli.runtime.shared import CONV_MODES, SharedRuntime
 
 from .conftest import all_task_levels, settle_batch_norm
 

@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from dvn_cli.core.network import build_network
-from dvn_cli.deploy.shared_export import export_shared
 from dvn_cli.errors import BadConfig
+from dvn_cli.export.shared import export_shared
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.registry import open_model
 from dvn_cli.planning.plan import plan_for_budget, shared_memory_params
@@ -671,7 +671,7 @@ class NanEngine:
         return 0
 
     def decode(self, sources, on_skipped):
-        from dvn_cli.deploy.images import ImageSet
+        from dvn_cli.runtime.images import ImageSet
 
         return ImageSet(list(sources), [], {})
 
@@ -691,7 +691,7 @@ def test_an_answer_never_holds_nan():
 
 def test_waiting_predictions_for_the_same_tasks_form_one_batch():
     """The worker's grouping: in order, a switch alone, same-task predictions together up to max_batch images."""
-    from dvn_cli.deploy.predict import ImageSet
+    from dvn_cli.runtime.predict import ImageSet
     from dvn_cli.serve.jobs import Predict, Switch, groups
 
     def job(tasks, n):

@@ -19,13 +19,13 @@ from dvn_cli.core.network import build_network
 from dvn_cli.data.batches import normalize_batch
 from dvn_cli.data.decode import input_image, normalize_images, read_image
 from dvn_cli.data.pixels import convert_images
-from dvn_cli.deploy.predict import predict_images
-from dvn_cli.deploy.shared_export import export_shared
 from dvn_cli.errors import BadBudget
+from dvn_cli.export.shared import export_shared
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.registry import open_model
 from dvn_cli.modelfile.shared_folder import SharedFolder
 from dvn_cli.planning.budget_rules import fit_held_levels
+from dvn_cli.runtime.predict import predict_images
 
 from .conftest import require_module, settle_batch_norm, tiny_config, tiny_tasks
 from .test_serve import BOUND_S, HUGE, WITHOUT_TORCH, InProcess, Served, multipart, wait_for, write_atomically

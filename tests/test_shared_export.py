@@ -13,10 +13,9 @@ from typer.testing import CliRunner
 
 from dvn_cli.cli.app import app
 from dvn_cli.core.network import build_network
-from dvn_cli.deploy.export import export_models
-from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
-from dvn_cli.deploy.shared_export import export_shared, shared_tensors
 from dvn_cli.errors import BadConfig, DvnError, MissingData, UnknownTask, WrongFileFormat
+from dvn_cli.export.pairs import export_models
+from dvn_cli.export.shared import export_shared, shared_tensors
 from dvn_cli.modelfile.bundle import load_bundle, save_bundle
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.compact import load_compact, save_compact
@@ -28,6 +27,7 @@ from dvn_cli.modelfile.shared_folder import (
     tensor_alignment,
 )
 from dvn_cli.planning.plan import shared_memory_params
+from dvn_cli.runtime.ort import SharedOrtRuntime
 
 from .conftest import require_module, settle_batch_norm, tiny_config, tiny_tasks
 
@@ -183,7 +183,7 @@ def test_runtime_reads_each_tensor_once_and_shares_it(checkpoint, tmp_path, mode
 KEEP = """
 import gc, sys
 import numpy as np
-from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
+from dvn_cli.runtime.ort import SharedOrtRuntime
 
 rt = SharedOrtRuntime(sys.argv[1])
 x = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
@@ -225,7 +225,7 @@ def test_plain_onnxruntime_opens_a_graph_on_its_own(shared_dir):
 
 
 def test_runtime_imports_without_torch():
-    code = "import sys, dvn_cli.deploy.ort_runtime; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, dvn_cli.runtime.ort; assert 'torch' not in sys.modules, 'torch was imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SRC)})
     assert result.returncode == 0, result.stderr
 
@@ -373,9 +373,9 @@ def test_the_deploy_example_runs_a_shared_graph(shared_dir, tmp_path):
 def test_a_shared_export_folder_opens_as_a_model_file(checkpoint, shared_dir):
     import torch
 
-    from dvn_cli.deploy.run import ModelRunner
     from dvn_cli.modelfile.registry import open_model
     from dvn_cli.modelfile.shared import SharedExport
+    from dvn_cli.runtime.runner import ModelRunner
 
     model = open_model(shared_dir)
     runner, reference = ModelRunner(model), ModelRunner(checkpoint)

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from dvn_cli.cli.app import app
 from dvn_cli.core.network import build_network
-from dvn_cli.deploy.shared_export import export_shared
+from dvn_cli.export.shared import export_shared
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.shared_folder import WEIGHTS_NAME
 
@@ -259,7 +259,7 @@ def test_cli_refuses_a_graph_outside_the_folder_in_one_line(folder, exports, tmp
 CHANGE_IN_USE = """
 import json, os, sys
 import numpy as np
-from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
+from dvn_cli.runtime.ort import SharedOrtRuntime
 from dvn_cli.errors import WrongFileFormat
 
 folder, other = sys.argv[1], open(sys.argv[2], "rb").read()
@@ -294,7 +294,7 @@ def test_a_weights_file_changed_in_use_is_never_read(folder, exports):
 
 def test_a_weights_file_replaced_by_rename_is_never_read(folder, exports):
     """The runtime holds the checked file open: a new file moved into its place (export --shared) is not used."""
-    from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
+    from dvn_cli.runtime.ort import SharedOrtRuntime
 
     runtime = SharedOrtRuntime(folder, threads=1, cache=False)
     shutil.copy(exports["bait"] / WEIGHTS_NAME, folder / "new")

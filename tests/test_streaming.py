@@ -258,7 +258,7 @@ def test_eval_of_a_streamed_task_equals_eval_in_memory(tmp_path: Path, folder: P
 def test_the_manifest_preprocessing_gives_what_training_and_eval_see(folder: Path):
     """examples/deploy_onnx.py's preprocessing of raw files (from ``preprocess_of``) equals the streamed batches."""
     from dvn_cli.core.network import build_network
-    from dvn_cli.deploy.export import preprocess_of
+    from dvn_cli.export.pairs import preprocess_of
     from dvn_cli.modelfile.spec import compact_spec
 
     spec = importlib.util.spec_from_file_location("deploy_onnx", REPO / "examples" / "deploy_onnx.py")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from dvn_cli.core.threads import SMALL_BATCH, threads_for_batch
-from dvn_cli.deploy.run import ModelRunner
-from dvn_cli.deploy.runtime import SharedRuntime
 from dvn_cli.modelfile.checkpoint import Checkpoint
+from dvn_cli.runtime.runner import ModelRunner
+from dvn_cli.runtime.shared import SharedRuntime
 
 SHOW = "import dvn_cli.cli.app, os, sys; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime  # noqa: F401  (imported before the audit hook: its own start-up reads are not the folder's)
 
-from dvn_cli.deploy.ort_runtime import SharedOrtRuntime
 from dvn_cli.errors import DvnError
+from dvn_cli.runtime.ort import SharedOrtRuntime
 
 opened: list[str] = []
 libraries = tuple(entry for entry in sys.path if entry)  # Python's own imports are not the folder's reads

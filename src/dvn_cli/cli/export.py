@@ -44,7 +44,7 @@ def export(
     json_output: JsonOption = False,
 ) -> None:
     """Deployable models of every (task, level), or of one (task, budget), with manifest.json."""
-    from ..deploy.export import export_models  # these import torch: dvn --help does not wait for it
+    from ..export.pairs import export_models  # these import torch: dvn --help does not wait for it
     from ..planning.select import select_pairs
 
     if shared and format != "onnx":
@@ -53,7 +53,7 @@ def export(
         model = open_model_file(checkpoint)
         pairs = select_pairs(model, split_names(task), budget, precision)
         if shared:
-            from ..deploy.shared_export import export_shared
+            from ..export.shared import export_shared
 
             manifest = export_shared(model, out, pairs, check=check, force=force, precision=precision)
         else:

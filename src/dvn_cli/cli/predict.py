@@ -49,7 +49,7 @@ def predict(
     regular files, not images, or declare more pixels than dvn decodes are named on stderr and skipped. Under
     --budgets, rows of a budget no plan fits ran at the previous levels and say "met": false.
     """
-    from ..deploy.predict import predict_images, predict_under_budgets  # imports torch
+    from ..runtime.predict import predict_images, predict_under_budgets  # imports torch
 
     def skipped(path: Path, why: str) -> None:
         ui.print_warning(f"{why}; skipped")

@@ -24,7 +24,7 @@ def prune_level(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
 ) -> None:
     """Write the compact plain model of one (task, budget): ordinary Conv2d/BatchNorm2d/Linear layers."""
-    from ..deploy.prune import write_compact_level  # imports torch: dvn --help does not wait for it
+    from ..export.prune import write_compact_level  # imports torch: dvn --help does not wait for it
 
     with user_errors():
         written = write_compact_level(open_model_file(checkpoint), task, budget, out, force=force)

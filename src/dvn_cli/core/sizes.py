@@ -2,7 +2,7 @@
 bytes of a weight at each, and ``stored_bytes``, the bytes a shared export stores at a precision. No torch.
 
 Counted from a network by ``core.cost``; read back from a file's metadata by the model files, and from a shared
-export's manifest by the torch-free server (``deploy/serve_folder.py``), so that all compare a budget with the same
+export's manifest by the torch-free server (``serve/folder_engine.py``), so that all compare a budget with the same
 numbers.
 """
 
@@ -21,7 +21,7 @@ BYTES_PER_PARAM = STORAGE_PRECISIONS["fp32"]
 
 SCALE_SUFFIX = ".scale"
 """The float32 per-output-channel scale of int8 tensor ``<name>`` is tensor ``<name>.scale`` (written by
-``deploy.precision``, checked by ``modelfile.shared_folder``)."""
+``export.precision``, checked by ``modelfile.shared_folder``)."""
 
 
 def check_precision(precision: str) -> str:

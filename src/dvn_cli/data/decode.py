@@ -3,7 +3,7 @@
 ``read_image`` is the one decoder of image files (training, streaming workers, ``dvn eval``, ``dvn predict`` and
 ``dvn serve`` all read through it) and ``input_image`` the one preparation of a single image as a model input
 (``data.pixels.load_image`` is it as a tensor), so ``dvn predict`` and the torch-free server of a shared export
-folder (``deploy/serve_folder.py``) see the same pixels. ``normalize_images`` is the numpy twin of
+folder (``serve/folder_engine.py``) see the same pixels. ``normalize_images`` is the numpy twin of
 ``data.batches.normalize_batch``: the same float32 values, bit for bit (``tests/test_serve_folder.py``).
 
 Image files are untrusted input: ``oversized_image`` refuses, from its header alone, an image that declares more

@@ -19,11 +19,11 @@ from ..data.batches import iterate_split, normalize_batch
 from ..data.datasets import load_task
 from ..data.registry import task_string
 from ..data.streaming import open_task
-from ..deploy.run import Forward, ModelRunner
 from ..errors import BadConfig, MissingData
 from ..modelfile.base import ModelFile
 from ..modelfile.spec import CompactSpec, DataSplit
 from ..planning.select import select_pairs
+from ..runtime.runner import Forward, ModelRunner
 
 __all__ = [
     "EvalOptions",
@@ -146,7 +146,7 @@ def evaluate_rows(model: ModelFile, options: EvalOptions | None = None) -> list[
 
     Every (task, level) the file holds, or under ``options.budget`` one level per task (``planning.select``);
     a checkpoint runs its virtual networks, a bundle its shared runtime, a compact model its plain network
-    (``deploy.run.ModelRunner``).
+    (``runtime.runner.ModelRunner``).
     """
     options = options or EvalOptions()
     pairs = select_pairs(model, options.tasks, options.budget)

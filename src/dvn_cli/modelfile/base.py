@@ -5,7 +5,7 @@ as a plain network) and a bundle (``dvn-bundle``: one level per task, shared uni
 same questions: which (task, level)s they hold, the plain network, spec and cost of one of them, how the
 training run split its data, and what the run reported. Commands ask these questions and never ask which kind
 of file they hold. ``modelfile.registry.open_model`` reads any of them; which level a budget picks is planning's
-(``planning.select``) and how a kind runs is deployment's (``deploy.run``).
+(``planning.select``) and how a kind runs is deployment's (``runtime.runner``).
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ class FileTensors(Mapping[str, torch.Tensor]):
 
 
 class UnitSource(ABC):
-    """Where a shared runtime (``deploy.runtime.SharedRuntime``) reads the parts of (task, level)s, on demand.
+    """Where a shared runtime (``runtime.shared.SharedRuntime``) reads the parts of (task, level)s, on demand.
 
     Args:
         network: the network's SHAPE on the meta device (no weights): task names and indices, orders, block grids

@@ -2,7 +2,7 @@
 
 ``open_model`` opens a folder holding a shared export's ``manifest.json`` as a ``SharedExport``: its (task, level)s
 and their compact specs come from the manifest, so ``dvn predict``, ``eval`` and ``info`` take the folder like any
-file; ``deploy.run.ModelRunner`` runs them through ONE ``deploy.ort_runtime.SharedOrtRuntime`` over the folder read
+file; ``runtime.runner.ModelRunner`` runs them through ONE ``runtime.ort.SharedOrtRuntime`` over the folder read
 here (``files``). The folder is untrusted input: ``shared_folder.SharedFolder`` checks it (paths inside the folder,
 every file's size and sha256 against the manifest, the weights index, every tensor a graph names present once)
 before anything runs, and each entry's spec must describe the pair, units and classes of its entry.
@@ -24,7 +24,7 @@ __all__ = ["SHARED_EXPORT_FORMAT", "SharedExport"]
 
 
 class SharedExport(ModelFile):
-    """The (task, level)s of a shared export folder (run with onnxruntime by ``deploy.run.ModelRunner``).
+    """The (task, level)s of a shared export folder (run with onnxruntime by ``runtime.runner.ModelRunner``).
 
     Raises:
         MissingData, WrongFileFormat: what ``SharedFolder`` refuses (a missing, truncated or changed file, a

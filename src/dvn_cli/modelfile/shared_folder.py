@@ -6,7 +6,7 @@ against it, keeps every path inside the folder and validates the weights file's 
 anything runs. The weights file is held open and each tensor copied out of it on first use (``WeightsFile``), never
 memory-mapped: a mapped file truncated or overwritten under the process kills it with SIGBUS.
 
-Who runs the graphs is deployment's (``deploy.ort_runtime.SharedOrtRuntime``); this module reads files only and
+Who runs the graphs is deployment's (``runtime.ort.SharedOrtRuntime``); this module reads files only and
 imports numpy and dvn's torch-free helpers, so a deployment needs no PyTorch.
 """
 
@@ -56,7 +56,7 @@ WEIGHTS_FORMAT = "dvn-shared-weights"
 SHARED_LAYOUT = "shared"
 
 SHARED_FORMAT_VERSION = 4
-"""The newest format read. 4: canonical graphs (``deploy.shared_canonical``) whose initializers may be ranges of rows
+"""The newest format read. 4: canonical graphs (``export.canonical``) whose initializers may be ranges of rows
 of the weights file's tensors (an entry's ``views``), tensors placed as in 2;
 3: a file at fp16 or int8, every tensor packed on ``SMALL_ALIGNMENT`` boundaries;
 2: tensors under a page are packed (``SMALL_ALIGNMENT``), the others start on a page; 1 put every tensor on a page

@@ -4,7 +4,7 @@ The four forms (``3``, ``250k``, ``40%``, ``2MB``) are described in ``planning/b
 against a network's own level costs. A file of fixed levels (a bundle, a compact model, a shared export) holds only
 some levels and no network: ``held_level`` picks the largest held level whose cost meets the budget. Its one rule
 serves ``dvn predict --budget`` on any model file (``planning.select.file_level``) and the torch-free server of a
-shared export folder (``deploy/serve_folder.py``), which reads the costs from the manifest.
+shared export folder (``serve/folder_engine.py``), which reads the costs from the manifest.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from ..deploy.images import ImageSet
 from ..errors import BadBudget, DvnError, UnknownTask
+from ..runtime.images import ImageSet
 
 __all__ = ["Engine", "RequestError", "one_line", "status_of"]
 

@@ -2,8 +2,8 @@
 
 ``FolderEngine`` is what ``serve.app.Server`` runs for a folder ``dvn export --shared`` wrote: the folder read
 and checked by ``modelfile.shared_folder.SharedFolder`` (untrusted input), every (task, level) run by ONE
-``deploy.ort_runtime.SharedOrtRuntime`` (each block in memory once), images prepared by ``data.decode`` (PIL and
-numpy: the pixels and float32 inputs ``dvn predict`` computes with torch), rows built by ``deploy.rows`` as ``dvn
+``runtime.ort.SharedOrtRuntime`` (each block in memory once), images prepared by ``data.decode`` (PIL and
+numpy: the pixels and float32 inputs ``dvn predict`` computes with torch), rows built by ``runtime.rows`` as ``dvn
 predict --json`` builds them. A budget means what it means to ``dvn plan``: what every task served holds together,
 each tensor counted once (the bytes of the weights file's tensors, or their parameters); with no validation accuracy
 to plan with, the levels are chosen by ``planning.budget_rules.plan_held_levels``, and a budget that even the
@@ -23,13 +23,13 @@ import numpy as np
 
 from ..core.sizes import LevelCost
 from ..data.decode import RESIZE_METHODS, input_image, normalize_images
-from ..deploy.images import ImageSet
-from ..deploy.ort_runtime import SharedOrtRuntime
-from ..deploy.precision import SCALE_SUFFIX
-from ..deploy.rows import prediction_rows, softmax, top_classes
 from ..errors import BadBudget, WrongFileFormat
+from ..export.precision import SCALE_SUFFIX
 from ..modelfile.shared_folder import MANIFEST_NAME
 from ..planning.budget_rules import plan_held_levels
+from ..runtime.images import ImageSet
+from ..runtime.ort import SharedOrtRuntime
+from ..runtime.rows import prediction_rows, softmax, top_classes
 
 __all__ = ["FolderEngine", "FolderPair"]
 

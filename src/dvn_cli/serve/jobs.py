@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..deploy.images import ImageSet
+from ..runtime.images import ImageSet
 from .engine import Engine
 
 __all__ = ["Predict", "Switch", "Worker", "groups"]

@@ -3,7 +3,7 @@
 ``ModelEngine`` is what ``serve.app.Server`` runs for a model file: a checkpoint or a bundle from one
 ``SharedRuntime`` (every unit-pair block held once, whatever the number of tasks), or with ``per_pair`` one plain
 model per running (task, level) (the benchmark's comparison); another kind (a compact model) runs as
-``deploy.run.ModelRunner`` runs it. Images decode and rows are built as ``dvn predict`` does (``predict.classify``).
+``runtime.runner.ModelRunner`` runs it. Images decode and rows are built as ``dvn predict`` does (``predict.classify``).
 A shared export folder is served without PyTorch by ``serve.folder_engine.FolderEngine`` instead.
 """
 
@@ -14,12 +14,12 @@ from typing import Any
 
 from ..core.cost import BYTES_PER_PARAM
 from ..data.pixels import load_image
-from ..deploy.images import ImageSet
-from ..deploy.predict import classify, image_inputs
-from ..deploy.run import ModelRunner
-from ..deploy.runtime import SharedRuntime
 from ..modelfile.base import ModelFile
 from ..planning.select import shared_levels
+from ..runtime.images import ImageSet
+from ..runtime.predict import classify, image_inputs
+from ..runtime.runner import ModelRunner
+from ..runtime.shared import SharedRuntime
 
 __all__ = ["ModelEngine"]
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from ..deploy.images import ImageSet
+from ..runtime.images import ImageSet
 from .engine import Engine, RequestError
 from .options import MAX_IMAGES
 

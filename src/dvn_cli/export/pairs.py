@@ -39,7 +39,7 @@ from ..fsutil import sha256_file, write_atomic
 from ..modelfile.base import ModelFile
 from ..modelfile.registry import open_model
 from ..modelfile.spec import CompactSpec
-from .export_folder import (
+from .folder import (
     MANIFEST_NAME,
     LogitCheck,
     WrittenManifest,
@@ -291,7 +291,7 @@ def export_onnx(
 
     Input ``input``: float32 ``(batch, C, H, W)`` after preprocessing; output ``logits``: ``(batch, classes)``.
     The spec (task, level, units, classes, preprocessing) is stored in the model's ``metadata_props``; the
-    convolution weights at ``precision`` (``fp32``, ``fp16``, ``int8``: ``deploy.precision``).
+    convolution weights at ``precision`` (``fp32``, ``fp16``, ``int8``: ``export.precision``).
     """
     return write_atomic(path, _onnx_bytes(plain, spec, opset, check_precision(precision)))
 

@@ -18,8 +18,8 @@ from ..modelfile.base import ModelFile
 from ..modelfile.bundle import Bundle
 from ..modelfile.checkpoint import Checkpoint
 from ..modelfile.shared import SharedExport
-from .ort_runtime import SharedOrtRuntime
-from .runtime import SharedRuntime
+from .ort import SharedOrtRuntime
+from .shared import SharedRuntime
 
 __all__ = ["Forward", "ModelRunner"]
 

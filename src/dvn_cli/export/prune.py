@@ -15,7 +15,7 @@ from ..fsutil import check_output_file
 from ..modelfile.base import ModelFile
 from ..modelfile.compact import CompactModel, save_compact
 from ..planning.select import file_level
-from .export_folder import pair_file_name
+from .folder import pair_file_name
 
 __all__ = ["default_compact_path", "write_compact_level"]
 

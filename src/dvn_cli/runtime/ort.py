@@ -79,7 +79,7 @@ class SharedOrtRuntime:
         arena: use onnxruntime's CPU memory arena (faster allocation, keeps its peak resident).
         execution_order: an ``onnxruntime.ExecutionOrder`` name; ``PRIORITY_BASED`` assembles each weight just
             before its convolution.
-        cache: run a canonical folder from its engine cache (``deploy.engine_cache``: each graph optimised once
+        cache: run a canonical folder from its engine cache (``runtime.engine_cache``: each graph optimised once
             by this onnxruntime, weights in its layout, held once), built on the first open; where there is none
             (another graph mode, other providers, nowhere to write it, no ``onnx`` to build it with) the
             standard graphs run, and ``cache_note`` says why.

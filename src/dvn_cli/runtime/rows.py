@@ -1,8 +1,8 @@
 """The rows ``dvn predict --json`` prints and ``dvn serve`` answers, built from class probabilities: no torch.
 
 One row per (readable image, task), image by image: ``{"image", "task", "level", "top": [{"class",
-"probability"}, ...]}``. ``deploy.predict.classify`` (PyTorch forwards) and the shared-folder engine of
-``dvn serve`` (onnxruntime, ``deploy/serve_folder.py``) both build their rows here.
+"probability"}, ...]}``. ``runtime.predict.classify`` (PyTorch forwards) and the shared-folder engine of
+``dvn serve`` (onnxruntime, ``serve/folder_engine.py``) both build their rows here.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 Images are converted and normalised per task as that task's training images were (``data.pixels.load_image``,
 ``normalize_batch``). A checkpoint or a bundle runs every chosen (task, level) at once from one store of unit
-blocks (``deploy.runtime.SharedRuntime``); a compact model runs its plain network, a shared export its onnxruntime
+blocks (``runtime.shared.SharedRuntime``); a compact model runs its plain network, a shared export its onnxruntime
 sessions. ``predict_under_budgets`` runs the images under several shared budgets in turn, switching one runtime's
 levels between them, as a device whose free memory changes would.
 
-Image files are untrusted input: which files are read, and which are skipped and why, is ``deploy.images``'s
+Image files are untrusted input: which files are read, and which are skipped and why, is ``runtime.images``'s
 (``ImageSet``, ``image_files``; an image declaring more than ``MAX_IMAGE_PIXELS`` is refused from its header by
 ``oversized_image``). Every file skipped is reported, with why, to the caller's ``on_skipped``.
 """
@@ -31,8 +31,8 @@ from ..planning.plan import plan_budget_params
 from ..planning.select import select_pairs
 from .images import ImageSet, OnSkipped, image_files
 from .rows import prediction_rows, top_classes
-from .run import ModelRunner
-from .runtime import SharedRuntime
+from .runner import ModelRunner
+from .shared import SharedRuntime
 
 __all__ = [
     "MAX_IMAGE_PIXELS",

@@ -2,7 +2,7 @@
 
 onnxruntime gives a convolution its fast blocked-layout (NCHWc) kernel only when its weight is a constant, and
 that rewrite copies the weight into each session (docs/results.md §4). So the first time a canonical folder
-(``deploy.shared_canonical``) is opened, each graph is optimised by onnxruntime at ``ORT_ENABLE_ALL`` with its
+(``export.canonical``) is opened, each graph is optimised by onnxruntime at ``ORT_ENABLE_ALL`` with its
 weights embedded, the optimised model is saved with every initializer as external data, and the weights of all
 graphs are packed into ONE weights file: a tensor whose bytes occur in one already stored (an identical weight of
 another graph) is a range of it, and two tensors where the end of one is the start of the other (two levels' row
@@ -44,7 +44,7 @@ import numpy as np
 from ..errors import DvnError
 from ..fsutil import first_line, write_atomic
 from ..modelfile.shared_folder import MANIFEST_NAME, SharedFolder, WeightsFile, graph_initializers, rows_held
-from .shared_weights import write_weights_file
+from ..modelfile.shared_weights import write_weights_file
 
 __all__ = ["CACHE_DIR", "CACHE_VERSION", "EngineCache", "isa", "open_engine_cache", "user_cache_dir"]
 

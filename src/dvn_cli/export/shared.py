@@ -10,7 +10,7 @@ keeps what a DVN shares shared at inference (docs/design.md §5, "Shared export"
   column blocks plus its bias. Every tensor of a page (4096 bytes) or more starts on a page boundary, so that a
   block can be mapped or read in place; the smaller ones (batch norms, heads, blocks of narrow layers) are packed
   on 64-byte boundaries into the gaps those boundaries leave (``_placements``), so that they cost no page each
-  (``--precision fp16`` or ``int8``: every block is such a small one, format 3, ``deploy.precision``). The
+  (``--precision fp16`` or ``int8``: every block is such a small one, format 3, ``export.precision``). The
   file is valid safetensors (its header is the JSON index name -> dtype, shape, offsets, in file order); the gaps
   are filled by ``__pad__.<n>`` uint8 tensors, because safetensors allows no holes.
 - ``<task>-level<l>.onnx``: the graph of one (task, level). Its weights are initializers whose data is EXTERNAL:
@@ -21,7 +21,7 @@ keeps what a DVN shares shared at inference (docs/design.md §5, "Shared export"
   compact spec of the pair (backbone, task, units, cost), so that the folder opens as a model file
   (``modelfile.shared.SharedExport``: ``dvn predict``, ``eval`` and ``info`` take it).
 
-``deploy.ort_runtime.SharedOrtRuntime`` (numpy + onnxruntime, no torch) maps the weights file once and hands the
+``runtime.ort.SharedOrtRuntime`` (numpy + onnxruntime, no torch) maps the weights file once and hands the
 same ``OrtValue`` of each block to every session, so no block is copied per session. Plain onnxruntime can also
 open a graph on its own (it reads the external data itself), without the sharing.
 """
@@ -51,17 +51,11 @@ from ..modelfile.shared_folder import (
     WEIGHTS_FORMAT,
     WEIGHTS_NAME,
 )
+from ..modelfile.shared_weights import write_weights_file
 from ..modelfile.spec import CompactSpec
-from .export import (
-    Inputs,
-    compare_logits,
-    import_optional,
-    non_finite_stops_export,
-    stamp_onnx,
-    task_inputs,
-    trace_onnx,
-)
-from .export_folder import (
+from ..runtime.ort import SharedOrtRuntime
+from .canonical import CANONICAL_MODE, CanonicalLayout, unit_runs
+from .folder import (
     LogitCheck,
     WrittenManifest,
     build_manifest,
@@ -71,10 +65,16 @@ from .export_folder import (
     source_entry,
     staged_export,
 )
-from .ort_runtime import SharedOrtRuntime
+from .pairs import (
+    Inputs,
+    compare_logits,
+    import_optional,
+    non_finite_stops_export,
+    stamp_onnx,
+    task_inputs,
+    trace_onnx,
+)
 from .precision import lower_graph, lower_tensors
-from .shared_canonical import CANONICAL_MODE, CanonicalLayout, unit_runs
-from .shared_weights import write_weights_file
 
 __all__ = [
     "GRAPH_MODES",
@@ -86,12 +86,12 @@ __all__ = [
 
 SHARED_MODEL_FORMAT = "onnx-shared"
 GRAPH_MODES = (CANONICAL_MODE, "concat", "blockwise")
-"""How a graph reads a layer: in canonical unit order with no weight assembled (``deploy.shared_canonical``: the
+"""How a graph reads a layer: in canonical unit order with no weight assembled (``export.canonical``: the
 default at fp32 when every pair's units are a contiguous run), from its blocks with one Concat then one op (the
 default otherwise), or one op per block, summed."""
 
 CANONICAL_FORMAT_VERSION = 4
-"""The shared format of a canonical export (``deploy.shared_canonical``): graph initializers that are ranges of
+"""The shared format of a canonical export (``export.canonical``): graph initializers that are ranges of
 the weights file's tensors (``views`` in the manifest entries), which a dvn reading format 3 would not give."""
 
 
@@ -367,7 +367,7 @@ def export_shared(
         mode: ``canonical``, ``concat`` or ``blockwise`` (see ``GRAPH_MODES``); None: ``canonical`` at fp32 when
             every pair's units are a contiguous run, else ``concat``.
         precision: what the unit blocks are stored at: ``fp32`` (default), ``fp16`` or ``int8`` (per output channel
-            of each block: ``deploy.precision``); batch norms and heads stay float32.
+            of each block: ``export.precision``); batch norms and heads stay float32.
 
     Returns:
         The manifest written, with the files of the previous export it no longer lists (``removed``, ``left``).

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..fsutil import write_atomic
-from ..modelfile.shared_folder import ALIGNMENT, PAD_PREFIX, SMALL_ALIGNMENT, WEIGHTS_FORMAT, tensor_alignment
+from .shared_folder import ALIGNMENT, PAD_PREFIX, SMALL_ALIGNMENT, WEIGHTS_FORMAT, tensor_alignment
 
 __all__ = ["write_weights_file"]
 

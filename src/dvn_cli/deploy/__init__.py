@@ -1,1 +1,0 @@
-"""Deployment: compact plain models of one (task, level) and exported files with a manifest."""
