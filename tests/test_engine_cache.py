@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dvn_cli.deploy import engine_cache
+from dvn_cli.runtime import engine_cache
 
 from dvn_cli.export.shared import export_shared
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint

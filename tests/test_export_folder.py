@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from dvn_cli.deploy import export_folder
+from dvn_cli.export import folder as export_folder
 from typer.testing import CliRunner
 
 from dvn_cli.cli.app import app

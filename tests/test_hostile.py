@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dvn_cli.deploy import export as export_module
+from dvn_cli.export import pairs as export_module
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner

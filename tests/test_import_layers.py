@@ -100,7 +100,7 @@ def test_no_import_runs_upward():
     graph = import_graph()
     assert "dvn_cli.core.mobilenet" in graph["dvn_cli.core.backbones"]  # the walk sees ``from . import mobilenet``
     assert "dvn_cli.training.train_config" in graph["dvn_cli.cli.train"]  # and imports inside functions
-    assert "dvn_cli.runtime.shared" in graph["dvn_cli.serve.model_engine"]  # serve (5) runs on deploy (4)
+    assert "dvn_cli.runtime.shared" in graph["dvn_cli.serve.model_engine"]  # serve (5) runs on runtime (4)
     upward = [f"{m} imports {t}" for m, targets in graph.items() for t in targets if rank(t) > rank(m)]
     assert upward == []
 
