@@ -59,8 +59,8 @@ def process_umask() -> int:
     return mask
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
+def sha256_file(path: str | os.PathLike | int) -> str:
+    """Hex sha256 of a file's bytes, read in chunks; ``path`` may be an open file descriptor, which is closed."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_BLOCK):

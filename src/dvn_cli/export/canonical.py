@@ -105,12 +105,11 @@ class _InputUnitsConv2d(nn.Module):
         self.pieces = nn.ParameterList(pieces)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pieces = list(self.pieces)
+        pieces = list(self.pieces)  # one per input unit of the run: at least one
         chunks = torch.split(x, x.shape[1] // len(pieces), dim=1) if len(pieces) > 1 else (x,)
-        out = None
-        for chunk, piece in zip(chunks, pieces, strict=True):
-            y = F.conv2d(chunk, piece, None, self.stride, self.padding, self.dilation)
-            out = y if out is None else out + y
+        out = F.conv2d(chunks[0], pieces[0], None, self.stride, self.padding, self.dilation)
+        for chunk, piece in zip(chunks[1:], pieces[1:], strict=True):
+            out = out + F.conv2d(chunk, piece, None, self.stride, self.padding, self.dilation)
         return out
 
 
@@ -197,6 +196,8 @@ class CanonicalLayout:
                                 pieces, (f"features.{name}.weight.in{j}", j), uo, _unit_slice(rows, 1, b - a, ji)
                             )
                 elif isinstance(module, nn.BatchNorm2d):
+                    # a plain twin's batch norms track running statistics (nn.BatchNorm2d's default)
+                    assert module.running_var is not None and module.running_mean is not None
                     with torch.no_grad():
                         var, mean = module.running_var.double(), module.running_mean.double()
                         scale = module.weight.double() / torch.sqrt(var + module.eps)
@@ -219,8 +220,8 @@ class CanonicalLayout:
                 ranges = [(min(by_unit), max(by_unit) + 1)]
             for lo, hi in ranges:
                 name = key if unit is not None or (lo, hi) == (0, self.k) else f"{key}.units{lo}-{hi - 1}"
-                rows = np.concatenate([by_unit[u] for u in range(lo, hi)], 0)
-                self.stored.add(name, rows, lo, by_unit[lo].shape[0])
+                segment = np.concatenate([by_unit[u] for u in range(lo, hi)], 0)
+                self.stored.add(name, segment, lo, by_unit[lo].shape[0])
 
     def _segments(self) -> list[tuple[int, int]]:
         """The maximal unit ranges of the union of the runs."""
@@ -301,9 +302,10 @@ class CanonicalLayout:
                 _set(shared.features, name, _BatchNormOp(*parts))
         init, weight_t = self._read(f"head.task{index}.weight_t", run)
         bias = f"head.task{index}.bias"
-        shared.head = _HeadRows(
+        head = _HeadRows(
             param(init, lambda: weight_t),
             param(bias, lambda: nn.Parameter(torch.from_numpy(self.stored.tensors[bias].copy()), False)),
         )
+        _set(shared, "head", head)  # by name, as every layer: the result is no PlainNetwork (its head a Linear)
         keys = {pname: named[id(p)] for pname, p in shared.named_parameters() if id(p) in named}
         return shared.eval(), plain.eval(), spec, keys

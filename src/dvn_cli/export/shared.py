@@ -178,11 +178,10 @@ class _BlockConv2d(nn.Module):
             return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
         pieces = torch.split(x, x.shape[1] // len(rows[0]), dim=1) if len(rows[0]) > 1 else (x,)
         outs = []
-        for row in rows:
-            out = None
-            for piece, block in zip(pieces, row, strict=True):
-                y = F.conv2d(piece, block, None, self.stride, self.padding, self.dilation)
-                out = y if out is None else out + y
+        for row in rows:  # a block per input piece: at least one
+            out = F.conv2d(pieces[0], row[0], None, self.stride, self.padding, self.dilation)
+            for piece, block in zip(pieces[1:], row[1:], strict=True):
+                out = out + F.conv2d(piece, block, None, self.stride, self.padding, self.dilation)
             outs.append(out)
         return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
 
@@ -209,7 +208,7 @@ class _BlockLinear(nn.Module):
         cols = list(self.cols)
         if self.mode == "concat" or len(cols) == 1:
             return F.linear(x, torch.cat(cols, 1) if len(cols) > 1 else cols[0], self.bias)
-        out = self.bias
+        out: torch.Tensor = self.bias
         for piece, col in zip(torch.split(x, x.shape[1] // len(cols), dim=1), cols, strict=True):
             out = F.linear(piece, col) + out
         return out
@@ -237,6 +236,8 @@ def _shared_module(
                 rows.append([store.add(f"features.{name}.weight.{uo}.{ui}", b, block=True) for ui, b in cols.items()])
             _set(shared.features, name, _BlockConv2d(module, rows, mode))
         elif isinstance(module, nn.BatchNorm2d):
+            # a plain twin's batch norms track running statistics (nn.BatchNorm2d's default)
+            assert module.running_var is not None and module.running_mean is not None
             with torch.no_grad():
                 var, mean = module.running_var.double(), module.running_mean.double()
                 scale = module.weight.double() / torch.sqrt(var + module.eps)
@@ -245,8 +246,9 @@ def _shared_module(
             shift_p = store.add(f"features.{name}.{tag}.shift", shift.float().view(-1, 1, 1))
             _set(shared.features, name, _ScaleShift(scale_p, shift_p))
     head = shared.head
-    cols = [store.add(f"head.task{task_index}.weight.{u}", c) for u, c in _chunks(head.weight, 1, units).items()]
-    shared.head = _BlockLinear(cols, store.add(f"head.task{task_index}.bias", head.bias), mode)
+    columns = [store.add(f"head.task{task_index}.weight.{u}", c) for u, c in _chunks(head.weight, 1, units).items()]
+    block_head = _BlockLinear(columns, store.add(f"head.task{task_index}.bias", head.bias), mode)
+    _set(shared, "head", block_head)  # by name, as every layer: the result is no PlainNetwork (its head a Linear)
     return shared.eval(), plain.eval(), spec
 
 
@@ -392,6 +394,7 @@ def export_shared(
     views: dict[str, tuple[str, int, int]] = {}
     constants: dict[str, np.ndarray] = {}
     if mode == CANONICAL_MODE:
+        assert runs is not None  # canonical mode is chosen, or accepted, only when every pair's units are a run
         canonical = CanonicalLayout(model, selected, runs, split)
         for task, level in selected:
             built.append((task, level, *canonical.module(task, level)))
@@ -420,7 +423,7 @@ def export_shared(
             data, used = _graph_bytes(module, plain, spec, keys, readable, places, opset, lowered, constants)
             graph = write_atomic(stage.file(pair_file_name(task, level, ".onnx")), data)
             onnx.checker.check_model(str(graph))  # beside the weights file its external data names
-            extra = {"precision": precision, "tensors": sorted({views.get(n, (n,))[0] for n in used})}
+            extra: dict[str, Any] = {"precision": precision, "tensors": sorted({views.get(n, (n,))[0] for n in used})}
             if mode == CANONICAL_MODE:
                 extra["views"] = {n: list(views[n]) for n in used if n in views}
             extra["spec"] = spec.to_dict()

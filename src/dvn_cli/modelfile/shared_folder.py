@@ -16,7 +16,7 @@ import json
 import math
 import os
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +245,7 @@ class WeightsFile:
         buffer = np.empty(count + ARRAY_ALIGNMENT, np.uint8)
         start = -buffer.ctypes.data % ARRAY_ALIGNMENT
         data = buffer[start : start + count]
-        got = os.preadv(self.fd, [data], offset) if count else 0
+        got = os.preadv(self.fd, [data.data], offset) if count else 0  # data.data: a memoryview of its bytes
         if got != count or _stamp(self.fd) != self.stamp:
             raise WrongFileFormat(
                 f"weights file {self.path} changed while in use (it was written after it was checked); "
@@ -405,33 +405,36 @@ def check_initializers(path: Path, entry: Mapping[str, Any], index: Mapping[str,
         )
 
 
-def _graph_initializers(model: bytes) -> dict[str, tuple[tuple[int, ...], int, bool]]:
+def _graph_initializers(model: bytes) -> dict[str, tuple[tuple[int, ...], int | bytes | None, bool]]:
     """Name -> (dims, data type, stored externally) of every initializer of an ONNX model's main graph, read from its
     protobuf encoding (``ModelProto.graph`` = 7, ``GraphProto.initializer`` = 5, ``TensorProto`` dims = 1,
     data_type = 2, name = 8, data_location = 14) so that the runtime needs no ``onnx`` package."""
-    graph = b"".join(value for field, value in _fields(model) if field == 7)  # a repeated message merges
-    found = {}
+    graph = b"".join(_message(value) for field, value in _fields(model) if field == 7)  # a repeated message merges
+    found: dict[str, tuple[tuple[int, ...], int | bytes | None, bool]] = {}
     for field, tensor in _fields(graph):
         if field != 5:
             continue
-        dims, name, kind, external = [], "", 0, False
-        for key, value in _fields(tensor):
+        dims: list[int] = []
+        name, external = "", False
+        kind: int | bytes | None = 0  # as read: a data_type of another wire type matches no tensor's and is refused
+        for key, value in _fields(_message(tensor)):
             if key == 1:
-                dims += [value] if isinstance(value, int) else _varints(value)
+                dims += [value] if isinstance(value, int) else _varints(_message(value))
             elif key == 2:
                 kind = value
             elif key == 8:
-                name = value.decode()
+                name = _message(value).decode()
             elif key == 14:
                 external = value == 1
         found[name] = (tuple(dims), kind, external)
     return found
 
 
-def _fields(data: bytes):
+def _fields(data: bytes) -> Iterator[tuple[int, int | bytes | None]]:
     """(field number, value) of each field of one protobuf message: an int for a varint, bytes for a
     length-delimited field, None for a fixed-width one."""
     i = 0
+    value: int | bytes | None
     while i < len(data):
         key, i = _varint(data, i)
         field, wire = key >> 3, key & 7
@@ -447,6 +450,14 @@ def _fields(data: bytes):
         else:
             raise ValueError(f"protobuf wire type {wire}")
         yield field, value
+
+
+def _message(value: int | bytes | None) -> bytes:
+    """A length-delimited field's bytes (a message, a string, packed numbers); a field of another wire type where
+    one belongs is a damaged graph (TypeError, as ``check_initializers`` expects of one)."""
+    if not isinstance(value, bytes):
+        raise TypeError("a number where a message or a string belongs")
+    return value
 
 
 def _varints(data: bytes) -> list[int]:
@@ -526,10 +537,11 @@ class SharedFolder:
         runtime running them holds, at the precision the file stores."""
         index = self.weights.index
         held = rows_held(self.model(task, level) for task, level in pairs)
-        whole = {n: (0, index[n][1][0] if index[n][1] else 1) for n, rows in held.items() if rows is None}
+        spans = {  # a tensor held whole: all of its rows (a 0-d tensor: one)
+            n: rows if rows is not None else (0, index[n][1][0] if index[n][1] else 1) for n, rows in held.items()
+        }
         return sum(
-            index[n][0].itemsize * math.prod(index[n][1][1:]) * (end - begin)
-            for n, (begin, end) in {**held, **whole}.items()
+            index[n][0].itemsize * math.prod(index[n][1][1:]) * (end - begin) for n, (begin, end) in spans.items()
         )
 
     def graph(self, task: str, level: int) -> Path:

@@ -249,7 +249,8 @@ def _build(files: SharedFolder, ort, key: Mapping[str, Any], place: Path) -> Non
     place.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".build-", dir=place.parent))
     try:
-        models, arrays = {}, {}
+        models: dict[tuple[str, int], Any] = {}  # (task, level) -> its optimised onnx.ModelProto
+        arrays: dict[str, np.ndarray] = {}
         for i, (pair, entry) in enumerate(files.models.items()):
             models[pair] = _optimise(onnx, ort, files, pair, entry, stage, i, arrays)
         pieces, refs = _pack(arrays)
@@ -260,7 +261,7 @@ def _build(files: SharedFolder, ort, key: Mapping[str, Any], place: Path) -> Non
                 f"the optimised graphs would hold {grown:.2f}x the folder's weights (onnxruntime pads narrow "
                 "layers to its channel blocks)"
             )
-            body = {"key": dict(key), "refused": refused}
+            body: dict[str, Any] = {"key": dict(key), "refused": refused}
             write_atomic(stage / INDEX_NAME, json.dumps({"body": body, "hmac": _sign(_secret(), body)}).encode())
             _commit(stage, place)
             return

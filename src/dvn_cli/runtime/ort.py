@@ -178,14 +178,15 @@ class SharedOrtRuntime:
         what it held, unless ``exact``), and the OrtValues and sessions over its old array are dropped (sessions are
         made again when next run): so a tensor is held once, as the rows the running levels read."""
         for tensor, rows in needed.items():
-            held = self._rows.get(tensor, ())
-            if held == rows or held is None and not exact:
+            holding = tensor in self._rows
+            held = self._rows.get(tensor)  # None: all of it (when holding)
+            if holding and (held == rows or held is None and not exact):
                 continue
-            if held != () and rows is not None and held is not None and not exact:
+            if rows is not None and held is not None and not exact:
                 if held[0] <= rows[0] and rows[1] <= held[1]:
                     continue
                 rows = (min(rows[0], held[0]), max(rows[1], held[1]))
-            if held != ():
+            if holding:
                 self._forget(tensor)
             self.arrays[tensor], self._rows[tensor] = self._weights.read(tensor, rows), rows
 
