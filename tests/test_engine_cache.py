@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dvn_cli.runtime import engine_cache
 
 from dvn_cli.export.shared import export_shared
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.shared_folder import SharedFolder
+from dvn_cli.runtime import engine_cache
 from dvn_cli.runtime.engine_cache import CACHE_DIR, INDEX_NAME, WEIGHTS_NAME, open_engine_cache
 from dvn_cli.runtime.ort import SharedOrtRuntime
 

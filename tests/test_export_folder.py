@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from dvn_cli.export import folder as export_folder
 from typer.testing import CliRunner
 
 from dvn_cli.cli.app import app
 from dvn_cli.errors import CannotWrite
+from dvn_cli.export import folder as export_folder
 from dvn_cli.export.pairs import export_models
 from dvn_cli.export.shared import export_shared
 from dvn_cli.fsutil import FolderLock, sha256_file

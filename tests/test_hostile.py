@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from dvn_cli.export import pairs as export_module
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -22,6 +21,7 @@ from dvn_cli.cli.app import app
 from dvn_cli.config import TaskSpec
 from dvn_cli.core.network import build_network
 from dvn_cli.errors import CannotWrite, WrongFileFormat
+from dvn_cli.export import pairs as export_module
 from dvn_cli.export.pairs import MANIFEST_NAME, NonFiniteLogits, export_models
 from dvn_cli.export.prune import write_compact_level
 from dvn_cli.fsutil import safe_file_stem, write_atomic

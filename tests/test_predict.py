@@ -344,9 +344,8 @@ def test_images_declaring_too_many_pixels_are_refused_before_decoding(setup, tmp
     a decompression bomb (beyond PIL's own limit) is named the same way, and PIL's warning never leaks."""
     import warnings
 
-    from dvn_cli.runtime import predict as predict_module
-
     from dvn_cli.modelfile.registry import open_model
+    from dvn_cli.runtime import predict as predict_module
 
     base, _, checkpoint, _, _ = setup
     folder = tmp_path / "big"
