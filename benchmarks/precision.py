@@ -54,7 +54,7 @@ from dvn_cli.export.pairs import export_models
 from dvn_cli.export.shared import export_shared
 from dvn_cli.modelfile.checkpoint import load_checkpoint
 from dvn_cli.modelfile.registry import open_model
-from dvn_cli.modelfile.shared_folder import WEIGHTS_NAME
+from dvn_cli.modelfile.shared_weights import WEIGHTS_NAME
 from dvn_cli.planning.memory import memory_model
 from dvn_cli.runtime.ort import SharedOrtRuntime
 from dvn_cli.runtime.runner import ModelRunner

@@ -18,7 +18,7 @@ from dvn_cli.export.pairs import export_models
 from dvn_cli.export.shared import export_shared
 from dvn_cli.fsutil import FolderLock, sha256_file
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
-from dvn_cli.modelfile.shared_folder import WEIGHTS_NAME
+from dvn_cli.modelfile.shared_weights import WEIGHTS_NAME
 from dvn_cli.runtime.ort import SharedOrtRuntime
 
 from .conftest import settle_batch_norm

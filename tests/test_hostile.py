@@ -275,7 +275,7 @@ def test_edited_task_specs_are_refused(tmp_path, edit_task):
 
 def test_a_smaller_exports_weights_file_is_changed_not_truncated(tmp_path):
     from dvn_cli.export.shared import export_shared
-    from dvn_cli.modelfile.shared_folder import WEIGHTS_NAME
+    from dvn_cli.modelfile.shared_weights import WEIGHTS_NAME
     from dvn_cli.runtime.ort import SharedOrtRuntime
 
     checkpoint = open_model(named_checkpoint(tmp_path, ["t", "u"]))

@@ -20,7 +20,7 @@ from dvn_cli.export.precision import quantize_int8
 from dvn_cli.export.shared import export_shared
 from dvn_cli.modelfile.bundle import save_bundle
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
-from dvn_cli.modelfile.shared_folder import WEIGHTS_NAME, read_weights_index
+from dvn_cli.modelfile.shared_weights import WEIGHTS_NAME, read_weights_index
 from dvn_cli.planning.budgets import format_bytes
 from dvn_cli.planning.memory import memory_model
 from dvn_cli.runtime.ort import SharedOrtRuntime

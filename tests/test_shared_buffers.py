@@ -17,7 +17,7 @@ import pytest
 
 from dvn_cli.export.shared import export_shared
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
-from dvn_cli.modelfile.shared_folder import WEIGHTS_NAME
+from dvn_cli.modelfile.shared_weights import WEIGHTS_NAME
 from dvn_cli.runtime.ort import SharedOrtRuntime
 
 from .conftest import require_module, settle_batch_norm

@@ -19,13 +19,8 @@ from dvn_cli.export.shared import export_shared, shared_tensors
 from dvn_cli.modelfile.bundle import load_bundle, save_bundle
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.compact import load_compact, save_compact
-from dvn_cli.modelfile.shared_folder import (
-    ALIGNMENT,
-    WEIGHTS_NAME,
-    SharedFolder,
-    read_weights_index,
-    tensor_alignment,
-)
+from dvn_cli.modelfile.shared_folder import SharedFolder
+from dvn_cli.modelfile.shared_weights import ALIGNMENT, WEIGHTS_NAME, read_weights_index, tensor_alignment
 from dvn_cli.planning.plan import shared_memory_params
 from dvn_cli.runtime.ort import SharedOrtRuntime
 

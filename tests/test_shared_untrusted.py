@@ -27,7 +27,7 @@ from dvn_cli.cli.app import app
 from dvn_cli.core.network import build_network
 from dvn_cli.export.shared import export_shared
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
-from dvn_cli.modelfile.shared_folder import WEIGHTS_NAME
+from dvn_cli.modelfile.shared_weights import WEIGHTS_NAME
 
 from .conftest import REPO, settle_batch_norm, tiny_config, tiny_tasks
 

@@ -21,7 +21,7 @@ BYTES_PER_PARAM = STORAGE_PRECISIONS["fp32"]
 
 SCALE_SUFFIX = ".scale"
 """The float32 per-output-channel scale of int8 tensor ``<name>`` is tensor ``<name>.scale`` (written by
-``export.precision``, checked by ``modelfile.shared_folder``)."""
+``export.precision``, checked by ``modelfile.shared_weights``)."""
 
 
 def check_precision(precision: str) -> str:

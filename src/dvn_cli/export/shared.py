@@ -43,15 +43,8 @@ from ..errors import BadConfig, DvnError
 from ..fsutil import sha256_file, write_atomic
 from ..modelfile.base import ModelFile
 from ..modelfile.registry import open_model
-from ..modelfile.shared_folder import (
-    ALIGNMENT,
-    PACKED_FORMAT_VERSION,
-    SHARED_LAYOUT,
-    SMALL_ALIGNMENT,
-    WEIGHTS_FORMAT,
-    WEIGHTS_NAME,
-)
-from ..modelfile.shared_weights import write_weights_file
+from ..modelfile.shared_folder import PACKED_FORMAT_VERSION, SHARED_LAYOUT
+from ..modelfile.shared_weights import ALIGNMENT, SMALL_ALIGNMENT, WEIGHTS_FORMAT, WEIGHTS_NAME, write_weights_file
 from ..modelfile.spec import CompactSpec
 from ..runtime.ort import SharedOrtRuntime
 from .canonical import CANONICAL_MODE, CanonicalLayout, unit_runs

@@ -14,7 +14,7 @@ blocks) is recorded as refused and the standard graphs run.
 
 Layout (``<folder>/.dvn-engine/<id>/``, or ``<user cache>/engine/<id>/`` when the folder cannot be written;
 ``DVN_CACHE_DIR`` moves the user cache): ``cache.json`` (the key, every graph's file, sha256 and initializers as
-ranges of the weights file, an HMAC), ``weights.safetensors`` (``modelfile.shared_folder``'s weights file: pieces
+ranges of the weights file, an HMAC), ``weights.safetensors`` (``modelfile.shared_weights``' weights file: pieces
 as 1-D float32 tensors, large ones page-aligned) and one ``.onnx`` per (task, level). The id is the key's
 sha256: dvn's cache version, onnxruntime's version, the CPU's instruction set (``isa``: the optimised layout is
 tied to it) and the folder's manifest sha256 (which holds every file's sha256), with this user's cache key (so two
@@ -43,8 +43,8 @@ import numpy as np
 
 from ..errors import DvnError
 from ..fsutil import first_line, write_atomic
-from ..modelfile.shared_folder import MANIFEST_NAME, SharedFolder, WeightsFile, graph_initializers, rows_held
-from ..modelfile.shared_weights import write_weights_file
+from ..modelfile.shared_folder import MANIFEST_NAME, SharedFolder, graph_initializers, rows_held
+from ..modelfile.shared_weights import WeightsFile, write_weights_file
 
 __all__ = ["CACHE_DIR", "CACHE_VERSION", "EngineCache", "isa", "open_engine_cache", "user_cache_dir"]
 

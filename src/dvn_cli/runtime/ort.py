@@ -21,7 +21,7 @@ convolutions directly, the optimization level is ``EXTENDED``: ``ALL`` adds the 
 copies every block into its own layout per session.
 
 This module imports only numpy, onnxruntime and dvn's torch-free helpers (``errors``, ``fsutil``,
-``modelfile.shared_folder``), so that a
+``modelfile.shared_folder`` and ``shared_weights``), so that a
 deployment needs no PyTorch (a test imports it in a fresh process and checks that torch was not loaded).
 """
 
