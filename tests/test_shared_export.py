@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from dvn_cli.cli.app import app
 from dvn_cli.core.network import build_network
 from dvn_cli.errors import BadConfig, DvnError, MissingData, UnknownTask, WrongFileFormat
+from dvn_cli.export.block_graphs import shared_tensors
 from dvn_cli.export.pairs import export_models
-from dvn_cli.export.shared import export_shared, shared_tensors
+from dvn_cli.export.shared import export_shared
 from dvn_cli.modelfile.bundle import load_bundle, save_bundle
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.compact import load_compact, save_compact

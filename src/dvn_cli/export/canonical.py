@@ -19,7 +19,7 @@ always; ``cyclic`` ones without a wrap), each layer's weight of a pair is a rect
 A range of a stored tensor is a graph initializer of its own (a "view"): the manifest entry maps it to
 ``[tensor, first row, end row]`` and its external data names that byte range of the weights file, so the graphs
 stay standard ONNX that any engine runs alone, and the runtime hands every session an ``OrtValue`` over the same
-memory. Orders whose units are not contiguous runs keep the ``Concat`` graphs (``shared_export``).
+memory. Orders whose units are not contiguous runs keep the ``Concat`` graphs (``export.block_graphs``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A shared deploy format: every unit block stored once in one weights file, one small ONNX graph per (task, level).
 
-The per-pair export (``export.export_models``) writes one self-contained ONNX file per (task, level) with batch
+The per-pair export (``export.pairs.export_models``) writes one self-contained ONNX file per (task, level) with batch
 norm folded: two pairs of the same task or of overlapping units hold the same physical weights twice. This export
 keeps what a DVN shares shared at inference (docs/design.md §5, "Shared export"):
 
@@ -15,15 +15,18 @@ keeps what a DVN shares shared at inference (docs/design.md §5, "Shared export"
   are filled by ``__pad__.<n>`` uint8 tensors, because safetensors allows no holes.
 - ``<task>-level<l>.onnx``: the graph of one (task, level). Its weights are initializers whose data is EXTERNAL:
   they name a range of ``weights.safetensors``. Each convolution's weight is assembled from its blocks with
-  ``Concat`` at run time (measured faster than summing one convolution per block: docs/results_memory_onnx.md).
+  ``Concat`` at run time (``export.block_graphs``), or, when every pair's units are a contiguous run, read as
+  rows of the layer's weight with no ``Concat`` (``export.canonical``).
 - ``manifest.json``: ``"layout": "shared"``, the format version, the weights file's sha256, and per graph the
   usual entry of the per-pair manifest plus ``tensors``, the names it takes from the weights file, and ``spec``, the
   compact spec of the pair (backbone, task, units, cost), so that the folder opens as a model file
   (``modelfile.shared.SharedExport``: ``dvn predict``, ``eval`` and ``info`` take it).
 
-``runtime.ort.SharedOrtRuntime`` (numpy + onnxruntime, no torch) maps the weights file once and hands the
-same ``OrtValue`` of each block to every session, so no block is copied per session. Plain onnxruntime can also
-open a graph on its own (it reads the external data itself), without the sharing.
+``export_shared`` writes the folder: the graphs traced from those modules with their initializers pointed at the
+weights file, the weights file at ``--precision``, the manifest, all staged and swapped in by ``export.folder``,
+each graph checked against PyTorch by ``runtime.ort.SharedOrtRuntime`` (numpy + onnxruntime, no torch), which
+reads each block once and hands the same ``OrtValue`` of it to every session, so no block is copied per session.
+Plain onnxruntime can also open a graph on its own (it reads the external data itself), without the sharing.
 """
 
 from __future__ import annotations
@@ -35,11 +38,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.sizes import check_precision
-from ..errors import BadConfig, DvnError
+from ..errors import BadConfig
 from ..fsutil import sha256_file, write_atomic
 from ..modelfile.base import ModelFile
 from ..modelfile.registry import open_model
@@ -47,6 +49,7 @@ from ..modelfile.shared_folder import PACKED_FORMAT_VERSION, SHARED_LAYOUT
 from ..modelfile.shared_weights import ALIGNMENT, SMALL_ALIGNMENT, WEIGHTS_FORMAT, WEIGHTS_NAME, write_weights_file
 from ..modelfile.spec import CompactSpec
 from ..runtime.ort import SharedOrtRuntime
+from .block_graphs import BlockLayout, split_inputs
 from .canonical import CANONICAL_MODE, CanonicalLayout, unit_runs
 from .folder import (
     LogitCheck,
@@ -69,13 +72,7 @@ from .pairs import (
 )
 from .precision import lower_graph, lower_tensors
 
-__all__ = [
-    "GRAPH_MODES",
-    "SHARED_MODEL_FORMAT",
-    "export_shared",
-    "shared_tensors",
-    "write_weights_file",
-]
+__all__ = ["GRAPH_MODES", "SHARED_MODEL_FORMAT", "export_shared"]
 
 SHARED_MODEL_FORMAT = "onnx-shared"
 GRAPH_MODES = (CANONICAL_MODE, "concat", "blockwise")
@@ -86,187 +83,6 @@ default otherwise), or one op per block, summed."""
 CANONICAL_FORMAT_VERSION = 4
 """The shared format of a canonical export (``export.canonical``): graph initializers that are ranges of
 the weights file's tensors (``views`` in the manifest entries), which a dvn reading format 3 would not give."""
-
-
-# ------------------------------------------------------------------------------------------------ tensors
-
-
-def _split_inputs(model: ModelFile) -> dict[str, bool]:
-    """Conv layer name (under ``features``) -> whether its input is split into units, from the source file."""
-    from ..core.layers import UnitConv2d
-    from ..modelfile.bundle import Bundle
-    from ..modelfile.checkpoint import Checkpoint
-
-    if isinstance(model, Checkpoint):
-        return {n: m.split_input for n, m in model.network.features.named_modules() if isinstance(m, UnitConv2d)}
-    if isinstance(model, Bundle):
-        return {name: bool(conv["split_input"]) for name, conv in model.convs.items()}
-    raise BadConfig(
-        f"{model.label} is a {model.kind}: it holds one (task, level), so there is nothing to share; "
-        "export it without --shared"
-    )
-
-
-def _chunks(tensor: torch.Tensor, dim: int, units: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Split ``dim`` of a level's tensor into its units' channels (ascending units, equal sizes)."""
-    size = tensor.shape[dim] // len(units)
-    return {u: tensor.narrow(dim, i * size, size) for i, u in enumerate(sorted(units))}
-
-
-class _Collector:
-    """Tensors of the weights file (float32), each stored once; a block seen again must be the same block.
-
-    ``blocks`` names the convolutions' unit blocks: what ``--precision`` stores at lower precision.
-    """
-
-    def __init__(self, label: str) -> None:
-        self.tensors: dict[str, np.ndarray] = {}
-        self.blocks: set[str] = set()
-        self.label = label
-
-    def add(self, key: str, tensor: torch.Tensor, block: bool = False) -> nn.Parameter:
-        if block:
-            self.blocks.add(key)
-        array = tensor.detach().float().cpu().contiguous().numpy()
-        if key in self.tensors:
-            if not np.array_equal(self.tensors[key], array):
-                raise DvnError(f"{self.label}: block {key} differs between two (task, level)s of the same file")
-        else:
-            self.tensors[key] = array.copy()
-        return nn.Parameter(torch.from_numpy(self.tensors[key]), requires_grad=False)
-
-
-class _BlockConv2d(nn.Module):
-    """A convolution whose weight is assembled from unit blocks (``concat``) or applied block by block."""
-
-    def __init__(self, conv: nn.Conv2d, rows: list[list[nn.Parameter]], mode: str) -> None:
-        super().__init__()
-        depthwise = conv.groups == conv.in_channels == conv.out_channels
-        if conv.bias is not None or conv.groups != 1 and not depthwise:
-            raise DvnError("a shared export needs bias-free convolutions, ungrouped or depthwise")
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.groups = conv.groups  # a depthwise layer: one group per channel, its blocks are its rows
-        self.shape = [len(row) for row in rows]
-        self.blocks = nn.ParameterList([b for row in rows for b in row])
-        self.mode = mode
-
-    def _rows(self) -> list[list[torch.Tensor]]:
-        rows, i = [], 0
-        for n in self.shape:
-            rows.append(list(self.blocks[i : i + n]))
-            i += n
-        return rows
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self._rows()
-        if self.mode == "concat":
-            weight = torch.cat([torch.cat(row, 1) if len(row) > 1 else row[0] for row in rows], 0)
-            return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
-        if self.groups > 1:  # depthwise: each unit's filters read that unit's own channels
-            pieces = torch.split(x, x.shape[1] // len(rows), dim=1) if len(rows) > 1 else (x,)
-            outs = [
-                F.conv2d(piece, row[0], None, self.stride, self.padding, self.dilation, row[0].shape[0])
-                for piece, row in zip(pieces, rows, strict=True)
-            ]
-            return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
-        pieces = torch.split(x, x.shape[1] // len(rows[0]), dim=1) if len(rows[0]) > 1 else (x,)
-        outs = []
-        for row in rows:  # a block per input piece: at least one
-            out = F.conv2d(pieces[0], row[0], None, self.stride, self.padding, self.dilation)
-            for piece, block in zip(pieces[1:], row[1:], strict=True):
-                out = out + F.conv2d(piece, block, None, self.stride, self.padding, self.dilation)
-            outs.append(out)
-        return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
-
-
-class _ScaleShift(nn.Module):
-    """Eval-mode batch norm as ``x * scale + shift`` with ``scale`` and ``shift`` of shape (C, 1, 1)."""
-
-    def __init__(self, scale: nn.Parameter, shift: nn.Parameter) -> None:
-        super().__init__()
-        self.scale, self.shift = scale, shift
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale + self.shift
-
-
-class _BlockLinear(nn.Module):
-    """A head whose weight is per-unit column blocks, plus its bias."""
-
-    def __init__(self, cols: list[nn.Parameter], bias: nn.Parameter, mode: str) -> None:
-        super().__init__()
-        self.cols, self.bias, self.mode = nn.ParameterList(cols), bias, mode
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cols = list(self.cols)
-        if self.mode == "concat" or len(cols) == 1:
-            return F.linear(x, torch.cat(cols, 1) if len(cols) > 1 else cols[0], self.bias)
-        out: torch.Tensor = self.bias
-        for piece, col in zip(torch.split(x, x.shape[1] // len(cols), dim=1), cols, strict=True):
-            out = F.linear(piece, col) + out
-        return out
-
-
-def _shared_module(
-    model: ModelFile, task: str, level: int, task_index: int, split: Mapping[str, bool], store: _Collector, mode: str
-) -> tuple[nn.Module, nn.Module, CompactSpec]:
-    """(module of blocks for export, the plain reference network, spec) of one (task, level); blocks go to store."""
-    plain, spec = model.plain_of(task, level), model.spec_of(task, level)
-    units = tuple(spec.units)
-    shared = model.plain_of(task, level)
-    tag = f"task{task_index}.level{level}"
-    for name, module in list(shared.features.named_modules()):
-        if isinstance(module, nn.Conv2d):
-            if name not in split:
-                raise DvnError(f"{model.label}: convolution {name} is not in the source's unit layers")
-            rows_of = _chunks(module.weight, 0, units)
-            rows = []
-            for uo, row in rows_of.items():
-                if not split[name]:
-                    rows.append([store.add(f"features.{name}.weight.{uo}", row, block=True)])
-                    continue
-                cols = _chunks(row, 1, units)
-                rows.append([store.add(f"features.{name}.weight.{uo}.{ui}", b, block=True) for ui, b in cols.items()])
-            _set(shared.features, name, _BlockConv2d(module, rows, mode))
-        elif isinstance(module, nn.BatchNorm2d):
-            # a plain twin's batch norms track running statistics (nn.BatchNorm2d's default)
-            assert module.running_var is not None and module.running_mean is not None
-            with torch.no_grad():
-                var, mean = module.running_var.double(), module.running_mean.double()
-                scale = module.weight.double() / torch.sqrt(var + module.eps)
-                shift = module.bias.double() - mean * scale
-            scale_p = store.add(f"features.{name}.{tag}.scale", scale.float().view(-1, 1, 1))
-            shift_p = store.add(f"features.{name}.{tag}.shift", shift.float().view(-1, 1, 1))
-            _set(shared.features, name, _ScaleShift(scale_p, shift_p))
-    head = shared.head
-    columns = [store.add(f"head.task{task_index}.weight.{u}", c) for u, c in _chunks(head.weight, 1, units).items()]
-    block_head = _BlockLinear(columns, store.add(f"head.task{task_index}.bias", head.bias), mode)
-    _set(shared, "head", block_head)  # by name, as every layer: the result is no PlainNetwork (its head a Linear)
-    return shared.eval(), plain.eval(), spec
-
-
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, module)
-
-
-def shared_tensors(
-    source: ModelFile | str | os.PathLike, pairs: Sequence[tuple[int | str, int]] | None = None
-) -> dict[str, np.ndarray]:
-    """Every tensor the shared weights file of ``pairs`` holds (blocks once, private parts per pair), float32."""
-    model = source if isinstance(source, ModelFile) else open_model(source)
-    selected = requested_pairs(model, pairs)
-    split, names = _split_inputs(model), model.task_names()
-    store = _Collector(model.label)
-    for task, level in selected:
-        _shared_module(model, task, level, names.index(task), split, store, "concat")
-    return store.tensors
-
-
-# ------------------------------------------------------------------------------------------------ weights file
-
-
-# ------------------------------------------------------------------------------------------------ graphs
 
 
 def _graph_bytes(
@@ -374,7 +190,7 @@ def export_shared(
     import_optional("onnxruntime")
     model = source if isinstance(source, ModelFile) else open_model(source)
     selected = requested_pairs(model, pairs)
-    split, names = _split_inputs(model), model.task_names()
+    split = split_inputs(model)
     runs = unit_runs(model, selected)
     if mode is None:
         mode = CANONICAL_MODE if runs is not None and precision == "fp32" else "concat"
@@ -393,13 +209,10 @@ def export_shared(
             built.append((task, level, *canonical.module(task, level)))
         tensors, blocks, views, constants = canonical.stored.tensors, set(), canonical.views, canonical.constants
     else:
-        store = _Collector(model.label)
+        by_blocks = BlockLayout(model, split, mode)
         for task, level in selected:
-            module, plain, spec = _shared_module(model, task, level, names.index(task), split, store, mode)
-            params = {id(p): n for n, p in module.named_parameters()}
-            keys = {params[id(store_param)]: key for key, store_param in _params_by_key(module, store).items()}
-            built.append((task, level, module, plain, spec, keys))
-        tensors, blocks = store.tensors, store.blocks
+            built.append((task, level, *by_blocks.module(task, level)))
+        tensors, blocks = by_blocks.stored.tensors, by_blocks.stored.blocks
     source_info = source_entry(model, selected[0])
     stored = lower_tensors(tensors, blocks, precision)
     if mode == CANONICAL_MODE:
@@ -444,18 +257,6 @@ def _with_views(
         arrays[name] = base[begin:end]
         places[name] = offsets[tensor] + begin * (base.nbytes // base.shape[0])
     return arrays, places
-
-
-def _params_by_key(module: nn.Module, store: _Collector) -> dict[str, nn.Parameter]:
-    """Weights-file key -> the parameter of ``module`` that holds it (parameters share the store's arrays)."""
-    by_pointer = {array.__array_interface__["data"][0]: key for key, array in store.tensors.items()}
-    found = {}
-    for param in module.parameters():
-        key = by_pointer.get(param.data_ptr())
-        if key is None:
-            raise RuntimeError("a shared-export parameter is not in the weights file")  # a dvn bug
-        found[key] = param
-    return found
 
 
 def _weights_entry(
