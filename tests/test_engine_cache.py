@@ -15,8 +15,10 @@ import pytest
 from dvn_cli.export.shared import export_shared
 from dvn_cli.modelfile.checkpoint import load_checkpoint, save_checkpoint
 from dvn_cli.modelfile.shared_folder import SharedFolder
-from dvn_cli.runtime import engine_cache
-from dvn_cli.runtime.engine_cache import CACHE_DIR, INDEX_NAME, WEIGHTS_NAME, open_engine_cache
+from dvn_cli.runtime import engine_cache, engine_key
+from dvn_cli.runtime.engine_build import INDEX_NAME, WEIGHTS_NAME, build_cache
+from dvn_cli.runtime.engine_cache import CACHE_DIR, open_engine_cache
+from dvn_cli.runtime.engine_key import cache_key
 from dvn_cli.runtime.ort import SharedOrtRuntime
 
 from .conftest import require_module, settle_batch_norm, tiny_config, tiny_tasks
@@ -124,7 +126,7 @@ def test_sessions_run_on_the_runtime_buffers_not_on_the_cache_file(folder):
 
 def test_a_later_open_uses_the_cache_without_building(folder, monkeypatch):
     first = SharedOrtRuntime(folder).engine
-    monkeypatch.setattr(engine_cache, "_build", lambda *a: pytest.fail("built again"))
+    monkeypatch.setattr(engine_cache, "build_cache", lambda *a: pytest.fail("built again"))
     again = SharedOrtRuntime(folder)
     assert again.engine is not None and again.engine.path == first.path
 
@@ -184,7 +186,7 @@ def test_a_damaged_cache_is_rebuilt_without_a_crash(folder, damage):
 
 def test_another_cpu_gets_a_cache_of_its_own(folder, monkeypatch):
     first = SharedOrtRuntime(folder).engine.path
-    monkeypatch.setattr(engine_cache, "isa", lambda: "x86_64:avx2,fma")
+    monkeypatch.setattr(engine_key, "isa", lambda: "x86_64:avx2,fma")
     other = SharedOrtRuntime(folder).engine.path
     assert other != first and other.parent == first.parent
 
@@ -226,7 +228,7 @@ def test_concat_folders_and_other_providers_run_the_standard_graphs(exported, tm
     export_shared(checkpoint, tmp_path / "concat", [("task0", 2)], check=False)
     runtime = SharedOrtRuntime(tmp_path / "concat")
     assert runtime.engine is None and "only canonical graphs" in runtime.cache_note
-    with pytest.raises(engine_cache.CacheUnusable):
+    with pytest.raises(engine_key.CacheUnusable):
         open_engine_cache(SharedFolder(tmp_path / "concat"), ort)
 
 
@@ -237,7 +239,7 @@ def test_a_cache_that_would_grow_the_weights_is_not_used(tiny_network, tmp_path,
     export_shared(checkpoint, tmp_path / "narrow", [("task0", 1), ("task1", 4)], check=False)
     runtime = SharedOrtRuntime(tmp_path / "narrow")
     assert runtime.engine is None and "pads narrow layers" in runtime.cache_note
-    monkeypatch.setattr(engine_cache, "_build", lambda *a: pytest.fail("built again"))
+    monkeypatch.setattr(engine_cache, "build_cache", lambda *a: pytest.fail("built again"))
     again = SharedOrtRuntime(tmp_path / "narrow")
     assert again.engine is None and again.cache_note == runtime.cache_note
     assert again.run("task1", 4, _batch()[:, :, :12, :12]).shape == (3, 3)
@@ -250,7 +252,7 @@ def test_two_users_of_one_folder_keep_a_cache_each(folder, tmp_path, monkeypatch
     bob = SharedOrtRuntime(folder).engine.path
     assert alice != bob and alice.parent == bob.parent == folder / CACHE_DIR
     monkeypatch.setenv("DVN_CACHE_DIR", str(tmp_path / "alice"))
-    monkeypatch.setattr(engine_cache, "_build", lambda *a: pytest.fail("built again"))
+    monkeypatch.setattr(engine_cache, "build_cache", lambda *a: pytest.fail("built again"))
     assert SharedOrtRuntime(folder).engine.path == alice  # bob's open did not replace it
 
 
@@ -259,7 +261,7 @@ def test_a_build_that_finishes_second_keeps_the_first(folder):
     first = SharedOrtRuntime(folder)
     inode = (first.engine.path / INDEX_NAME).stat().st_ino
     files = SharedFolder(folder)
-    engine_cache._build(files, ort, engine_cache._key(files, ort), first.engine.path)  # the late builder
+    build_cache(files, ort, cache_key(files, ort), first.engine.path)  # the late builder
     assert (first.engine.path / INDEX_NAME).stat().st_ino == inode
     assert len(list((folder / CACHE_DIR).iterdir())) == 1
     np.testing.assert_allclose(first.run("task1", 4, _batch()), SharedOrtRuntime(folder).run("task1", 4, _batch()))

@@ -38,7 +38,8 @@ import numpy as np
 from ..errors import BadConfig, DvnError, WrongFileFormat
 from ..fsutil import first_line
 from ..modelfile.shared_folder import SharedFolder, graph_initializers, rows_held
-from .engine_cache import CacheUnusable, EngineCache, open_engine_cache
+from .engine_cache import EngineCache, open_engine_cache
+from .engine_key import CacheUnusable
 
 __all__ = ["CANONICAL_DISABLED_OPTIMIZERS", "SharedOrtRuntime"]
 
