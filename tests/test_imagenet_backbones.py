@@ -22,7 +22,8 @@ from dvn_cli.modelfile.bundle import save_bundle
 from dvn_cli.modelfile.checkpoint import Checkpoint, save_checkpoint
 from dvn_cli.modelfile.registry import open_model
 from dvn_cli.planning.plan import shared_memory_params
-from dvn_cli.runtime.shared import CONV_MODES, SharedRuntime
+from dvn_cli.runtime.block_store import CONV_MODES
+from dvn_cli.runtime.shared import SharedRuntime
 from dvn_cli.training.train_config import load_train_config
 
 from .conftest import all_task_levels, require_module, tiny_tasks

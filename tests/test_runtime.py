@@ -17,7 +17,8 @@ from dvn_cli.modelfile.compact import save_compact
 from dvn_cli.modelfile.registry import open_model, open_unit_source
 from dvn_cli.modelfile.spec import compact_spec
 from dvn_cli.planning.plan import accuracy_from_training, plan_budget_params, plan_levels, shared_memory_params
-from dvn_cli.runtime.shared import CONV_MODES, SharedRuntime
+from dvn_cli.runtime.block_store import CONV_MODES
+from dvn_cli.runtime.shared import SharedRuntime
 
 from .conftest import all_task_levels, settle_batch_norm
 

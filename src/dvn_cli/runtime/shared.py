@@ -5,7 +5,7 @@ plan counts (``planning.plan.shared_memory_params``, docs/design.md §3 "Shared 
 
 - one store of unit-pair blocks ``W[out(u_o), in(u_i)]`` (stem: row blocks ``W[out(u_o), :]``), the union over the
   running (task, level)s, each held once. A layer's blocks are kept in STRIPS: output units that need the same
-  input units share one tensor (``_Strip``), so the strips hold exactly the union;
+  input units share one tensor (``runtime.block_store.Strip``), so the strips hold exactly the union;
 - per running (task, level): its batch norms folded to a per-channel scale and shift (eval mode; as many numbers as
   the affine parameters a plan counts), and its task's head sliced to its level.
 
@@ -28,142 +28,37 @@ import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import BackboneConfig
 from ..core.network import TaskLevels
 from ..core.plain import PlainNetwork, plain_config
 from ..core.threads import threads_for_batch
-from ..core.units import BlockGrid
 from ..errors import BadConfig, UnknownTask, WrongFileFormat
 from ..modelfile.base import BlockKey, ModelFile, UnitParts, UnitSource
 from ..modelfile.registry import open_unit_source
 from ..planning.plan import Plan, plan_for_budget
+from .block_store import (
+    CONV_MODES,
+    BlockConv,
+    ConvMode,
+    Head,
+    Pair,
+    ScaleShift,
+    Strip,
+    meta_weight,
+    strip_layout,
+    strip_shape,
+)
 
-__all__ = ["CONV_MODES", "SharedRuntime"]
+__all__ = ["SharedRuntime"]
 
 _Module = TypeVar("_Module", bound=nn.Module)
 
-ConvMode = Literal["assemble", "blockwise"]
-CONV_MODES: tuple[str, ...] = ("assemble", "blockwise")
-"""How a convolution's weight is formed from its blocks: one transient weight per layer, or one conv per block."""
-
-Pair = tuple[int, int]  # (task index, level)
 _NORM_KEYS = ("weight", "bias", "running_mean", "running_var")
-
-
-@dataclass(frozen=True, eq=False)  # equal only to itself: a strip is one held tensor
-class _Strip:
-    """Output units that use the same input units, held as ONE tensor ``W[out(units_out), in(units_in)]``.
-
-    A row of blocks ``(u_o, *)`` is used by every running (task, level) whose units contain ``u_o``; the input
-    units it needs are the union of those tasks' units, so rows with equal unions share a strip and the strips of
-    a layer hold exactly the union of the blocks the tasks use, each once. ``units_in`` is None for the stem.
-    """
-
-    units_out: tuple[int, ...]  # ascending
-    units_in: tuple[int, ...] | None  # ascending; None: the input is not split
-    tensor: torch.Tensor
-
-    def keys(self, conv: str) -> list[BlockKey]:
-        return [(conv, uo, ui) for uo in self.units_out for ui in (self.units_in or (None,))]
-
-    def block(self, grid: BlockGrid, unit_out: int, unit_in: int | None) -> torch.Tensor:
-        """One block, as a view."""
-        rows = grid.out_channels // grid.units
-        view = self.tensor.narrow(0, self.units_out.index(unit_out) * rows, rows)
-        if unit_in is None:
-            return view
-        assert self.units_in is not None  # a block with an input unit is in a strip whose input is split
-        cols = grid.in_channels // grid.units
-        return view.narrow(1, self.units_in.index(unit_in) * cols, cols)
-
-
-class _BlockConv(nn.Module):
-    """A convolution of one (task, level) whose weight lives in the shared strips (views, never a copy held).
-
-    ``assemble``: the weight is a view of one strip when the (task, level)'s units are contiguous in it, else the
-    concatenation of one view per strip, formed just before the convolution and freed right after it.
-    ``blockwise``: one convolution per unit-pair block, summed per output unit.
-    """
-
-    def __init__(self, conv: nn.Conv2d, grid: BlockGrid, strips: Mapping[int, _Strip], units, mode: ConvMode):
-        super().__init__()
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.groups = conv.groups  # a depthwise layer: one group per channel, its blocks are its rows
-        self.mode = mode
-        rows, cols = grid.out_channels // grid.units, grid.in_channels // grid.units
-        runs: list[list] = []  # [strip, first row, end row]: output units in consecutive rows of one strip
-        for uo in units:
-            strip, r = strips[uo], strips[uo].units_out.index(uo)
-            if runs and runs[-1][0] is strip and runs[-1][2] == r:
-                runs[-1][2] = r + 1
-            else:
-                runs.append([strip, r, r + 1])
-        self.pieces: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (view, input channels to gather)
-        for strip, first, end in runs:
-            view = strip.tensor.narrow(0, first * rows, (end - first) * rows)
-            if strip.units_in is None:
-                self.pieces.append((view, None))
-                continue
-            at = [strip.units_in.index(u) for u in units]
-            if at == list(range(at[0], at[0] + len(at))):
-                self.pieces.append((view.narrow(1, at[0] * cols, len(at) * cols), None))
-            else:
-                channels = torch.tensor([p * cols + c for p in at for c in range(cols)], dtype=torch.int64)
-                self.pieces.append((view, channels.to(view.device)))
-        in_units = (None,) if grid.split_input is False else units
-        self.blocks = [[strips[uo].block(grid, uo, ui) for ui in in_units] for uo in units]  # views
-
-    def weight(self) -> torch.Tensor:
-        """The layer's weight: a view when it can be, else one transient tensor."""
-        parts = [view if channels is None else view.index_select(1, channels) for view, channels in self.pieces]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "assemble":  # (B, C_in*l/k, H, W) -> (B, C_out*l/k, H', W'); a formed weight dies here
-            return F.conv2d(x, self.weight(), None, self.stride, self.padding, self.dilation, self.groups)
-        if self.groups > 1:  # depthwise: each unit's filters read that unit's own channels
-            chunks = x.split(self.blocks[0][0].shape[0], dim=1)
-            return torch.cat(
-                [
-                    F.conv2d(chunk, row[0], None, self.stride, self.padding, self.dilation, row[0].shape[0])
-                    for chunk, row in zip(chunks, self.blocks, strict=True)
-                ],
-                dim=1,
-            )
-        inputs = x.split(self.blocks[0][0].shape[1], dim=1)  # one chunk per input unit (the stem: the whole image)
-        outputs = []
-        for row in self.blocks:  # every row has a block per input chunk, so at least one
-            out = F.conv2d(inputs[0], row[0], None, self.stride, self.padding, self.dilation)
-            for block, chunk in zip(row[1:], inputs[1:], strict=True):
-                out = out.add_(F.conv2d(chunk, block, None, self.stride, self.padding, self.dilation))
-            outputs.append(out)
-        return torch.cat(outputs, dim=1)
-
-
-class _ScaleShift(nn.Module):
-    """Batch norm in eval mode as a per-channel ``x * scale + shift``."""
-
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
-        super().__init__()
-        self.scale, self.shift = scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)  # views of the held tensors
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.shift, x, self.scale)
-
-
-class _Head(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.weight, self.bias = weight, bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 @dataclass(frozen=True)
@@ -171,7 +66,7 @@ class _State:
     """Everything one choice runs from; replaced as a whole by a switch, so a call never sees half of one."""
 
     choices: dict[str, int]  # task name -> level
-    strips: dict[str, tuple[_Strip, ...]]  # conv name under features -> the strips holding its blocks
+    strips: dict[str, tuple[Strip, ...]]  # conv name under features -> the strips holding its blocks
     private: dict[Pair, dict[str, tuple[torch.Tensor, ...]]]  # plain module name -> (scale, shift) / (weight, bias)
     runners: dict[str, nn.Module]  # task name -> its plain twin reading from the store
 
@@ -279,16 +174,16 @@ class SharedRuntime:
         held = {
             key: (strip, grids[key[0]]) for conv, ss in old.strips.items() for strip in ss for key in strip.keys(conv)
         }
-        strips: dict[str, tuple[_Strip, ...]] = {}
+        strips: dict[str, tuple[Strip, ...]] = {}
         into: dict[BlockKey, torch.Tensor] = {}  # where each block to be read goes: a view of its new strip
         for conv, grid in grids.items():
             kept = {(strip.units_out, strip.units_in): strip for strip in old.strips.get(conv, ())}
             layer = []
-            for units_out, units_in in _strip_layout(network.layout, grid, pairs):
+            for units_out, units_in in strip_layout(network.layout, grid, pairs):
                 strip = kept.get((units_out, units_in))
                 if strip is None:  # filled from held blocks now and from the source below
-                    strip = _Strip(
-                        units_out, units_in, torch.empty(_strip_shape(grid, network, conv, units_out, units_in))
+                    strip = Strip(
+                        units_out, units_in, torch.empty(strip_shape(grid, network, conv, units_out, units_in))
                     )
                     for key in strip.keys(conv):
                         view = strip.block(grid, *key[1:])
@@ -338,7 +233,7 @@ class SharedRuntime:
         """Refuse blocks and private parts whose shapes are not the ones the network's layers imply."""
         network = self.source.network
         for (conv, uo, ui), block in parts.blocks.items():
-            shape = self.source.grids[conv].block(_meta_weight(network, conv), uo, ui).shape
+            shape = self.source.grids[conv].block(meta_weight(network, conv), uo, ui).shape
             if block.shape != shape:
                 raise WrongFileFormat(
                     f"{self.source.label} does not match its own metadata (block {conv} {uo},{ui} has shape "
@@ -381,7 +276,7 @@ class SharedRuntime:
         self,
         t: int,
         level: int,
-        strips: Mapping[str, Sequence[_Strip]],
+        strips: Mapping[str, Sequence[Strip]],
         private: Mapping[str, tuple[torch.Tensor, ...]],
     ) -> nn.Module:
         """The plain twin of (t, level) on the meta device, every layer replaced by one reading the store."""
@@ -396,11 +291,11 @@ class SharedRuntime:
                 if conv not in grids or module.bias is not None or module.groups != 1 and not depthwise:
                     raise RuntimeError(f"plain {network.config.arch} layer {name} has no unit blocks to share")
                 by_unit = {uo: strip for strip in strips[conv] for uo in strip.units_out}
-                _replace(plain, name, _BlockConv(module, grids[conv], by_unit, units, self.conv))
+                _replace(plain, name, BlockConv(module, grids[conv], by_unit, units, self.conv))
             elif isinstance(module, nn.BatchNorm2d):
-                _replace(plain, name, _ScaleShift(*private[name]))
+                _replace(plain, name, ScaleShift(*private[name]))
             elif isinstance(module, nn.Linear):
-                _replace(plain, name, _Head(*private[name]))
+                _replace(plain, name, Head(*private[name]))
         left = [n for n, _ in [*plain.named_parameters(), *plain.named_buffers()]]
         if left:  # a plain builder with layers the runtime does not know: a bug, said plainly
             raise RuntimeError(f"plain {network.config.arch} has layers the shared runtime cannot run: {left[:3]}")
@@ -412,30 +307,6 @@ def _plan(source: UnitSource, budget: str, tasks: Sequence[str], weights: Mappin
     if source.fixed is not None:
         raise BadConfig(f"{source.label} holds fixed levels; a budget needs the full checkpoint to choose from")
     return plan_for_budget(source.network, source.training, budget, tasks, weights, source.label)
-
-
-def _strip_layout(layout, grid: BlockGrid, pairs: Sequence[Pair]) -> list[tuple[tuple[int, ...], tuple | None]]:
-    """The strips of one layer for ``pairs``: output units grouped by the input units they need (the union of the
-    units of every pair that uses the output unit); the stem, whose input is not split, is one strip."""
-    needs: dict[int, set[int]] = {}
-    for t, level in pairs:
-        units = layout.level_units(t, level)
-        for uo in units:
-            needs.setdefault(uo, set()).update(units)
-    groups: dict[tuple[int, ...] | None, list[int]] = {}
-    for uo in sorted(needs):
-        groups.setdefault(tuple(sorted(needs[uo])) if grid.split_input else None, []).append(uo)
-    return [(tuple(units_out), units_in) for units_in, units_out in groups.items()]
-
-
-def _strip_shape(grid: BlockGrid, network, conv: str, units_out, units_in) -> tuple[int, ...]:
-    rows = grid.out_channels // grid.units * len(units_out)
-    cols = grid.in_channels if units_in is None else grid.in_channels // grid.units * len(units_in)
-    return (rows, cols, *_meta_weight(network, conv).shape[2:])
-
-
-def _meta_weight(network, conv: str) -> torch.Tensor:
-    return network.features.get_submodule(conv).weight
 
 
 def _meta_plain(network, t: int, level: int) -> PlainNetwork:
