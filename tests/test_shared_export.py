@@ -534,3 +534,27 @@ def test_canonical_graphs_need_contiguous_runs_and_float32(checkpoint, scrambled
     )
     with pytest.raises(BadConfig, match="canonical graphs need"):
         export_shared(scrambled_checkpoint, tmp_path / "x", [("task0", 2)], mode="canonical")
+
+
+def test_a_folder_counts_the_parameters_it_holds_as_it_counts_their_bytes(checkpoint, tmp_path):
+    """Levels below the top read row ranges of per-unit tensors: parameters held are counted over the same rows as
+    bytes (a parameter budget on a folder means what a byte budget means); an int8 block's scales are no parameters,
+    so an int8 folder holds the parameters of the fp32 one."""
+    pairs = [(t, level) for t in ("task0", "task1") for level in (1, 2, 3, 4)]
+    export_shared(checkpoint, tmp_path / "fp32", pairs, check=False)
+    export_shared(checkpoint, tmp_path / "int8", pairs, check=False, precision="int8")
+    fp32, int8 = SharedFolder(tmp_path / "fp32"), SharedFolder(tmp_path / "int8")
+    for choices in ([("task0", 1)], [("task0", 2), ("task1", 3)], [("task0", 4), ("task1", 1)], pairs):
+        assert 4 * fp32.held_params(choices) == fp32.held_bytes(choices)
+        assert int8.held_params(choices) == fp32.held_params(choices) and int8.held_bytes(choices) < fp32.held_bytes(
+            choices
+        )
+    one, both = fp32.held_params([("task0", 1)]), fp32.held_params([("task0", 1), ("task1", 1)])
+    assert one < both < fp32.held_params([("task0", 4)])  # level 1 of each reads its own unit's rows
+
+    from dvn_cli.serve.folder_engine import FolderEngine
+
+    engine = FolderEngine(tmp_path / "fp32")  # a parameter budget picks what the same bytes pick
+    for choices in ({"task0": 2, "task1": 3}, {"task0": 4, "task1": 4}, {"task0": 1, "task1": 1}):
+        params = fp32.held_params(choices.items())
+        assert engine.plan(f"{params / 1000}k")[0] == engine.plan(f"{4 * params}B")[0] == choices

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..core.sizes import SCALE_SUFFIX
 from ..errors import MissingData, UnknownTask, WrongFileFormat
 from ..fsutil import first_line
 from .shared_weights import WeightsFile, check_listed_file
@@ -34,6 +35,7 @@ __all__ = [
     "SHARED_FORMAT_VERSION",
     "SHARED_LAYOUT",
     "SharedFolder",
+    "block_scale",
     "check_initializers",
     "graph_initializers",
     "rows_held",
@@ -154,6 +156,12 @@ def graph_initializers(entry: Mapping[str, Any]) -> dict[str, tuple[str, int, in
     views = {name: tuple(view) for name, view in entry.get("views", {}).items()}
     viewed = {view[0] for view in views.values()}
     return {**{name: None for name in entry["tensors"] if name not in viewed}, **views}
+
+
+def block_scale(name: str, index: Mapping[str, tuple]) -> bool:
+    """Whether tensor ``name`` of a weights file is the float32 scale of an int8 block (not a model parameter)."""
+    base = name.removesuffix(SCALE_SUFFIX)
+    return base != name and base in index and index[base][0] == np.int8
 
 
 def rows_held(entries: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, int] | None]:
@@ -327,17 +335,25 @@ class SharedFolder:
             raise UnknownTask(f"{self.folder} holds no {task} level {level}; it holds {held}")
         return self.models[task, level]
 
-    def held_bytes(self, pairs: Iterable[tuple[str, int]]) -> int:
-        """Bytes of the weights file's tensors that ``pairs`` use, a tensor two of them share counted once: what a
-        runtime running them holds, at the precision the file stores."""
+    def held_rows(self, pairs: Iterable[tuple[str, int]]) -> dict[str, tuple[int, int]]:
+        """Tensor -> the rows ``(begin, end)`` that ``pairs`` read, a tensor two of them share once (``rows_held``);
+        a tensor read whole: all of its rows (a 0-d tensor: one). What a runtime running them holds."""
         index = self.weights.index
         held = rows_held(self.model(task, level) for task, level in pairs)
-        spans = {  # a tensor held whole: all of its rows (a 0-d tensor: one)
-            n: rows if rows is not None else (0, index[n][1][0] if index[n][1] else 1) for n, rows in held.items()
-        }
-        return sum(
-            index[n][0].itemsize * math.prod(index[n][1][1:]) * (end - begin) for n, (begin, end) in spans.items()
-        )
+        return {n: rows if rows is not None else (0, index[n][1][0] if index[n][1] else 1) for n, rows in held.items()}
+
+    def held_bytes(self, pairs: Iterable[tuple[str, int]]) -> int:
+        """Bytes of the rows ``pairs`` read, each once, at the precision the file stores."""
+        index = self.weights.index
+        rows = self.held_rows(pairs).items()
+        return sum(index[n][0].itemsize * math.prod(index[n][1][1:]) * (end - begin) for n, (begin, end) in rows)
+
+    def held_params(self, pairs: Iterable[tuple[str, int]]) -> int:
+        """Parameters in the rows ``pairs`` read, each once: every number held but an int8 block's scales (they say
+        how its numbers read), so a parameter budget counts what a byte budget counts."""
+        index = self.weights.index
+        rows = self.held_rows(pairs).items()
+        return sum(math.prod(index[n][1][1:]) * (end - begin) for n, (begin, end) in rows if not block_scale(n, index))
 
     def graph(self, task: str, level: int) -> Path:
         """The graph file of (task, level), checked to declare exactly its entry's tensors, of the file's shapes."""

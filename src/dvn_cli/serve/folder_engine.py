@@ -24,7 +24,6 @@ import numpy as np
 from ..core.sizes import LevelCost
 from ..data.decode import RESIZE_METHODS, input_image, normalize_images
 from ..errors import BadBudget, WrongFileFormat
-from ..export.precision import SCALE_SUFFIX
 from ..modelfile.shared_folder import MANIFEST_NAME
 from ..planning.budget_rules import plan_held_levels
 from ..runtime.images import ImageSet
@@ -86,12 +85,6 @@ class FolderPair:
             cost,
             counts["k"],
         )
-
-
-def _block_scale(name: str, index: Mapping[str, tuple]) -> bool:
-    """Whether tensor ``name`` is the float32 scale of an int8 block (not a parameter of the model)."""
-    base = name.removesuffix(SCALE_SUFFIX)
-    return base != name and base in index and index[base][0] == np.int8
 
 
 def _numbers(values: Any, channels: int) -> bool:
@@ -158,10 +151,7 @@ class FolderEngine:
         return self.files.held_bytes(choices.items())
 
     def _held_params(self, choices: dict[str, int]) -> int:
-        """Parameters of the tensors ``choices`` use, each once: every number but an int8 block's scales."""
-        index = self.files.weights.index
-        names = {name for pair in choices.items() for name in self.files.model(*pair)["tensors"]}
-        return sum(math.prod(index[name][1]) for name in names if not _block_scale(name, index))
+        return self.files.held_params(choices.items())
 
     def _full_params(self) -> int:
         """Parameters of every task at level ``k`` (what a share is of), when the folder holds those levels."""
