@@ -133,6 +133,21 @@ def test_plan_counts_shared_units_once(run_dir, tmp_path):
     assert tiny.exit_code == 1 and tiny.stderr.startswith("error: ")
 
 
+def test_plan_keeps_an_existing_bundle_unless_forced(run_dir, tmp_path):
+    _, checkpoint, _ = run_dir
+    bundle = tmp_path / "kept.safetensors"
+    bundle.write_bytes(b"a file the user keeps")
+    again = invoke("plan", "-c", checkpoint, "--budget", "100%", "--bundle", bundle)
+    assert again.exit_code == 1 and again.stderr == (
+        f"error: cannot write to {bundle}: it already exists; pass --force to replace it\n"
+    )
+    assert bundle.read_bytes() == b"a file the user keeps"
+    assert invoke("plan", "-c", checkpoint, "--budget", "100%", "--bundle", bundle, "--force").exit_code == 0
+    from dvn_cli.modelfile.bundle import load_bundle
+
+    assert set(load_bundle(bundle).choices) == {"colours", "bands"}
+
+
 def test_missing_data_is_one_clear_line(tmp_path):
     result = invoke("train", "--tasks", "cifar10,svhn", "--data-root", tmp_path, "--out", tmp_path / "run")
     assert result.exit_code == 1
@@ -196,7 +211,7 @@ def test_prune_level_default_name_and_refusals(run_dir):
     before = written.read_bytes()
     again = invoke("prune-level", "-c", checkpoint, "--task", "colours", "--budget", "1")
     assert again.exit_code == 1 and again.stderr == (
-        f"error: {written} already exists; pass --force to replace it or -o for another file\n"
+        f"error: cannot write to {written}: it already exists; pass --force to replace it or -o for another file\n"
     )
     assert written.read_bytes() == before
     compact = invoke("prune-level", "-c", written, "--task", "colours", "--budget", "2")

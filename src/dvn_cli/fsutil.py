@@ -93,13 +93,19 @@ def refuse_non_regular(path: Path) -> None:
         raise CannotWrite(path, "it exists and is not a regular file; dvn replaces regular files only")
 
 
-def check_output_file(path: str | os.PathLike, reads: Iterable[str | os.PathLike | None] = ()) -> Path:
+def check_output_file(
+    path: str | os.PathLike,
+    reads: Iterable[str | os.PathLike | None] = (),
+    replace: bool | None = None,
+    hint: str = "",
+) -> Path:
     """``path`` when dvn may write a file there, checked before any work: it is not an existing non-regular file
-    (``refuse_non_regular``), its folder exists (a file dvn is asked to write gets no folders made for it), and it is
-    none of the files the command reads (``reads``), under any name: the same path, a link, a hard link.
+    (``refuse_non_regular``), its folder exists (a file dvn is asked to write gets no folders made for it), it is
+    none of the files the command reads (``reads``), under any name: the same path, a link, a hard link, and, unless
+    ``replace`` (a model file's ``--force``; None: a report the command may rewrite), it does not exist yet.
 
     Raises:
-        CannotWrite: one line saying which.
+        CannotWrite: one line saying which (``hint`` adds a way out to the existing file's refusal).
     """
     path = Path(path)
     refuse_non_regular(path)
@@ -115,6 +121,8 @@ def check_output_file(path: str | os.PathLike, reads: Iterable[str | os.PathLike
         if same:
             other = "" if Path(source) == path else f" ({source}, under another name)"
             raise CannotWrite(path, f"it is the file this command reads{other}; choose another file")
+    if replace is False and path.exists():
+        raise CannotWrite(path, f"it already exists; pass --force to replace it{hint}")
     return path
 
 

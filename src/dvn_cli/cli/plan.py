@@ -34,6 +34,7 @@ def plan(
         str,
         typer.Option(help="Count bytes as export --shared --precision stores them: fp32, fp16 or int8."),
     ] = "fp32",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --bundle file.")] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Choose a level per task for tasks that run AT ONCE under one shared memory budget."""
@@ -43,7 +44,7 @@ def plan(
 
     with user_errors():
         if bundle is not None:
-            check_output_file(bundle, reads=(checkpoint,))
+            check_output_file(bundle, reads=(checkpoint,), replace=force)
         ckpt = open_model_file(checkpoint, (CHECKPOINT_FORMAT,))
         assert isinstance(ckpt, Checkpoint)  # the one format asked for
         network = ckpt.network

@@ -45,9 +45,7 @@ def write_compact_level(
         )
     level = file_level(source, task, budget)
     path = Path(out) if out is not None else default_compact_path(source, task, level)
-    check_output_file(path, reads=(source.path,))
-    if path.exists() and not force:
-        raise BadConfig(f"{path} already exists; pass --force to replace it or -o for another file")
+    check_output_file(path, reads=(source.path,), replace=force, hint=" or -o for another file")
     plain, spec = source.plain_of(task, level), source.spec_of(task, level)
     save_compact(plain, spec, path)
     return CompactModel(plain=plain, spec=spec, path=path)

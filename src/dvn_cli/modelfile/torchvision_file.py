@@ -81,9 +81,7 @@ def convert_torchvision(source: str | os.PathLike, out: str | os.PathLike, force
     from safetensors.torch import save
 
     source, out = Path(source), Path(out)
-    check_output_file(out, reads=(source,))
-    if out.exists() and not force:
-        raise BadConfig(f"{out} already exists; pass --force to replace it")
+    check_output_file(out, reads=(source,), replace=force)
     check_regular_file(source)  # as --init and -c: a FIFO would block torch.load for ever
     if file_format(source) == "safetensors":
         raise BadConfig(f"{source} is already a safetensors file; pass it to --init as it is")
