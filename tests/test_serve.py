@@ -381,6 +381,32 @@ def test_multipart_parts_are_the_images_and_bad_bodies_are_4xx(model):
         served.close()
 
 
+def test_a_part_without_a_file_name_keeps_the_bytes_sent():
+    """Starlette decodes a part without a file name as text (UTF-8, else Latin-1); an image whose bytes happen to be
+    valid UTF-8 (a PPM of pixels 0xC3 0xA9) must still reach the decoder byte for byte, as a file part does."""
+    import asyncio
+
+    from starlette.datastructures import Headers
+
+    from dvn_cli.serve.uploads import split_uploads
+
+    ppm = b"P6\n2 2\n255\n" + b"\xc3\xa9" * 6  # valid UTF-8 throughout: 'e acute' six times
+    latin = b"P6\n2 2\n255\n" + bytes([0xE9, 0x89, 0xFF]) * 4  # not UTF-8: Starlette's Latin-1 path
+    body = (
+        b"".join(
+            b'--b\r\nContent-Disposition: form-data; name="%s"%s\r\n\r\n%s\r\n' % (name, extra, data)
+            for name, extra, data in [
+                (b"utf8", b"", ppm),
+                (b"latin", b"", latin),
+                (b"file", b'; filename="f.ppm"', ppm),
+            ]
+        )
+        + b"--b--\r\n"
+    )
+    headers = Headers({"content-type": "multipart/form-data; boundary=b"})
+    assert asyncio.run(split_uploads(headers, body)) == [("utf8", ppm), ("latin", latin), ("f.ppm", ppm)]
+
+
 @pytest.mark.slow
 def test_unknown_paths_and_methods_are_json_too(limited):
     assert limited.request("GET", "/nowhere") == (404, {"error": "GET /nowhere: Not Found"})

@@ -111,9 +111,22 @@ async def split_uploads(headers: Headers, body: bytes) -> list[tuple[str, bytes]
     async def replay() -> AsyncGenerator[bytes, None]:  # the body, already read within its limits
         yield body
 
-    parser = MultiPartParser(
-        headers, replay(), max_files=MAX_IMAGES, max_fields=MAX_IMAGES, max_part_size=max(len(body), 1)
-    )
+    class ExactParts(MultiPartParser):
+        """Starlette's parser, keeping a part without a file name as the bytes sent: Starlette decodes it as text
+        (UTF-8, else Latin-1), which no encoding undoes for every image (bytes that are valid UTF-8 come back as
+        other bytes)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.fields: dict[int, bytes] = {}  # position among the parts -> the bytes of a field's part
+
+        def on_part_end(self) -> None:
+            part = self._current_part  # Starlette's part being parsed: its bytes, before they are decoded
+            if part.file is None:
+                self.fields[len(self.items)] = bytes(part.data)
+            super().on_part_end()
+
+    parser = ExactParts(headers, replay(), max_files=MAX_IMAGES, max_fields=MAX_IMAGES, max_part_size=max(len(body), 1))
     parser.spool_max_size = len(body)  # the body is in memory already: no part is spooled to a file
     try:
         form = await parser.parse()
@@ -122,7 +135,7 @@ async def split_uploads(headers: Headers, body: bytes) -> list[tuple[str, bytes]
             raise RequestError(413, f"over {MAX_IMAGES} images in one request; at most {MAX_IMAGES}") from None
         raise RequestError(400, f"a multipart body that does not parse: {exc.message}") from None
     try:
-        uploads = [await _upload(i, field, value) for i, (field, value) in enumerate(form.multi_items())]
+        uploads = [await _upload(i, field, value, parser.fields) for i, (field, value) in enumerate(form.multi_items())]
     finally:
         await form.close()
     if not uploads:
@@ -132,15 +145,11 @@ async def split_uploads(headers: Headers, body: bytes) -> list[tuple[str, bytes]
     return uploads
 
 
-async def _upload(index: int, field: str, value: Any) -> tuple[str, bytes]:
-    """(name, bytes) of one part: a file (``UploadFile``), or a field without a file name, whose text Starlette
-    decoded, as UTF-8 or, for bytes that are not UTF-8 (every image format's), as Latin-1: encoded back."""
+async def _upload(index: int, field: str, value: Any, fields: dict[int, bytes]) -> tuple[str, bytes]:
+    """(name, bytes) of part ``index``: a file (``UploadFile``), or a field without a file name, its bytes as sent
+    (``fields``)."""
     if isinstance(value, str):
-        try:
-            data = value.encode("latin-1")
-        except UnicodeEncodeError:
-            data = value.encode("utf-8")
-        return field or f"image{index}", data
+        return field or f"image{index}", fields[index]
     return value.filename or field or f"image{index}", await value.read()
 
 
