@@ -290,3 +290,39 @@ def test_cli_says_which_path_each_task_took(tmp_path: Path, folder: Path):
     assert (config["data_mode"], config["workers"]) == ("stream", 1)
     result = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "run2")])
     assert result.exit_code == 0 and result.stderr.count("in memory") == 2
+
+
+def _live_workers(timeout: float = 10.0) -> list:
+    """The multiprocessing children still alive after up to ``timeout`` seconds (workers end asynchronously)."""
+    import multiprocessing
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (alive := multiprocessing.active_children()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
+
+
+def test_a_failed_or_closed_stream_leaves_no_worker_to_interrupt_the_save(folder: Path):
+    """A worker that dies ends the stream in one StreamFailed, and the loader's other workers are shut down with it:
+    DataLoader's SIGCHLD handler raises for any registered worker that dies, wherever the main thread is, and the
+    run saves its progress next. ``close`` shuts a healthy stream's workers down the same way."""
+    import os
+    import signal
+
+    from dvn_cli.data.streaming import StreamFailed
+
+    stream = _stream(f"colours={folder}", workers=2).train_batches(4, seed=0, task_index=0)
+    next(stream)
+    assert len(_live_workers(0)) == 2
+    stream.close()
+    assert _live_workers() == []
+    next(stream)  # the stream starts its workers again where it stood
+    os.kill(_live_workers(0)[0].pid, signal.SIGKILL)
+    try:
+        for _ in range(50):
+            next(stream)
+    except StreamFailed:  # the run saves here, the failure still alive: no worker may be left
+        assert _live_workers() == []
+    else:
+        pytest.fail("a killed worker did not end the stream")

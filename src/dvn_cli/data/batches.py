@@ -151,6 +151,9 @@ class TaskBatches(EpochStream):
         images = augment_batch(self.data.train_images[idx], self.policy, self.generator)
         return normalize_batch(images, self.data.spec), self.data.train_labels[idx]
 
+    def close(self) -> None:
+        """Nothing to release: the images are the task's, held in memory."""
+
     def state_dict(self) -> dict[str, Any]:
         """Generator states (uint8 tensors) and ``epoch``, ``position``, ``num_images`` (ints)."""
         return {

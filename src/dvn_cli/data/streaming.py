@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,7 +258,7 @@ class StreamBatches(EpochStream):
         super().__init__(data.spec, len(data.train_index), batch_size)
         self.data = data
         self.seed, self.task_index = seed, task_index
-        self._batches: Iterator[Any] | None = None
+        self._batches: Generator[Any, None, None] | None = None
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -282,6 +282,12 @@ class StreamBatches(EpochStream):
         _refuse_unreadable(unreadable, self.data)
         self.position += 1
         return images, labels
+
+    def close(self) -> None:
+        """Shut the decoding workers down (the stream starts them again where it stands when next asked)."""
+        if self._batches is not None:
+            self._batches.close()  # GeneratorExit in _guarded drops the loader's iterator: its workers end
+            self._batches = None
 
     def state_dict(self) -> dict[str, Any]:
         """``epoch``, ``position`` and ``num_images`` (ints): all a resumed stream needs."""
@@ -410,7 +416,7 @@ def _loader(dataset: Dataset, keys: Iterable[Any], workers: int) -> DataLoader:
     )
 
 
-def _guarded(loader: DataLoader, data: StreamedTask | None = None) -> Iterator[Any]:
+def _guarded(loader: DataLoader, data: StreamedTask | None = None) -> Generator[Any, None, None]:
     """``loader``'s items; a worker that fails or dies ends in ONE clear ``StreamFailed`` line, never a hang."""
     what = f"task {data.spec.name!r}" if data is not None else "a folder task"
     iterator = iter(loader)
@@ -420,14 +426,20 @@ def _guarded(loader: DataLoader, data: StreamedTask | None = None) -> Iterator[A
         except StopIteration:
             return
         except (ConnectionError, EOFError) as exc:  # a worker killed while its batch was in the pipe
-            raise StreamFailed(
+            failure = StreamFailed(
                 f"a data worker reading {what} died: its connection closed mid-batch ({first_line(exc)})"
-            ) from None
+            )
         except Exception as exc:
             lines = [line for line in str(exc).splitlines() if line.strip()]
             detail = lines[-1].strip() if lines else first_line(exc)
-            raise StreamFailed(f"a data worker reading {what} failed: {detail}") from None
-        yield item
+            failure = StreamFailed(f"a data worker reading {what} failed: {detail}")
+        else:
+            yield item
+            continue
+        # The last reference to the loader's iterator: its workers are shut down now, so DataLoader's SIGCHLD
+        # handler no longer raises for them while the run saves its progress.
+        del iterator
+        raise failure
 
 
 def worker_failure(exc: BaseException, data: StreamedTask | None = None) -> StreamFailed | None:

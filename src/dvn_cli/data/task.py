@@ -72,6 +72,10 @@ class EpochStream(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()`` output; ints may also come as 0-d tensors (safetensors)."""
 
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the stream holds besides its state (a streamed task's decoding workers)."""
+
     def _check_state(self, state: dict[str, Any]) -> None:
         """Refuse a saved state of another training split (other data, ``--limit`` or ``--seed``)."""
         num_images = int(state["num_images"])

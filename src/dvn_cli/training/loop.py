@@ -154,6 +154,8 @@ def _fit(
             failure = exc if isinstance(exc, StreamFailed) else worker_failure(exc)
             if failure is None:
                 raise
+            for stream in run.streams:  # no worker left to interrupt the save (DataLoader's SIGCHLD handler)
+                stream.close()
             raise _saved_after(run, failure) from None
         return result if result is not None else together(env, device, lambda: save_run(run, interrupted=False))
     finally:
