@@ -180,18 +180,19 @@ def test_a_task_left_without_validation_images_is_refused(tmp_path):
     ],
 )
 def test_values_out_of_range_in_a_config_file_are_refused(tasks, tmp_path, toml, message):
+    _config_file_is_refused(tasks, tmp_path, toml, message)
+
+
+def test_non_finite_values_in_a_config_file_are_refused(tasks, tmp_path):
+    _config_file_is_refused(tasks, tmp_path, "momentum = -inf", "error: momentum must be a finite number, got -inf")
+
+
+def _config_file_is_refused(tasks, tmp_path, toml, message):
+    """``dvn train --config`` of a file holding ``toml`` ends on the one line ``message`` and writes no run."""
     config = tmp_path / "train.toml"
     config.write_text(toml + "\n")
     result = invoke(*_tiny_train_args(tasks, tmp_path / "run", tmp_path / "data"), "--config", config)
     one_error_line(result, message)
-    assert not (tmp_path / "run").exists()
-
-
-def test_non_finite_values_in_a_config_file_are_refused(tasks, tmp_path):
-    config = tmp_path / "train.toml"
-    config.write_text("momentum = -inf\n")
-    result = invoke(*_tiny_train_args(tasks, tmp_path / "run", tmp_path / "data"), "--config", config)
-    one_error_line(result, "error: momentum must be a finite number, got -inf")
     assert not (tmp_path / "run").exists()
 
 
@@ -233,11 +234,7 @@ def test_a_config_file_that_is_missing_a_folder_or_a_fifo_is_one_line(tasks, tmp
     ],
 )
 def test_a_config_value_of_the_wrong_type_names_its_key(tasks, tmp_path, toml, message):
-    config = tmp_path / "train.toml"
-    config.write_text(toml + "\n")
-    result = invoke(*_tiny_train_args(tasks, tmp_path / "run", tmp_path / "data"), "--config", config)
-    one_error_line(result, message)
-    assert not (tmp_path / "run").exists()
+    _config_file_is_refused(tasks, tmp_path, toml, message)
 
 
 def test_every_stored_config_passes_the_type_check():

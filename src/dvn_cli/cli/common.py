@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ..modelfile.base import ModelFile
 
 __all__ = [
+    "BUDGET_HELP",
     "DEFAULT_CHECKPOINT",
     "CheckpointOption",
     "DataRootOption",
@@ -38,6 +39,8 @@ CheckpointOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
 TaskOption = Annotated[str | None, typer.Option(help="Comma-separated tasks (default: all).")]
 DataRootOption = Annotated[str | None, typer.Option(help="Dataset folder (default ./data or $DVN_DATA_ROOT).")]
+BUDGET_HELP = "A level (3), parameters (250k), a share (40%) or bytes (2MB)"
+"""What ``--budget`` of one (task, level) takes (``planning.budget_rules``)."""
 
 
 @contextlib.contextmanager

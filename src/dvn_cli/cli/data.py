@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from . import ui
-from .common import DataRootOption, user_errors
+from .common import DataRootOption, split_names, user_errors
 
 __all__ = ["prepare"]
 
@@ -24,7 +24,7 @@ def prepare(
     from ..data.prepare import prepare_offline_data  # imports numpy: dvn --help does not wait for it
 
     with user_errors():
-        rows = prepare_offline_data(data_root, datasets=[d.strip() for d in datasets.split(",") if d.strip()])
+        rows = prepare_offline_data(data_root, datasets=split_names(datasets) or ())
     if json_output:
         ui.print_json({"rows": rows})
     else:

@@ -11,6 +11,7 @@ from ..evaluation.report import plot_accuracy, write_csv
 from ..fsutil import check_output_file
 from . import ui, views
 from .common import (
+    BUDGET_HELP,
     DEFAULT_CHECKPOINT,
     CheckpointOption,
     DataRootOption,
@@ -27,9 +28,7 @@ __all__ = ["eval_"]
 def eval_(
     checkpoint: CheckpointOption = DEFAULT_CHECKPOINT,
     task: TaskOption = None,
-    budget: Annotated[
-        str | None, typer.Option(help="A level (3), parameters (250k), a share (40%) or bytes (2MB).")
-    ] = None,
+    budget: Annotated[str | None, typer.Option(help=f"{BUDGET_HELP}.")] = None,
     split: Annotated[str, typer.Option(help="test (for reporting) or val.")] = "test",
     limit: Annotated[int | None, typer.Option(help="At most N images per task.")] = None,
     data_root: DataRootOption = None,

@@ -10,6 +10,7 @@ import typer
 from ..errors import BadConfig
 from . import ui, views
 from .common import (
+    BUDGET_HELP,
     DEFAULT_CHECKPOINT,
     CheckpointOption,
     JsonOption,
@@ -30,7 +31,7 @@ def predict(
     task: TaskOption = None,
     budget: Annotated[
         str | None,
-        typer.Option(help="A level (3), parameters (250k), a share (40%) or bytes (2MB); default: the largest level."),
+        typer.Option(help=f"{BUDGET_HELP}; default: the largest level."),
     ] = None,
     budgets: Annotated[
         str | None,

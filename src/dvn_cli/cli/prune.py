@@ -9,14 +9,14 @@ import typer
 
 from ..planning.budget_rules import format_bytes, format_count
 from . import ui
-from .common import DEFAULT_CHECKPOINT, CheckpointOption, open_model_file, user_errors
+from .common import BUDGET_HELP, DEFAULT_CHECKPOINT, CheckpointOption, open_model_file, user_errors
 
 __all__ = ["prune_level"]
 
 
 def prune_level(
     task: Annotated[str, typer.Option(help="The task to extract.")],
-    budget: Annotated[str, typer.Option(help="A level (3), parameters (250k), a share (40%) or bytes (2MB).")],
+    budget: Annotated[str, typer.Option(help=f"{BUDGET_HELP}.")],
     checkpoint: CheckpointOption = DEFAULT_CHECKPOINT,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Output file (default: beside the checkpoint).")

@@ -42,6 +42,11 @@ def _arch(backbone: dict) -> str:
     return f"{backbone['arch']}-{backbone['depth']}" if backbone["arch"] == "resnet" else backbone["arch"]
 
 
+def _sha256(digest: Any) -> str:
+    """``sha256 0123456789abcdef…``: a file's digest, shortened for the summaries."""
+    return f"sha256 {str(digest)[:16]}…"
+
+
 def show_model_file(described: dict[str, Any]) -> None:
     """``dvn info`` of any model file: one (task, level) in detail, or the task x unit grid and levels table."""
     shows = {"dvn-compact": show_compact, "dvn-shared-export": show_shared_export}
@@ -53,7 +58,7 @@ def show_checkpoint(described: dict[str, Any]) -> None:
     bb = described["backbone"]
     console().print(
         f"[bold]{visible(described['file'])}[/]  {described['format']} v{described['version']}, "
-        f"{format_bytes(described['bytes'])}, sha256 {described['sha256'][:16]}…"
+        f"{format_bytes(described['bytes'])}, {_sha256(described['sha256'])}"
     )
     console().print(
         f"backbone {_arch(bb)} widths {bb['widths']} k={described['units']} "
@@ -155,14 +160,14 @@ def show_compact(described: dict[str, Any]) -> None:
     task, bb = described["task"], described["backbone"]
     console().print(
         f"[bold]{visible(described['file'])}[/]  dvn-compact, {format_bytes(described['bytes'])}, "
-        f"sha256 {described['sha256'][:16]}…\n"
+        f"{_sha256(described['sha256'])}\n"
         f"task {visible(task['name'])} ({len(task['classes'])} classes), "
         f"level {described['level']} of {described['k']}, "
         f"units {described['units']}\n"
         f"plain {_arch(bb)} widths {bb['widths']}, input {bb['in_channels']}x{bb['input_size']}"
         f"x{bb['input_size']}; {format_count(described['params'])} weights, "
         f"{format_count(described['params_total'])} with batch norm and head, {format_count(described['macs'])} "
-        f"MACs/image\nfrom checkpoint sha256 {described['source_sha256'][:16]}…"
+        f"MACs/image\nfrom checkpoint {_sha256(described['source_sha256'])}"
     )
 
 
@@ -174,8 +179,7 @@ def show_shared_export(described: dict[str, Any]) -> None:
         f"{visible(str(described['dvn_version']))}): {visible(str(weights['file']))} "
         f"{format_bytes(weights['bytes'])}, {format_count(weights['stored_params'])} parameters stored once "
         f"at {visible(str(weights['precision']))}, "
-        f"sha256 {str(weights['sha256'])[:16]}…\nfrom {visible(str(source.get('format')))} sha256 "
-        f"{str(source.get('sha256'))[:16]}…"
+        f"{_sha256(weights['sha256'])}\nfrom {visible(str(source.get('format')))} {_sha256(source.get('sha256'))}"
     )
     print_table(
         described["levels"],
