@@ -26,6 +26,7 @@ from ..modelfile.base import ModelFile
 from ..modelfile.registry import open_model
 from ..modelfile.spec import CompactSpec
 from .folder import requested_pairs
+from .pairs import norm_scale_shift, set_submodule
 
 __all__ = ["BlockLayout", "shared_tensors", "split_inputs"]
 
@@ -166,27 +167,17 @@ def _shared_module(
                     continue
                 cols = _chunks(row, 1, units)
                 rows.append([store.add(f"features.{name}.weight.{uo}.{ui}", b, block=True) for ui, b in cols.items()])
-            _set(shared.features, name, _BlockConv2d(module, rows, mode))
+            set_submodule(shared.features, name, _BlockConv2d(module, rows, mode))
         elif isinstance(module, nn.BatchNorm2d):
-            # a plain twin's batch norms track running statistics (nn.BatchNorm2d's default)
-            assert module.running_var is not None and module.running_mean is not None
-            with torch.no_grad():
-                var, mean = module.running_var.double(), module.running_mean.double()
-                scale = module.weight.double() / torch.sqrt(var + module.eps)
-                shift = module.bias.double() - mean * scale
+            scale, shift = norm_scale_shift(module)
             scale_p = store.add(f"features.{name}.{tag}.scale", scale.float().view(-1, 1, 1))
             shift_p = store.add(f"features.{name}.{tag}.shift", shift.float().view(-1, 1, 1))
-            _set(shared.features, name, _ScaleShift(scale_p, shift_p))
+            set_submodule(shared.features, name, _ScaleShift(scale_p, shift_p))
     head = shared.head
     columns = [store.add(f"head.task{task_index}.weight.{u}", c) for u, c in _chunks(head.weight, 1, units).items()]
     block_head = _BlockLinear(columns, store.add(f"head.task{task_index}.bias", head.bias), mode)
-    _set(shared, "head", block_head)  # by name, as every layer: the result is no PlainNetwork (its head a Linear)
+    set_submodule(shared, "head", block_head)  # by name: the result is no PlainNetwork (its head a Linear)
     return shared.eval(), plain.eval(), spec
-
-
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
 def shared_tensors(

@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import DvnError
 from ..modelfile.base import ModelFile
 from ..modelfile.spec import CompactSpec
+from .pairs import norm_scale_shift, set_submodule
 
 __all__ = ["CANONICAL_MODE", "CanonicalLayout", "unit_runs"]
 
@@ -135,11 +136,6 @@ class _HeadRows(nn.Module):
         return torch.addmm(self.bias, x, self.weight_t)
 
 
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, module)
-
-
 def _unit_slice(tensor: torch.Tensor, dim: int, units: int, index: int) -> np.ndarray:
     size = tensor.shape[dim] // units
     return tensor.detach().float().narrow(dim, index * size, size).contiguous().numpy()
@@ -196,12 +192,7 @@ class CanonicalLayout:
                                 pieces, (f"features.{name}.weight.in{j}", j), uo, _unit_slice(rows, 1, b - a, ji)
                             )
                 elif isinstance(module, nn.BatchNorm2d):
-                    # a plain twin's batch norms track running statistics (nn.BatchNorm2d's default)
-                    assert module.running_var is not None and module.running_mean is not None
-                    with torch.no_grad():
-                        var, mean = module.running_var.double(), module.running_mean.double()
-                        scale = module.weight.double() / torch.sqrt(var + module.eps)
-                        shift = module.bias.double() - mean * scale
+                    scale, shift = norm_scale_shift(module)
                     channels = scale.numel()
                     self.stored.add(f"features.{name}.{tag}.scale", scale.float().numpy())
                     self.stored.add(f"features.{name}.{tag}.shift", shift.float().numpy())
@@ -286,11 +277,11 @@ class CanonicalLayout:
                 if not self.split[name] or self.full:
                     key = f"features.{name}.weight"
                     init, weight = self._read(key, run)
-                    _set(shared.features, name, _RowsConv2d(module, param(init, lambda w=weight: w)))
+                    set_submodule(shared.features, name, _RowsConv2d(module, param(init, lambda w=weight: w)))
                     continue
                 inits = [self._read(f"features.{name}.weight.in{j}", run) for j in range(*run)]
                 weights = [param(init, lambda w=w: w) for init, w in inits]
-                _set(shared.features, name, _InputUnitsConv2d(module, weights))
+                set_submodule(shared.features, name, _InputUnitsConv2d(module, weights))
             elif isinstance(module, nn.BatchNorm2d):
                 c = module.num_features
                 scale, shift = (f"features.{name}.{tag}.{part}" for part in ("scale", "shift"))
@@ -299,13 +290,13 @@ class CanonicalLayout:
                     param(n, lambda n=n, values=values: nn.Parameter(torch.from_numpy(values[n].copy()), False))
                     for n in (scale, shift, f"norm.zeros.{c}", f"norm.ones.{c}")
                 ]
-                _set(shared.features, name, _BatchNormOp(*parts))
+                set_submodule(shared.features, name, _BatchNormOp(*parts))
         init, weight_t = self._read(f"head.task{index}.weight_t", run)
         bias = f"head.task{index}.bias"
         head = _HeadRows(
             param(init, lambda: weight_t),
             param(bias, lambda: nn.Parameter(torch.from_numpy(self.stored.tensors[bias].copy()), False)),
         )
-        _set(shared, "head", head)  # by name, as every layer: the result is no PlainNetwork (its head a Linear)
+        set_submodule(shared, "head", head)  # by name: the result is no PlainNetwork (its head a Linear)
         keys = {pname: named[id(p)] for pname, p in shared.named_parameters() if id(p) in named}
         return shared.eval(), plain.eval(), spec, keys

@@ -112,9 +112,20 @@ def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in place of ``root``'s submodule ``name`` (a dotted path)."""
     parent, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def norm_scale_shift(norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode batch norm ``norm`` as float64 ``(scale, shift)``: ``y = x * scale + shift`` per channel."""
+    # a plain twin's batch norms track running statistics (nn.BatchNorm2d's default)
+    assert norm.running_var is not None and norm.running_mean is not None
+    with torch.no_grad():
+        var, mean = norm.running_var.double(), norm.running_mean.double()
+        scale = norm.weight.double() / torch.sqrt(var + norm.eps)
+        return scale, norm.bias.double() - mean * scale
 
 
 def fold_batchnorm(plain: nn.Module) -> nn.Module:
@@ -127,8 +138,8 @@ def fold_batchnorm(plain: nn.Module) -> nn.Module:
     for conv_name, bn_name in _conv_bn_pairs(folded):
         conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
         assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)  # what _conv_bn_pairs found
-        _set_submodule(folded, conv_name, torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn))
-        _set_submodule(folded, bn_name, nn.Identity())
+        set_submodule(folded, conv_name, torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn))
+        set_submodule(folded, bn_name, nn.Identity())
     return folded.requires_grad_(False)
 
 

@@ -20,13 +20,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..fsutil import first_line, write_atomic
+from ..fsutil import first_line, sha256_file, write_atomic
 from ..modelfile.shared_folder import SharedFolder, graph_initializers
 from ..modelfile.shared_weights import write_weights_file
 from .engine_key import CacheUnusable, sign, user_key
@@ -121,7 +122,7 @@ def build_cache(files: SharedFolder, ort, key: Mapping[str, Any], place: Path) -
         weights = stage / WEIGHTS_NAME
         body = {
             "key": dict(key),
-            "weights": {"bytes": weights.stat().st_size, "sha256": _sha256(weights)},
+            "weights": {"bytes": weights.stat().st_size, "sha256": sha256_file(weights)},
             "graphs": graphs,
         }
         write_atomic(stage / INDEX_NAME, json.dumps({"body": body, "hmac": sign(user_key(), body)}).encode())
@@ -138,14 +139,6 @@ def _commit(stage: Path, place: Path) -> None:
     except OSError:
         if not (place / INDEX_NAME).exists():  # not another process's finished cache
             raise
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _optimise(onnx, ort, files: SharedFolder, pair, entry, stage: Path, i: int, arrays: dict[str, np.ndarray]):
@@ -209,35 +202,33 @@ def _pack(arrays: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str,
     refs: dict[str, list[int]] = {}  # name -> [piece, byte offset, byte length]
     for name in sorted(arrays, key=lambda n: -arrays[n].nbytes):
         data = arrays[name].tobytes()
-        placed = None
-        for p, piece in enumerate(pieces):
-            at = _find(piece, data)
-            if at is not None:
-                placed = [p, at]
-                break
-        if placed is None:
-            for p, piece in enumerate(pieces):
-                at = _overlap(piece, data)
-                if at is not None:
-                    pieces[p] = piece + data[len(piece) - at :]
-                    placed = [p, at]
-                    break
-        if placed is None:
-            for p, piece in enumerate(pieces):
-                at = _overlap(data, piece)
-                if at is not None:
-                    pieces[p] = data[:at] + piece
-                    for ref in refs.values():
-                        if ref[0] == p:
-                            ref[1] += at
-                    placed = [p, 0]
-                    break
-        if placed is None:
+        if found := _first(pieces, partial(_find, needle=data)):
+            placed = list(found)
+        elif found := _first(pieces, partial(_overlap, second=data)):
+            p, at = found
+            pieces[p] += data[len(pieces[p]) - at :]
+            placed = [p, at]
+        elif found := _first(pieces, partial(_overlap, data)):
+            p, at = found
+            pieces[p] = data[:at] + pieces[p]
+            for ref in refs.values():
+                if ref[0] == p:
+                    ref[1] += at
+            placed = [p, 0]
+        else:
             pieces.append(data)
             placed = [len(pieces) - 1, 0]
         refs[name] = [*placed, len(data)]
     arrays_out = [np.frombuffer(piece, np.float32) for piece in pieces]
     return arrays_out, {n: (p, at // 4, (at + length) // 4) for n, (p, at, length) in refs.items()}
+
+
+def _first(pieces: list[bytes], at: Callable[[bytes], int | None]) -> tuple[int, int] | None:
+    """``(piece, at(piece))`` of the first piece where ``at`` is not None, else None."""
+    for p, piece in enumerate(pieces):
+        if (found := at(piece)) is not None:
+            return p, found
+    return None
 
 
 def _find(haystack: bytes, needle: bytes) -> int | None:

@@ -217,7 +217,9 @@ class SharedOrtRuntime:
         """The onnxruntime session of (task, level), made on first use."""
         key = (task, level)
         if key not in self._sessions:
-            entry, path = self._entry(task, level), self.files.graph(task, level)
+            entry = self._entry(task, level)
+            # the folder's graph is checked (read and parsed) only where it runs: not with an engine cache
+            path = self.folder / self.model(task, level)["file"] if self.engine else self.files.graph(task, level)
             before = set(self._sessions)
             self._hold(rows_held([entry]))  # may read a tensor again, larger, and drop the sessions over it
             options = self.session_options(graph_initializers(entry))
