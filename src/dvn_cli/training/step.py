@@ -36,21 +36,20 @@ class Mark:
     step draws from it (every draw has a generator of its own; tests/test_resume.py checks)."""
 
     streams: list[dict[str, Any]]
-    warmup: tuple[AffinityWarmup, np.ndarray, int] | None
+    warmup: tuple[np.ndarray, int] | None  # the warm-up's (sums, measured)
     buffers: list[torch.Tensor]
 
     @classmethod
     def of(cls, run: Run) -> Mark:
-        warmup = (run.warmup, run.warmup.sums, run.warmup.measured) if run.warmup is not None else None
+        warmup = (run.warmup.sums, run.warmup.measured) if run.warmup is not None else None
         buffers = [b.clone() for b in run.network.buffers()]
         return cls([s.state_dict() for s in run.streams], warmup, buffers)
 
     def restore(self, run: Run) -> None:
         for stream, state in zip(run.streams, self.streams, strict=True):
             stream.load_state_dict(state)
-        if self.warmup is not None:
-            warmup, sums, measured = self.warmup
-            warmup.sums, warmup.measured = sums, measured
+        if run.warmup is not None and self.warmup is not None:  # both or neither: a Mark is of this run
+            run.warmup.sums, run.warmup.measured = self.warmup
         with torch.no_grad():
             for buffer, saved in zip(run.network.buffers(), self.buffers, strict=True):
                 buffer.copy_(saved)
